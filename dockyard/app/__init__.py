@@ -1,0 +1,50 @@
+"""The control plane: a Flask app whose state lives only in SQLite and the data dir, so any
+number of gunicorn processes can serve it."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from . import auth, db, errors
+from .artifacts import ArtifactStore
+from .datadir import DataDir
+from .worker_client import WorkerConnections
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config.from_mapping(
+        DATA_DIR=None,
+        MAX_EVENT_BYTES=6 * 1024 * 1024,
+        MAX_UPLOAD_BYTES=100 * 1024 * 1024,
+        MAX_UNCOMPRESSED_BYTES=500 * 1024 * 1024,
+        MAX_MEMBERS=10_000,
+        INVOKE_AUTH=False,
+        HEARTBEAT_INTERVAL_S=2.0,
+    )
+    app.config.from_prefixed_env("DOCKYARD")
+    if test_config:
+        app.config.from_mapping(test_config)
+    data = DataDir.at(app.config["DATA_DIR"])
+    data.ensure()
+    db.migrate(data.db_path)
+    app.extensions["dockyard"] = {
+        "data": data,
+        "artifacts": ArtifactStore(data.artifacts, data.uploads),
+        "connections": WorkerConnections(data.read_token("worker")),
+        "tokens": {kind: data.read_token(kind) for kind in ("admin", "worker", "invoke")},
+    }
+    # Uploads are streamed and checked by the artifact store; events by the invoke route.
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_UPLOAD_BYTES"] + 1024 * 1024
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+
+    from .api import containers, health, invocations, invoke, workers
+    for module in (containers, health, invocations, invoke, workers):
+        app.register_blueprint(module.bp)
+    errors.init_app(app)
+    auth.init_app(app)
+    return app

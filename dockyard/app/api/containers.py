@@ -1,0 +1,127 @@
+"""Containers, versions, activation (rollback), deployments and artifact downloads."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, current_app, jsonify, request, send_file
+
+from ...common.archive import ArchiveLimits, inspect_archive
+from ...common.manifest import parse_manifest
+from ...errors import BadRequest, NotFound
+from ..auth import require
+from ..state import artifacts, connections, database
+from ..store import containers as store
+from ..store import workers as worker_store
+
+bp = Blueprint("containers", __name__)
+log = logging.getLogger("dockyard.deploy")
+
+
+def _archive_limits() -> ArchiveLimits:
+    config = current_app.config
+    return ArchiveLimits(max_compressed=config["MAX_UPLOAD_BYTES"],
+                         max_uncompressed=config["MAX_UNCOMPRESSED_BYTES"],
+                         max_members=config["MAX_MEMBERS"])
+
+
+def _upload_stream():
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("file")
+        if upload is None:
+            raise BadRequest("multipart upload needs the package in a field named 'file'")
+        return upload.stream
+    return request.stream
+
+
+def poke_workers(db) -> None:
+    for worker in worker_store.live_workers(db):
+        connections().poke(worker["address"])
+
+
+def _deploy_answer(db, container: dict, version: dict, created: bool):
+    record = store.version_record(version, container)
+    deployment = store.latest_deployment(db, version["id"])
+    record["deployment"] = deployment["id"] if deployment else None
+    record["deployment_status"] = deployment["status"] if deployment else None
+    record["created"] = created
+    return record
+
+
+@bp.post("/api/containers")
+@require()
+def upload():
+    activate = request.args.get("activate", "1") not in ("0", "false", "no")
+    store_ = artifacts()
+    tmp, sha256, size = store_.receive(_upload_stream(), current_app.config["MAX_UPLOAD_BYTES"])
+    try:
+        if size == 0:
+            raise BadRequest("empty upload: send a .zip or .tar.gz package as the body")
+        info = inspect_archive(tmp, _archive_limits())
+        manifest = parse_manifest(info.manifest_text)
+        store_.keep(tmp, sha256)
+    finally:
+        tmp.unlink(missing_ok=True)
+    db = database()
+    container, version, created = store.add_version(db, manifest, info.content_sha256, sha256,
+                                                    size, activate)
+    log.info("package %s version %s (%s, %s)", manifest.name, version["version"],
+             "new" if created else "already known", "activating" if activate else "kept")
+    if activate:
+        poke_workers(db)
+    return jsonify(_deploy_answer(db, container, version, created)), 201 if created else 200
+
+
+@bp.get("/api/containers")
+@require()
+def list_containers():
+    return jsonify({"containers": store.list_containers(database())})
+
+
+@bp.get("/api/containers/<name>")
+@require()
+def get_container(name: str):
+    return jsonify(store.container_detail(database(), name))
+
+
+@bp.get("/api/containers/<name>/versions")
+@require()
+def list_versions(name: str):
+    return jsonify({"container": name, "versions": store.list_versions(database(), name)})
+
+
+@bp.post("/api/containers/<name>/activate")
+@require()
+def activate(name: str):
+    version = store.validate_activate_body(request.get_json(silent=True))
+    db = database()
+    container, row = store.activate(db, name, version)
+    poke_workers(db)
+    return jsonify(_deploy_answer(db, container, row, False))
+
+
+@bp.delete("/api/containers/<name>")
+@require()
+def delete(name: str):
+    db = database()
+    store.delete_container(db, name)
+    poke_workers(db)
+    return jsonify({"deleted": name})
+
+
+@bp.get("/api/deployments/<deployment_id>")
+@require()
+def deployment(deployment_id: str):
+    return jsonify(worker_store.deployment_detail(database(), deployment_id))
+
+
+@bp.get("/api/artifacts/<sha256>")
+@require("worker")
+def artifact(sha256: str):
+    try:
+        path = artifacts().path(sha256)
+    except ValueError:
+        raise NotFound(f"no artifact '{sha256}'") from None
+    if not path.exists():
+        raise NotFound(f"no artifact '{sha256}'")
+    return send_file(path, mimetype="application/octet-stream")

@@ -1,0 +1,60 @@
+"""Bearer tokens: admin (everything), worker (register, heartbeat, artifacts) and invoke
+(/invoke when `--invoke-auth` is on)."""
+
+from __future__ import annotations
+
+import hmac
+from functools import wraps
+
+from flask import current_app, request
+
+from ..errors import Forbidden, Unauthorized
+from .state import extension
+
+
+def _presented() -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        return header[7:].strip()
+    return None
+
+
+def _kind_of(token: str) -> str | None:
+    for kind, expected in extension()["tokens"].items():
+        if expected and hmac.compare_digest(token.encode(), expected.encode()):
+            return kind
+    return None
+
+
+def require(*kinds: str):
+    """Allow the route to the admin token and to the token kinds named."""
+    allowed = {"admin", *kinds}
+
+    def decorate(view):
+        @wraps(view)
+        def wrapper(*args, **kwargs):
+            check(allowed)
+            return view(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+def check(allowed: set[str]) -> None:
+    token = _presented()
+    if token is None:
+        raise Unauthorized("missing token: send 'Authorization: Bearer <token>' "
+                           "(the admin token is in <data>/tokens/admin)")
+    kind = _kind_of(token)
+    if kind is None:
+        raise Unauthorized("wrong token: check <data>/tokens/admin")
+    if kind not in allowed:
+        raise Forbidden(f"a {kind} token cannot use this route")
+
+
+def check_invoke() -> None:
+    if current_app.config["INVOKE_AUTH"]:
+        check({"admin", "invoke"})
+
+
+def init_app(app) -> None:  # noqa: ARG001 - kept for symmetry with the other extensions
+    return None

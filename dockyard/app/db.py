@@ -1,0 +1,118 @@
+"""The SQLite connection (one per thread, reused across requests) and the schema migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import sqlite_utils
+
+_local = threading.local()
+
+
+def connect(path: str | Path) -> sqlite_utils.Database:
+    """Open the database the way every dockyard process does: WAL, a busy timeout, no fsync
+    per commit (WAL with synchronous=NORMAL stays consistent after a crash; the last commits
+    may be lost on power loss, never corrupted)."""
+    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return sqlite_utils.Database(conn)
+
+
+def get_db(path: str | Path) -> sqlite_utils.Database:
+    """This thread's connection to `path`; opening one costs far more than a query, so it is
+    kept for the life of the thread."""
+    cache = getattr(_local, "dbs", None)
+    if cache is None:
+        cache = _local.dbs = {}
+    key = str(path)
+    db = cache.get(key)
+    if db is None:
+        db = cache[key] = connect(path)
+    return db
+
+
+class transaction:
+    """`with transaction(db):` runs a BEGIN IMMEDIATE … COMMIT block (ROLLBACK on error), so
+    read-then-write sequences are atomic across processes."""
+
+    def __init__(self, db: sqlite_utils.Database):
+        self.conn = db.conn
+
+    def __enter__(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False
+
+
+def now() -> float:
+    return time.time()
+
+
+def _m1_initial(db: sqlite_utils.Database) -> None:
+    db["containers"].create(
+        {"id": int, "name": str, "active_version_id": int, "serving_version_id": int,
+         "created_at": float, "updated_at": float},
+        pk="id",
+    )
+    db["containers"].create_index(["name"], unique=True)
+    db["versions"].create(
+        {"id": int, "container_id": int, "version": str, "content_sha256": str,
+         "artifact_sha256": str, "artifact_size": int, "manifest": str, "created_at": float},
+        pk="id", foreign_keys=[("container_id", "containers", "id")],
+    )
+    db["versions"].create_index(["container_id", "version"], unique=True)
+    db["versions"].create_index(["container_id", "content_sha256"])
+    db["deployments"].create(
+        {"id": str, "container_id": int, "version_id": int, "status": str, "error": str,
+         "created_at": float, "finished_at": float},
+        pk="id",
+    )
+    db["workers"].create(
+        {"id": str, "name": str, "address": str, "hostname": str, "pid": int,
+         "isolation": str, "registered_at": float, "last_seen": float, "state": str},
+        pk="id",
+    )
+    db["worker_versions"].create(
+        {"worker_id": str, "version_id": int, "state": str, "error": str, "log": str,
+         "updated_at": float},
+        pk=("worker_id", "version_id"),
+    )
+    db["invocations"].create(
+        {"id": str, "container": str, "version": str, "function": str, "trigger": str,
+         "status": str, "attempt": int, "input": str, "output": str, "error": str,
+         "stdout": str, "stderr": str, "worker_id": str, "created_at": float,
+         "started_at": float, "finished_at": float, "duration_ms": float,
+         "max_rss_kb": int, "cold": int, "lease_until": float, "owner": str},
+        pk="id",
+    )
+    db["invocations"].create_index(["created_at"])
+    db["invocations"].create_index(["container", "created_at"])
+    db["invocations"].create_index(["status", "created_at"])
+    db["settings"].create({"key": str, "value": str}, pk="key")
+    db["leases"].create({"name": str, "holder": str, "fencing": int, "expires_at": float},
+                        pk="name")
+
+
+MIGRATIONS = [_m1_initial]
+
+
+def migrate(path: str | Path) -> None:
+    """Bring the schema up to date; safe to run from several processes at once."""
+    db = connect(path)
+    try:
+        with transaction(db) as conn:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, step in enumerate(MIGRATIONS[current:], start=current + 1):
+                step(db)
+                conn.execute(f"PRAGMA user_version={number}")
+    finally:
+        db.conn.close()

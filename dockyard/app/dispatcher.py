@@ -1,0 +1,110 @@
+"""Runs queued (async) invocations. Exactly one dispatcher per data dir is active, holding a
+lease; one that takes over requeues what its dead predecessor left running (a call that was
+running is retried once, then failed with the reason), so no call stays queued or running."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..errors import DockyardError, NotFound
+from .db import get_db
+from .invoke import execute
+from .store import invocations as store
+from .store import leases
+from .worker_client import WorkerConnections
+
+log = logging.getLogger("dockyard.dispatcher")
+
+LEASE_NAME = "dispatcher"
+LEASE_TTL_S = 10.0
+RUNNING_LEASE_S = 24 * 3600.0   # the dispatcher lease, not this, detects a dead runner
+UNAVAILABLE_RETRY_S = 120.0
+
+
+class Dispatcher:
+    def __init__(self, db_path: Path, worker_token: str, threads: int = 16,
+                 poll_s: float = 0.05):
+        self.db_path = db_path
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.connections = WorkerConnections(worker_token)
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="async")
+        self.threads = threads
+        self.poll_s = poll_s
+        self.busy = 0
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
+        self.fencing: int | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, wait: bool = True) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=5)
+        self.executor.shutdown(wait=wait)
+        try:
+            leases.release(get_db(self.db_path), LEASE_NAME, self.holder)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+    def _loop(self) -> None:
+        db = get_db(self.db_path)
+        renew_at = 0.0
+        while not self.stop_event.is_set():
+            try:
+                if time.monotonic() >= renew_at:
+                    fencing = leases.acquire(db, LEASE_NAME, self.holder, LEASE_TTL_S)
+                    if fencing is not None and fencing != self.fencing:
+                        recovered = store.recover(db, self.holder, lease_expired_only=False)
+                        log.info("dispatcher active (fencing %d); recovered %d call(s)",
+                                 fencing, recovered)
+                    self.fencing = fencing
+                    renew_at = time.monotonic() + LEASE_TTL_S / 3
+                if self.fencing is not None:
+                    with self.lock:
+                        free = self.threads - self.busy
+                    if free > 0:
+                        for row in store.claim_queued(db, self.holder, free, RUNNING_LEASE_S):
+                            with self.lock:
+                                self.busy += 1
+                            self.executor.submit(self._run, row)
+            except Exception:  # noqa: BLE001 - keep dispatching whatever happened
+                log.exception("dispatcher loop error")
+            self.stop_event.wait(self.poll_s)
+
+    def _run(self, row: dict) -> None:
+        try:
+            db = get_db(self.db_path)
+            event = json.loads(row["input"]) if row["input"] else None
+            give_up = time.monotonic() + UNAVAILABLE_RETRY_S
+            while True:
+                try:
+                    result = execute(db, self.connections, row["id"], row["container"],
+                                     row["version"], row["function"], event, row["trigger"])
+                    break
+                except NotFound as exc:
+                    result = {"status": "failed", "error": exc.to_dict()}
+                    break
+                except DockyardError as exc:
+                    if time.monotonic() > give_up or self.stop_event.is_set():
+                        result = {"status": "failed", "error": exc.to_dict()}
+                        break
+                    time.sleep(1.0)
+            if result.get("status") in ("unavailable", "not_running"):
+                result["status"] = "failed"
+            output = json.dumps(result.get("result")) if result["status"] == "succeeded" else None
+            store.finish(db, row["id"], self.holder, dict(result, output=output))
+        except Exception:  # noqa: BLE001 - the lease recovery retries it
+            log.exception("%s: async call failed in the dispatcher", row["id"])
+        finally:
+            with self.lock:
+                self.busy -= 1

@@ -1,0 +1,125 @@
+"""Running one invocation: pick the version (serving, or pinned), pick a worker that has it
+ready, forward the call, and turn the worker's answer into a record and an HTTP status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import sqlite_utils
+
+from ..common.manifest import Manifest
+from ..errors import NotFound, Unavailable
+from .store import workers as worker_store
+from .worker_client import WorkerConnections, WorkerGone
+
+log = logging.getLogger("dockyard.invoke")
+
+HTTP_STATUS = {"succeeded": 200, "failed": 500, "timed_out": 504, "crashed": 502,
+               "unavailable": 503}
+ERROR_STATUS = {"FunctionNotFound": 404}
+# A pinned call may have to build and start its version first.
+ON_DEMAND_GRACE_S = 300.0
+ROUTE_ATTEMPTS = 4
+
+
+@dataclass(frozen=True)
+class Target:
+    container: str
+    version_id: int
+    version: str
+    manifest: Manifest
+    pinned: bool
+
+
+@lru_cache(maxsize=1024)
+def _manifest(version_id: int, text: str) -> Manifest:
+    # Versions are immutable, so each process parses a manifest once.
+    return Manifest.from_dict(json.loads(text))
+
+
+def resolve_target(db: sqlite_utils.Database, container: str, version: str | None) -> Target:
+    if version is None:
+        rows = list(db.query(
+            "SELECT v.id, v.version, v.manifest FROM containers c JOIN versions v "
+            "ON v.id = coalesce(c.serving_version_id, c.active_version_id) WHERE c.name = ?",
+            [container]))
+    else:
+        rows = list(db.query(
+            "SELECT v.id, v.version, v.manifest FROM containers c JOIN versions v "
+            "ON v.container_id = c.id WHERE c.name = ? AND v.version = ?", [container, version]))
+    if not rows:
+        if not db["containers"].count_where("name = ?", [container]):
+            raise NotFound(f"no container named '{container}'; `dockyard ls` lists them")
+        if version is not None:
+            raise NotFound(f"container '{container}' has no version '{version}'; "
+                           f"`dockyard versions {container}` lists them")
+        raise NotFound(f"container '{container}' has no active version; deploy one")
+    row = rows[0]
+    return Target(container, row["id"], row["version"], _manifest(row["id"], row["manifest"]),
+                  version is not None)
+
+
+def _pick_worker(db: sqlite_utils.Database, target: Target, avoid: set[str]) -> dict:
+    candidates = [w for w in worker_store.routable_workers(db, target.version_id)
+                  if w["id"] not in avoid]
+    if not candidates and target.pinned:
+        # Not running anywhere: any live worker starts it on demand.
+        candidates = [w for w in worker_store.live_workers(db) if w["id"] not in avoid]
+    if not candidates:
+        if not worker_store.live_workers(db):
+            raise Unavailable("no worker is connected; start one with `dockyard worker` "
+                              "(or `dockyard serve` without --no-local-worker)", retry_after=5)
+        raise Unavailable(f"'{target.container}' has no ready instance yet (still deploying, "
+                          "or its version failed; see `dockyard ls`)", retry_after=2)
+    return random.choice(candidates)
+
+
+def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocation_id: str,
+            container: str, version: str | None, function: str, event, trigger: str) -> dict:
+    """Run one call to completion and return the worker's outcome as a result dict with
+    `status` and everything the invocation record needs. Raises NotFound / Unavailable
+    before anything ran."""
+    avoid: set[str] = set()
+    last_error = None
+    for attempt in range(ROUTE_ATTEMPTS):
+        target = resolve_target(db, container, version)
+        target.manifest.resolve_function(function)
+        worker = _pick_worker(db, target, avoid)
+        timeout = float(target.manifest.limits.timeout_s)
+        frame = {"type": "invoke", "id": invocation_id, "version_id": target.version_id,
+                 "container": container, "version": target.version, "function": function,
+                 "event": event, "timeout": timeout, "trigger": trigger}
+        wait = timeout + (ON_DEMAND_GRACE_S if target.pinned else 15.0)
+        try:
+            reply = connections.request(worker["address"], frame, timeout=wait)
+        except WorkerGone as exc:
+            started = len(exc.args) > 1 and exc.args[1]
+            log.warning("%s worker %s: %s", invocation_id, worker["id"], exc)
+            if started:
+                return {"status": "crashed", "version": target.version, "worker_id": worker["id"],
+                        "error": {"type": "WorkerDied",
+                                  "message": "the worker running this call went away mid-call"}}
+            avoid.add(worker["id"])
+            last_error = str(exc)
+            continue
+        status = reply.get("status")
+        if status == "not_running":
+            # The version was swapped out between routing and arrival: route again.
+            last_error = reply.get("error", {}).get("message")
+            time.sleep(0.02 * (attempt + 1))
+            continue
+        reply["version"] = target.version
+        reply["worker_id"] = worker["id"]
+        return reply
+    raise Unavailable(f"no worker could take the call to '{container}': {last_error}",
+                      retry_after=1)
+
+
+def http_status(result: dict) -> int:
+    error = result.get("error") or {}
+    return ERROR_STATUS.get(error.get("type"), HTTP_STATUS.get(result["status"], 500))

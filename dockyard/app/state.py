@@ -1,0 +1,23 @@
+"""Accessors for the per-process objects the app factory sets up."""
+
+from __future__ import annotations
+
+from flask import current_app
+
+from .db import get_db
+
+
+def extension() -> dict:
+    return current_app.extensions["dockyard"]
+
+
+def database():
+    return get_db(extension()["data"].db_path)
+
+
+def connections():
+    return extension()["connections"]
+
+
+def artifacts():
+    return extension()["artifacts"]

@@ -1,0 +1,182 @@
+"""Containers, their versions and deployments."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+import sqlite_utils
+
+from ...common.manifest import Manifest
+from ...errors import BadRequest, Conflict, NotFound
+from ..db import now, transaction
+
+# Versions a worker is told to keep running, besides the one serving traffic.
+ROLE_SERVE = "serve"
+ROLE_STANDBY = "standby"
+
+
+def version_record(row: dict, container: dict | None = None) -> dict:
+    manifest = json.loads(row["manifest"])
+    out = {
+        "id": row["id"],
+        "container": container["name"] if container else manifest["name"],
+        "version": row["version"],
+        "content_sha256": row["content_sha256"],
+        "artifact_sha256": row["artifact_sha256"],
+        "artifact_size": row["artifact_size"],
+        "created_at": row["created_at"],
+        "functions": manifest.get("functions", {}),
+        "limits": manifest.get("limits", {}),
+        "dependencies": manifest.get("dependencies", []),
+    }
+    if container is not None:
+        out["active"] = container["active_version_id"] == row["id"]
+        out["serving"] = container["serving_version_id"] == row["id"]
+    return out
+
+
+def get_container(db: sqlite_utils.Database, name: str) -> dict:
+    rows = list(db.query("SELECT * FROM containers WHERE name = ?", [name]))
+    if not rows:
+        raise NotFound(f"no container named '{name}'; `dockyard ls` lists them")
+    return rows[0]
+
+
+def get_version(db: sqlite_utils.Database, container: dict, version: str) -> dict:
+    rows = list(db.query("SELECT * FROM versions WHERE container_id = ? AND version = ?",
+                         [container["id"], version]))
+    if not rows:
+        raise NotFound(f"container '{container['name']}' has no version '{version}'; "
+                       f"`dockyard versions {container['name']}` lists them")
+    return rows[0]
+
+
+def add_version(db: sqlite_utils.Database, manifest: Manifest, content_sha256: str,
+                artifact_sha256: str, artifact_size: int, activate: bool) -> tuple[dict, dict, bool]:
+    """Record an uploaded package. Returns (container, version row, created). The same content
+    is the same version (a no-op); the same version name with other content is a conflict."""
+    with transaction(db):
+        t = now()
+        rows = list(db.query("SELECT * FROM containers WHERE name = ?", [manifest.name]))
+        if rows:
+            container = rows[0]
+        else:
+            cid = db["containers"].insert({"name": manifest.name, "created_at": t,
+                                           "updated_at": t}).last_pk
+            container = db["containers"].get(cid)
+        name = manifest.version or content_sha256[:12]
+        existing = list(db.query(
+            "SELECT * FROM versions WHERE container_id = ? AND version = ?",
+            [container["id"], name]))
+        created = False
+        if existing:
+            version = existing[0]
+            if version["content_sha256"] != content_sha256:
+                raise Conflict(
+                    f"version '{name}' of '{manifest.name}' already exists with other content; "
+                    "bump `version` in dockyard.toml (or leave it out to use the content hash)")
+        else:
+            vid = db["versions"].insert({
+                "container_id": container["id"], "version": name,
+                "content_sha256": content_sha256, "artifact_sha256": artifact_sha256,
+                "artifact_size": artifact_size, "manifest": json.dumps(manifest.to_dict()),
+                "created_at": t}).last_pk
+            version = db["versions"].get(vid)
+            created = True
+        if activate:
+            container = _activate(db, container, version)
+    return container, version, created
+
+
+def _activate(db: sqlite_utils.Database, container: dict, version: dict) -> dict:
+    if container["active_version_id"] == version["id"]:
+        return container
+    t = now()
+    db["containers"].update(container["id"], {"active_version_id": version["id"],
+                                               "updated_at": t})
+    db["deployments"].insert({"id": "dep_" + secrets.token_hex(8),
+                              "container_id": container["id"], "version_id": version["id"],
+                              "status": "pending", "created_at": t})
+    return db["containers"].get(container["id"])
+
+
+def activate(db: sqlite_utils.Database, name: str, version: str) -> tuple[dict, dict]:
+    with transaction(db):
+        container = get_container(db, name)
+        row = get_version(db, container, version)
+        container = _activate(db, container, row)
+    return container, row
+
+
+def latest_deployment(db: sqlite_utils.Database, version_id: int) -> dict | None:
+    rows = list(db.query("SELECT * FROM deployments WHERE version_id = ? "
+                         "ORDER BY created_at DESC LIMIT 1", [version_id]))
+    return rows[0] if rows else None
+
+
+def list_containers(db: sqlite_utils.Database) -> list[dict]:
+    out = []
+    for row in db.query(
+            "SELECT c.*, a.version AS active_version, s.version AS serving_version, "
+            "(SELECT count(*) FROM versions v WHERE v.container_id = c.id) AS versions "
+            "FROM containers c LEFT JOIN versions a ON a.id = c.active_version_id "
+            "LEFT JOIN versions s ON s.id = c.serving_version_id ORDER BY c.name"):
+        out.append({"name": row["name"], "active_version": row["active_version"],
+                    "serving_version": row["serving_version"], "versions": row["versions"],
+                    "created_at": row["created_at"], "updated_at": row["updated_at"]})
+    return out
+
+
+def container_detail(db: sqlite_utils.Database, name: str) -> dict:
+    container = get_container(db, name)
+    summary = next(c for c in list_containers(db) if c["name"] == name)
+    active = None
+    if container["active_version_id"]:
+        active = version_record(db["versions"].get(container["active_version_id"]), container)
+    summary["active"] = active
+    return summary
+
+
+def list_versions(db: sqlite_utils.Database, name: str) -> list[dict]:
+    container = get_container(db, name)
+    return [version_record(r, container) for r in db.query(
+        "SELECT * FROM versions WHERE container_id = ? ORDER BY created_at DESC, id DESC",
+        [container["id"]])]
+
+
+def delete_container(db: sqlite_utils.Database, name: str) -> None:
+    with transaction(db) as conn:
+        container = get_container(db, name)
+        vids = [r["id"] for r in db.query("SELECT id FROM versions WHERE container_id = ?",
+                                          [container["id"]])]
+        for vid in vids:
+            conn.execute("DELETE FROM worker_versions WHERE version_id = ?", [vid])
+        conn.execute("DELETE FROM deployments WHERE container_id = ?", [container["id"]])
+        conn.execute("DELETE FROM versions WHERE container_id = ?", [container["id"]])
+        conn.execute("DELETE FROM containers WHERE id = ?", [container["id"]])
+
+
+def desired_versions(db: sqlite_utils.Database) -> list[dict]:
+    """What every worker should hold: the active and the serving version of each container run
+    (role serve: both while a redeploy is under way); every other version is a standby that
+    starts on demand for pinned calls."""
+    out = []
+    for row in db.query(
+            "SELECT v.*, c.name AS container, c.id AS cid, c.active_version_id, "
+            "c.serving_version_id FROM versions v JOIN containers c ON c.id = v.container_id "
+            "ORDER BY v.id"):
+        serve = row["id"] in (row["active_version_id"], row["serving_version_id"])
+        out.append({
+            "version_id": row["id"], "container": row["container"], "container_id": row["cid"],
+            "version": row["version"], "artifact_sha256": row["artifact_sha256"],
+            "content_sha256": row["content_sha256"], "manifest": json.loads(row["manifest"]),
+            "role": ROLE_SERVE if serve else ROLE_STANDBY,
+        })
+    return out
+
+
+def validate_activate_body(body) -> str:
+    if not isinstance(body, dict) or not isinstance(body.get("version"), str):
+        raise BadRequest('send {"version": "<version>"} to activate a version')
+    return body["version"]

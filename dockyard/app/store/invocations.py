@@ -1,0 +1,151 @@
+"""Invocation records: one row per call, whatever triggered it, and the async queue
+(claim with a lease, recover what a dead dispatcher left running)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+import sqlite_utils
+
+from ...errors import BadRequest, NotFound
+from ..db import now, transaction
+
+STATUSES = ("queued", "running", "succeeded", "failed", "timed_out", "crashed")
+FINAL = ("succeeded", "failed", "timed_out", "crashed")
+MAX_ATTEMPTS = 2
+TEXT_CAP = 64 * 1024
+
+
+def new_id() -> str:
+    # Time-ordered so ids sort like the calls happened.
+    return f"inv_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+def cap(text: str | None, limit: int = TEXT_CAP) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit] + f"\n… [{len(text) - limit} more characters not kept]"
+
+
+def record_finished(db: sqlite_utils.Database, row: dict) -> None:
+    """Store a finished synchronous call in one write (nothing to recover if the caller's
+    process dies mid-call: the caller got no answer and sees the failure)."""
+    db.conn.execute(
+        "INSERT INTO invocations (id, container, version, function, trigger, status, attempt, "
+        "input, output, error, stdout, stderr, worker_id, created_at, started_at, finished_at, "
+        "duration_ms, max_rss_kb, cold) VALUES "
+        "(?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [row["id"], row["container"], row["version"], row["function"], row["trigger"],
+         row["status"], cap(row.get("input")), cap(row.get("output")),
+         json.dumps(row["error"]) if row.get("error") else None,
+         cap(row.get("stdout")), cap(row.get("stderr")), row.get("worker_id"),
+         row["created_at"], row["started_at"], row["finished_at"], row.get("duration_ms"),
+         row.get("max_rss_kb"), int(bool(row.get("cold"))) if row.get("cold") is not None
+         else None])
+
+
+def enqueue(db: sqlite_utils.Database, invocation_id: str, container: str, version: str | None,
+            function: str, trigger: str, event_text: str) -> None:
+    db.conn.execute(
+        "INSERT INTO invocations (id, container, version, function, trigger, status, attempt, "
+        "input, created_at) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?)",
+        [invocation_id, container, version, function, trigger, event_text, now()])
+
+
+def claim_queued(db: sqlite_utils.Database, owner: str, limit: int, lease_s: float) -> list[dict]:
+    with transaction(db) as conn:
+        rows = conn.execute(
+            "SELECT id FROM invocations WHERE status = 'queued' ORDER BY created_at LIMIT ?",
+            [limit]).fetchall()
+        claimed = []
+        t = now()
+        for (inv_id,) in rows:
+            conn.execute("UPDATE invocations SET status = 'running', attempt = attempt + 1, "
+                         "started_at = ?, owner = ?, lease_until = ? WHERE id = ?",
+                         [t, owner, t + lease_s, inv_id])
+            claimed.append(inv_id)
+    return [db["invocations"].get(i) for i in claimed]
+
+
+def finish(db: sqlite_utils.Database, invocation_id: str, owner: str, result: dict) -> None:
+    db.conn.execute(
+        "UPDATE invocations SET status = ?, version = coalesce(?, version), output = ?, "
+        "error = ?, stdout = ?, stderr = ?, worker_id = ?, finished_at = ?, duration_ms = ?, "
+        "max_rss_kb = ?, cold = ?, lease_until = NULL WHERE id = ? AND owner = ?",
+        [result["status"], result.get("version"), cap(result.get("output")),
+         json.dumps(result["error"]) if result.get("error") else None,
+         cap(result.get("stdout")), cap(result.get("stderr")), result.get("worker_id"),
+         now(), result.get("duration_ms"), result.get("max_rss_kb"),
+         int(bool(result.get("cold"))) if result.get("cold") is not None else None,
+         invocation_id, owner])
+
+
+def recover(db: sqlite_utils.Database, owner: str, lease_expired_only: bool) -> int:
+    """Calls left `running` by a dispatcher that is gone: retried once, then failed with the
+    reason. With lease_expired_only=False (we just took over the dispatcher lease, so the
+    previous holder is dead) every call not ours is recovered at once."""
+    t = now()
+    with transaction(db) as conn:
+        if lease_expired_only:
+            rows = conn.execute("SELECT id, attempt FROM invocations WHERE status = 'running' "
+                                "AND lease_until < ?", [t]).fetchall()
+        else:
+            rows = conn.execute("SELECT id, attempt FROM invocations WHERE status = 'running' "
+                                "AND (owner IS NULL OR owner != ?)", [owner]).fetchall()
+        for inv_id, attempt in rows:
+            if attempt < MAX_ATTEMPTS:
+                conn.execute("UPDATE invocations SET status = 'queued', owner = NULL, "
+                             "lease_until = NULL WHERE id = ?", [inv_id])
+            else:
+                error = {"type": "Lost", "message": f"the process running this call stopped "
+                         f"(attempt {attempt} of {MAX_ATTEMPTS}); not retried again"}
+                conn.execute("UPDATE invocations SET status = 'failed', error = ?, "
+                             "finished_at = ?, lease_until = NULL WHERE id = ?",
+                             [json.dumps(error), t, inv_id])
+    return len(rows)
+
+
+def public(row: dict, full: bool = True) -> dict:
+    out = {k: row[k] for k in ("id", "container", "version", "function", "trigger", "status",
+                               "attempt", "worker_id", "created_at", "started_at", "finished_at",
+                               "duration_ms", "max_rss_kb")}
+    out["cold"] = None if row["cold"] is None else bool(row["cold"])
+    out["error"] = json.loads(row["error"]) if row["error"] else None
+    if full:
+        for key in ("input", "output"):
+            text = row[key]
+            try:
+                out[key] = json.loads(text) if text is not None else None
+            except ValueError:
+                out[key] = text  # capped, so no longer valid JSON: show the text
+        out["stdout"] = row["stdout"] or ""
+        out["stderr"] = row["stderr"] or ""
+    return out
+
+
+def get(db: sqlite_utils.Database, invocation_id: str) -> dict:
+    rows = list(db.query("SELECT * FROM invocations WHERE id = ?", [invocation_id]))
+    if not rows:
+        raise NotFound(f"no invocation '{invocation_id}'")
+    return public(rows[0])
+
+
+def list_recent(db: sqlite_utils.Database, container: str | None, status: str | None,
+                limit: int) -> list[dict]:
+    if status and status not in STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+    where, args = [], []
+    if container:
+        where.append("container = ?")
+        args.append(container)
+    if status:
+        where.append("status = ?")
+        args.append(status)
+    sql = "SELECT * FROM invocations"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at DESC LIMIT ?"
+    args.append(max(1, min(limit, 1000)))
+    return [public(r, full=False) for r in db.query(sql, args)]

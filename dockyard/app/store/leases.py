@@ -1,0 +1,35 @@
+"""A lease row in SQLite that makes exactly one process the holder of a role (the async
+dispatcher, the scheduler), with a fencing number that grows on every takeover."""
+
+from __future__ import annotations
+
+import sqlite_utils
+
+from ..db import now, transaction
+
+
+def acquire(db: sqlite_utils.Database, name: str, holder: str, ttl_s: float) -> int | None:
+    """Take or renew the lease. Returns the fencing number while we hold it, None if another
+    live holder has it. A changed number means we just took over."""
+    with transaction(db) as conn:
+        row = conn.execute("SELECT holder, fencing, expires_at FROM leases WHERE name = ?",
+                           [name]).fetchone()
+        t = now()
+        if row is None:
+            conn.execute("INSERT INTO leases (name, holder, fencing, expires_at) "
+                         "VALUES (?, ?, 1, ?)", [name, holder, t + ttl_s])
+            return 1
+        current, fencing, expires = row
+        if current == holder:
+            conn.execute("UPDATE leases SET expires_at = ? WHERE name = ?", [t + ttl_s, name])
+            return fencing
+        if expires < t:
+            conn.execute("UPDATE leases SET holder = ?, fencing = ?, expires_at = ? "
+                         "WHERE name = ?", [holder, fencing + 1, t + ttl_s, name])
+            return fencing + 1
+        return None
+
+
+def release(db: sqlite_utils.Database, name: str, holder: str) -> None:
+    db.conn.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND holder = ?",
+                    [name, holder])

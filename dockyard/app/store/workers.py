@@ -1,0 +1,150 @@
+"""Workers, what each one reports about each version, and how that moves deployments on:
+the first worker ready with a container's new version switches its traffic to it."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+import sqlite_utils
+
+from ...errors import NotFound
+from ..db import now, transaction
+
+WORKER_TTL_S = 15.0
+ROUTABLE = ("ready", "idle")
+
+
+def register(db: sqlite_utils.Database, info: dict) -> dict:
+    worker_id = "wrk_" + secrets.token_hex(6)
+    t = now()
+    db["workers"].insert({
+        "id": worker_id, "name": str(info.get("name") or worker_id),
+        "address": str(info.get("address") or ""), "hostname": str(info.get("hostname") or ""),
+        "pid": int(info.get("pid") or 0), "isolation": json.dumps(info.get("isolation") or {}),
+        "registered_at": t, "last_seen": t, "state": "up"})
+    return db["workers"].get(worker_id)
+
+
+def live_worker_ids(db: sqlite_utils.Database) -> list[str]:
+    return [r["id"] for r in db.query(
+        "SELECT id FROM workers WHERE state = 'up' AND last_seen > ?", [now() - WORKER_TTL_S])]
+
+
+def heartbeat(db: sqlite_utils.Database, worker_id: str, states: list[dict],
+              stopping: bool = False) -> None:
+    with transaction(db) as conn:
+        if not db["workers"].count_where("id = ?", [worker_id]):
+            raise NotFound(f"worker '{worker_id}' is not registered; restart it to register")
+        t = now()
+        conn.execute("UPDATE workers SET last_seen = ?, state = ? WHERE id = ?",
+                     [t, "stopped" if stopping else "up", worker_id])
+        reported = set()
+        for s in states:
+            vid = int(s["version_id"])
+            reported.add(vid)
+            conn.execute(
+                "INSERT INTO worker_versions (worker_id, version_id, state, error, log, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (worker_id, version_id) DO UPDATE SET "
+                "state = excluded.state, error = excluded.error, "
+                "log = coalesce(excluded.log, worker_versions.log), updated_at = excluded.updated_at",
+                [worker_id, vid, str(s.get("state")), s.get("error"), s.get("log"), t])
+        # A version the worker no longer holds is not routable to it any more.
+        for (vid,) in conn.execute("SELECT version_id FROM worker_versions WHERE worker_id = ?",
+                                   [worker_id]).fetchall():
+            if vid not in reported:
+                conn.execute("DELETE FROM worker_versions WHERE worker_id = ? AND version_id = ?",
+                             [worker_id, vid])
+        advance_deployments(db)
+
+
+def advance_deployments(db: sqlite_utils.Database) -> None:
+    """Switch each container to its active version once a live worker has it ready; give up on
+    a version that failed on every live worker (the serving one stays). Runs inside the
+    caller's transaction."""
+    live = set(live_worker_ids(db))
+    conn = db.conn
+    for c in list(db.query("SELECT * FROM containers WHERE active_version_id IS NOT NULL")):
+        active = c["active_version_id"]
+        states = {r["worker_id"]: r for r in db.query(
+            "SELECT * FROM worker_versions WHERE version_id = ?", [active]) if r["worker_id"] in live}
+        ready = [w for w, r in states.items() if r["state"] in ROUTABLE]
+        failed = [r for r in states.values() if r["state"] == "failed"]
+        if ready and c["serving_version_id"] != active:
+            conn.execute("UPDATE containers SET serving_version_id = ?, updated_at = ? "
+                         "WHERE id = ?", [active, now(), c["id"]])
+        status = None
+        error = None
+        if live and len(ready) == len(live):
+            status = "ready"
+        elif live and failed and len(failed) == len(live):
+            status = "failed"
+            error = failed[0]["error"] or "the version failed to start"
+            if c["serving_version_id"] and c["serving_version_id"] != active:
+                # Keep the old version serving and stop chasing the broken one.
+                conn.execute("UPDATE containers SET active_version_id = serving_version_id, "
+                             "updated_at = ? WHERE id = ?", [now(), c["id"]])
+        elif states:
+            status = "in_progress"
+        if status:
+            conn.execute("UPDATE deployments SET status = ?, error = ?, finished_at = ? "
+                         "WHERE version_id = ? AND status IN ('pending', 'in_progress')",
+                         [status, error, now() if status in ("ready", "failed") else None,
+                          active])
+
+
+def routable_workers(db: sqlite_utils.Database, version_id: int) -> list[dict]:
+    return list(db.query(
+        "SELECT w.id, w.address FROM worker_versions wv JOIN workers w ON w.id = wv.worker_id "
+        "WHERE wv.version_id = ? AND wv.state IN ('ready', 'idle') AND w.state = 'up' "
+        "AND w.last_seen > ?", [version_id, now() - WORKER_TTL_S]))
+
+
+def live_workers(db: sqlite_utils.Database) -> list[dict]:
+    return list(db.query("SELECT id, address FROM workers WHERE state = 'up' AND last_seen > ?",
+                         [now() - WORKER_TTL_S]))
+
+
+def list_workers(db: sqlite_utils.Database) -> list[dict]:
+    cutoff = now() - WORKER_TTL_S
+    out = []
+    for w in db.query("SELECT * FROM workers ORDER BY registered_at"):
+        versions = [
+            {"container": r["container"], "version": r["version"], "state": r["state"],
+             "error": r["error"]}
+            for r in db.query(
+                "SELECT c.name AS container, v.version, wv.state, wv.error "
+                "FROM worker_versions wv JOIN versions v ON v.id = wv.version_id "
+                "JOIN containers c ON c.id = v.container_id WHERE wv.worker_id = ? "
+                "ORDER BY c.name, v.id", [w["id"]])]
+        healthy = w["state"] == "up" and w["last_seen"] > cutoff
+        out.append({"id": w["id"], "name": w["name"], "hostname": w["hostname"],
+                    "pid": w["pid"], "address": w["address"],
+                    "state": w["state"] if w["state"] != "up" or healthy else "lost",
+                    "ready": healthy, "last_seen": w["last_seen"],
+                    "registered_at": w["registered_at"],
+                    "isolation": json.loads(w["isolation"] or "{}"), "versions": versions})
+    return out
+
+
+def deployment_detail(db: sqlite_utils.Database, deployment_id: str) -> dict:
+    dep = db["deployments"].get(deployment_id) if db["deployments"].count_where(
+        "id = ?", [deployment_id]) else None
+    if dep is None:
+        raise NotFound(f"no deployment '{deployment_id}'")
+    version = db["versions"].get(dep["version_id"])
+    container = db["containers"].get(dep["container_id"])
+    live = set(live_worker_ids(db))
+    workers = []
+    seen = set()
+    for r in db.query("SELECT wv.*, w.name FROM worker_versions wv JOIN workers w "
+                      "ON w.id = wv.worker_id WHERE wv.version_id = ?", [dep["version_id"]]):
+        seen.add(r["worker_id"])
+        if r["worker_id"] in live:
+            workers.append({"worker": r["worker_id"], "name": r["name"], "state": r["state"],
+                            "error": r["error"], "log": r["log"] or ""})
+    for wid in sorted(live - seen):
+        workers.append({"worker": wid, "state": "pending", "error": None, "log": ""})
+    return {"id": dep["id"], "container": container["name"], "version": version["version"],
+            "status": dep["status"], "error": dep["error"], "created_at": dep["created_at"],
+            "finished_at": dep["finished_at"], "workers": workers}

@@ -1,0 +1,94 @@
+"""The control plane's side of the worker transport: persistent TCP connections carrying
+length-prefixed JSON frames (the same frames the worker speaks to its children), pooled per
+worker address and per process, so a call costs no connection set-up and no HTTP parsing."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+
+from ..common.frames import FrameSocket
+
+
+class WorkerGone(Exception):
+    """The worker closed the connection or could not be reached."""
+
+
+class WorkerConnections:
+    def __init__(self, token: str):
+        self.token = token
+        self._idle: dict[str, list[FrameSocket]] = {}
+        self._lock = threading.Lock()
+
+    def _connect(self, address: str, timeout: float) -> FrameSocket:
+        host, _, port = address.rpartition(":")
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=min(timeout, 5.0))
+        except OSError as exc:
+            raise WorkerGone(f"cannot reach worker at {address}: {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = FrameSocket(sock)
+        try:
+            conn.send({"type": "hello", "token": self.token})
+            reply = conn.recv()
+        except (OSError, ValueError) as exc:
+            conn.close()
+            raise WorkerGone(f"worker at {address} refused the connection: {exc}") from exc
+        if not reply or reply.get("type") != "hello":
+            conn.close()
+            raise WorkerGone(f"worker at {address} refused the connection: {reply}")
+        return conn
+
+    def _checkout(self, address: str, timeout: float) -> FrameSocket:
+        with self._lock:
+            idle = self._idle.get(address)
+            while idle:
+                conn = idle.pop()
+                # A pooled connection that is readable now was closed by the worker (it
+                # restarted): never send a call down it.
+                readable, _, _ = select.select([conn.sock], [], [], 0)
+                if not readable:
+                    return conn
+                conn.close()
+        return self._connect(address, timeout)
+
+    def _checkin(self, address: str, conn: FrameSocket) -> None:
+        with self._lock:
+            self._idle.setdefault(address, []).append(conn)
+
+    def request(self, address: str, frame: dict, timeout: float) -> dict:
+        """Send one frame and wait for its reply. WorkerGone if the worker could not be
+        reached (nothing ran) — `sent` in its args says whether the call may have started."""
+        conn = self._checkout(address, timeout)
+        conn.sock.settimeout(timeout)
+        try:
+            conn.send(frame)
+        except OSError as exc:
+            conn.close()
+            raise WorkerGone(f"worker at {address} went away: {exc}", False) from exc
+        try:
+            reply = conn.recv()
+        except (OSError, ValueError) as exc:
+            conn.close()
+            raise WorkerGone(f"worker at {address} went away mid-call: {exc}", True) from exc
+        if reply is None:
+            conn.close()
+            raise WorkerGone(f"worker at {address} closed the connection mid-call", True)
+        self._checkin(address, conn)
+        return reply
+
+    def poke(self, address: str) -> None:
+        """Tell a worker its desired set changed, so it reconciles now instead of on its next
+        heartbeat. Best effort: a worker we cannot reach catches up on its heartbeat."""
+        try:
+            self.request(address, {"type": "poke"}, timeout=0.5)
+        except WorkerGone:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            for conns in self._idle.values():
+                for conn in conns:
+                    conn.close()
+            self._idle.clear()

@@ -1,0 +1,330 @@
+"""The `dockyard` command. Output is for people by default and JSON with --json; errors are
+one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import DockyardError
+from .client import Client, discover, package_bytes
+from .templates import write_template
+
+
+def _fail(exc: DockyardError):
+    raise click.ClickException(exc.message.splitlines()[0])
+
+
+class Context:
+    def __init__(self, url, token, data, as_json):
+        self.url, self.token, self.data, self.as_json = url, token, data, as_json
+
+    def client(self) -> Client:
+        url, token = discover(self.url, self.token, self.data)
+        return Client(url, token)
+
+    def emit(self, obj, human) -> None:
+        if self.as_json:
+            click.echo(json.dumps(obj, indent=2, sort_keys=True))
+        else:
+            human(obj)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DockyardError as exc:
+            click.echo(f"Error: {exc.message.splitlines()[0]}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=Group)
+@click.option("--url", envvar="DOCKYARD_URL", help="Control plane URL (default: from the data dir).")
+@click.option("--token", envvar="DOCKYARD_TOKEN", help="Admin token (default: from the data dir).")
+@click.option("--data", envvar="DOCKYARD_HOME", help="Data dir (default ./.dockyard).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.version_option(package_name="dockyard")
+@click.pass_context
+def cli(ctx, url, token, data, as_json):
+    """dockyard: deploy Python functions as containers and call them over HTTP."""
+    ctx.obj = Context(url, token, data, as_json)
+
+
+def _age(ts) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _table(rows: list[list], headers: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for row in [headers, *rows]:
+        click.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+# -- serving ------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int, help="0 picks a free port.")
+@click.option("--deploy-dir", default="deploy", show_default=True,
+              help="Folder whose packages are deployed on start ('' for none).")
+@click.option("--web-workers", default=2, show_default=True, type=int)
+@click.option("--no-local-worker", is_flag=True, help="Do not start a worker in this process.")
+@click.option("--invoke-auth", is_flag=True, help="Require a token on /invoke.")
+@click.option("--index-url", help="Package index for venv builds (passed to uv).")
+@click.option("--find-links", multiple=True, help="Wheelhouse folder for venv builds.")
+@click.option("--offline", is_flag=True, help="Never reach a package index.")
+@click.option("--python", "python", help="Interpreter venvs are built from.")
+@pass_ctx
+def serve(ctx, host, port, deploy_dir, web_workers, no_local_worker, invoke_auth, index_url,
+          find_links, offline, python):
+    """Run the control plane, a local worker and the deploy folder."""
+    from .serve import ServeOptions, Supervisor
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker_args = _uv_args(index_url, find_links, offline, python)
+    options = ServeOptions(host=host, port=port, data=ctx.data, deploy_dir=deploy_dir or None,
+                           web_workers=web_workers, local_worker=not no_local_worker,
+                           invoke_auth=invoke_auth, worker_args=worker_args)
+    sys.exit(Supervisor(options).run())
+
+
+def _uv_args(index_url, find_links, offline, python) -> list[str]:
+    args = []
+    if index_url:
+        args += ["--index-url", index_url]
+    for folder in find_links:
+        args += ["--find-links", str(Path(folder).absolute())]
+    if offline:
+        args.append("--offline")
+    if python:
+        args += ["--python", python]
+    return args
+
+
+@cli.command()
+@click.option("--server", required=True, help="Control plane URL.")
+@click.option("--token", "worker_token", envvar="DOCKYARD_TOKEN", required=True,
+              help="Worker token (<data>/tokens/worker on the control plane).")
+@click.option("--listen", default="127.0.0.1:0", show_default=True,
+              help="Address of this worker's invoke endpoint.")
+@click.option("--advertise", help="Address the control plane should dial (default: --listen).")
+@click.option("--index-url")
+@click.option("--find-links", multiple=True)
+@click.option("--offline", is_flag=True)
+@click.option("--python", "python")
+@click.option("--uid-base", type=int, default=None, help="First uid for sandboxed children.")
+@pass_ctx
+def worker(ctx, server, worker_token, listen, advertise, index_url, find_links, offline,
+           python, uid_base):
+    """Run a worker that serves a control plane's containers."""
+    from .worker import run_worker
+    sys.exit(run_worker(server, worker_token, ctx.data, listen, advertise, index_url,
+                        find_links, offline, python, uid_base))
+
+
+# -- packages -----------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("name")
+def init(name):
+    """Create a new container package NAME from a template."""
+    try:
+        path = write_template(Path(name))
+    except DockyardError as exc:
+        _fail(exc)
+    click.echo(f"created {path}/ (dockyard.toml, main.py); deploy it with: "
+               f"dockyard deploy {path} --wait")
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--wait", is_flag=True, help="Wait until the version serves (or fails).")
+@click.option("--no-activate", is_flag=True, help="Upload only; activate later.")
+@click.option("--timeout", default=600, show_default=True, type=float)
+@pass_ctx
+def deploy(ctx, path, wait, no_activate, timeout):
+    """Deploy a package (folder, .zip or .tar.gz)."""
+    client = ctx.client()
+    record = client.upload(package_bytes(path), activate=not no_activate)
+    if wait and record.get("deployment") and record.get("deployment_status") != "ready":
+        record["deployment"] = _wait_deployment(ctx, client, record["deployment"], timeout)
+    elif record.get("deployment"):
+        record["deployment"] = client.json("GET", f"/api/deployments/{record['deployment']}")
+
+    def human(r):
+        note = "" if r["created"] else " (already deployed: same content)"
+        click.echo(f"{r['container']}@{r['version']} uploaded{note}")
+        dep = r.get("deployment")
+        if isinstance(dep, dict):
+            click.echo(f"deployment {dep['id']}: {dep['status']}")
+    ctx.emit(record, human)
+    dep = record.get("deployment")
+    if isinstance(dep, dict) and dep["status"] == "failed":
+        raise click.ClickException(f"deploy failed: {(dep.get('error') or '').splitlines()[0]}")
+
+
+def _wait_deployment(ctx, client, deployment_id: str, timeout: float) -> dict:
+    end = time.monotonic() + timeout
+    shown: dict[str, int] = {}
+    states: dict[str, str] = {}
+    while True:
+        dep = client.json("GET", f"/api/deployments/{deployment_id}")
+        for w in dep["workers"]:
+            lines = (w.get("log") or "").splitlines()
+            if not ctx.as_json:
+                if states.get(w["worker"]) != w["state"]:
+                    states[w["worker"]] = w["state"]
+                    click.echo(f"[{w['worker']}] {w['state']}", err=True)
+                for line in lines[shown.get(w["worker"], 0):]:
+                    click.echo(f"[{w['worker']}] {line}", err=True)
+            shown[w["worker"]] = len(lines)
+        if dep["status"] in ("ready", "failed"):
+            return dep
+        if not dep["workers"] and time.monotonic() > end - timeout + 10:
+            raise click.ClickException("no worker is connected to take the deploy; "
+                                       "start one with `dockyard worker`")
+        if time.monotonic() > end:
+            raise click.ClickException(f"deploy still {dep['status']} after {timeout:.0f}s")
+        time.sleep(0.2)
+
+
+@cli.command()
+@click.argument("target")
+@click.argument("event", required=False)
+@click.option("--async", "asynchronous", is_flag=True, help="Queue it; print the id.")
+@pass_ctx
+def invoke(ctx, target, event, asynchronous):
+    """Call NAME/FUNCTION (or NAME@VERSION/FUNCTION) with an optional JSON event."""
+    if "/" not in target:
+        raise click.ClickException("name the function as NAME/FUNCTION, e.g. hello/greet")
+    if event == "-":
+        event = sys.stdin.read()
+    if event:
+        try:
+            json.loads(event)
+        except ValueError as exc:
+            raise click.ClickException(f"the event is not valid JSON: {exc}") from None
+    response = ctx.client().invoke(target, event, asynchronous)
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": {"type": "BadResponse", "message": response.text[:200]}}
+    if response.status_code >= 400:
+        if ctx.as_json:
+            click.echo(json.dumps(body, indent=2))
+        error = body.get("error") or {}
+        inv = body.get("invocation_id")
+        raise click.ClickException(f"{error.get('type')}: {error.get('message')}"
+                                   + (f" (dockyard logs {inv})" if inv else ""))
+    if ctx.as_json or asynchronous:
+        click.echo(json.dumps(body, indent=2 if ctx.as_json else None))
+    else:
+        click.echo(json.dumps(body))
+
+
+@cli.command(name="ls")
+@pass_ctx
+def list_containers(ctx):
+    """List containers."""
+    data = ctx.client().json("GET", "/api/containers")
+
+    def human(d):
+        if not d["containers"]:
+            click.echo("no containers yet; deploy one with `dockyard deploy PATH`")
+            return
+        _table([[c["name"], c["serving_version"] or "-", c["active_version"] or "-",
+                 c["versions"], _age(c["updated_at"])] for c in d["containers"]],
+               ["NAME", "SERVING", "ACTIVE", "VERSIONS", "UPDATED"])
+    ctx.emit(data, human)
+
+
+@cli.command()
+@click.argument("name")
+@pass_ctx
+def versions(ctx, name):
+    """List the versions of a container."""
+    data = ctx.client().json("GET", f"/api/containers/{name}/versions")
+
+    def human(d):
+        _table([[v["version"], "serving" if v["serving"] else ("active" if v["active"] else ""),
+                 v["content_sha256"][:12], _age(v["created_at"])] for v in d["versions"]],
+               ["VERSION", "STATE", "CONTENT", "CREATED"])
+    ctx.emit(data, human)
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("version")
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@pass_ctx
+def rollback(ctx, name, version, wait):
+    """Make VERSION the active version of NAME again."""
+    client = ctx.client()
+    record = client.json("POST", f"/api/containers/{name}/activate", json={"version": version})
+    if wait and record.get("deployment") and record.get("deployment_status") != "ready":
+        record["deployment"] = _wait_deployment(ctx, client, record["deployment"], 600)
+    ctx.emit(record, lambda r: click.echo(f"{name} now serves {version}"
+                                          if not isinstance(r.get("deployment"), dict)
+                                          or r["deployment"]["status"] == "ready"
+                                          else f"{name}@{version}: {r['deployment']['status']}"))
+
+
+@cli.command()
+@click.argument("invocation_id")
+@pass_ctx
+def logs(ctx, invocation_id):
+    """Show one invocation: status, timing, output, error."""
+    inv = ctx.client().json("GET", f"/api/invocations/{invocation_id}")
+
+    def human(i):
+        click.echo(f"{i['id']}  {i['container']}@{i['version']}/{i['function']}  "
+                   f"{i['status']}  trigger={i['trigger']} attempt={i['attempt']}")
+        duration = f"{i['duration_ms']:.2f} ms" if i["duration_ms"] is not None else "-"
+        memory = f"{i['max_rss_kb'] / 1024:.1f} MB" if i["max_rss_kb"] else "-"
+        click.echo(f"REPORT duration: {duration}  max memory used: {memory}  "
+                   f"cold start: {'yes' if i['cold'] else 'no'}  worker: {i['worker_id']}")
+        for stream in ("stdout", "stderr"):
+            if i.get(stream):
+                click.echo(f"--- {stream}")
+                click.echo(i[stream].rstrip("\n"))
+        if i.get("error"):
+            click.echo(f"--- error: {i['error'].get('type')}: {i['error'].get('message')}")
+            if i["error"].get("traceback"):
+                click.echo(i["error"]["traceback"].rstrip("\n"))
+        elif i["status"] == "succeeded":
+            click.echo("--- output")
+            click.echo(json.dumps(i.get("output")))
+    ctx.emit(inv, human)
+
+
+@cli.command()
+@pass_ctx
+def workers(ctx):
+    """List workers and what they run."""
+    data = ctx.client().json("GET", "/api/workers")
+
+    def human(d):
+        if not d["workers"]:
+            click.echo("no workers registered")
+            return
+        _table([[w["id"], w["state"], w["address"], w["hostname"],
+                 ", ".join(f"{v['container']}@{v['version']}:{v['state']}"
+                           for v in w["versions"]) or "-"] for w in d["workers"]],
+               ["ID", "STATE", "ADDRESS", "HOST", "VERSIONS"])
+    ctx.emit(data, human)
+
+
+def main() -> None:
+    cli(prog_name="dockyard")

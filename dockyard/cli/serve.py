@@ -1,0 +1,197 @@
+"""`dockyard serve`: the control plane under gunicorn, the async dispatcher, the deploy-folder
+scan and one local worker, supervised together; SIGTERM / Ctrl-C drains and stops them all."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from ..app.datadir import DataDir
+from ..app.db import migrate
+from ..app.dispatcher import Dispatcher
+from .deploydir import DeployFolder
+
+log = logging.getLogger("dockyard.serve")
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if serve itself is killed, so nothing is left behind."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data: str | None = None
+    deploy_dir: str | None = "deploy"
+    web_workers: int = 2
+    threads: int = 8
+    local_worker: bool = True
+    invoke_auth: bool = False
+    worker_args: list[str] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, options: ServeOptions):
+        self.options = options
+        self.data = DataDir.at(options.data)
+        self.signals: list[int] = []
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_write, False)
+        self.gunicorn: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self.worker_restarts = 0
+        self.dispatcher: Dispatcher | None = None
+        self.deploy_folder: DeployFolder | None = None
+        self.url = ""
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self.signals.append(signum)
+        try:
+            os.write(self.wake_write, b".")
+        except BlockingIOError:
+            pass
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.options.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.options.host, self.options.port))
+        except OSError as exc:
+            raise SystemExit(f"dockyard: cannot listen on {self.options.host}:"
+                             f"{self.options.port}: {exc.strerror}; pick another --port "
+                             "(0 = any free port)") from None
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        return sock
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["DOCKYARD_DATA_DIR"] = str(self.data.root)
+        env["DOCKYARD_INVOKE_AUTH"] = "true" if self.options.invoke_auth else "false"
+        return env
+
+    def _start_gunicorn(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        cmd = [sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}",
+               "--workers", str(self.options.web_workers), "--worker-class", "gthread",
+               "--threads", str(self.options.threads), "--keep-alive", "75",
+               "--graceful-timeout", "60", "--timeout", "120", "--log-level", "warning",
+               "--name", "dockyard-web", "dockyard.app:create_app()"]
+        self.gunicorn = subprocess.Popen(cmd, pass_fds=(fd,), env=self._env(),
+                                         preexec_fn=_die_with_parent)
+
+    def _start_worker(self) -> None:
+        env = self._env()
+        env["DOCKYARD_TOKEN"] = self.data.read_token("worker")
+        cmd = [sys.executable, "-m", "dockyard", "worker", "--server", self.url,
+               "--data", str(self.data.root), *self.options.worker_args]
+        self.worker = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+
+    def _wait_healthy(self, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.gunicorn.poll() is not None:
+                raise SystemExit("dockyard: the web server exited while starting; see above")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise SystemExit(f"dockyard: the web server did not answer within {timeout:.0f}s")
+
+    def run(self) -> int:
+        self.data.ensure()
+        migrate(self.data.db_path)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        sock = self._bind()
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{port}"
+        self._start_gunicorn(sock)
+        try:
+            self._wait_healthy()
+        except SystemExit:
+            self._stop()
+            raise
+        sock.close()
+        self.data.server_json.write_text(json.dumps({"url": self.url, "pid": os.getpid()}))
+        self.dispatcher = Dispatcher(self.data.db_path, self.data.read_token("worker"))
+        self.dispatcher.start()
+        if self.options.local_worker:
+            self._start_worker()
+        if self.options.deploy_dir:
+            self.deploy_folder = DeployFolder(Path(self.options.deploy_dir), self.url,
+                                              self.data.read_token("admin"))
+            self.deploy_folder.start()
+        print(f"dockyard listening on {self.url}", flush=True)
+        print(f"admin token: {self.data.token_path('admin')} (the CLI finds it by itself)",
+              flush=True)
+        code = self._supervise()
+        self._stop()
+        return code
+
+    def _supervise(self) -> int:
+        next_worker_start = 0.0
+        while not self.signals:
+            ready, _, _ = select.select([self.wake_read], [], [], 0.5)
+            if ready:
+                os.read(self.wake_read, 4096)
+            if self.gunicorn.poll() is not None:
+                log.error("the web server exited (code %s); stopping", self.gunicorn.returncode)
+                return 1
+            if self.worker is not None and self.worker.poll() is not None and not self.signals:
+                now = time.monotonic()
+                if next_worker_start == 0.0:
+                    delay = min(30.0, 0.5 * 2 ** min(self.worker_restarts, 6))
+                    log.warning("the local worker exited (code %s); restarting in %.1fs",
+                                self.worker.returncode, delay)
+                    next_worker_start = now + delay
+                elif now >= next_worker_start:
+                    self.worker_restarts += 1
+                    next_worker_start = 0.0
+                    self._start_worker()
+        return 0
+
+    def _stop(self) -> None:
+        if self.deploy_folder:
+            self.deploy_folder.stop()
+        for proc in (self.worker, self.gunicorn):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, grace in ((self.worker, 90), (self.gunicorn, 70)):
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.dispatcher:
+            self.dispatcher.stop(wait=True)
+        try:
+            current = json.loads(self.data.server_json.read_text())
+            if current.get("pid") == os.getpid():
+                self.data.server_json.unlink()
+        except (OSError, ValueError):
+            pass

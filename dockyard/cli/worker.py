@@ -1,0 +1,47 @@
+"""`dockyard worker`: set up isolation and uv, print the isolation summary, run the agent."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+import uv
+
+from ..app.datadir import DataDir
+from ..runner.agent import Agent, WorkerConfig
+from ..runner.venvs import UvOptions
+from ..sandbox.isolation import DEFAULT_UID_BASE, Isolation, choose_python
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.ClickException(f"--listen wants HOST:PORT, not '{text}'")
+    return host.strip("[]"), int(port)
+
+
+def run_worker(server, token, data, listen, advertise, index_url, find_links, offline, python,
+               uid_base) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data_dir = DataDir.at(data)
+    isolation = Isolation(uid_base=uid_base or DEFAULT_UID_BASE)
+    probe_uid = isolation.identity(0)[0]
+    try:
+        interpreter, why = choose_python(python, probe_uid)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    isolation.notes["interpreter"] = {"on": True, "how": why}
+    options = UvOptions(uv_bin=uv.find_uv_bin(), python=interpreter, index_url=index_url,
+                        find_links=tuple(str(Path(f).absolute()) for f in find_links),
+                        offline=offline)
+    config = WorkerConfig(server=server, token=token, worker_dir=data_dir.worker,
+                          uv=options, isolation=isolation, listen=_address(listen),
+                          advertise=advertise)
+    agent = Agent(config)
+    click.echo("dockyard worker isolation:")
+    for name, item in isolation.summary().items():
+        state = "on " if item.get("on") else "OFF"
+        click.echo(f"  {name:<14} {state} {item.get('how') or item.get('why')}")
+    return agent.run()

@@ -1,0 +1,240 @@
+"""The worker agent: registers with the control plane, heartbeats, reconciles the desired set
+of versions, serves calls on its invoke endpoint, and on SIGTERM drains and stops everything.
+One main loop does all of it; signal handlers only enqueue and wake the loop (gunicorn's
+arbiter does the same)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from ..sandbox.isolation import Isolation
+from .diff import diff_versions
+from .server import InvokeServer
+from .states import VersionState
+from .venvs import Builder, UvOptions
+from .versions import VersionRuntime, child_spec_factory
+
+log = logging.getLogger("dockyard.worker")
+
+BOOTSTRAP = Path(__file__).resolve().parent.parent / "sandbox" / "bootstrap.py"
+
+
+@dataclass
+class WorkerConfig:
+    server: str
+    token: str
+    worker_dir: Path
+    uv: UvOptions
+    isolation: Isolation
+    listen: tuple[str, int] = ("127.0.0.1", 0)
+    advertise: str | None = None
+    name: str = field(default_factory=socket.gethostname)
+
+
+class Agent:
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.worker_id: str | None = None
+        self.interval = 2.0
+        self.runtimes: dict[int, VersionRuntime] = {}
+        self.signals: list[int] = []
+        self.stopping = False
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_read, False)
+        os.set_blocking(self.wake_write, False)
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {config.token}"
+        config.worker_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(config.worker_dir, 0o755)
+        # The bootstrap must be readable by the children's uid wherever dockyard is installed.
+        self.bootstrap = config.worker_dir / ".bootstrap.py"
+        shutil.copyfile(BOOTSTRAP, self.bootstrap)
+        os.chmod(self.bootstrap, 0o644)
+        self.builder = Builder(config.worker_dir, config.uv, self._download)
+        self.make_child_spec = child_spec_factory(config.isolation, str(self.bootstrap))
+        self.server = InvokeServer(config.listen, config.token, self.handle_frame)
+
+    # -- wake-ups and signals -------------------------------------------------------------
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_write, b".")
+        except BlockingIOError:
+            pass
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self.signals.append(signum)
+        self.wake()
+
+    def _sleep(self, seconds: float) -> None:
+        ready, _, _ = select.select([self.wake_read], [], [], seconds)
+        if ready:
+            try:
+                while os.read(self.wake_read, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    # -- control plane --------------------------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        return self.config.server.rstrip("/") + path
+
+    def _download(self, sha256: str, dest: Path) -> None:
+        with self.http.get(self._url(f"/api/artifacts/{sha256}"), stream=True,
+                           timeout=60) as response:
+            response.raise_for_status()
+            with open(dest, "wb") as out:
+                for chunk in response.iter_content(1 << 20):
+                    out.write(chunk)
+
+    def register(self) -> None:
+        body = {"name": self.config.name, "hostname": socket.gethostname(), "pid": os.getpid(),
+                "address": self.config.advertise or self.server.address,
+                "isolation": self.config.isolation.summary()}
+        response = self.http.post(self._url("/api/workers/register"), json=body, timeout=10)
+        response.raise_for_status()
+        data = response.json()
+        self.worker_id = data["id"]
+        self.interval = float(data.get("heartbeat_interval", self.interval))
+        log.info("registered as %s; invoke endpoint %s", self.worker_id, body["address"])
+
+    def heartbeat(self, stopping: bool = False) -> list[dict] | None:
+        body = {"versions": [r.report() for r in list(self.runtimes.values())
+                             if r.state is not VersionState.STOPPED],
+                "stopping": stopping}
+        response = self.http.post(self._url(f"/api/workers/{self.worker_id}/heartbeat"),
+                                  json=body, timeout=10)
+        if response.status_code == 404:
+            log.warning("the control plane forgot this worker; registering again")
+            self.register()
+            return None
+        response.raise_for_status()
+        data = response.json()
+        self.interval = float(data.get("heartbeat_interval", self.interval))
+        return data["desired"]
+
+    # -- reconcile ------------------------------------------------------------------------
+
+    def reconcile(self, desired: list[dict]) -> None:
+        held = {vid: r.role for vid, r in self.runtimes.items()}
+        diff = diff_versions(desired, held)
+        for spec in diff.added:
+            runtime = VersionRuntime(spec, self.builder, self.make_child_spec, self.wake)
+            self.runtimes[spec["version_id"]] = runtime
+            if spec["role"] == "serve":
+                self._background(runtime.serve)
+        for spec in diff.changed:
+            runtime = self.runtimes[spec["version_id"]]
+            if spec["role"] == "serve":
+                runtime.role = "serve"
+                if runtime.state is VersionState.FAILED:
+                    runtime.error = None
+                self._background(runtime.serve)
+            else:
+                self._background(runtime.to_standby)
+        for version_id in diff.removed:
+            runtime = self.runtimes.pop(version_id)
+            self._background(self._remove, runtime)
+
+    def _remove(self, runtime: VersionRuntime) -> None:
+        runtime.stop()
+        self.builder.remove(runtime.spec["container"], runtime.spec["version"])
+
+    @staticmethod
+    def _background(target, *args) -> None:
+        threading.Thread(target=target, args=args, daemon=True).start()
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def handle_frame(self, frame: dict) -> dict | None:
+        kind = frame.get("type")
+        if kind == "poke":
+            self.wake()
+            return None
+        if kind != "invoke":
+            return {"type": "error", "error": {"type": "BadFrame", "message": f"unknown {kind}"}}
+        runtime = self.runtimes.get(frame.get("version_id"))
+        if runtime is None or self.stopping:
+            reply = {"status": "not_running", "error": {
+                "type": "NotRunning",
+                "message": f"{frame.get('container')}@{frame.get('version')} is not on this "
+                           "worker"}}
+        else:
+            timeout = float(frame.get("timeout") or runtime.manifest.limits.timeout_s)
+            child_frame = {"type": "invoke", "id": frame["id"], "invocation_id": frame["id"],
+                           "function": frame["function"], "event": frame.get("event"),
+                           "deadline": time.time() + timeout}
+            reply = runtime.invoke(child_frame, timeout)
+        reply["type"] = "result"
+        reply["id"] = frame.get("id")
+        return reply
+
+    # -- main loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                         daemon=True).start()
+        self._connect()
+        next_beat = 0.0
+        while not self.stopping:
+            if self.signals:
+                self.signals.clear()
+                self.stopping = True
+                break
+            now = time.monotonic()
+            try:
+                desired = self.heartbeat()
+                if desired is not None:
+                    self.reconcile(desired)
+            except requests.RequestException as exc:
+                log.warning("control plane unreachable: %s", exc)
+            for runtime in list(self.runtimes.values()):
+                runtime.reap_idle()
+            next_beat = now + self.interval
+            self._sleep(max(0.0, next_beat - time.monotonic()))
+        return self.shutdown()
+
+    def _connect(self) -> None:
+        delay = 0.2
+        while not self.signals:
+            try:
+                self.register()
+                return
+            except requests.RequestException as exc:
+                log.warning("cannot register with %s yet: %s", self.config.server, exc)
+                self._sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def shutdown(self) -> int:
+        """Tell the control plane to stop routing here, finish in-flight calls, stop every
+        child tree, exit 0."""
+        log.info("stopping: draining %d version(s)", len(self.runtimes))
+        if self.worker_id:
+            try:
+                self.heartbeat(stopping=True)
+            except requests.RequestException:
+                pass
+        threads = [threading.Thread(target=r.stop, daemon=True) for r in self.runtimes.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.server.shutdown()
+        self.server.close_connections()
+        self.server.server_close()
+        log.info("stopped")
+        return 0

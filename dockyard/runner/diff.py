@@ -1,0 +1,29 @@
+"""The reconcile diff: desired versions (from the heartbeat) against the ones this worker
+holds, as three lists, the way supervisor's diff_to_active() does. Pure; the agent acts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Diff:
+    added: list[dict] = field(default_factory=list)     # desired, not held
+    changed: list[dict] = field(default_factory=list)   # held, with another role now
+    removed: list[int] = field(default_factory=list)    # held, no longer desired
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.changed or self.removed)
+
+
+def diff_versions(desired: list[dict], held_roles: dict[int, str]) -> Diff:
+    """`desired`: specs with `version_id` and `role`; `held_roles`: version_id -> role now."""
+    result = Diff()
+    wanted = {spec["version_id"]: spec for spec in desired}
+    for version_id, spec in wanted.items():
+        if version_id not in held_roles:
+            result.added.append(spec)
+        elif held_roles[version_id] != spec["role"]:
+            result.changed.append(spec)
+    result.removed = sorted(v for v in held_roles if v not in wanted)
+    return result

@@ -1,0 +1,329 @@
+"""One child process: a venv's interpreter running the sandbox bootstrap, spoken to with
+length-prefixed JSON frames over two dedicated pipes. Starts it, routes calls to it, notices
+when it dies, and kills its whole tree."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..common.frames import read_frame, write_frame
+from .states import ProcessState, change_state
+from .tree import kill_tree
+
+log = logging.getLogger("dockyard.process")
+
+LOAD_ERROR_EXIT = 3
+START_TIMEOUT_S = 60.0
+OUTPUT_CAP = 64 * 1024
+
+
+class LoadError(Exception):
+    """The user's code cannot be imported: restarting will not help."""
+
+
+class StartError(Exception):
+    """The child died or hung while starting."""
+
+
+@dataclass
+class ChildSpec:
+    """Everything needed to start one child of a version."""
+
+    argv: list[str]                 # interpreter, flags, bootstrap path (fds are appended)
+    code_dir: Path
+    tmp_root: Path                  # a private tmp dir per child is made below it
+    run_dir: Path                   # where the captured stdout/stderr files live
+    env: dict[str, str]
+    init: dict                      # the bootstrap's init frame (functions, names…)
+    what: str                       # "container@version" for logs
+    user: int | None = None
+    group: int | None = None
+    isolate: Callable[["Child"], None] | None = None   # applies limits after spawn
+    kill_extra: Callable[["Child"], None] | None = None
+
+
+@dataclass
+class _Pending:
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: dict | None = None
+
+
+_numbers = itertools.count(1)
+
+
+class Child:
+    def __init__(self, spec: ChildSpec, generation: int, on_exit: Callable[["Child"], None]):
+        self.spec = spec
+        self.generation = generation
+        self.number = next(_numbers)
+        self.on_exit = on_exit
+        self.state = None
+        self.popen: subprocess.Popen | None = None
+        self.pid = 0
+        self.in_flight = 0          # owned by the pool, under its lock
+        self.served = 0
+        self.last_used = time.monotonic()
+        self.exit_reason: str | None = None
+        self.oom = False
+        self._pending: dict[str, _Pending] = {}
+        self._write_lock = threading.Lock()
+        self._requests = None
+        self._replies = None
+        self.tmp_dir = spec.tmp_root / f"p{self.number}"
+        self.stdout_path = spec.run_dir / f"p{self.number}.stdout"
+        self.stderr_path = spec.run_dir / f"p{self.number}.stderr"
+
+    @property
+    def what(self) -> str:
+        return f"{self.spec.what} pid {self.pid or '-'}"
+
+    def start(self) -> None:
+        """Spawn, apply limits, send the init frame and wait for ready. Raises LoadError when
+        the code cannot be imported, StartError when the child fails otherwise."""
+        change_state(self, ProcessState.STARTING, f"{self.spec.what} process {self.number}")
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.tmp_dir, 0o700)
+        if self.spec.user is not None:
+            os.chown(self.tmp_dir, self.spec.user, self.spec.group)
+        self.spec.run_dir.mkdir(parents=True, exist_ok=True)
+        req_read, req_write = os.pipe()
+        rep_read, rep_write = os.pipe()
+        out_fd = os.open(self.stdout_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
+        err_fd = os.open(self.stderr_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
+        env = dict(self.spec.env, HOME=str(self.tmp_dir), TMPDIR=str(self.tmp_dir))
+        try:
+            self.popen = subprocess.Popen(
+                [*self.spec.argv, str(req_read), str(rep_write)],
+                stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
+                pass_fds=(req_read, rep_write), cwd=self.spec.code_dir, env=env,
+                start_new_session=True, close_fds=True,
+                user=self.spec.user, group=self.spec.group,
+                extra_groups=[] if self.spec.user is not None else None)
+        finally:
+            for fd in (req_read, rep_write, out_fd, err_fd):
+                os.close(fd)
+        self.pid = self.popen.pid
+        self._requests = os.fdopen(req_write, "wb", buffering=0)
+        self._replies = os.fdopen(rep_read, "rb", buffering=1 << 16)
+        try:
+            if self.spec.isolate:
+                self.spec.isolate(self)
+            write_frame(self._requests, dict(self.spec.init, type="init",
+                                             output_cap=OUTPUT_CAP))
+            first = self._read_first_frame()
+        except BaseException:
+            self.kill()
+            self._reap()
+            raise
+        if first.get("type") == "load_error":
+            self.kill()
+            self._reap()
+            error = first.get("error") or {}
+            raise LoadError(f"{error.get('type')}: {error.get('message')}\n"
+                            f"{error.get('traceback') or ''}".strip())
+        if first.get("type") != "ready":
+            self.kill()
+            self._reap()
+            raise StartError(f"unexpected first frame from the child: {first}")
+        change_state(self, ProcessState.RUNNING, self.what)
+        threading.Thread(target=self._read_replies, name=f"child-{self.pid}",
+                         daemon=True).start()
+
+    def _read_first_frame(self) -> dict:
+        result: dict = {}
+
+        def read():
+            try:
+                result["frame"] = read_frame(self._replies)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                result["error"] = exc
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(START_TIMEOUT_S)
+        if reader.is_alive():
+            raise StartError(f"the process did not become ready within {START_TIMEOUT_S:.0f}s")
+        frame = result.get("frame")
+        if frame is None:
+            code = self.popen.wait(timeout=5)
+            detail = self.read_output()[1].strip()[-2000:]
+            raise StartError(f"the process exited while starting ({self._describe(code)})"
+                             + (f": {detail}" if detail else ""))
+        return frame
+
+    def invoke(self, frame: dict, timeout: float) -> dict:
+        """Send one call and wait for its reply. On timeout the whole tree is killed (the only
+        way to stop Python code) and a timed_out reply is returned."""
+        pending = _Pending()
+        call_id = frame["id"]
+        self._pending[call_id] = pending
+        try:
+            try:
+                with self._write_lock:
+                    write_frame(self._requests, frame)
+            except OSError:
+                pending.done.wait(5)  # the reader thread reports how it died
+                if pending.reply is None:
+                    return _crashed("the process died before the call reached it")
+                return pending.reply
+            if not pending.done.wait(timeout):
+                self.exit_reason = "timed out"
+                log.warning("%s %s timed out after %.1fs; killing the process tree",
+                            frame.get("invocation_id", call_id), self.what, timeout)
+                self.kill()
+                pending.done.wait(5)
+                stdout, stderr = self.read_output()
+                return {"status": "timed_out", "stdout": stdout, "stderr": stderr,
+                        "duration_ms": timeout * 1000.0,
+                        "error": {"type": "Timeout",
+                                  "message": f"the function ran past its {timeout:g}s timeout "
+                                             "and was stopped"}}
+            return pending.reply
+        finally:
+            self._pending.pop(call_id, None)
+            self.served += 1
+            self.last_used = time.monotonic()
+
+    def _read_replies(self) -> None:
+        replies = self._replies
+        try:
+            while True:
+                frame = read_frame(replies)
+                if frame is None:
+                    break
+                pending = self._pending.get(frame.get("id"))
+                if pending is not None:
+                    pending.reply = _translate(frame)
+                    pending.done.set()
+        except Exception as exc:  # noqa: BLE001 - a broken pipe is a dead child
+            log.warning("%s: reply pipe broke: %s", self.what, exc)
+        self._died()
+
+    def _died(self) -> None:
+        code = self._reap()
+        reason = self.exit_reason or self._describe(code)
+        if self.oom:
+            reason = "out of memory"
+        stdout, stderr = self.read_output()
+        for pending in list(self._pending.values()):
+            if pending.reply is None:
+                pending.reply = _crashed(f"the process died mid-call ({reason})",
+                                         out_of_memory=self.oom)
+                pending.reply["stdout"] = stdout
+                pending.reply["stderr"] = stderr
+                pending.done.set()
+        change_state(self, ProcessState.EXITED, f"{self.what} ({reason})")
+        self._cleanup()
+        self.on_exit(self)
+
+    def _reap(self) -> int | None:
+        if self.popen is None:
+            return None
+        try:
+            code = self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = self.popen.wait()
+        # Whatever the child left behind in its tree dies with it.
+        kill_tree(self.pid, self.spec.kill_extra and (lambda: self.spec.kill_extra(self)))
+        return code
+
+    @staticmethod
+    def _describe(code: int | None) -> str:
+        if code is None:
+            return "unknown exit"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        if code == LOAD_ERROR_EXIT:
+            return "could not load the code"
+        return f"exit code {code}"
+
+    def read_output(self) -> tuple[str, str]:
+        """What the child wrote since its last reply (after a crash: the last words)."""
+        out = []
+        for path in (self.stdout_path, self.stderr_path):
+            try:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size > OUTPUT_CAP:
+                        f.seek(size - OUTPUT_CAP)
+                    out.append(f.read(OUTPUT_CAP).decode("utf-8", "replace"))
+            except OSError:
+                out.append("")
+        return out[0], out[1]
+
+    def stop(self, grace: float) -> None:
+        """Ask the child to exit after its in-flight calls; kill the tree after `grace`."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        change_state(self, ProcessState.STOPPING, self.what)
+        self.exit_reason = self.exit_reason or "stopped"
+        try:
+            with self._write_lock:
+                write_frame(self._requests, {"type": "shutdown"})
+        except OSError:
+            pass
+        try:
+            self.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except OSError:
+                pass
+            try:
+                self.popen.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        if self.pid:
+            kill_tree(self.pid, self.spec.kill_extra and (lambda: self.spec.kill_extra(self)))
+
+    def _cleanup(self) -> None:
+        for stream in (self._requests, self._replies):
+            try:
+                stream.close()
+            except (OSError, AttributeError):
+                pass
+        import shutil
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        for path in (self.stdout_path, self.stderr_path):
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+
+def _crashed(message: str, out_of_memory: bool = False) -> dict:
+    error = {"type": "OutOfMemory" if out_of_memory else "Crashed", "message": message}
+    if out_of_memory:
+        error["reason"] = "out of memory"
+    return {"status": "crashed", "error": error}
+
+
+def _translate(frame: dict) -> dict:
+    """A bootstrap result frame as the worker's reply to the control plane."""
+    reply = {
+        "status": "succeeded" if frame.get("ok") else "failed",
+        "stdout": frame.get("stdout", ""), "stderr": frame.get("stderr", ""),
+        "duration_ms": frame.get("duration_ms"), "max_rss_kb": frame.get("max_rss_kb"),
+        "cold": frame.get("cold"),
+    }
+    if frame.get("ok"):
+        reply["result"] = frame.get("result")
+    else:
+        reply["error"] = frame.get("error")
+    return reply

@@ -1,0 +1,169 @@
+"""Getting a version onto disk: the artifact (downloaded once), the code (extracted
+read-only) and a private virtualenv built with uv."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..common.archive import extract_archive
+from ..common.manifest import Manifest
+
+log = logging.getLogger("dockyard.venvs")
+
+BUILD_TIMEOUT_S = 900
+
+
+class BuildError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class UvOptions:
+    uv_bin: str
+    python: str
+    index_url: str | None = None
+    find_links: tuple[str, ...] = ()
+    offline: bool = False
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class VersionPaths:
+    root: Path
+    code: Path
+    venv: Path
+    tmp: Path
+    run: Path
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+
+def version_paths(worker_dir: Path, container: str, version: str) -> VersionPaths:
+    root = worker_dir / container / version
+    return VersionPaths(root, root / "code", root / "venv", root / "tmp", root / "run")
+
+
+def _make_read_only(tree: Path) -> None:
+    """Code belongs to the worker's user and is read-only for everyone else."""
+    for dirpath, dirnames, filenames in os.walk(tree):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                mode = os.stat(path).st_mode
+                os.chmod(path, 0o755 if mode & 0o111 else 0o644)
+
+
+class Builder:
+    def __init__(self, worker_dir: Path, uv: UvOptions,
+                 download: Callable[[str, Path], None]):
+        self.worker_dir = worker_dir
+        self.artifacts = worker_dir / ".artifacts"
+        self.uv = uv
+        self.download = download
+
+    def artifact(self, sha256: str) -> Path:
+        """The package file, downloaded once per sha256 and verified."""
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.artifacts, 0o700)
+        path = self.artifacts / sha256
+        if path.exists():
+            return path
+        partial = path.with_suffix(".part")
+        self.download(sha256, partial)
+        digest = hashlib.sha256()
+        with open(partial, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != sha256:
+            partial.unlink(missing_ok=True)
+            raise BuildError(f"artifact {sha256[:12]} arrived corrupted; retrying on next sync")
+        os.replace(partial, path)
+        return path
+
+    def build(self, spec: dict, say: Callable[[str], None]) -> VersionPaths:
+        manifest = Manifest.from_dict(spec["manifest"])
+        paths = version_paths(self.worker_dir, spec["container"], spec["version"])
+        paths.root.mkdir(parents=True, exist_ok=True)
+        for d in (self.worker_dir, self.worker_dir / spec["container"], paths.root):
+            os.chmod(d, 0o755)
+        if not (paths.root / ".code-ready").exists():
+            say(f"fetching package {spec['artifact_sha256'][:12]}")
+            archive = self.artifact(spec["artifact_sha256"])
+            shutil.rmtree(paths.code, ignore_errors=True)
+            extract_archive(archive, paths.code)
+            _make_read_only(paths.code)
+            (paths.root / ".code-ready").write_text(spec["content_sha256"])
+        self._venv(manifest, paths, say)
+        for d in (paths.tmp, paths.run):
+            d.mkdir(exist_ok=True)
+        os.chmod(paths.tmp, 0o711)
+        os.chmod(paths.run, 0o700)
+        return paths
+
+    def _venv(self, manifest: Manifest, paths: VersionPaths, say) -> None:
+        wanted = {"python": self.uv.python, "dependencies": manifest.dependencies,
+                  "requirements": manifest.requirements}
+        marker = paths.root / ".venv-ready"
+        if marker.exists() and paths.python.exists():
+            try:
+                if json.loads(marker.read_text()) == wanted:
+                    say("virtualenv already built")
+                    return
+            except ValueError:
+                pass
+        shutil.rmtree(paths.venv, ignore_errors=True)
+        say(f"creating virtualenv with {self.uv.python}")
+        self._uv(["venv", "--python", self.uv.python, str(paths.venv)], say)
+        args = []
+        if manifest.requirements:
+            req = (paths.code / manifest.requirements).resolve()
+            if not req.is_relative_to(paths.code.resolve()) or not req.is_file():
+                raise BuildError(f"requirements file '{manifest.requirements}' is not in the "
+                                 "package")
+            args += ["-r", str(req)]
+        args += list(manifest.dependencies)
+        if args:
+            say("installing " + " ".join(manifest.dependencies or [manifest.requirements]))
+            cmd = ["pip", "install", "--python", str(paths.python), "--link-mode=copy",
+                   "--no-config"]
+            if self.uv.index_url:
+                cmd += ["--index-url", self.uv.index_url]
+            for folder in self.uv.find_links:
+                cmd += ["--find-links", folder]
+            if self.uv.offline:
+                cmd += ["--offline"]
+            self._uv(cmd + args, say)
+        marker.write_text(json.dumps(wanted))
+
+    def _uv(self, args: list[str], say) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKYARD_")}
+        env["UV_PYTHON_DOWNLOADS"] = "never"
+        env["UV_NO_PROGRESS"] = "1"
+        if self.uv.cache_dir:
+            env["UV_CACHE_DIR"] = self.uv.cache_dir
+        try:
+            done = subprocess.run([self.uv.uv_bin, *args], capture_output=True, text=True,
+                                  env=env, timeout=BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise BuildError(f"uv {args[0]} took longer than {BUILD_TIMEOUT_S}s") from None
+        for line in (done.stdout + done.stderr).splitlines():
+            if line.strip():
+                say("  " + line.rstrip())
+        if done.returncode != 0:
+            last = [ln for ln in done.stderr.splitlines() if ln.strip()]
+            raise BuildError(f"uv {args[0]} failed: {last[-1].strip() if last else 'no output'}")
+
+    def remove(self, container: str, version: str) -> None:
+        paths = version_paths(self.worker_dir, container, version)
+        shutil.rmtree(paths.root, ignore_errors=True)

@@ -1,0 +1,184 @@
+"""One container version on this worker: its role (serve or standby), its build, its pool,
+its state and build log as reported to the control plane."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from ..common.manifest import Manifest
+from .pool import Pool
+from .process import ChildSpec, LoadError
+from .states import VersionState, change_state
+from .venvs import Builder, BuildError, VersionPaths
+
+log = logging.getLogger("dockyard.versions")
+
+LOG_CAP = 64 * 1024
+IDLE_TTL_S = 60.0
+
+
+class VersionRuntime:
+    def __init__(self, spec: dict, builder: Builder, make_child_spec: Callable,
+                 on_change: Callable[[], None]):
+        self.spec = spec
+        self.version_id = spec["version_id"]
+        self.manifest = Manifest.from_dict(spec["manifest"])
+        self.what = f"{spec['container']}@{spec['version']}"
+        self.role = spec["role"]
+        self.builder = builder
+        self.make_child_spec = make_child_spec
+        self.on_change = on_change
+        self.state = None
+        change_state(self, VersionState.STANDBY, self.what)
+        self.error: str | None = None
+        self.log_lines: list[str] = []
+        self.paths: VersionPaths | None = None
+        self.pool: Pool | None = None
+        self.lock = threading.Lock()          # one build / start / stop at a time
+        self.ready = threading.Condition()
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def say(self, line: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        self.log_lines.append(f"{stamp} {line}")
+        while sum(len(s) for s in self.log_lines) > LOG_CAP:
+            self.log_lines.pop(0)
+
+    def _set(self, state: VersionState, error: str | None = None) -> None:
+        with self.ready:
+            change_state(self, state, self.what)
+            self.error = error
+            self.ready.notify_all()
+        self.on_change()
+
+    def report(self) -> dict:
+        return {"version_id": self.version_id, "state": str(self.state), "error": self.error,
+                "log": "\n".join(self.log_lines)}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        if self.paths is None:
+            self._set(VersionState.BUILDING)
+            started = time.monotonic()
+            self.paths = self.builder.build(self.spec, self.say)
+            self.say(f"built in {time.monotonic() - started:.2f}s")
+
+    def _new_pool(self, instances: int) -> Pool:
+        limits = self.manifest.limits
+        return Pool(self.what, lambda: self.make_child_spec(self), instances,
+                    limits.concurrency, self._pool_failed)
+
+    def _pool_failed(self, reason: str) -> None:
+        self.say(f"failed: {reason}")
+        self._set(VersionState.FAILED, reason)
+
+    def serve(self) -> None:
+        """Build, start `instances` children, and report ready (or idle when scaled to zero).
+        Runs in its own thread; a failure is reported, never raised."""
+        with self.lock:
+            if self.role != "serve" or self.state in (VersionState.READY, VersionState.IDLE):
+                return
+            try:
+                self._build()
+                instances = self.manifest.limits.instances
+                self._set(VersionState.STARTING)
+                pool = self._new_pool(instances)
+                pool.start()
+            except (BuildError, LoadError, Exception) as exc:  # noqa: BLE001 - reported
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                if isinstance(exc, LoadError):
+                    reason = "import failed: " + reason
+                log.warning("%s failed: %s", self.what, exc)
+                self.say(f"failed: {exc}")
+                self._set(VersionState.FAILED, reason)
+                return
+            old, self.pool = self.pool, pool
+            self.say(f"{instances} process(es) ready" if instances else
+                     "scaled to zero; the first call starts a process")
+            self._set(VersionState.READY if instances else VersionState.IDLE)
+        if old is not None:
+            old.drain_and_stop(grace=self.manifest.limits.timeout_s + 5)
+
+    def _on_demand_pool(self) -> Pool | None:
+        """A standby version asked for by a pinned call: build it if needed and give it a
+        pool that starts a process on the first call and stops it when idle."""
+        with self.lock:
+            if self.pool is not None:
+                return self.pool
+            try:
+                self._build()
+            except Exception as exc:  # noqa: BLE001 - reported to the caller
+                self.say(f"on-demand build failed: {exc}")
+                self._set(VersionState.FAILED, str(exc))
+                return None
+            self.pool = self._new_pool(0)
+            self.pool.start()
+            self._set(VersionState.IDLE if self.role == "standby" else self.state)
+            return self.pool
+
+    def invoke(self, frame: dict, timeout: float) -> dict:
+        pool = self.pool
+        if pool is None:
+            if self.state is VersionState.FAILED:
+                return {"status": "failed", "error": {"type": "VersionFailed",
+                        "message": f"{self.what} failed: {self.error}"}}
+            if self.role == "serve" and self.state in (VersionState.BUILDING,
+                                                       VersionState.STARTING):
+                return {"status": "unavailable", "error": {
+                    "type": "Unavailable", "message": f"{self.what} is still starting"}}
+            pool = self._on_demand_pool()
+            if pool is None:
+                return {"status": "failed", "error": {"type": "VersionFailed",
+                        "message": f"{self.what} could not be built: {self.error}"}}
+        return pool.invoke(frame, timeout)
+
+    def stop(self, final_state: VersionState = VersionState.STOPPED) -> None:
+        """Drain in-flight calls, then stop every child (the whole tree)."""
+        with self.lock:
+            pool, self.pool = self.pool, None
+            if pool is not None:
+                self._set(VersionState.DRAINING, self.error)
+                pool.drain_and_stop(grace=self.manifest.limits.timeout_s + 5)
+            self._set(final_state, self.error if final_state is VersionState.FAILED else None)
+
+    def to_standby(self) -> None:
+        self.role = "standby"
+        self.stop(VersionState.STANDBY)
+
+    def reap_idle(self) -> None:
+        pool = self.pool
+        if pool is not None:
+            pool.stop_idle(IDLE_TTL_S)
+
+    def pids(self) -> list[int]:
+        pool = self.pool
+        return pool.pids() if pool else []
+
+
+def child_spec_factory(isolation, bootstrap_path: str):
+    """How a VersionRuntime turns into ChildSpecs for its processes."""
+
+    def make(runtime: VersionRuntime) -> ChildSpec:
+        paths = runtime.paths
+        uid, gid = isolation.identity(runtime.spec["container_id"])
+        manifest = runtime.manifest
+        limits = manifest.limits
+
+        def isolate(child):
+            isolation.apply_limits(child.pid, limits)
+
+        return ChildSpec(
+            argv=[str(paths.python), "-I", "-B", bootstrap_path],
+            code_dir=paths.code, tmp_root=paths.tmp, run_dir=paths.run,
+            env=isolation.env(manifest.env, paths.venv),
+            init={"code_dir": str(paths.code), "functions": manifest.functions,
+                  "container": runtime.spec["container"], "version": runtime.spec["version"],
+                  "concurrency": limits.concurrency},
+            what=runtime.what, user=uid, group=gid, isolate=isolate)
+
+    return make
