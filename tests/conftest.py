@@ -1,0 +1,232 @@
+"""Shared fixtures: a real `dockyard serve` (gunicorn on a free port, a real worker building
+real uv venvs) on a temp data dir, a wheelhouse built inside the tests, and a package builder."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+FUNCTIONS = Path(__file__).resolve().parent / "functions"
+
+
+# -- a wheelhouse with one tiny pure-Python wheel, written by hand (no index needed) -------
+
+def build_wheel(folder: Path, name: str, version: str, modules: dict[str, str]) -> Path:
+    dist = f"{name}-{version}.dist-info"
+    files = dict(modules)
+    files[f"{dist}/METADATA"] = (f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    files[f"{dist}/WHEEL"] = ("Wheel-Version: 1.0\nGenerator: dockyard-tests\n"
+                              "Root-Is-Purelib: true\nTag: py3-none-any\n")
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    record.append(f"{dist}/RECORD,,")
+    files[f"{dist}/RECORD"] = "\n".join(record) + "\n"
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for path, text in files.items():
+            zf.writestr(path, text)
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wheelhouse")
+    build_wheel(folder, "dytiny", "1.0", {
+        "dytiny/__init__.py": 'VERSION = "1.0"\n\ndef shout(text):\n    return text.upper() + "!"\n'})
+    return folder
+
+
+# -- packages -------------------------------------------------------------------------------
+
+def make_package(tmp_path: Path, source: str, manifest_extra: str = "", name: str | None = None,
+                 version: str | None = None, files: dict[str, str] | None = None) -> Path:
+    """Copy tests/functions/<source> to a temp folder, optionally renaming it, versioning it
+    or appending manifest text and extra files."""
+    dest = tmp_path / f"{source}-{name or ''}-{version or ''}-{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(FUNCTIONS / source, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = (dest / "dockyard.toml").read_text()
+    if name:
+        manifest = re.sub(r'^name = ".*"$', f'name = "{name}"', manifest, flags=re.M)
+    if version:
+        manifest = f'version = "{version}"\n' + manifest
+    manifest = _merge(manifest, manifest_extra)
+    (dest / "dockyard.toml").write_text(manifest)
+    for rel, text in (files or {}).items():
+        (dest / rel).write_text(text)
+    return dest
+
+
+def _merge(manifest: str, extra: str) -> str:
+    """Top-level keys of `extra` go before the first table; tables are appended."""
+    if not extra:
+        return manifest
+    top, _, tables = extra.partition("\n[")
+    tables = ("[" + tables) if tables else ""
+    head, sep, rest = manifest.partition("\n[")
+    return head.rstrip("\n") + "\n" + top.strip("\n") + "\n" + sep + rest + "\n" + tables
+
+
+def zip_folder(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                zf.write(path, path.relative_to(folder))
+    return buf.getvalue()
+
+
+# -- a running server -----------------------------------------------------------------------
+
+class Server:
+    def __init__(self, data: Path, extra_args: list[str], env: dict | None = None):
+        self.data = data
+        cmd = [sys.executable, "-m", "dockyard", "--data", str(data), "serve", "--port", "0",
+               "--deploy-dir", "", *extra_args]
+        self.log_path = data.parent / f"{data.name}-serve.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     cwd=ROOT, env=env or dict(os.environ))
+        self.url = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            match = re.search(r"dockyard listening on (http://\S+)", line)
+            if match:
+                self.url = match.group(1)
+                break
+        if not self.url:
+            self.stop()
+            raise RuntimeError("serve did not start:\n" + self.log_path.read_text()[-4000:])
+        self.admin = (data / "tokens" / "admin").read_text().strip()
+        self.worker_token = (data / "tokens" / "worker").read_text().strip()
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {self.admin}"
+        self.wait_workers(1)
+
+    def wait_workers(self, n: int, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if requests.get(self.url + "/healthz", timeout=5).json()["workers"] >= n:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{n} worker(s) never became ready")
+
+    def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        kwargs.setdefault("timeout", 120)
+        return self.http.request(method, self.url + path, **kwargs)
+
+    def deploy(self, folder: Path, wait: bool = True, expect: str = "ready") -> dict:
+        response = self.api("POST", "/api/containers", data=zip_folder(folder))
+        assert response.status_code in (200, 201), response.text
+        record = response.json()
+        if wait and record.get("deployment"):
+            dep = self.wait_deployment(record["deployment"])
+            assert dep["status"] == expect, dep
+            record["deployment_detail"] = dep
+        return record
+
+    def wait_deployment(self, deployment_id: str, timeout: float = 180) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            dep = self.api("GET", f"/api/deployments/{deployment_id}").json()
+            if dep["status"] in ("ready", "failed"):
+                return dep
+            time.sleep(0.1)
+        raise AssertionError(f"deployment {deployment_id} did not finish: {dep}")
+
+    def invoke(self, target: str, event=None, **kwargs) -> requests.Response:
+        data = None if event is None else json.dumps(event)
+        return requests.post(f"{self.url}/invoke/{target}", data=data, timeout=120, **kwargs)
+
+    def wait_invocation(self, invocation_id: str, timeout: float = 60) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            inv = self.api("GET", f"/api/invocations/{invocation_id}").json()
+            if inv["status"] not in ("queued", "running"):
+                return inv
+            time.sleep(0.1)
+        raise AssertionError(f"invocation {invocation_id} still {inv['status']}")
+
+    def cli(self, *args: str, check: bool = True, input: str | None = None):
+        env = dict(os.environ, DOCKYARD_URL=self.url, DOCKYARD_TOKEN=self.admin)
+        done = subprocess.run([sys.executable, "-m", "dockyard", "--data", str(self.data), *args],
+                              capture_output=True, text=True, env=env, input=input, timeout=300)
+        if check:
+            assert done.returncode == 0, (done.stdout, done.stderr)
+        return done
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> int:
+        procs = self.descendants()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        gone, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            p.kill()
+        leftovers = sandbox_processes(self.data)
+        for p in leftovers:
+            p.kill()
+        self.log.close()
+        self.leftovers = alive + leftovers
+        return self.proc.returncode
+
+
+def sandbox_processes(data: Path) -> list[psutil.Process]:
+    """Any process still running code from this data dir (children that escaped their tree)."""
+    found = []
+    marker = str(data)
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if marker in cmd or (p.info["cwd"] or "").startswith(marker):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, wheelhouse):
+    data = tmp_path_factory.mktemp("serve") / "data"
+    srv = Server(data, ["--find-links", str(wheelhouse), "--offline"])
+    yield srv
+    code = srv.stop()
+    assert code == 0, srv.log_path.read_text()[-3000:]
+    assert not srv.leftovers, srv.leftovers
+
+
+@pytest.fixture
+def pkg(tmp_path):
+    def make(source: str, **kwargs) -> Path:
+        return make_package(tmp_path, source, **kwargs)
+    return make

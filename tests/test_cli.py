@@ -1,0 +1,80 @@
+"""The CLI as a user runs it: every verb, human and --json output, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_init_deploy_invoke_logs(server, tmp_path):
+    folder = tmp_path / "cli-hello"
+    done = subprocess.run([sys.executable, "-m", "dockyard", "init", str(folder)],
+                          capture_output=True, text=True, check=True)
+    assert "created" in done.stdout
+    assert (folder / "dockyard.toml").exists() and (folder / "main.py").exists()
+    deployed = server.cli("deploy", str(folder), "--wait")
+    assert "cli-hello@" in deployed.stdout and "ready" in deployed.stdout
+    assert "ready" in deployed.stderr  # progress lines
+    out = server.cli("invoke", "cli-hello/hello", '{"who": "cli"}')
+    body = json.loads(out.stdout)
+    assert body["message"] == "hello, cli"
+    logs = server.cli("logs", body["invocation"])
+    assert "succeeded" in logs.stdout and "REPORT duration" in logs.stdout
+    assert "cold start: yes" in logs.stdout
+    as_json = json.loads(server.cli("--json", "logs", body["invocation"]).stdout)
+    assert as_json["status"] == "succeeded" and as_json["output"]["message"] == "hello, cli"
+
+
+def test_ls_versions_rollback_workers(server, pkg):
+    v1 = pkg("echo", name="cli-roll", version="1")
+    v2 = pkg("echo", name="cli-roll", version="2")
+    server.cli("deploy", str(v1), "--wait")
+    server.cli("deploy", str(v2), "--wait")
+    listing = server.cli("ls").stdout
+    assert "cli-roll" in listing and "NAME" in listing
+    data = json.loads(server.cli("--json", "ls").stdout)
+    entry = next(c for c in data["containers"] if c["name"] == "cli-roll")
+    assert entry["serving_version"] == "2" and entry["versions"] == 2
+    versions = server.cli("versions", "cli-roll").stdout
+    assert "serving" in versions.splitlines()[1] and versions.splitlines()[1].startswith("2")
+    rolled = server.cli("rollback", "cli-roll", "1")
+    assert "now serves 1" in rolled.stdout
+    out = server.cli("--json", "invoke", "cli-roll/echo", '"x"')
+    assert json.loads(out.stdout) == "x"
+    workers = server.cli("workers").stdout
+    assert "wrk_" in workers and "cli-roll@1:ready" in workers
+    workers_json = json.loads(server.cli("--json", "workers").stdout)
+    assert workers_json["workers"][0]["isolation"]
+
+
+def test_deploy_archive_formats(server, pkg, tmp_path):
+    import tarfile
+    folder = pkg("echo", name="cli-tar", version="t1")
+    archive = tmp_path / "cli-tar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cli-tar")
+    out = server.cli("--json", "deploy", str(archive), "--wait")
+    assert json.loads(out.stdout)["deployment"]["status"] == "ready"
+    assert json.loads(server.cli("invoke", "cli-tar/echo", "5").stdout) == 5
+
+
+def test_errors_are_one_line(server, tmp_path):
+    bad = server.cli("invoke", "nothere/fn", "{}", check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "nothere" in bad.stderr
+    bad_json = server.cli("invoke", "nothere/fn", "{oops", check=False)
+    assert bad_json.returncode != 0 and "not valid JSON" in bad_json.stderr
+    missing = server.cli("deploy", str(tmp_path / "nope"), check=False)
+    assert missing.returncode != 0 and "no such file" in missing.stderr
+    no_manifest = tmp_path / "empty"
+    no_manifest.mkdir()
+    (no_manifest / "x.py").write_text("")
+    refused = server.cli("deploy", str(no_manifest), check=False)
+    assert refused.returncode != 0 and "dockyard.toml" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "dockyard", "--url", "http://127.0.0.1:9", "ls"],
+        capture_output=True, text=True)
+    assert unreachable.returncode != 0 and "cannot reach dockyard" in unreachable.stderr

@@ -1,0 +1,22 @@
+"""The reconcile diff is a pure function."""
+
+from dockyard.runner.diff import diff_versions
+
+
+def spec(version_id, role="serve"):
+    return {"version_id": version_id, "role": role}
+
+
+def test_added_changed_removed():
+    diff = diff_versions([spec(1), spec(2, "standby"), spec(4)],
+                         {1: "serve", 2: "serve", 3: "serve"})
+    assert [s["version_id"] for s in diff.added] == [4]
+    assert [s["version_id"] for s in diff.changed] == [2]
+    assert diff.removed == [3]
+    assert diff
+
+
+def test_nothing_to_do():
+    assert not diff_versions([spec(1)], {1: "serve"})
+    assert not diff_versions([], {})
+    assert diff_versions([], {7: "standby"}).removed == [7]

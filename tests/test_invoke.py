@@ -1,0 +1,213 @@
+"""End to end: deploy a package to a real `dockyard serve`, call its functions over HTTP, and
+check the status, body, headers and the invocation record of every kind of outcome."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import requests
+
+
+def test_deploy_and_invoke(server, pkg):
+    record = server.deploy(pkg("echo", name="inv-basic"))
+    assert record["container"] == "inv-basic"
+    assert record["deployment_detail"]["workers"][0]["state"] == "ready"
+    response = server.invoke("inv-basic/echo", {"who": "you", "n": [1, 2]})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"who": "you", "n": [1, 2]}
+    inv_id = response.headers["X-Dockyard-Invocation-Id"]
+    assert response.headers["X-Dockyard-Version"] == record["version"]
+    assert float(response.headers["X-Dockyard-Duration-Ms"]) >= 0
+    inv = server.api("GET", f"/api/invocations/{inv_id}").json()
+    assert inv["status"] == "succeeded"
+    assert inv["input"] == {"who": "you", "n": [1, 2]}
+    assert inv["output"] == {"who": "you", "n": [1, 2]}
+    assert inv["trigger"] == "http" and inv["attempt"] == 1
+    assert inv["cold"] is True and inv["max_rss_kb"] > 1000
+    assert inv["worker_id"].startswith("wrk_")
+    # The second call is warm.
+    second = server.invoke("inv-basic/echo", None)
+    assert second.status_code == 200 and second.json() is None
+    inv2 = server.api("GET", f"/api/invocations/{second.headers['X-Dockyard-Invocation-Id']}")
+    assert inv2.json()["cold"] is False
+
+
+def test_context_async_handler_and_output_capture(server, pkg):
+    server.deploy(pkg("echo", name="inv-ctx"))
+    ctx = server.invoke("inv-ctx/ctx", {"x": 1})
+    assert ctx.status_code == 200, ctx.text
+    body = ctx.json()
+    assert body["container"] == "inv-ctx" and body["function"] == "ctx"
+    assert body["invocation_id"] == ctx.headers["X-Dockyard-Invocation-Id"]
+    assert 0 < body["remaining_ms"] <= 30_000
+    assert server.invoke("inv-ctx/aecho", {"a": 1}).json() == {"a": 1}
+    printed = server.invoke("inv-ctx/printer", {"text": "hi"})
+    assert printed.status_code == 200
+    inv = server.api("GET", f"/api/invocations/{printed.headers['X-Dockyard-Invocation-Id']}")
+    inv = inv.json()
+    assert "stdout" in inv["stdout"] or inv["stdout"].strip()
+    assert inv["stderr"].strip()
+    # Output belongs to the call that wrote it, not to the next one.
+    quiet = server.invoke("inv-ctx/echo", 1)
+    inv = server.api("GET", f"/api/invocations/{quiet.headers['X-Dockyard-Invocation-Id']}")
+    assert inv.json()["stdout"] == "" and inv.json()["stderr"] == ""
+
+
+def test_explicit_module_callable_and_unknown_function(server, pkg):
+    server.deploy(pkg("echo", name="inv-names"))
+    assert server.invoke("inv-names/main:echo", [1]).json() == [1]
+    missing = server.invoke("inv-names/nope", {})
+    assert missing.status_code == 404
+    assert "nope" in missing.json()["error"]["message"]
+    gone = server.invoke("inv-names/main:nope", {})
+    assert gone.status_code == 404, gone.text
+    assert server.invoke("no-such-container/echo", {}).status_code == 404
+
+
+def test_handler_errors(server, pkg):
+    server.deploy(pkg("echo", name="inv-errors"))
+    boom = server.invoke("inv-errors/boom", {})
+    assert boom.status_code == 500
+    error = boom.json()["error"]
+    assert error["type"] == "ValueError" and "boom" in error["message"]
+    assert "Traceback" in error["traceback"] and "main.py" in error["traceback"]
+    assert boom.json()["invocation_id"].startswith("inv_")
+    inv = server.api("GET", f"/api/invocations/{boom.json()['invocation_id']}").json()
+    assert inv["status"] == "failed" and inv["error"]["type"] == "ValueError"
+
+    not_json = server.invoke("inv-errors/not_json", {})
+    assert not_json.status_code == 500
+    assert not_json.json()["error"]["type"] == "ResultNotSerializable"
+    assert "set" in not_json.json()["error"]["message"]
+
+    exited = server.invoke("inv-errors/exit", {})
+    assert exited.status_code == 500
+    assert exited.json()["error"]["type"] == "SystemExit"
+    assert server.invoke("inv-errors/echo", "still here").json() == "still here"
+
+
+def test_big_output_is_capped(server, pkg):
+    server.deploy(pkg("echo", name="inv-big"))
+    response = server.invoke("inv-big/big_print", {})
+    assert response.status_code == 200, response.text
+    inv = server.api("GET", f"/api/invocations/{response.headers['X-Dockyard-Invocation-Id']}")
+    assert len(inv.json()["stdout"]) < 200_000
+    assert server.invoke("inv-big/echo", 2).json() == 2
+
+
+def test_crash_and_timeout_get_a_fresh_process(server, pkg):
+    server.deploy(pkg("echo", name="inv-crash", manifest_extra="[limits]\ntimeout_s = 2\n"))
+    crashed = server.invoke("inv-crash/hard_exit", {})
+    assert crashed.status_code == 502, crashed.text
+    assert crashed.json()["error"]["type"] == "Crashed"
+    inv = server.api("GET", f"/api/invocations/{crashed.json()['invocation_id']}").json()
+    assert inv["status"] == "crashed"
+    after = server.invoke("inv-crash/echo", "next")
+    assert after.status_code == 200 and after.json() == "next"
+
+    started = time.monotonic()
+    slow = server.invoke("inv-crash/sleep", {"s": 60})
+    assert slow.status_code == 504, slow.text
+    assert time.monotonic() - started < 30
+    assert slow.json()["error"]["type"] == "Timeout"
+    inv = server.api("GET", f"/api/invocations/{slow.json()['invocation_id']}").json()
+    assert inv["status"] == "timed_out"
+    assert server.invoke("inv-crash/echo", "again").json() == "again"
+
+
+def test_process_killed_from_outside_mid_call(server, pkg):
+    server.deploy(pkg("echo", name="inv-kill"))
+    assert server.invoke("inv-kill/echo", 0).status_code == 200
+    result = {}
+
+    def call():
+        result["response"] = server.invoke("inv-kill/sleep", {"s": 20})
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(1.0)
+    victims = [p for p in psutil.process_iter(["cmdline"])
+               if "inv-kill" in " ".join(p.info["cmdline"] or [])
+               or any("inv-kill" in (c or "") for c in [p_cwd(p)])]
+    assert victims, "no child process found for inv-kill"
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
+    caller.join(30)
+    assert result["response"].status_code == 502
+    assert server.invoke("inv-kill/echo", "fresh").json() == "fresh"
+
+
+def p_cwd(p):
+    try:
+        return p.cwd()
+    except psutil.Error:
+        return ""
+
+
+def test_bad_requests(server, pkg):
+    server.deploy(pkg("echo", name="inv-bad"))
+    bad_json = requests.post(f"{server.url}/invoke/inv-bad/echo", data=b"{not json",
+                             timeout=30)
+    assert bad_json.status_code == 400
+    assert "not valid JSON" in bad_json.json()["error"]["message"]
+    big = requests.post(f"{server.url}/invoke/inv-bad/echo",
+                        data=b'"' + b"x" * (6 * 1024 * 1024 + 10) + b'"', timeout=60)
+    assert big.status_code == 413
+    assert big.json()["error"]["type"] == "TooLarge"
+    assert server.invoke("inv-bad/echo", "ok").status_code == 200
+
+
+def test_async_invoke(server, pkg):
+    server.deploy(pkg("echo", name="inv-async"))
+    response = server.invoke("inv-async/echo", {"later": True},
+                             headers={"Prefer": "respond-async"})
+    assert response.status_code == 202
+    inv_id = response.json()["invocation_id"]
+    assert response.headers["Location"] == f"/api/invocations/{inv_id}"
+    inv = server.wait_invocation(inv_id)
+    assert inv["status"] == "succeeded" and inv["output"] == {"later": True}
+    assert inv["trigger"] == "async"
+    failing = server.invoke("inv-async/boom?async=1", {})
+    assert failing.status_code == 202
+    inv = server.wait_invocation(failing.json()["invocation_id"])
+    assert inv["status"] == "failed" and inv["error"]["type"] == "ValueError"
+    listed = server.api("GET", "/api/invocations?container=inv-async&limit=10").json()
+    assert {i["id"] for i in listed["invocations"]} >= {inv_id, failing.json()["invocation_id"]}
+    assert server.invoke("inv-async/nope?async=1", {}).status_code == 404
+
+
+def test_dependency_from_wheelhouse(server, pkg):
+    folder = pkg("echo", name="inv-deps",
+                 manifest_extra='dependencies = ["dytiny==1.0"]\n[functions]\n'
+                                'shout = "usedep:shout"\n',
+                 files={"usedep.py": "import dytiny\n\ndef shout(event):\n"
+                                     "    return dytiny.shout(event)\n"})
+    record = server.deploy(folder)
+    log = record["deployment_detail"]["workers"][0]["log"]
+    assert "dytiny" in log
+    assert server.invoke("inv-deps/shout", "hey").json() == "HEY!"
+
+
+def test_metrics_and_health(server, pkg):
+    server.deploy(pkg("echo", name="inv-metrics"))
+    server.invoke("inv-metrics/echo", 1)
+    health = requests.get(server.url + "/healthz", timeout=10).json()
+    assert health == {"status": "ok", "workers": 1}
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    assert 'dockyard_invocations_total{container="inv-metrics",status="succeeded"}' in text
+    assert "dockyard_workers_ready 1.0" in text
+
+
+def test_child_environment_is_scrubbed(server, pkg):
+    server.deploy(pkg("echo", name="inv-env", manifest_extra='env = { GREETING = "hi" }\n'))
+    env = server.invoke("inv-env/environ", {}).json()
+    assert env["GREETING"] == "hi"
+    assert not any(k.startswith("DOCKYARD") for k in env)
+    assert set(env) <= {"GREETING", "PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "VIRTUAL_ENV",
+                        "PYTHONUNBUFFERED", "LC_CTYPE"}
+    assert env["HOME"] == env["TMPDIR"] and os.path.basename(env["TMPDIR"]).startswith("p")

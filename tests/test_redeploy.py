@@ -1,0 +1,141 @@
+"""Redeploy and rollback: a new version takes over with no failed call, the old processes are
+gone afterwards, a version that cannot import never takes traffic, and rollback is instant."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+
+
+def _pids(server, container: str) -> set[int]:
+    found = set()
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "bootstrap" in " ".join(p.info["cmdline"] or []) and \
+                    f"/{container}/" in p.cwd() + "/":
+                found.add(p.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_redeploy_under_load_loses_nothing(server, pkg):
+    server.deploy(pkg("echo", name="rd-load", version="1"))
+    v1_pids = _pids(server, "rd-load")
+    assert v1_pids
+    stop = threading.Event()
+    results: list[tuple[int, str]] = []
+    lock = threading.Lock()
+
+    def client():
+        import requests
+        session = requests.Session()
+        while not stop.is_set():
+            r = session.post(f"{server.url}/invoke/rd-load/echo", data="1", timeout=60)
+            with lock:
+                results.append((r.status_code, r.headers.get("X-Dockyard-Version", "")))
+
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(1.0)
+        server.deploy(pkg("echo", name="rd-load", version="2"))
+        time.sleep(1.0)
+        server.deploy(pkg("echo", name="rd-load", version="3"))
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(60)
+    failed = [r for r in results if r[0] != 200]
+    assert len(results) > 100
+    assert not failed, failed[:5]
+    versions = [v for _, v in results]
+    assert versions[0] == "1" and versions[-1] == "3"
+    assert "2" in versions
+    # Old generations drain and are terminated: their pids are gone.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in v1_pids):
+        time.sleep(0.2)
+    assert not [p for p in v1_pids if psutil.pid_exists(p)]
+    assert len(_pids(server, "rd-load")) == 1
+
+
+def test_same_content_is_a_noop_and_conflicting_version_is_refused(server, pkg):
+    folder = pkg("echo", name="rd-same", version="1.0")
+    first = server.deploy(folder)
+    again = server.deploy(folder)
+    assert again["created"] is False and again["version"] == first["version"]
+    changed = pkg("echo", name="rd-same", version="1.0", files={"extra.py": "X = 1\n"})
+    from conftest import zip_folder
+    response = server.api("POST", "/api/containers", data=zip_folder(changed))
+    assert response.status_code == 409
+    assert "already exists" in response.json()["error"]["message"]
+    # Without a version name the content hash is the version.
+    unnamed = server.deploy(pkg("echo", name="rd-hash"))
+    assert len(unnamed["version"]) == 12
+
+
+def test_broken_version_never_takes_traffic(server, pkg):
+    server.deploy(pkg("echo", name="rd-broken", version="good"))
+    broken = pkg("broken_import", name="rd-broken", version="bad")
+    record = server.deploy(broken, expect="failed")
+    dep = record["deployment_detail"]
+    assert dep["status"] == "failed"
+    assert "import" in (dep["error"] or "").lower() or "Error" in (dep["error"] or "")
+    assert dep["workers"][0]["state"] == "failed"
+    ok = server.invoke("rd-broken/echo", "still good")
+    assert ok.status_code == 200 and ok.headers["X-Dockyard-Version"] == "good"
+    detail = server.api("GET", "/api/containers/rd-broken").json()
+    assert detail["serving_version"] == "good"
+
+
+def test_first_version_broken_answers_503(server, pkg):
+    server.deploy(pkg("broken_import", name="rd-only-broken"), expect="failed")
+    response = server.invoke("rd-only-broken/echo", {})
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+
+
+def test_rollback_and_pinned_calls(server, pkg):
+    server.deploy(pkg("echo", name="rd-roll", version="1"))
+    server.deploy(pkg("echo", name="rd-roll", version="2"))
+    assert server.invoke("rd-roll/echo", 0).headers["X-Dockyard-Version"] == "2"
+    pinned = server.invoke("rd-roll@1/echo", "old")
+    assert pinned.status_code == 200, pinned.text
+    assert pinned.json() == "old" and pinned.headers["X-Dockyard-Version"] == "1"
+    assert server.invoke("rd-roll@9/echo", 0).status_code == 404
+    response = server.api("POST", "/api/containers/rd-roll/activate", json={"version": "1"})
+    assert response.status_code == 200
+    dep = server.wait_deployment(response.json()["deployment"])
+    assert dep["status"] == "ready"
+    assert server.invoke("rd-roll/echo", 0).headers["X-Dockyard-Version"] == "1"
+    versions = server.api("GET", "/api/containers/rd-roll/versions").json()["versions"]
+    assert [v["version"] for v in versions] == ["2", "1"]
+    assert [v["serving"] for v in versions] == [False, True]
+
+
+def test_delete_container_stops_its_processes(server, pkg):
+    server.deploy(pkg("echo", name="rd-delete"))
+    assert server.invoke("rd-delete/echo", 1).status_code == 200
+    pids = _pids(server, "rd-delete")
+    assert pids
+    assert server.api("DELETE", "/api/containers/rd-delete").status_code == 200
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(psutil.pid_exists(p) for p in pids)
+    assert server.invoke("rd-delete/echo", 1).status_code == 404
+
+
+def test_scale_to_zero(server, pkg):
+    server.deploy(pkg("echo", name="rd-zero", manifest_extra="[limits]\ninstances = 0\n"))
+    assert not _pids(server, "rd-zero")
+    first = server.invoke("rd-zero/echo", 1)
+    assert first.status_code == 200, first.text
+    inv = server.api("GET", f"/api/invocations/{first.headers['X-Dockyard-Invocation-Id']}")
+    assert inv.json()["cold"] is True
+    assert len(_pids(server, "rd-zero")) == 1
