@@ -1,0 +1,297 @@
+"""The program inside every child: runs in the user's venv (standard library only, no
+dockyard import), imports the declared functions, says ready, then serves length-prefixed JSON
+frames: invoke requests on one pipe, results on the other.
+
+Usage: python -I -B bootstrap.py REQUEST_FD REPLY_FD
+"""
+
+import asyncio
+import importlib
+import inspect
+import json
+import logging
+import os
+import resource
+import signal
+import stat
+import struct
+import sys
+import threading
+import time
+import traceback
+
+LOAD_ERROR_EXIT = 3
+HEADER = struct.Struct(">I")
+MAX_FRAME = 64 * 1024 * 1024
+
+
+def read_frame(stream):
+    header = stream.read(4)
+    if len(header) < 4:
+        return None
+    (size,) = HEADER.unpack(header)
+    if size > MAX_FRAME:
+        raise ValueError("frame too large")
+    body = stream.read(size)
+    if len(body) < size:
+        return None
+    return json.loads(body)
+
+
+class Context:
+    """What a handler gets as its second argument (the shape of Lambda's context)."""
+
+    def __init__(self, invocation_id, container, version, function, deadline):
+        self.invocation_id = invocation_id
+        self.aws_request_id = invocation_id
+        self.container = container
+        self.version = version
+        self.function = function
+        self.function_name = function
+        self.deadline = deadline
+        self.logger = logging.getLogger(function)
+
+    def remaining_ms(self):
+        return max(0, int((self.deadline - time.time()) * 1000))
+
+    get_remaining_time_in_millis = remaining_ms
+
+
+class Output:
+    """The stdout/stderr files the worker opened for us: read back what one call wrote, then
+    truncate (they are O_APPEND, so the next write starts at 0 again)."""
+
+    def __init__(self, cap):
+        self.cap = cap
+        self.fds = [fd for fd in (1, 2) if self._regular(fd)]
+
+    @staticmethod
+    def _regular(fd):
+        try:
+            return stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            return False
+
+    def take(self):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        texts, truncated = {1: "", 2: ""}, False
+        for fd in self.fds:
+            size = os.fstat(fd).st_size
+            if not size:
+                continue
+            if size > self.cap:
+                half = self.cap // 2
+                data = os.pread(fd, half, 0) + b"\n...\n" + os.pread(fd, half, size - half)
+                truncated = True
+            else:
+                data = os.pread(fd, size, 0)
+            os.ftruncate(fd, 0)
+            texts[fd] = data.decode("utf-8", "replace")
+        return texts[1], texts[2], truncated
+
+
+def peak_rss_reset():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_kb():
+    peak = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    peak = int(line.split()[1])
+                    break
+    except OSError:
+        pass
+    return max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+
+
+class Child:
+    def __init__(self, requests, replies, init):
+        self.requests = requests
+        self.replies = replies
+        self.container = init.get("container", "")
+        self.version = init.get("version", "")
+        self.concurrency = max(1, int(init.get("concurrency", 1)))
+        self.declared = dict(init.get("functions") or {})
+        self.output = Output(int(init.get("output_cap", 65536)))
+        self.handlers = {}      # name -> (callable, wants_context, is_async)
+        self.loop = asyncio.new_event_loop()
+        self.write_lock = threading.Lock()
+        self.cold = True
+        self.stopping = False
+        self.in_flight = 0
+        self.idle = threading.Condition()
+
+    def load(self, name):
+        if name in self.handlers:
+            return self.handlers[name]
+        target = self.declared.get(name, name)
+        module_name, _, attr = target.partition(":")
+        if not module_name or not attr:
+            raise LookupError(f"no function '{name}' (declare it in [functions] or call "
+                              "'module:callable')")
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        if not callable(obj):
+            raise TypeError(f"{target} is not callable")
+        try:
+            params = list(inspect.signature(obj).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY,
+                                                       p.POSITIONAL_OR_KEYWORD)]
+        wants_context = len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+        entry = (obj, wants_context, inspect.iscoroutinefunction(obj))
+        self.handlers[name] = entry
+        return entry
+
+    def send(self, obj):
+        body = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+        with self.write_lock:
+            self.replies.write(HEADER.pack(len(body)) + body)
+            self.replies.flush()
+
+    def run_call(self, request):
+        started = time.perf_counter()
+        function = request.get("function", "")
+        reply = {"type": "result", "id": request.get("id")}
+        if self.concurrency == 1:
+            peak_rss_reset()
+        try:
+            try:
+                handler, wants_context, is_async = self.load(function)
+            except Exception as exc:  # noqa: BLE001 - any import problem is "not found"
+                raise LookupError(f"function '{function}' cannot be loaded: "
+                                  f"{type(exc).__name__}: {exc}") from None
+            args = [request.get("event")]
+            if wants_context:
+                args.append(Context(request.get("invocation_id", ""), self.container,
+                                    self.version, function, float(request.get("deadline", 0))))
+            if is_async:
+                result = asyncio.run_coroutine_threadsafe(handler(*args), self.loop).result() \
+                    if self.concurrency > 1 else self.loop.run_until_complete(handler(*args))
+            else:
+                result = handler(*args)
+            try:
+                json.dumps(result)
+            except (TypeError, ValueError) as exc:
+                raise ResultNotSerializable(
+                    f"{function} returned a {type(result).__name__}, which is not "
+                    f"JSON-serialisable ({exc})") from None
+            reply["ok"] = True
+            reply["result"] = result
+        except BaseException as exc:  # noqa: BLE001 - SystemExit too: the process stays up
+            reply["ok"] = False
+            reply["error"] = describe(exc, function)
+        reply["duration_ms"] = (time.perf_counter() - started) * 1000.0
+        # With concurrency > 1 output and memory belong to whichever call finishes first:
+        # several calls share one process, so attribution is best effort.
+        reply["stdout"], reply["stderr"], reply["output_truncated"] = self.output.take()
+        reply["max_rss_kb"] = peak_rss_kb()
+        reply["cold"], self.cold = self.cold, False
+        try:
+            self.send(reply)
+        except (TypeError, ValueError) as exc:
+            self.send({"type": "result", "id": reply["id"], "ok": False,
+                       "error": describe(exc, function), "stdout": reply["stdout"],
+                       "stderr": reply["stderr"], "duration_ms": reply["duration_ms"],
+                       "max_rss_kb": reply["max_rss_kb"], "cold": reply["cold"]})
+
+    def _threaded(self, request):
+        try:
+            self.run_call(request)
+        finally:
+            with self.idle:
+                self.in_flight -= 1
+                self.idle.notify_all()
+
+    def serve(self):
+        if self.concurrency > 1:
+            threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        while not self.stopping:
+            try:
+                request = read_frame(self.requests)
+            except InterruptedError:
+                continue
+            if request is None or request.get("type") == "shutdown":
+                break
+            if request.get("type") != "invoke":
+                continue
+            if self.concurrency == 1:
+                self.in_flight = 1
+                self.run_call(request)
+                self.in_flight = 0
+            else:
+                with self.idle:
+                    while self.in_flight >= self.concurrency:
+                        self.idle.wait()
+                    self.in_flight += 1
+                threading.Thread(target=self._threaded, args=(request,), daemon=True).start()
+        with self.idle:
+            while self.in_flight:
+                self.idle.wait()
+
+
+class ResultNotSerializable(Exception):
+    pass
+
+
+def describe(exc, function=""):
+    if isinstance(exc, SystemExit):
+        message = f"{function or 'the function'} called sys.exit({exc.code!r})"
+    else:
+        message = str(exc)
+    frames = traceback.extract_tb(exc.__traceback__)
+    # Drop the bootstrap's own frames: the user cares about theirs.
+    frames = [f for f in frames if f.filename != __file__]
+    text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames)) + \
+        "".join(traceback.format_exception_only(type(exc), exc))
+    return {"type": type(exc).__name__, "message": message, "traceback": text}
+
+
+def main():
+    request_fd, reply_fd = int(sys.argv[1]), int(sys.argv[2])
+    requests = os.fdopen(request_fd, "rb", buffering=1 << 16)
+    replies = os.fdopen(reply_fd, "wb", buffering=0)
+    init = read_frame(requests)
+    if not init or init.get("type") != "init":
+        sys.exit(LOAD_ERROR_EXIT)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    child = Child(requests, replies, init)
+
+    def on_term(signum, frame):
+        # Idle: leave now. Busy: finish the call in hand, then leave.
+        child.stopping = True
+        if not child.in_flight:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    sys.path.insert(0, init["code_dir"])
+    try:
+        for name in child.declared:
+            child.load(name)
+    except BaseException as exc:  # noqa: BLE001 - whatever import does, it is a load error
+        child.send({"type": "load_error", "error": describe(exc)})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(LOAD_ERROR_EXIT)
+    child.send({"type": "ready", "pid": os.getpid()})
+    child.serve()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
