@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -216,8 +217,18 @@ def sandbox_processes(data: Path) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, wheelhouse):
-    data = tmp_path_factory.mktemp("serve") / "data"
+def open_tmp():
+    """A temp root the sandbox uids can traverse (pytest's own is 0700): data dirs go here."""
+    root = Path(tempfile.mkdtemp(prefix="dockyard-tests-"))
+    os.chmod(root, 0o711)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server(open_tmp, wheelhouse):
+    data = open_tmp / "serve" / "data"
+    data.parent.mkdir()
     srv = Server(data, ["--find-links", str(wheelhouse), "--offline"])
     yield srv
     code = srv.stop()

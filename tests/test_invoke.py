@@ -183,14 +183,13 @@ def test_async_invoke(server, pkg):
 
 def test_dependency_from_wheelhouse(server, pkg):
     folder = pkg("echo", name="inv-deps",
-                 manifest_extra='dependencies = ["dytiny==1.0"]\n[functions]\n'
-                                'shout = "usedep:shout"\n',
+                 manifest_extra='dependencies = ["dytiny==1.0"]\n',
                  files={"usedep.py": "import dytiny\n\ndef shout(event):\n"
                                      "    return dytiny.shout(event)\n"})
     record = server.deploy(folder)
     log = record["deployment_detail"]["workers"][0]["log"]
     assert "dytiny" in log
-    assert server.invoke("inv-deps/shout", "hey").json() == "HEY!"
+    assert server.invoke("inv-deps/usedep:shout", "hey").json() == "HEY!"
 
 
 def test_metrics_and_health(server, pkg):

@@ -102,8 +102,8 @@ class Supervisor:
     def _start_worker(self) -> None:
         env = self._env()
         env["DOCKYARD_TOKEN"] = self.data.read_token("worker")
-        cmd = [sys.executable, "-m", "dockyard", "worker", "--server", self.url,
-               "--data", str(self.data.root), *self.options.worker_args]
+        cmd = [sys.executable, "-m", "dockyard", "--data", str(self.data.root), "worker",
+               "--server", self.url, *self.options.worker_args]
         self.worker = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
 
     def _wait_healthy(self, timeout: float = 60.0) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import click
@@ -11,7 +12,8 @@ import uv
 from ..app.datadir import DataDir
 from ..runner.agent import Agent, WorkerConfig
 from ..runner.venvs import UvOptions
-from ..sandbox.isolation import DEFAULT_UID_BASE, Isolation, choose_python
+from ..sandbox.isolation import (DEFAULT_UID_BASE, Isolation, choose_python,
+                                 unreachable_ancestor)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -32,6 +34,12 @@ def run_worker(server, token, data, listen, advertise, index_url, find_links, of
         interpreter, why = choose_python(python, probe_uid)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+    blocked = unreachable_ancestor(data_dir.worker) if isolation.drop_privileges else None
+    if blocked is not None:
+        raise click.ClickException(
+            f"the data dir {data_dir.root} is below {blocked}, which other users cannot "
+            f"enter (mode {oct(blocked.stat().st_mode & 0o777)}), so sandboxed functions "
+            "could not reach their code; use a --data dir outside it")
     isolation.notes["interpreter"] = {"on": True, "how": why}
     options = UvOptions(uv_bin=uv.find_uv_bin(), python=interpreter, index_url=index_url,
                         find_links=tuple(str(Path(f).absolute()) for f in find_links),
@@ -40,8 +48,10 @@ def run_worker(server, token, data, listen, advertise, index_url, find_links, of
                           uv=options, isolation=isolation, listen=_address(listen),
                           advertise=advertise)
     agent = Agent(config)
-    click.echo("dockyard worker isolation:")
+    lines = ["dockyard worker isolation:"]
     for name, item in isolation.summary().items():
         state = "on " if item.get("on") else "OFF"
-        click.echo(f"  {name:<14} {state} {item.get('how') or item.get('why')}")
+        lines.append(f"  {name:<14} {state} {item.get('how') or item.get('why')}")
+    click.echo("\n".join(lines))
+    sys.stdout.flush()
     return agent.run()

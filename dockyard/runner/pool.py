@@ -72,7 +72,7 @@ class Pool:
         child = Child(self.make_spec(), self.generation, self._child_exited)
         try:
             child.start()
-        except (LoadError, StartError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any start failure counts
             log.warning("%s: a process failed to start: %s", self.what, exc)
             with self.cond:
                 self.starting -= 1

@@ -148,7 +148,10 @@ class VersionRuntime:
 
     def to_standby(self) -> None:
         self.role = "standby"
-        self.stop(VersionState.STANDBY)
+        # A version that failed stays reported as failed (with its reason) until it is
+        # activated again.
+        self.stop(VersionState.FAILED if self.state is VersionState.FAILED
+                  else VersionState.STANDBY)
 
     def reap_idle(self) -> None:
         pool = self.pool
@@ -169,16 +172,13 @@ def child_spec_factory(isolation, bootstrap_path: str):
         manifest = runtime.manifest
         limits = manifest.limits
 
-        def isolate(child):
-            isolation.apply_limits(child.pid, limits)
-
         return ChildSpec(
             argv=[str(paths.python), "-I", "-B", bootstrap_path],
             code_dir=paths.code, tmp_root=paths.tmp, run_dir=paths.run,
             env=isolation.env(manifest.env, paths.venv),
             init={"code_dir": str(paths.code), "functions": manifest.functions,
                   "container": runtime.spec["container"], "version": runtime.spec["version"],
-                  "concurrency": limits.concurrency},
-            what=runtime.what, user=uid, group=gid, isolate=isolate)
+                  "concurrency": limits.concurrency, "rlimits": isolation.rlimits(limits)},
+            what=runtime.what, user=uid, group=gid)
 
     return make

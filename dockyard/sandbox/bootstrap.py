@@ -169,7 +169,7 @@ class Child:
             try:
                 handler, wants_context, is_async = self.load(function)
             except Exception as exc:  # noqa: BLE001 - any import problem is "not found"
-                raise LookupError(f"function '{function}' cannot be loaded: "
+                raise FunctionNotFound(f"function '{function}' cannot be loaded: "
                                   f"{type(exc).__name__}: {exc}") from None
             args = [request.get("event")]
             if wants_context:
@@ -244,6 +244,10 @@ class ResultNotSerializable(Exception):
     pass
 
 
+class FunctionNotFound(LookupError):
+    pass
+
+
 def describe(exc, function=""):
     if isinstance(exc, SystemExit):
         message = f"{function or 'the function'} called sys.exit({exc.code!r})"
@@ -279,6 +283,8 @@ def main():
     signal.signal(signal.SIGTERM, on_term)
     sys.path.insert(0, init["code_dir"])
     try:
+        for name, value in (init.get("rlimits") or {}).items():
+            resource.setrlimit(getattr(resource, name), (value, value))
         for name in child.declared:
             child.load(name)
     except BaseException as exc:  # noqa: BLE001 - whatever import does, it is a load error

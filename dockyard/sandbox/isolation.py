@@ -13,8 +13,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 log = logging.getLogger("dockyard.isolation")
 
 DEFAULT_UID_BASE = 200_000
@@ -45,21 +43,20 @@ class Isolation:
         env.update(manifest_env)
         return env
 
-    def apply_limits(self, pid: int, limits) -> None:
-        """Set the child's rlimits from outside (prlimit), before it runs any user code."""
-        proc = psutil.Process(pid)
-        memory = int(limits.memory_mb) * 1024 * 1024
-        wanted = [
-            (resource.RLIMIT_AS, memory),
-            (resource.RLIMIT_NOFILE, OPEN_FILES),
-            (resource.RLIMIT_FSIZE, FILE_SIZE_BYTES),
-            (resource.RLIMIT_CORE, 0),
-        ]
+    def rlimits(self, limits) -> dict[str, int]:
+        """The rlimits the bootstrap sets on itself before it imports any user code (lowering
+        one's own limits needs no privilege; setting another process's needs
+        CAP_SYS_RESOURCE, which containers often lack)."""
+        wanted = {
+            "RLIMIT_AS": int(limits.memory_mb) * 1024 * 1024,
+            "RLIMIT_NOFILE": OPEN_FILES,
+            "RLIMIT_FSIZE": FILE_SIZE_BYTES,
+            "RLIMIT_CORE": 0,
+        }
         if self.drop_privileges:
             # RLIMIT_NPROC counts per uid and does not bind root; with a dropped uid it does.
-            wanted.append((resource.RLIMIT_NPROC, int(limits.processes)))
-        for which, value in wanted:
-            proc.rlimit(which, (value, value))
+            wanted["RLIMIT_NPROC"] = int(limits.processes)
+        return wanted
 
     def summary(self) -> dict:
         out = {
@@ -77,6 +74,18 @@ class Isolation:
         }
         out.update(self.notes)
         return out
+
+
+def unreachable_ancestor(path: Path) -> Path | None:
+    """The first folder above `path` that other users cannot traverse (children run as
+    another uid and must reach their code below it), or None."""
+    for folder in [*reversed(path.absolute().parents), path.absolute()]:
+        try:
+            if not os.stat(folder).st_mode & 0o001:
+                return folder
+        except FileNotFoundError:
+            return None
+    return None
 
 
 def _runnable_by(python: str, uid: int | None) -> str | None:
