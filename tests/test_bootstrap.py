@@ -1,0 +1,174 @@
+"""The sandbox bootstrap on its own: a real interpreter process spoken to over two pipes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dockyard.common.frames import FrameError, encode_frame, read_frame, write_frame
+
+BOOTSTRAP = Path(__file__).resolve().parent.parent / "dockyard" / "sandbox" / "bootstrap.py"
+FUNCTIONS = Path(__file__).resolve().parent / "functions"
+PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
+
+
+class Child:
+    def __init__(self, tmp_path: Path, code: str = "echo", functions=None, concurrency=1,
+                 cap=65536):
+        req_r, self.req_w = os.pipe()
+        self.rep_r, rep_w = os.pipe()
+        self.out = tmp_path / "out"
+        self.err = tmp_path / "err"
+        out = os.open(self.out, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        err = os.open(self.err, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        self.proc = subprocess.Popen([PYTHON, "-I", "-B", str(BOOTSTRAP), str(req_r), str(rep_w)],
+                                     pass_fds=(req_r, rep_w), stdout=out, stderr=err,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        for fd in (req_r, rep_w, out, err):
+            os.close(fd)
+        self.requests = os.fdopen(self.req_w, "wb", buffering=0)
+        self.replies = os.fdopen(self.rep_r, "rb")
+        if functions is None:
+            functions = {"echo": "main:echo", "ctx": "main:ctx", "aecho": "main:aecho",
+                         "printer": "main:printer", "big_print": "main:big_print",
+                         "boom": "main:boom", "not_json": "main:not_json",
+                         "exit": "main:call_exit", "hard_exit": "main:hard_exit",
+                         "sleep": "main:sleep"}
+        write_frame(self.requests, {"type": "init", "code_dir": str(FUNCTIONS / code),
+                                    "functions": functions, "container": "c", "version": "v1",
+                                    "concurrency": concurrency, "output_cap": cap})
+        self.first = read_frame(self.replies)
+        self.n = 0
+
+    def call(self, function, event=None, timeout=10.0):
+        self.send(function, event, timeout)
+        return read_frame(self.replies)
+
+    def send(self, function, event=None, timeout=10.0):
+        self.n += 1
+        write_frame(self.requests, {"type": "invoke", "id": str(self.n), "function": function,
+                                    "event": event, "deadline": time.time() + timeout,
+                                    "invocation_id": f"inv{self.n}"})
+
+    def close(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        for f in (self.requests, self.replies):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def child(tmp_path):
+    made = []
+
+    def make(**kwargs):
+        c = Child(tmp_path, **kwargs)
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.close()
+
+
+def test_ready_and_handler_shapes(child):
+    c = child()
+    assert c.first["type"] == "ready" and c.first["pid"] == c.proc.pid
+    first = c.call("echo", {"a": 1})
+    assert first["ok"] and first["result"] == {"a": 1} and first["cold"] is True
+    assert first["max_rss_kb"] > 1000 and first["duration_ms"] >= 0
+    assert c.call("echo", 2)["cold"] is False
+    ctx = c.call("ctx", "e", timeout=5)["result"]
+    assert ctx["invocation_id"] == "inv3" and ctx["container"] == "c"
+    assert ctx["version"] == "v1" and ctx["function"] == "ctx" and 0 < ctx["remaining_ms"] <= 5000
+    assert c.call("aecho", [1])["result"] == [1]
+    assert c.call("main:echo", "lazy")["result"] == "lazy"
+    missing = c.call("main:nope")
+    assert not missing["ok"] and missing["error"]["type"] == "FunctionNotFound"
+
+
+def test_errors_keep_the_process_serving(child):
+    c = child()
+    boom = c.call("boom")
+    assert boom["error"]["type"] == "ValueError" and "boom" in boom["error"]["message"]
+    assert "main.py" in boom["error"]["traceback"]
+    assert "bootstrap.py" not in boom["error"]["traceback"]
+    not_json = c.call("not_json")
+    assert not_json["error"]["type"] == "ResultNotSerializable"
+    assert "set" in not_json["error"]["message"]
+    exited = c.call("exit")
+    assert exited["error"]["type"] == "SystemExit" and "sys.exit(3)" in exited["error"]["message"]
+    assert c.call("echo", "alive")["result"] == "alive"
+
+
+def test_output_is_attributed_per_call_and_capped(child):
+    c = child(cap=4096)
+    printed = c.call("printer", {"text": "hi"})
+    assert printed["stdout"] == "to stdout hi\n" and printed["stderr"] == "to stderr\n"
+    quiet = c.call("echo", 1)
+    assert quiet["stdout"] == "" and quiet["stderr"] == ""
+    big = c.call("big_print")
+    assert big["ok"] and big["output_truncated"] is True and len(big["stdout"]) <= 4200
+    assert os.path.getsize(c.out) == 0
+
+
+def test_os_exit_kills_the_process(child):
+    c = child()
+    c.send("hard_exit")
+    assert read_frame(c.replies) is None
+    assert c.proc.wait(5) == 1
+
+
+def test_load_error_exits_with_the_reserved_code(child):
+    c = child(code="broken_import", functions={"echo": "main:echo"})
+    assert c.first["type"] == "load_error"
+    assert c.first["error"]["type"] == "ModuleNotFoundError"
+    assert c.proc.wait(5) == 3
+
+
+def test_shutdown_and_sigterm_finish_the_call_in_hand(child):
+    c = child()
+    write_frame(c.requests, {"type": "shutdown"})
+    assert c.proc.wait(5) == 0
+    d = child()
+    d.send("sleep", {"s": 1})
+    time.sleep(0.3)
+    d.proc.send_signal(signal.SIGTERM)
+    reply = read_frame(d.replies)
+    assert reply["ok"] and reply["result"] == "slept"
+    assert d.proc.wait(5) == 0
+
+
+def test_concurrency_runs_calls_in_parallel(child):
+    c = child(concurrency=2)
+    started = time.monotonic()
+    c.send("sleep", {"s": 1})
+    c.send("sleep", {"s": 1})
+    replies = [read_frame(c.replies), read_frame(c.replies)]
+    assert all(r["ok"] for r in replies)
+    assert {r["id"] for r in replies} == {"1", "2"}
+    assert time.monotonic() - started < 1.9
+
+
+def test_frames(tmp_path):
+    r, w = os.pipe()
+    with os.fdopen(w, "wb") as out:
+        write_frame(out, {"x": "é"})
+        out.write(encode_frame([1])[:3])
+    with os.fdopen(r, "rb") as inp:
+        assert read_frame(inp) == {"x": "é"}
+        with pytest.raises(FrameError):
+            read_frame(inp)
+    r, w = os.pipe()
+    os.close(w)
+    with os.fdopen(r, "rb") as inp:
+        assert read_frame(inp) is None
