@@ -21,6 +21,7 @@ import requests
 from ..sandbox.isolation import Isolation
 from .diff import diff_versions
 from .server import InvokeServer
+from .tree import kill_strays
 from .states import VersionState
 from .venvs import Builder, UvOptions
 from .versions import VersionRuntime, child_spec_factory
@@ -61,6 +62,7 @@ class Agent:
         self.bootstrap = config.worker_dir / ".bootstrap.py"
         shutil.copyfile(BOOTSTRAP, self.bootstrap)
         os.chmod(self.bootstrap, 0o644)
+        kill_strays(config.worker_dir)
         self.builder = Builder(config.worker_dir, config.uv, self._download)
         self.make_child_spec = child_spec_factory(config.isolation, str(self.bootstrap))
         self.server = InvokeServer(config.listen, config.token, self.handle_frame)

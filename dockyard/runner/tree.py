@@ -26,3 +26,19 @@ def kill_tree(pid: int, extra: Callable[[], None] | None = None) -> None:
             pass
     if extra is not None:
         extra()
+
+
+def kill_strays(worker_dir) -> int:
+    """Kill processes a previous worker on this dir left behind (it was killed before it could
+    stop its children): anything running with its working directory below `worker_dir`."""
+    prefix = str(worker_dir).rstrip("/") + "/"
+    killed = 0
+    for proc in psutil.process_iter(["cwd"]):
+        cwd = proc.info.get("cwd") or ""
+        if cwd.startswith(prefix) and proc.pid != os.getpid():
+            try:
+                proc.kill()
+                killed += 1
+            except psutil.Error:
+                pass
+    return killed

@@ -262,6 +262,8 @@ def describe(exc, function=""):
 
 
 def main():
+    # When the worker dies, the request pipe ends and this process leaves (after the call in
+    # hand); a worker that starts again on the same dir kills whatever is still running.
     request_fd, reply_fd = int(sys.argv[1]), int(sys.argv[2])
     requests = os.fdopen(request_fd, "rb", buffering=1 << 16)
     replies = os.fdopen(reply_fd, "wb", buffering=0)

@@ -1,0 +1,110 @@
+"""Whole-process lifecycle: shutdown drains, a dead worker is a 502 and is replaced, a restart
+mid-run loses no async call. Each test runs its own `serve`."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+from conftest import Server, make_package, sandbox_processes
+
+
+@pytest.fixture
+def own_server(open_tmp, wheelhouse, request):
+    servers = []
+
+    def start(name: str) -> Server:
+        data = open_tmp / f"{request.node.name}-{name}" / "data"
+        data.parent.mkdir(exist_ok=True)
+        srv = Server(data, ["--find-links", str(wheelhouse), "--offline"])
+        servers.append(srv)
+        return srv
+    yield start
+    for srv in servers:
+        srv.stop()
+        assert not srv.leftovers, srv.leftovers
+
+
+def _worker_process(server: Server) -> psutil.Process:
+    for p in server.descendants():
+        if "worker" in p.cmdline():
+            return p
+    raise AssertionError("no worker process")
+
+
+def test_sigterm_drains_in_flight_calls_and_leaves_nothing(own_server, tmp_path):
+    srv = own_server("a")
+    srv.deploy(make_package(tmp_path, "echo", name="lc-drain"))
+    result = {}
+    caller = threading.Thread(target=lambda: result.update(
+        r=srv.invoke("lc-drain/sleep", {"s": 2})))
+    caller.start()
+    time.sleep(0.7)
+    procs = srv.descendants()
+    assert len(procs) >= 4  # gunicorn arbiter + web workers + worker + child
+    assert srv.stop() == 0
+    caller.join(30)
+    assert result["r"].status_code == 200 and result["r"].json() == "slept"
+    assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not sandbox_processes(srv.data)
+    assert not (srv.data / "server.json").exists()
+
+
+def test_worker_killed_mid_call_is_a_502_and_it_comes_back(own_server, tmp_path):
+    srv = own_server("b")
+    srv.deploy(make_package(tmp_path, "echo", name="lc-worker"))
+    worker = _worker_process(srv)
+    result = {}
+    caller = threading.Thread(target=lambda: result.update(
+        r=srv.invoke("lc-worker/sleep", {"s": 5})))
+    caller.start()
+    time.sleep(1.0)
+    worker.kill()
+    caller.join(30)
+    assert result["r"].status_code == 502
+    assert result["r"].json()["error"]["type"] == "WorkerDied"
+    # serve restarts its worker; the version's venv is on disk, so it is back quickly.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        response = srv.invoke("lc-worker/echo", "back")
+        if response.status_code == 200:
+            break
+        assert response.status_code == 503, response.text
+        time.sleep(0.3)
+    assert response.status_code == 200 and response.json() == "back"
+    # The dead worker's child did not outlive it.
+    assert len([p for p in sandbox_processes(srv.data) if "bootstrap" in " ".join(p.cmdline())]) == 1
+
+
+def test_restart_mid_run_loses_no_async_call(open_tmp, wheelhouse, tmp_path):
+    data = open_tmp / "lc-restart" / "data"
+    data.parent.mkdir()
+    first = Server(data, ["--find-links", str(wheelhouse), "--offline"])
+    try:
+        first.deploy(make_package(tmp_path, "echo", name="lc-async",
+                                  manifest_extra="[limits]\nconcurrency = 2\n"))
+        running = first.invoke("lc-async/sleep?async=1", {"s": 3}).json()["invocation_id"]
+        deadline = time.monotonic() + 20
+        while first.api("GET", f"/api/invocations/{running}").json()["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # The whole serve process tree dies at once, mid-call.
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+    finally:
+        first.stop()
+    second = Server(data, ["--find-links", str(wheelhouse), "--offline"])
+    try:
+        queued = second.invoke("lc-async/echo?async=1", {"q": 1}).json()["invocation_id"]
+        inv = second.wait_invocation(running, timeout=60)
+        assert inv["status"] == "succeeded" and inv["attempt"] == 2, inv
+        assert second.wait_invocation(queued)["status"] == "succeeded"
+        assert requests.get(second.url + "/healthz", timeout=5).json()["workers"] == 1
+    finally:
+        assert second.stop() == 0
+        assert not second.leftovers
