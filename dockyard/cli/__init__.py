@@ -184,11 +184,11 @@ def _wait_deployment(ctx, client, deployment_id: str, timeout: float) -> dict:
         for w in dep["workers"]:
             lines = (w.get("log") or "").splitlines()
             if not ctx.as_json:
+                for line in lines[shown.get(w["worker"], 0):]:
+                    click.echo(f"[{w['worker']}] {line}", err=True)
                 if states.get(w["worker"]) != w["state"]:
                     states[w["worker"]] = w["state"]
                     click.echo(f"[{w['worker']}] {w['state']}", err=True)
-                for line in lines[shown.get(w["worker"], 0):]:
-                    click.echo(f"[{w['worker']}] {line}", err=True)
             shown[w["worker"]] = len(lines)
         if dep["status"] in ("ready", "failed"):
             return dep
