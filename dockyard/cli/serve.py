@@ -120,6 +120,9 @@ class Supervisor:
         raise SystemExit(f"dockyard: the web server did not answer within {timeout:.0f}s")
 
     def run(self) -> int:
+        # Everything serve and gunicorn write (the database and its WAL, uploads) is private;
+        # what sandboxed children must read is opened up explicitly.
+        os.umask(0o077)
         self.data.ensure()
         migrate(self.data.db_path)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

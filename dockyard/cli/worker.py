@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import uv
 from ..app.datadir import DataDir
 from ..runner.agent import Agent, WorkerConfig
 from ..runner.venvs import UvOptions
+from ..sandbox.cgroups import remove_root, sweep_stale
 from ..sandbox.isolation import (DEFAULT_UID_BASE, Isolation, choose_python,
                                  unreachable_ancestor)
 
@@ -27,8 +29,12 @@ def run_worker(server, token, data, listen, advertise, index_url, find_links, of
                uid_base) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.umask(0o077)
     data_dir = DataDir.at(data)
     isolation = Isolation(uid_base=uid_base or DEFAULT_UID_BASE)
+    isolation.detect(f"w{os.getpid()}")
+    if isolation.cgroups is not None:
+        sweep_stale(isolation.cgroups)
     probe_uid = isolation.identity(0)[0]
     try:
         interpreter, why = choose_python(python, probe_uid)
@@ -54,4 +60,8 @@ def run_worker(server, token, data, listen, advertise, index_url, find_links, of
         lines.append(f"  {name:<14} {state} {item.get('how') or item.get('why')}")
     click.echo("\n".join(lines))
     sys.stdout.flush()
-    return agent.run()
+    try:
+        return agent.run()
+    finally:
+        if isolation.cgroups is not None:
+            remove_root(isolation.cgroups)

@@ -57,13 +57,14 @@ class Agent:
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {config.token}"
         config.worker_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(config.worker_dir, 0o755)
+        os.chmod(config.worker_dir, 0o711)
         # The bootstrap must be readable by the children's uid wherever dockyard is installed.
         self.bootstrap = config.worker_dir / ".bootstrap.py"
         shutil.copyfile(BOOTSTRAP, self.bootstrap)
         os.chmod(self.bootstrap, 0o644)
         kill_strays(config.worker_dir)
-        self.builder = Builder(config.worker_dir, config.uv, self._download)
+        self.builder = Builder(config.worker_dir, config.uv, self._download,
+                               lambda cid: config.isolation.identity(cid)[1])
         self.make_child_spec = child_spec_factory(config.isolation, str(self.bootstrap))
         self.server = InvokeServer(config.listen, config.token, self.handle_frame)
 

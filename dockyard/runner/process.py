@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -45,10 +46,10 @@ class ChildSpec:
     env: dict[str, str]
     init: dict                      # the bootstrap's init frame (functions, names…)
     what: str                       # "container@version" for logs
-    user: int | None = None
+    user: int | None = None         # uid/gid Popen switches to (None: a wrapper does it)
     group: int | None = None
-    isolate: Callable[["Child"], None] | None = None   # applies limits after spawn
-    kill_extra: Callable[["Child"], None] | None = None
+    owner: tuple[int, int] | None = None  # the child's uid/gid, owner of its private tmp
+    cgroup: Callable[[str], object] | None = None  # makes this child's cgroup, given a name
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Child:
         self.last_used = time.monotonic()
         self.exit_reason: str | None = None
         self.oom = False
+        self.cgroup = None
         self._pending: dict[str, _Pending] = {}
         self._write_lock = threading.Lock()
         self._requests = None
@@ -92,8 +94,8 @@ class Child:
         change_state(self, ProcessState.STARTING, f"{self.spec.what} process {self.number}")
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.tmp_dir, 0o700)
-        if self.spec.user is not None:
-            os.chown(self.tmp_dir, self.spec.user, self.spec.group)
+        if self.spec.owner is not None:
+            os.chown(self.tmp_dir, *self.spec.owner)
         self.spec.run_dir.mkdir(parents=True, exist_ok=True)
         req_read, req_write = os.pipe()
         rep_read, rep_write = os.pipe()
@@ -115,8 +117,10 @@ class Child:
         self._requests = os.fdopen(req_write, "wb", buffering=0)
         self._replies = os.fdopen(rep_read, "rb", buffering=1 << 16)
         try:
-            if self.spec.isolate:
-                self.spec.isolate(self)
+            if self.spec.cgroup is not None:
+                # Before the init frame: the child runs no user code until it has it.
+                self.cgroup = self.spec.cgroup(f"{self.spec.what.replace('@', '-')}-p{self.number}")
+                self.cgroup.attach(self.pid)
             write_frame(self._requests, dict(self.spec.init, type="init",
                                              output_cap=OUTPUT_CAP))
             first = self._read_first_frame()
@@ -187,6 +191,10 @@ class Child:
                         "error": {"type": "Timeout",
                                   "message": f"the function ran past its {timeout:g}s timeout "
                                              "and was stopped"}}
+            if pending.reply.get("recycle"):
+                # A process that ran out of memory is not trusted with the next call.
+                self.exit_reason = "out of memory"
+                self.kill()
             return pending.reply
         finally:
             self._pending.pop(call_id, None)
@@ -210,6 +218,8 @@ class Child:
 
     def _died(self) -> None:
         code = self._reap()
+        if self.cgroup is not None and self.cgroup.oom_killed():
+            self.oom = True
         reason = self.exit_reason or self._describe(code)
         if self.oom:
             reason = "out of memory"
@@ -234,7 +244,7 @@ class Child:
             self.kill()
             code = self.popen.wait()
         # Whatever the child left behind in its tree dies with it.
-        kill_tree(self.pid, self.spec.kill_extra and (lambda: self.spec.kill_extra(self)))
+        self.kill()
         return code
 
     @staticmethod
@@ -290,7 +300,7 @@ class Child:
 
     def kill(self) -> None:
         if self.pid:
-            kill_tree(self.pid, self.spec.kill_extra and (lambda: self.spec.kill_extra(self)))
+            kill_tree(self.pid, self.cgroup.kill_all if self.cgroup is not None else None)
 
     def _cleanup(self) -> None:
         for stream in (self._requests, self._replies):
@@ -298,7 +308,8 @@ class Child:
                 stream.close()
             except (OSError, AttributeError):
                 pass
-        import shutil
+        if self.cgroup is not None:
+            self.cgroup.remove()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         for path in (self.stdout_path, self.stderr_path):
             try:
@@ -326,4 +337,11 @@ def _translate(frame: dict) -> dict:
         reply["result"] = frame.get("result")
     else:
         reply["error"] = frame.get("error")
+        if (reply["error"] or {}).get("type") == "MemoryError":
+            # The address-space limit hit (no memory cgroup on this host): out of memory.
+            reply["status"] = "crashed"
+            reply["error"] = dict(reply["error"], type="OutOfMemory", reason="out of memory",
+                                  message="the function ran out of memory (its memory_mb "
+                                          "limit); the process was replaced")
+            reply["recycle"] = True
     return reply

@@ -66,8 +66,10 @@ def _make_read_only(tree: Path) -> None:
 
 class Builder:
     def __init__(self, worker_dir: Path, uv: UvOptions,
-                 download: Callable[[str, Path], None]):
+                 download: Callable[[str, Path], None],
+                 group_of: Callable[[int], int | None] = lambda container_id: None):
         self.worker_dir = worker_dir
+        self.group_of = group_of
         self.artifacts = worker_dir / ".artifacts"
         self.uv = uv
         self.download = download
@@ -95,8 +97,17 @@ class Builder:
         manifest = Manifest.from_dict(spec["manifest"])
         paths = version_paths(self.worker_dir, spec["container"], spec["version"])
         paths.root.mkdir(parents=True, exist_ok=True)
-        for d in (self.worker_dir, self.worker_dir / spec["container"], paths.root):
-            os.chmod(d, 0o755)
+        # Children may traverse the worker dir but not list it; a container's folder is open
+        # only to that container's group, so containers cannot read each other's code.
+        os.chmod(self.worker_dir, 0o711)
+        container_dir = self.worker_dir / spec["container"]
+        group = self.group_of(spec["container_id"])
+        if group is not None:
+            os.chown(container_dir, 0, group)
+            os.chmod(container_dir, 0o750)
+        else:
+            os.chmod(container_dir, 0o755)
+        os.chmod(paths.root, 0o755)
         if not (paths.root / ".code-ready").exists():
             say(f"fetching package {spec['artifact_sha256'][:12]}")
             archive = self.artifact(spec["artifact_sha256"])
@@ -153,8 +164,10 @@ class Builder:
         if self.uv.cache_dir:
             env["UV_CACHE_DIR"] = self.uv.cache_dir
         try:
+            # umask 022: the venv must be readable by the children's uid.
             done = subprocess.run([self.uv.uv_bin, *args], capture_output=True, text=True,
-                                  env=env, timeout=BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL)
+                                  env=env, timeout=BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL,
+                                  umask=0o022)
         except subprocess.TimeoutExpired:
             raise BuildError(f"uv {args[0]} took longer than {BUILD_TIMEOUT_S}s") from None
         for line in (done.stdout + done.stderr).splitlines():

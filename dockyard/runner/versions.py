@@ -171,14 +171,21 @@ def child_spec_factory(isolation, bootstrap_path: str):
         uid, gid = isolation.identity(runtime.spec["container_id"])
         manifest = runtime.manifest
         limits = manifest.limits
+        argv, user, group = isolation.command(
+            [str(paths.python), "-I", "-B", bootstrap_path], uid, gid, limits.network)
+        cgroups = isolation.cgroups
+        make_cgroup = None
+        if cgroups is not None:
+            def make_cgroup(name: str):
+                return cgroups.create(name, limits.memory_mb, limits.processes)
 
         return ChildSpec(
-            argv=[str(paths.python), "-I", "-B", bootstrap_path],
-            code_dir=paths.code, tmp_root=paths.tmp, run_dir=paths.run,
+            argv=argv, code_dir=paths.code, tmp_root=paths.tmp, run_dir=paths.run,
             env=isolation.env(manifest.env, paths.venv),
             init={"code_dir": str(paths.code), "functions": manifest.functions,
                   "container": runtime.spec["container"], "version": runtime.spec["version"],
                   "concurrency": limits.concurrency, "rlimits": isolation.rlimits(limits)},
-            what=runtime.what, user=uid, group=gid)
+            what=runtime.what, user=user, group=group,
+            owner=(uid, gid) if uid is not None else None, cgroup=make_cgroup)
 
     return make

@@ -13,6 +13,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cgroups import CgroupHost
+from .cgroups import detect as detect_cgroups
+
 log = logging.getLogger("dockyard.isolation")
 
 DEFAULT_UID_BASE = 200_000
@@ -22,11 +25,63 @@ OPEN_FILES = 1024
 FILE_SIZE_BYTES = 1 << 30
 
 
+class IsolationError(Exception):
+    """This host cannot give a version the isolation its manifest asks for."""
+
+
 @dataclass
 class Isolation:
     uid_base: int = DEFAULT_UID_BASE
     drop_privileges: bool = field(default_factory=lambda: os.geteuid() == 0)
     notes: dict = field(default_factory=dict)
+    cgroups: CgroupHost | None = None
+    cgroup_note: str = "not probed"
+    setpriv: str | None = None
+    netns: list[str] | None = None       # the command prefix that gives a child no network
+    netns_note: str = "not probed"
+
+    def detect(self, tag: str) -> None:
+        """Probe the host once at start: cgroups, setpriv, network namespaces."""
+        self.cgroups, self.cgroup_note = detect_cgroups(tag)
+        self.setpriv = shutil.which("setpriv", path=SAFE_PATH)
+        unshare = shutil.which("unshare", path=SAFE_PATH)
+        if unshare is None:
+            self.netns, self.netns_note = None, "unshare (util-linux) is not installed"
+            return
+        candidates = [[unshare, "--net", "--"]] if os.geteuid() == 0 else []
+        candidates.append([unshare, "--user", "--map-root-user", "--net", "--"])
+        for prefix in candidates:
+            done = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+            if done.returncode == 0:
+                self.netns = prefix
+                self.netns_note = ("a new network namespace per child (unshare --net)"
+                                   if "--user" not in prefix else
+                                   "a user + network namespace per child (unprivileged)")
+                return
+            reason = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        self.netns, self.netns_note = None, f"network namespaces are not allowed here ({reason})"
+
+    def command(self, argv: list[str], uid: int | None, gid: int | None,
+                network: bool) -> tuple[list[str], int | None, int | None]:
+        """The child's command line and the uid/gid Popen should switch to (None when a
+        wrapper does it). A version that wants no network on a host that cannot provide it is
+        refused, never run with network."""
+        prefix: list[str] = []
+        if not network:
+            if self.netns is None:
+                raise IsolationError("this version sets network = false, but " +
+                                     self.netns_note + "; refusing to run it with network")
+            prefix += self.netns
+        if uid is not None and (prefix or self.setpriv):
+            if not self.setpriv:
+                raise IsolationError("network = false needs setpriv (util-linux) to drop "
+                                     "privileges inside the namespace")
+            # The namespace must be made as root, so the uid drop happens after it; setpriv
+            # also drops every capability and sets no_new_privs (setuid binaries gain nothing).
+            prefix += [self.setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                       "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--"]
+            return prefix + argv, None, None
+        return prefix + argv, uid, gid
 
     def identity(self, container_id: int) -> tuple[int | None, int | None]:
         """A uid/gid of its own per container, so containers cannot touch each other."""
@@ -47,30 +102,53 @@ class Isolation:
         """The rlimits the bootstrap sets on itself before it imports any user code (lowering
         one's own limits needs no privilege; setting another process's needs
         CAP_SYS_RESOURCE, which containers often lack)."""
-        wanted = {
-            "RLIMIT_AS": int(limits.memory_mb) * 1024 * 1024,
-            "RLIMIT_NOFILE": OPEN_FILES,
-            "RLIMIT_FSIZE": FILE_SIZE_BYTES,
-            "RLIMIT_CORE": 0,
-        }
-        if self.drop_privileges:
-            # RLIMIT_NPROC counts per uid and does not bind root; with a dropped uid it does.
-            wanted["RLIMIT_NPROC"] = int(limits.processes)
+        wanted = {"RLIMIT_NOFILE": OPEN_FILES, "RLIMIT_FSIZE": FILE_SIZE_BYTES, "RLIMIT_CORE": 0}
+        if self.cgroups is None:
+            # Without a memory cgroup the address space is the only memory bound we have.
+            wanted["RLIMIT_AS"] = int(limits.memory_mb) * 1024 * 1024
+            if self.drop_privileges:
+                # RLIMIT_NPROC counts every process of the uid (all instances of the container,
+                # old and new version during a redeploy) and does not bind root.
+                wanted["RLIMIT_NPROC"] = int(limits.processes) * max(1, limits.instances) * 2
         return wanted
 
     def summary(self) -> dict:
+        def item(on: bool, text: str) -> dict:
+            return {"on": True, "how": text} if on else {"on": False, "why": text}
+
+        uid_text = (f"a uid/gid per container ({self.uid_base} + container id), no "
+                    "supplementary groups" + (", no capabilities, no_new_privs"
+                                              if self.setpriv else "")
+                    if self.drop_privileges else
+                    "the worker does not run as root: children run as the worker's user and "
+                    "can read what it can")
         out = {
-            "session": {"on": True, "how": "own session and process group (setsid)"},
-            "environment": {"on": True, "how": "manifest env plus PATH, LANG, HOME, TMPDIR"},
-            "rlimits": {"on": True, "how": "address space, open files, file size, core"},
-            "uid": ({"on": True, "how": f"uid/gid {self.uid_base}+container id, "
-                     "no supplementary groups"} if self.drop_privileges else
-                    {"on": False, "why": "the worker does not run as root, so children run "
-                     "as the worker's own user"}),
-            "process_limit": ({"on": True, "how": "RLIMIT_NPROC under the dropped uid"}
-                              if self.drop_privileges else
-                              {"on": False, "why": "RLIMIT_NPROC does not separate children "
-                               "that share the worker's uid"}),
+            "session": item(True, "own session and process group (setsid)"),
+            "environment": item(True, "manifest env plus PATH, LANG, HOME, TMPDIR only"),
+            "uid": item(self.drop_privileges, uid_text),
+            "filesystem": item(self.drop_privileges,
+                               "code read-only and root-owned; private tmp per process, wiped "
+                               "at exit; data dir, tokens, artifacts and other containers "
+                               "unreadable" if self.drop_privileges else
+                               "without a uid of their own, children can read the data dir"),
+            "cgroups": item(self.cgroups is not None, self.cgroup_note),
+            "memory": item(True, "cgroup memory limit per process (OOM kill reported)"
+                           if self.cgroups else "RLIMIT_AS per process (no memory cgroup: "
+                           + self.cgroup_note + ")"),
+            "processes": item(self.cgroups is not None or self.drop_privileges,
+                              "cgroup pids.max per process" if self.cgroups else
+                              "RLIMIT_NPROC under the container's uid" if self.drop_privileges
+                              else "no pids cgroup and no uid drop: RLIMIT_NPROC cannot "
+                              "separate children from the worker"),
+            "tree_kill": item(True, "every process in the child's cgroup" if self.cgroups else
+                              "session and descendants (a process that double-forks into a "
+                              "new session can escape: no cgroup)"),
+            "network": item(self.netns is not None, self.netns_note + (
+                "; versions with network = false are refused" if self.netns is None else "")),
+            "rlimits": item(True, "open files, file size, core dumps"
+                            + ("" if self.cgroups else ", address space")),
+            "cpu_time": item(False, "a wall-clock timeout per call, not a CPU-time rlimit (a "
+                             "long-lived process accumulates CPU time across calls)"),
         }
         out.update(self.notes)
         return out

@@ -1,0 +1,229 @@
+"""Per-process cgroups: a memory limit that the kernel enforces (and tells us it enforced),
+a pids limit that binds even root, and a list of every process of a child's tree however it
+forked. Works on cgroup v2 (unified) and v1 (memory and pids hierarchies); `detect()` says
+which, or why neither is usable."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("dockyard.cgroups")
+
+CONTROLLERS = ("memory", "pids")
+
+
+def _mounts() -> list[tuple[str, str, set[str]]]:
+    """(fstype, mountpoint, options) of cgroup mounts."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, rfields = left.split(), right.split()
+                if rfields and rfields[0] in ("cgroup", "cgroup2"):
+                    out.append((rfields[0], fields[4], set(rfields[-1].split(","))))
+    except OSError:
+        pass
+    return out
+
+
+def _own_paths() -> dict[str, str]:
+    """controller (or '' for v2) -> our cgroup path, from /proc/self/cgroup."""
+    paths = {}
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, names, path = line.rstrip("\n").split(":", 2)
+                for name in (names.split(",") if names else [""]):
+                    paths[name] = path
+    except OSError:
+        pass
+    return paths
+
+
+@dataclass
+class CgroupHost:
+    version: int                   # 1 or 2
+    roots: dict[str, Path]         # controller -> the folder our children's cgroups go in
+
+    def create(self, name: str, memory_mb: int, processes: int) -> "Cgroup":
+        dirs = {}
+        for controller, root in self.roots.items():
+            path = root / name
+            path.mkdir(exist_ok=True)
+            dirs[controller] = path
+        group = Cgroup(self.version, dirs)
+        group.limit(memory_mb, processes)
+        return group
+
+
+class Cgroup:
+    def __init__(self, version: int, dirs: dict[str, Path]):
+        self.version = version
+        self.dirs = dirs
+
+    def _write(self, controller: str, name: str, value) -> bool:
+        try:
+            (self.dirs[controller] / name).write_text(str(value))
+            return True
+        except OSError as exc:
+            log.debug("cgroup %s/%s: %s", controller, name, exc)
+            return False
+
+    def limit(self, memory_mb: int, processes: int) -> None:
+        limit = int(memory_mb) * 1024 * 1024
+        if self.version == 2:
+            self._write("memory", "memory.max", limit)
+            self._write("memory", "memory.swap.max", 0)
+            self._write("pids", "pids.max", processes)
+        else:
+            self._write("memory", "memory.limit_in_bytes", limit)
+            # Without this a v1 group swaps instead of being killed at its limit.
+            self._write("memory", "memory.memsw.limit_in_bytes", limit)
+            self._write("pids", "pids.max", processes)
+
+    def attach(self, pid: int) -> None:
+        for controller in self.dirs:
+            (self.dirs[controller] / "cgroup.procs").write_text(str(pid))
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for path in self.dirs.values():
+            try:
+                found.update(int(p) for p in (path / "cgroup.procs").read_text().split())
+            except (OSError, ValueError):
+                pass
+        return found
+
+    def oom_killed(self) -> bool:
+        path = self.dirs.get("memory")
+        if path is None:
+            return False
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        try:
+            for line in (path / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and int(value) > 0:
+                    return True
+        except (OSError, ValueError):
+            pass
+        return False
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        """SIGKILL every process in the group until it is empty (a fork racing the kill is
+        caught on the next pass)."""
+        if self.version == 2:
+            self._write("pids", "cgroup.kill", 1)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(0.01)
+
+    def remove(self) -> None:
+        self.kill_all()
+        for path in self.dirs.values():
+            for _ in range(50):
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+
+
+def detect(tag: str) -> tuple[CgroupHost | None, str]:
+    """Find where this process may create child cgroups. Returns (host, explanation)."""
+    mounts = _mounts()
+    own = _own_paths()
+    v2 = [m for m in mounts if m[0] == "cgroup2"]
+    v1 = {c: m for m in mounts if m[0] == "cgroup" for c in CONTROLLERS if c in m[2]}
+    reasons = []
+    if len(v1) == len(CONTROLLERS):
+        roots = {}
+        for controller, (_, mountpoint, _) in v1.items():
+            base = Path(mountpoint) / own.get(controller, "/").lstrip("/")
+            if not base.is_dir():
+                base = Path(mountpoint)  # a cgroup namespace shows us at the root
+            roots[controller] = base / f"dockyard-{tag}"
+        host = _try(CgroupHost(1, roots))
+        if host:
+            return host, "cgroup v1 (memory, pids)"
+        reasons.append("cgroup v1 hierarchies are not writable")
+    if v2:
+        mountpoint = Path(v2[0][1])
+        base = mountpoint / own.get("", "/").lstrip("/")
+        if not base.is_dir():
+            base = mountpoint
+        enabled = (base / "cgroup.subtree_control")
+        try:
+            available = set((base / "cgroup.controllers").read_text().split())
+        except OSError:
+            available = set()
+        if {"memory", "pids"} <= available:
+            try:
+                enabled.write_text("+memory +pids")
+            except OSError:
+                pass
+            root = base / f"dockyard-{tag}"
+            host = _try(CgroupHost(2, {"memory": root, "pids": root}))
+            if host:
+                return host, "cgroup v2 (memory, pids)"
+            reasons.append("the cgroup v2 tree is not writable (no delegation)")
+        else:
+            reasons.append("cgroup v2 lacks the memory/pids controllers here")
+    if not mounts:
+        reasons.append("no cgroup filesystem is mounted")
+    return None, "; ".join(reasons) or "no usable cgroup controllers"
+
+
+def _try(host: CgroupHost) -> CgroupHost | None:
+    try:
+        for root in host.roots.values():
+            root.mkdir(exist_ok=True)
+        probe = host.create("probe", 64, 8)
+        probe.remove()
+        return host
+    except OSError as exc:
+        log.debug("cgroups unusable: %s", exc)
+        return None
+
+
+def remove_root(host: CgroupHost) -> None:
+    for root in set(host.roots.values()):
+        for child in root.glob("*"):
+            if child.is_dir():
+                Cgroup(host.version, {"x": child}).remove()
+        try:
+            root.rmdir()
+        except OSError:
+            pass
+
+
+def sweep_stale(host: CgroupHost) -> int:
+    """Remove the cgroups of workers that died without cleaning up (killing what is still in
+    them, double-forked strays included)."""
+    removed = 0
+    parents = {root.parent for root in host.roots.values()}
+    for parent in parents:
+        for folder in parent.glob("dockyard-w*"):
+            try:
+                pid = int(folder.name[len("dockyard-w"):])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+                remove_root(CgroupHost(host.version, {"x": folder}))
+                removed += 1
+    return removed
