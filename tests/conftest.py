@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def make_package(tmp_path: Path, source: str, manifest_extra: str = "", name: st
     if name:
         manifest = re.sub(r'^name = ".*"$', f'name = "{name}"', manifest, flags=re.M)
     if version:
-        manifest = f'version = "{version}"\n' + manifest
+        manifest = _merge(manifest, f'version = "{version}"\n')
     manifest = _merge(manifest, manifest_extra)
     (dest / "dockyard.toml").write_text(manifest)
     for rel, text in (files or {}).items():
@@ -76,13 +77,35 @@ def make_package(tmp_path: Path, source: str, manifest_extra: str = "", name: st
 
 
 def _merge(manifest: str, extra: str) -> str:
-    """Top-level keys of `extra` go before the first table; tables are appended."""
+    """Merge `extra` (TOML) into `manifest` table by table and write it back out."""
     if not extra:
         return manifest
-    top, _, tables = extra.partition("\n[")
-    tables = ("[" + tables) if tables else ""
-    head, sep, rest = manifest.partition("\n[")
-    return head.rstrip("\n") + "\n" + top.strip("\n") + "\n" + sep + rest + "\n" + tables
+    data = tomllib.loads(manifest)
+    for key, value in tomllib.loads(extra).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    return _toml(data)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _toml(data: dict) -> str:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for table, values in data.items():
+        if isinstance(values, dict):
+            lines.append(f"\n[{table}]")
+            lines += [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
 
 
 def zip_folder(folder: Path) -> bytes:
@@ -229,7 +252,9 @@ def open_tmp():
 def server(open_tmp, wheelhouse):
     data = open_tmp / "serve" / "data"
     data.parent.mkdir()
-    srv = Server(data, ["--find-links", str(wheelhouse), "--offline"])
+    # An operator variable that must never reach a function.
+    env = dict(os.environ, OPERATOR_SECRET="hunter2")
+    srv = Server(data, ["--find-links", str(wheelhouse), "--offline"], env=env)
     yield srv
     code = srv.stop()
     assert code == 0, srv.log_path.read_text()[-3000:]
