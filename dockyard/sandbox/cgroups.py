@@ -212,6 +212,15 @@ def remove_root(host: CgroupHost) -> None:
             pass
 
 
+def _alive(pid: int) -> bool:
+    """A zombie (dead, not yet reaped by its parent) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def sweep_stale(host: CgroupHost) -> int:
     """Remove the cgroups of workers that died without cleaning up (killing what is still in
     them, double-forked strays included)."""
@@ -223,7 +232,7 @@ def sweep_stale(host: CgroupHost) -> int:
                 pid = int(folder.name[len("dockyard-w"):])
             except ValueError:
                 continue
-            if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+            if pid != os.getpid() and not _alive(pid):
                 remove_root(CgroupHost(host.version, {"x": folder}))
                 removed += 1
     return removed
