@@ -64,9 +64,35 @@ def resolve_target(db: sqlite_utils.Database, container: str, version: str | Non
                   version is not None)
 
 
-def _pick_worker(db: sqlite_utils.Database, target: Target, avoid: set[str]) -> dict:
-    candidates = [w for w in worker_store.routable_workers(db, target.version_id)
-                  if w["id"] not in avoid]
+_ROUTE_SQL = (
+    "SELECT v.id, v.version, v.manifest, w.id, w.address FROM containers c JOIN versions v "
+    "ON {join} LEFT JOIN worker_versions wv ON wv.version_id = v.id "
+    "AND wv.state IN ('ready', 'idle') LEFT JOIN workers w ON w.id = wv.worker_id "
+    "AND w.state = 'up' AND w.last_seen > ? WHERE c.name = ?{extra}")
+_SERVING_SQL = _ROUTE_SQL.format(
+    join="v.id = coalesce(c.serving_version_id, c.active_version_id)", extra="")
+_PINNED_SQL = _ROUTE_SQL.format(join="v.container_id = c.id", extra=" AND v.version = ?")
+
+
+def route(db: sqlite_utils.Database, container: str, version: str | None
+          ) -> tuple[Target, list[dict]]:
+    """The serving (or pinned) version of a container and the live workers that have it
+    ready, in one query: this runs on every call, and a redeploy must be seen at once."""
+    cutoff = time.time() - worker_store.WORKER_TTL_S
+    if version is None:
+        rows = db.conn.execute(_SERVING_SQL, [cutoff, container]).fetchall()
+    else:
+        rows = db.conn.execute(_PINNED_SQL, [cutoff, container, version]).fetchall()
+    if not rows:
+        return resolve_target(db, container, version), []  # raises the right NotFound
+    vid, name, manifest, _, _ = rows[0]
+    target = Target(container, vid, name, _manifest(vid, manifest), version is not None)
+    return target, [{"id": r[3], "address": r[4]} for r in rows if r[3] is not None]
+
+
+def _pick_worker(db: sqlite_utils.Database, target: Target, routable: list[dict],
+                 avoid: set[str]) -> dict:
+    candidates = [w for w in routable if w["id"] not in avoid]
     if not candidates and target.pinned:
         # Not running anywhere: any live worker starts it on demand.
         candidates = [w for w in worker_store.live_workers(db) if w["id"] not in avoid]
@@ -87,9 +113,9 @@ def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocatio
     avoid: set[str] = set()
     last_error = None
     for attempt in range(ROUTE_ATTEMPTS):
-        target = resolve_target(db, container, version)
+        target, routable = route(db, container, version)
         target.manifest.resolve_function(function)
-        worker = _pick_worker(db, target, avoid)
+        worker = _pick_worker(db, target, routable, avoid)
         timeout = float(target.manifest.limits.timeout_s)
         frame = {"type": "invoke", "id": invocation_id, "version_id": target.version_id,
                  "container": container, "version": target.version, "function": function,

@@ -5,8 +5,11 @@ write per frame."""
 from __future__ import annotations
 
 import json
+import os
+import select
 import socket
 import struct
+import time
 
 MAX_FRAME = 64 * 1024 * 1024
 _HEADER = struct.Struct(">I")
@@ -58,6 +61,43 @@ def read_frame(stream):
 def write_frame(stream, obj) -> None:
     stream.write(encode_frame(obj))
     stream.flush()
+
+
+class FrameReader:
+    """Frames from a raw fd with an optional deadline (select + os.read into one buffer), so
+    the thread that sent a request can read its reply itself."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buffer = bytearray()
+
+    def read(self, deadline: float | None):
+        """The next frame; None at end of stream; TimeoutError past `deadline` (monotonic)."""
+        buffer = self.buffer
+        while True:
+            if len(buffer) >= 4:
+                (size,) = _HEADER.unpack_from(buffer)
+                if size > MAX_FRAME:
+                    raise FrameError(f"frame of {size} bytes is over the limit")
+                if len(buffer) >= 4 + size:
+                    body = bytes(buffer[4:4 + size])
+                    del buffer[:4 + size]
+                    return json.loads(body)
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
+                    raise TimeoutError
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                if buffer:
+                    raise FrameError("stream ended inside a frame")
+                return None
+            buffer += chunk
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class FrameSocket:

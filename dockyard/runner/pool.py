@@ -163,6 +163,8 @@ class Pool:
                         if best is None or child.in_flight < best.in_flight:
                             best = child
                 if best is not None:
+                    if not best.alive():  # died while idle: replaced; look again
+                        continue
                     best.in_flight += 1
                     return best
                 if len(self.children) + self.starting < self.max_instances and not self.starting:
@@ -208,6 +210,13 @@ class Pool:
             t.start()
         for t in threads:
             t.join()
+
+    def check(self) -> None:
+        """Notice children that died while idle, so they are replaced before the next call."""
+        with self.cond:
+            idle = [c for c in self.children if c.in_flight == 0]
+        for child in idle:
+            child.alive()
 
     def stop_idle(self, idle_ttl: float) -> None:
         """Scale to zero: stop children of an on-demand pool that served nothing lately."""

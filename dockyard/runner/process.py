@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..common.frames import read_frame, write_frame
+from ..common.frames import FrameReader, encode_frame, write_frame
 from .states import ProcessState, change_state
 from .tree import kill_tree
 
@@ -76,6 +76,7 @@ class Child:
         self.exit_reason: str | None = None
         self.oom = False
         self.cgroup = None
+        self._dead: dict | None = None
         self._pending: dict[str, _Pending] = {}
         self._write_lock = threading.Lock()
         self._requests = None
@@ -115,7 +116,7 @@ class Child:
                 os.close(fd)
         self.pid = self.popen.pid
         self._requests = os.fdopen(req_write, "wb", buffering=0)
-        self._replies = os.fdopen(rep_read, "rb", buffering=1 << 16)
+        self._replies = FrameReader(rep_read)
         try:
             if self.spec.cgroup is not None:
                 # Before the init frame: the child runs no user code until it has it.
@@ -123,89 +124,113 @@ class Child:
                 self.cgroup.attach(self.pid)
             write_frame(self._requests, dict(self.spec.init, type="init",
                                              output_cap=OUTPUT_CAP))
-            first = self._read_first_frame()
+            first = self._replies.read(time.monotonic() + START_TIMEOUT_S)
+        except TimeoutError:
+            self._abort()
+            raise StartError(f"the process did not become ready within {START_TIMEOUT_S:.0f}s")
         except BaseException:
-            self.kill()
-            self._reap()
+            self._abort()
             raise
+        if first is None:
+            code = self._abort()
+            detail = self.read_output()[1].strip()[-2000:]
+            raise StartError(f"the process exited while starting ({self._describe(code)})"
+                             + (f": {detail}" if detail else ""))
         if first.get("type") == "load_error":
-            self.kill()
-            self._reap()
+            self._abort()
             error = first.get("error") or {}
             raise LoadError(f"{error.get('type')}: {error.get('message')}\n"
                             f"{error.get('traceback') or ''}".strip())
         if first.get("type") != "ready":
-            self.kill()
-            self._reap()
+            self._abort()
             raise StartError(f"unexpected first frame from the child: {first}")
         change_state(self, ProcessState.RUNNING, self.what)
-        threading.Thread(target=self._read_replies, name=f"child-{self.pid}",
-                         daemon=True).start()
+        if not self.direct:
+            threading.Thread(target=self._read_replies, name=f"child-{self.pid}",
+                             daemon=True).start()
 
-    def _read_first_frame(self) -> dict:
-        result: dict = {}
+    def _abort(self) -> int | None:
+        self.kill()
+        code = self._reap()
+        self._cleanup()
+        return code
 
-        def read():
-            try:
-                result["frame"] = read_frame(self._replies)
-            except Exception as exc:  # noqa: BLE001 - reported below
-                result["error"] = exc
+    @property
+    def direct(self) -> bool:
+        """One call at a time: the calling thread reads the reply itself (no reader thread,
+        no hand-off between threads on the hot path)."""
+        return int(self.spec.init.get("concurrency", 1)) == 1
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(START_TIMEOUT_S)
-        if reader.is_alive():
-            raise StartError(f"the process did not become ready within {START_TIMEOUT_S:.0f}s")
-        frame = result.get("frame")
-        if frame is None:
-            code = self.popen.wait(timeout=5)
-            detail = self.read_output()[1].strip()[-2000:]
-            raise StartError(f"the process exited while starting ({self._describe(code)})"
-                             + (f": {detail}" if detail else ""))
-        return frame
+    def alive(self) -> bool:
+        """False (after handling the death) if the child exited while idle."""
+        if self.popen.poll() is None:
+            return True
+        self._died()
+        return False
 
     def invoke(self, frame: dict, timeout: float) -> dict:
         """Send one call and wait for its reply. On timeout the whole tree is killed (the only
         way to stop Python code) and a timed_out reply is returned."""
+        deadline = time.monotonic() + timeout
+        if self.direct:
+            try:
+                self._requests.write(encode_frame(frame))
+                reply = self._replies.read(deadline)
+            except TimeoutError:
+                return self._timed_out(frame, timeout)
+            except (OSError, ValueError) as exc:
+                log.warning("%s: pipe broke: %s", self.what, exc)
+                reply = None
+            self.served += 1
+            self.last_used = time.monotonic()
+            if reply is None:
+                return self._died()
+            return self._finish(_translate(reply))
         pending = _Pending()
         call_id = frame["id"]
         self._pending[call_id] = pending
         try:
             try:
                 with self._write_lock:
-                    write_frame(self._requests, frame)
+                    self._requests.write(encode_frame(frame))
             except OSError:
                 pending.done.wait(5)  # the reader thread reports how it died
-                if pending.reply is None:
-                    return _crashed("the process died before the call reached it")
-                return pending.reply
+                return pending.reply or _crashed("the process died before the call reached it")
             if not pending.done.wait(timeout):
-                self.exit_reason = "timed out"
-                log.warning("%s %s timed out after %.1fs; killing the process tree",
-                            frame.get("invocation_id", call_id), self.what, timeout)
-                self.kill()
-                pending.done.wait(5)
-                stdout, stderr = self.read_output()
-                return {"status": "timed_out", "stdout": stdout, "stderr": stderr,
-                        "duration_ms": timeout * 1000.0,
-                        "error": {"type": "Timeout",
-                                  "message": f"the function ran past its {timeout:g}s timeout "
-                                             "and was stopped"}}
-            if pending.reply.get("recycle"):
-                # A process that ran out of memory is not trusted with the next call.
-                self.exit_reason = "out of memory"
-                self.kill()
-            return pending.reply
+                return self._timed_out(frame, timeout)
+            return self._finish(pending.reply)
         finally:
             self._pending.pop(call_id, None)
             self.served += 1
             self.last_used = time.monotonic()
 
+    def _finish(self, reply: dict) -> dict:
+        if reply.get("recycle"):
+            # A process that ran out of memory is not trusted with the next call.
+            self.exit_reason = "out of memory"
+            self.kill()
+            if self.direct:
+                self._died()
+        return reply
+
+    def _timed_out(self, frame: dict, timeout: float) -> dict:
+        self.exit_reason = "timed out"
+        log.warning("%s %s timed out after %.1fs; killing the process tree",
+                    frame.get("invocation_id", frame.get("id")), self.what, timeout)
+        stdout, stderr = self.read_output()
+        self.kill()
+        if self.direct:
+            self._died()
+        return {"status": "timed_out", "stdout": stdout, "stderr": stderr,
+                "duration_ms": timeout * 1000.0,
+                "error": {"type": "Timeout",
+                          "message": f"the function ran past its {timeout:g}s timeout "
+                                     "and was stopped"}}
+
     def _read_replies(self) -> None:
-        replies = self._replies
         try:
             while True:
-                frame = read_frame(replies)
+                frame = self._replies.read(None)
                 if frame is None:
                     break
                 pending = self._pending.get(frame.get("id"))
@@ -216,24 +241,28 @@ class Child:
             log.warning("%s: reply pipe broke: %s", self.what, exc)
         self._died()
 
-    def _died(self) -> None:
-        code = self._reap()
-        if self.cgroup is not None and self.cgroup.oom_killed():
-            self.oom = True
-        reason = self.exit_reason or self._describe(code)
-        if self.oom:
-            reason = "out of memory"
-        stdout, stderr = self.read_output()
+    def _died(self) -> dict:
+        """Handle the child's death once: reap, tell pending calls (and return the reply for
+        the call in hand), clean up, let the pool replace it."""
+        with self._write_lock:
+            if self._dead is not None:
+                return self._dead
+            code = self._reap()
+            if self.cgroup is not None and self.cgroup.oom_killed():
+                self.oom = True
+            reason = "out of memory" if self.oom else (self.exit_reason or self._describe(code))
+            stdout, stderr = self.read_output()
+            reply = _crashed(f"the process died mid-call ({reason})", out_of_memory=self.oom)
+            reply["stdout"], reply["stderr"] = stdout, stderr
+            self._dead = reply
         for pending in list(self._pending.values()):
             if pending.reply is None:
-                pending.reply = _crashed(f"the process died mid-call ({reason})",
-                                         out_of_memory=self.oom)
-                pending.reply["stdout"] = stdout
-                pending.reply["stderr"] = stderr
+                pending.reply = dict(reply)
                 pending.done.set()
         change_state(self, ProcessState.EXITED, f"{self.what} ({reason})")
         self._cleanup()
         self.on_exit(self)
+        return reply
 
     def _reap(self) -> int | None:
         if self.popen is None:
@@ -297,6 +326,8 @@ class Child:
             except subprocess.TimeoutExpired:
                 pass
         self.kill()
+        if self.direct:
+            self._died()
 
     def kill(self) -> None:
         if self.pid:
@@ -308,6 +339,7 @@ class Child:
                 stream.close()
             except (OSError, AttributeError):
                 pass
+        self._requests = self._replies = None
         if self.cgroup is not None:
             self.cgroup.remove()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)

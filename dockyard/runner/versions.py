@@ -156,6 +156,7 @@ class VersionRuntime:
     def reap_idle(self) -> None:
         pool = self.pool
         if pool is not None:
+            pool.check()
             pool.stop_idle(IDLE_TTL_S)
 
     def pids(self) -> list[int]:

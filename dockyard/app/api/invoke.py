@@ -11,7 +11,7 @@ from ...errors import BadRequest, DockyardError, TooLarge
 from ..auth import check_invoke
 from ..db import now
 from ..errors import error_response
-from ..invoke import execute, http_status, resolve_target
+from ..invoke import execute, http_status, route
 from ..state import connections, database
 from ..store import invocations as store
 
@@ -54,7 +54,7 @@ def invoke(target: str, function: str):
     db = database()
     invocation_id = store.new_id()
     if _wants_async():
-        resolve_target(db, container, version).manifest.resolve_function(function)
+        route(db, container, version)[0].manifest.resolve_function(function)
         store.enqueue(db, invocation_id, container, version, function, "async", event_text)
         response = jsonify({"invocation_id": invocation_id, "status": "queued"})
         response.status_code = 202
