@@ -139,8 +139,13 @@ class Child:
         self.handlers[name] = entry
         return entry
 
-    def send(self, obj):
-        body = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    def send(self, obj, result_json=None):
+        """Write one frame; a result already encoded (to check it is JSON) is spliced in
+        rather than encoded twice."""
+        text = json.dumps(obj, separators=(",", ":"))
+        if result_json is not None:
+            text = text[:-1] + ',"result":' + result_json + "}"
+        body = text.encode("utf-8")
         with self.write_lock:
             self.replies.write(HEADER.pack(len(body)) + body)
             self.replies.flush()
@@ -149,6 +154,7 @@ class Child:
         started = time.perf_counter()
         function = request.get("function", "")
         reply = {"type": "result", "id": request.get("id")}
+        encoded = None
         try:
             try:
                 handler, wants_context, is_async = self.load(function)
@@ -165,13 +171,12 @@ class Child:
             else:
                 result = handler(*args)
             try:
-                json.dumps(result)
+                encoded = json.dumps(result, separators=(",", ":"))
             except (TypeError, ValueError) as exc:
                 raise ResultNotSerializable(
                     f"{function} returned a {type(result).__name__}, which is not "
                     f"JSON-serialisable ({exc})") from None
             reply["ok"] = True
-            reply["result"] = result
         except BaseException as exc:  # noqa: BLE001 - SystemExit too: the process stays up
             reply["ok"] = False
             reply["error"] = describe(exc, function)
@@ -182,7 +187,7 @@ class Child:
         reply["max_rss_kb"] = peak_rss_kb()
         reply["cold"], self.cold = self.cold, False
         try:
-            self.send(reply)
+            self.send(reply, encoded)
         except (TypeError, ValueError) as exc:
             self.send({"type": "result", "id": reply["id"], "ok": False,
                        "error": describe(exc, function), "stdout": reply["stdout"],

@@ -25,14 +25,15 @@ def _split_target(target: str) -> tuple[str, str | None]:
 
 def _read_event() -> tuple[object, str | None]:
     limit = current_app.config["MAX_EVENT_BYTES"]
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length
+    if length is not None and length > limit:
         raise TooLarge(f"event is larger than {limit // (1 << 20)} MB; pass a reference "
                        "(a URL or a path) instead of the data")
-    raw = request.stream.read(limit + 1)
+    raw = request.stream.read(length if length is not None else limit + 1)
     if len(raw) > limit:
         raise TooLarge(f"event is larger than {limit // (1 << 20)} MB; pass a reference "
                        "(a URL or a path) instead of the data")
-    if not raw.strip():
+    if not raw or raw.isspace():
         return None, None
     try:
         text = raw.decode("utf-8")
@@ -70,14 +71,14 @@ def invoke(target: str, function: str):
     finished = now()
     ok = result["status"] == "succeeded"
     output = json.dumps(result.get("result")) if ok else None
-    store.record_finished(db, {
+    record = {
         "id": invocation_id, "container": container, "version": result.get("version"),
         "function": function, "trigger": "http", "status": result["status"],
         "input": event_text, "output": output, "error": result.get("error"),
         "stdout": result.get("stdout"), "stderr": result.get("stderr"),
         "worker_id": result.get("worker_id"), "created_at": started, "started_at": started,
         "finished_at": finished, "duration_ms": result.get("duration_ms"),
-        "max_rss_kb": result.get("max_rss_kb"), "cold": result.get("cold")})
+        "max_rss_kb": result.get("max_rss_kb"), "cold": result.get("cold")}
     if ok:
         response = Response(output, status=200, mimetype="application/json")
     else:
@@ -90,4 +91,7 @@ def invoke(target: str, function: str):
     response.headers["X-Dockyard-Version"] = result.get("version") or ""
     if result.get("duration_ms") is not None:
         response.headers["X-Dockyard-Duration-Ms"] = f"{result['duration_ms']:.3f}"
+    # The record is written once the answer is on its way: off the caller's latency, and
+    # before this connection reads its next request.
+    response.call_on_close(lambda: store.record_finished(db, record))
     return response
