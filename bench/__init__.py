@@ -1,0 +1,1 @@
+"""Benchmarks for dockyard: `python -m bench` prints each figure beside its baseline."""

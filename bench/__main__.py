@@ -1,0 +1,264 @@
+"""`python -m bench [--quick] [--json FILE]`: start a real `dockyard serve`, measure the warm
+path, deploys, cold starts, redeploys under load, scaling and memory, each beside its baseline
+measured in the same run on the same machine, and print the table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from .load import concurrent, latencies, percentile
+from .servers import BareFlask, Dockyard, package, tiny_wheelhouse
+
+NOOP = "def f(event):\n    return event\n"
+BURN = ("def f(event):\n    total = 0\n    for i in range(400_000):\n        total += i * i\n"
+        "    return total\n")
+PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+ECHO_CHILD = r'''
+import json, struct, sys
+r, w = sys.stdin.buffer, sys.stdout.buffer
+while True:
+    h = r.read(4)
+    if len(h) < 4:
+        break
+    body = r.read(struct.unpack(">I", h)[0])
+    out = json.dumps(json.loads(body)).encode()
+    w.write(struct.pack(">I", len(out)) + out)
+    w.flush()
+'''
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def pipe_round_trip_us(count: int = 2000) -> float:
+    child = subprocess.Popen([PY, "-c", ECHO_CHILD], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
+    body = json.dumps({"id": "1", "event": {"a": 1}}).encode()
+    frame = struct.pack(">I", len(body)) + body
+    times = []
+    for i in range(count + 200):
+        started = time.perf_counter()
+        child.stdin.write(frame)
+        child.stdin.flush()
+        size = struct.unpack(">I", child.stdout.read(4))[0]
+        child.stdout.read(size)
+        if i >= 200:
+            times.append(time.perf_counter() - started)
+    child.stdin.close()
+    child.wait()
+    return round(statistics.median(times) * 1e6, 1)
+
+
+def fresh_python_ms(count: int = 20) -> float:
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        subprocess.run([PY, "-c", "import json; json.dumps({'a': 1})"], check=True)
+        times.append(time.perf_counter() - started)
+    return ms(statistics.median(times))
+
+
+def rps(url: str, clients: int, seconds: float) -> float:
+    samples, failed = concurrent(url, clients, seconds)
+    if failed:
+        raise RuntimeError(f"{failed} failed calls while measuring {url}")
+    return round(len(samples) / seconds, 1)
+
+
+def warm_path(results: dict, dockyard: Dockyard, quick: bool) -> None:
+    dockyard.deploy(package("noop", NOOP, '[functions]\nf = "main:f"\n'))
+    url = dockyard.url + "/invoke/noop/f"
+    bare = BareFlask()
+    try:
+        count = 1000 if quick else 3000
+        seconds = 3.0 if quick else 6.0
+        for name, target in (("warm", url), ("bare_flask", bare.url + "/echo")):
+            lat = latencies(target, count)
+            results[f"{name}_p50_ms"] = ms(percentile(lat, 0.5))
+            results[f"{name}_p99_ms"] = ms(percentile(lat, 0.99))
+            results[f"{name}_rps_c1"] = rps(target, 1, seconds)
+            results[f"{name}_rps_c8"] = rps(target, 8, seconds)
+    finally:
+        bare.stop()
+
+
+def deploy_to_first_call(dockyard: Dockyard, name: str, source: str, manifest: str) -> dict:
+    started = time.perf_counter()
+    record = dockyard.upload(package(name, source, manifest))
+    uploaded = time.perf_counter()
+    dockyard.wait_ready(record["deployment"])
+    ready = time.perf_counter()
+    response = dockyard.http.post(f"{dockyard.url}/invoke/{name}/f", data="{}", timeout=60)
+    response.raise_for_status()
+    done = time.perf_counter()
+    dep = dockyard.http.get(f"{dockyard.url}/api/deployments/{record['deployment']}").json()
+    built = [line for line in dep["workers"][0]["log"].splitlines() if "built in" in line]
+    return {"total_s": round(done - started, 3), "upload_s": round(uploaded - started, 3),
+            "ready_s": round(ready - uploaded, 3), "first_call_s": round(done - ready, 3),
+            "venv_s": float(built[-1].split("built in ")[1].rstrip("s")) if built else None}
+
+
+def cold_call(results: dict, dockyard: Dockyard) -> None:
+    dockyard.deploy(package("zero", NOOP, '[functions]\nf = "main:f"\n[limits]\ninstances = 0\n'))
+    started = time.perf_counter()
+    response = dockyard.http.post(dockyard.url + "/invoke/zero/f", data="{}", timeout=60)
+    response.raise_for_status()
+    results["cold_call_ms"] = ms(time.perf_counter() - started)
+
+
+def redeploy_under_load(results: dict, dockyard: Dockyard, quick: bool) -> None:
+    seconds = 10.0 if quick else 30.0
+    dockyard.deploy(package("swap", NOOP, '[functions]\nf = "main:f"\n', version="v0"))
+    windows: list[tuple[float, float]] = []
+
+    def redeploys():
+        for n, at in enumerate((seconds / 3, 2 * seconds / 3), start=1):
+            time.sleep(max(0.0, start + at - time.time()))
+            began = time.time()
+            dockyard.deploy(package("swap", NOOP + f"# v{n}\n", '[functions]\nf = "main:f"\n',
+                                    version=f"v{n}"))
+            windows.append((began, time.time() + 2.0))
+
+    start = time.time() + 0.3
+    thread = threading.Thread(target=redeploys)
+    thread.start()
+    samples, failed = concurrent(dockyard.url + "/invoke/swap/f", 20, seconds)
+    thread.join()
+    in_swap = [lat for at, lat, ok in samples if any(a <= at <= b for a, b in windows)]
+    steady = [lat for at, lat, ok in samples if not any(a <= at <= b for a, b in windows)]
+    results["redeploy_calls"] = len(samples)
+    results["redeploy_failed"] = failed
+    results["redeploy_swap_p99_ms"] = ms(percentile(in_swap, 0.99))
+    results["redeploy_steady_p99_ms"] = ms(percentile(steady, 0.99))
+    results["redeploy_p99_ratio"] = round(percentile(in_swap, 0.99) / percentile(steady, 0.99), 2)
+
+
+def scaling(results: dict, dockyard: Dockyard, quick: bool) -> None:
+    seconds = 4.0 if quick else 8.0
+    for instances in (1, 2):
+        name = f"burn{instances}"
+        dockyard.deploy(package(name, BURN, f'[functions]\nf = "main:f"\n[limits]\n'
+                                            f'instances = {instances}\n'))
+        results[f"burn_rps_i{instances}"] = rps(f"{dockyard.url}/invoke/{name}/f", 4, seconds)
+    results["scaling_ratio"] = round(results["burn_rps_i2"] / results["burn_rps_i1"], 2)
+
+
+def idle_memory(results: dict, dockyard: Dockyard) -> None:
+    time.sleep(1.0)
+    per_child = []
+    per_version: dict[str, float] = {}
+    prefix = str(dockyard.data)
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "bootstrap" in " ".join(proc.info["cmdline"] or []) and \
+                    proc.cwd().startswith(prefix):
+                rss = proc.memory_info().rss / (1 << 20)
+                per_child.append(rss)
+                version = "/".join(Path(proc.cwd()).parts[-3:-1])
+                per_version[version] = per_version.get(version, 0.0) + rss
+        except psutil.Error:
+            pass
+    results["idle_rss_mb"] = round(statistics.mean(per_child), 1)
+    results["idle_rss_per_version_mb"] = round(statistics.mean(per_version.values()), 1)
+    results["idle_instances"] = len(per_child)
+
+
+ROWS = [
+    # label, value key, baseline key, target text
+    ("warm invoke p50 (ms)", "warm_p50_ms", "bare_flask_p50_ms", "<= 2x bare"),
+    ("warm invoke p99 (ms)", "warm_p99_ms", "bare_flask_p99_ms", ""),
+    ("throughput c1 (req/s)", "warm_rps_c1", "bare_flask_rps_c1", ""),
+    ("throughput c8 (req/s)", "warm_rps_c8", "bare_flask_rps_c8", ">= 0.5x bare"),
+    ("pipe round trip, floor (us)", "pipe_rtt_us", None, ""),
+    ("fresh python per call (ms)", "fresh_python_ms", "warm_p50_ms", "what dockyard avoids"),
+    ("deploy -> first call, no deps (s)", "deploy_first_call_s", None, "< 1 s"),
+    ("deploy -> first call, 1 dep (s)", "deploy_first_call_dep_s", None, "< 1.5 s"),
+    ("cold call, instances=0 (ms)", "cold_call_ms", "warm_p50_ms", "< 150 ms"),
+    ("redeploy: calls / failed", "redeploy_calls", "redeploy_failed", "0 failed"),
+    ("redeploy p99 swap vs steady (ms)", "redeploy_swap_p99_ms", "redeploy_steady_p99_ms",
+     "<= 2x"),
+    ("CPU-bound, 2 vs 1 instances (req/s)", "burn_rps_i2", "burn_rps_i1", ">= 1.7x"),
+    ("idle RSS per instance (MB)", "idle_rss_mb", None, "< 30 MB"),
+]
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} cores, {model}, {psutil.virtual_memory().total >> 30} GiB, "
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def print_table(results: dict) -> None:
+    print(f"\nmachine: {machine()}\n")
+    print(f"{'measure':<38} {'dockyard':>10} {'baseline':>10} {'ratio':>7}  target")
+    for label, key, base_key, target in ROWS:
+        value = results.get(key)
+        base = results.get(base_key) if base_key else None
+        ratio = f"{value / base:.2f}" if value is not None and base else ""
+        print(f"{label:<38} {value if value is not None else '-':>10} "
+              f"{base if base is not None else '':>10} {ratio:>7}  {target}")
+    for key in ("deploy_breakdown", "deploy_dep_breakdown"):
+        if key in results:
+            print(f"  {key}: " + ", ".join(f"{k} {v}" for k, v in results[key].items()))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="shorter runs")
+    parser.add_argument("--json", dest="json_file", help="write the figures here")
+    args = parser.parse_args()
+    results: dict = {}
+    wheelhouse = tiny_wheelhouse(Path(tempfile.mkdtemp(prefix="dockyard-bench-wheels-")))
+    results["pipe_rtt_us"] = pipe_round_trip_us()
+    results["fresh_python_ms"] = fresh_python_ms()
+    dockyard = Dockyard(["--find-links", str(wheelhouse), "--offline"])
+    try:
+        warm_path(results, dockyard, args.quick)
+        plain = deploy_to_first_call(dockyard, "fresh", NOOP, '[functions]\nf = "main:f"\n')
+        results["deploy_first_call_s"] = plain["total_s"]
+        results["deploy_breakdown"] = plain
+        dep = deploy_to_first_call(
+            dockyard, "withdep", "import benchdep\n\ndef f(event):\n    return benchdep.value()\n",
+            'dependencies = ["benchdep==1.0"]\n[functions]\nf = "main:f"\n')
+        results["deploy_first_call_dep_s"] = dep["total_s"]
+        results["deploy_dep_breakdown"] = dep
+        cold_call(results, dockyard)
+        redeploy_under_load(results, dockyard, args.quick)
+        scaling(results, dockyard, args.quick)
+        idle_memory(results, dockyard)
+    finally:
+        dockyard.stop()
+    print_table(results)
+    if args.json_file:
+        flat = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+        for group in ("deploy_breakdown", "deploy_dep_breakdown"):
+            for k, v in results.get(group, {}).items():
+                if isinstance(v, (int, float)):
+                    flat[f"{group}_{k}"] = v
+        Path(args.json_file).write_text(json.dumps(flat, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
