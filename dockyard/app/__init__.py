@@ -10,6 +10,7 @@ from flask import Flask
 from . import auth, db, errors
 from .artifacts import ArtifactStore
 from .datadir import DataDir
+from .records import RecordWriter
 from .worker_client import WorkerConnections
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -36,6 +37,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         "data": data,
         "artifacts": ArtifactStore(data.artifacts, data.uploads),
         "connections": WorkerConnections(data.read_token("worker")),
+        "records": RecordWriter(data.db_path),
         "tokens": {kind: data.read_token(kind) for kind in ("admin", "worker", "invoke")},
     }
     # Uploads are streamed and checked by the artifact store; events by the invoke route.

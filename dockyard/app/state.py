@@ -21,3 +21,7 @@ def connections():
 
 def artifacts():
     return extension()["artifacts"]
+
+
+def records():
+    return extension()["records"]

@@ -145,7 +145,8 @@ class Pool:
         finally:
             with self.cond:
                 child.in_flight -= 1
-                self.cond.notify_all()
+                # One slot freed: wake one waiting call, not all of them.
+                self.cond.notify()
         return reply
 
     def _acquire(self, queue_wait: float) -> Child | dict:

@@ -12,7 +12,7 @@ from ..auth import check_invoke
 from ..db import now
 from ..errors import error_response
 from ..invoke import execute, http_status, route
-from ..state import connections, database
+from ..state import connections, database, records
 from ..store import invocations as store
 
 bp = Blueprint("invoke", __name__)
@@ -91,7 +91,5 @@ def invoke(target: str, function: str):
     response.headers["X-Dockyard-Version"] = result.get("version") or ""
     if result.get("duration_ms") is not None:
         response.headers["X-Dockyard-Duration-Ms"] = f"{result['duration_ms']:.3f}"
-    # The record is written once the answer is on its way: off the caller's latency, and
-    # before this connection reads its next request.
-    response.call_on_close(lambda: store.record_finished(db, record))
+    records().put(record)
     return response
