@@ -172,3 +172,37 @@ def test_frames(tmp_path):
     os.close(w)
     with os.fdopen(r, "rb") as inp:
         assert read_frame(inp) is None
+
+
+def test_cpu_budget_per_call_kills_a_burner(tmp_path):
+    # A child with a 1 s CPU budget per call and a long deadline.
+    req_r, req_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    proc = subprocess.Popen([PYTHON, "-I", "-B", str(BOOTSTRAP), str(req_r), str(rep_w)],
+                            pass_fds=(req_r, rep_w), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(req_r)
+    os.close(rep_w)
+    requests, replies = os.fdopen(req_w, "wb", buffering=0), os.fdopen(rep_r, "rb")
+    try:
+        write_frame(requests, {"type": "init", "code_dir": str(FUNCTIONS / "echo"),
+                               "functions": {"sleep": "main:sleep"}, "concurrency": 1,
+                               "cpu_s": 1})
+        assert read_frame(replies)["type"] == "ready"
+        # Calls within budget, many times over, do not add up to a kill.
+        for i in range(3):
+            write_frame(requests, {"type": "invoke", "id": str(i), "function": "main:echo",
+                                   "event": i, "deadline": time.time() + 60})
+            assert read_frame(replies)["result"] == i
+        started = time.monotonic()
+        write_frame(requests, {"type": "invoke", "id": "burn", "function": "main:burn",
+                               "event": {"s": 30}, "deadline": time.time() + 60})
+        assert read_frame(replies) is None
+        assert proc.wait(10) == -signal.SIGXCPU
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        requests.close()
+        replies.close()

@@ -280,6 +280,8 @@ class Child:
     def _describe(code: int | None) -> str:
         if code is None:
             return "unknown exit"
+        if code == -signal.SIGXCPU:
+            return "cpu time limit: the call used more CPU time than its timeout_s"
         if code < 0:
             try:
                 return f"killed by {signal.Signals(-code).name}"

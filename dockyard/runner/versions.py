@@ -185,7 +185,8 @@ def child_spec_factory(isolation, bootstrap_path: str):
             env=isolation.env(manifest.env, paths.venv),
             init={"code_dir": str(paths.code), "functions": manifest.functions,
                   "container": runtime.spec["container"], "version": runtime.spec["version"],
-                  "concurrency": limits.concurrency, "rlimits": isolation.rlimits(limits)},
+                  "concurrency": limits.concurrency, "rlimits": isolation.rlimits(limits),
+                  "cpu_s": limits.timeout_s},
             what=runtime.what, user=user, group=group,
             owner=(uid, gid) if uid is not None else None, cgroup=make_cgroup)
 

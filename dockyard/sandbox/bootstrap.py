@@ -107,6 +107,7 @@ class Child:
         self.concurrency = max(1, int(init.get("concurrency", 1)))
         self.declared = dict(init.get("functions") or {})
         self.output = Output(int(init.get("output_cap", 65536)))
+        self.cpu_s = float(init.get("cpu_s") or 0)
         self.handlers = {}      # name -> (callable, wants_context, is_async)
         self.loop = asyncio.new_event_loop()
         self.write_lock = threading.Lock()
@@ -155,6 +156,12 @@ class Child:
         function = request.get("function", "")
         reply = {"type": "result", "id": request.get("id")}
         encoded = None
+        if self.cpu_s and self.concurrency == 1:
+            # A CPU-time budget per call: the kernel sends SIGXCPU (and the process dies) if
+            # this call uses more than cpu_s seconds of CPU on top of what was used before.
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            budget = int(usage.ru_utime + usage.ru_stime + self.cpu_s) + 1
+            resource.setrlimit(resource.RLIMIT_CPU, (budget, resource.RLIM_INFINITY))
         try:
             try:
                 handler, wants_context, is_async = self.load(function)

@@ -147,8 +147,9 @@ class Isolation:
                 "; versions with network = false are refused" if self.netns is None else "")),
             "rlimits": item(True, "open files, file size, core dumps"
                             + ("" if self.cgroups else ", address space")),
-            "cpu_time": item(False, "a wall-clock timeout per call, not a CPU-time rlimit (a "
-                             "long-lived process accumulates CPU time across calls)"),
+            "cpu_time": item(True, "RLIMIT_CPU re-armed before each call to timeout_s of CPU "
+                             "(processes with concurrency = 1; others: the wall-clock "
+                             "timeout only)"),
         }
         out.update(self.notes)
         return out

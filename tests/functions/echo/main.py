@@ -63,3 +63,11 @@ def environ(event):
 def whoami(event):
     return {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
             "pid": os.getpid(), "cwd": os.getcwd()}
+
+
+def burn(event):
+    end = time.time() + float((event or {}).get("s", 1))
+    total = 0
+    while time.time() < end:
+        total += 1
+    return total
