@@ -194,7 +194,9 @@ def test_dependency_from_wheelhouse(server, pkg):
 
 def test_metrics_and_health(server, pkg):
     server.deploy(pkg("echo", name="inv-metrics"))
-    server.invoke("inv-metrics/echo", 1)
+    response = server.invoke("inv-metrics/echo", 1)
+    # Records land just after the answer; reading the record waits for it.
+    server.api("GET", f"/api/invocations/{response.headers['X-Dockyard-Invocation-Id']}")
     health = requests.get(server.url + "/healthz", timeout=10).json()
     assert health == {"status": "ok", "workers": 1}
     text = requests.get(server.url + "/metrics", timeout=10).text
@@ -210,3 +212,22 @@ def test_child_environment_is_scrubbed(server, pkg):
     assert set(env) <= {"GREETING", "PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "VIRTUAL_ENV",
                         "PYTHONUNBUFFERED", "LC_CTYPE"}
     assert env["HOME"] == env["TMPDIR"] and os.path.basename(env["TMPDIR"]).startswith("p")
+
+
+def test_full_pool_answers_503_with_retry_after(server, pkg):
+    server.deploy(pkg("echo", name="inv-full", manifest_extra="[limits]\ntimeout_s = 20\n"))
+    busy = {}
+    caller = threading.Thread(target=lambda: busy.update(r=server.invoke("inv-full/sleep",
+                                                                          {"s": 9})))
+    caller.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    queued = server.invoke("inv-full/echo", "waiting")
+    waited = time.monotonic() - started
+    assert queued.status_code == 503, queued.text
+    assert queued.headers["Retry-After"]
+    assert queued.json()["error"]["type"] == "Unavailable"
+    assert 3 < waited < 9  # it queued briefly first, and did not hang
+    caller.join(30)
+    assert busy["r"].status_code == 200
+    assert server.invoke("inv-full/echo", "free").json() == "free"

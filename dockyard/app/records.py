@@ -19,7 +19,7 @@ from .store.invocations import record_finished
 log = logging.getLogger("dockyard.records")
 
 BATCH = 256
-LINGER_S = 0.002
+LINGER_S = 0.02
 
 
 class RecordWriter:
