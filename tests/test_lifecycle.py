@@ -18,10 +18,10 @@ from conftest import Server, make_package, sandbox_processes
 def own_server(open_tmp, wheelhouse, request):
     servers = []
 
-    def start(name: str) -> Server:
+    def start(name: str, extra: list[str] = ()) -> Server:
         data = open_tmp / f"{request.node.name}-{name}" / "data"
         data.parent.mkdir(exist_ok=True)
-        srv = Server(data, ["--find-links", str(wheelhouse), "--offline"])
+        srv = Server(data, ["--find-links", str(wheelhouse), "--offline", *extra])
         servers.append(srv)
         return srv
     yield start
@@ -108,3 +108,20 @@ def test_restart_mid_run_loses_no_async_call(open_tmp, wheelhouse, tmp_path):
     finally:
         assert second.stop() == 0
         assert not second.leftovers
+
+
+def test_invoke_auth(own_server, tmp_path):
+    srv = own_server("auth", ["--invoke-auth"])
+    srv.deploy(make_package(tmp_path, "echo", name="lc-auth"))
+    assert srv.invoke("lc-auth/echo", 1).status_code == 401
+    wrong = srv.invoke("lc-auth/echo", 1, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "Unauthorized"
+    worker = srv.invoke("lc-auth/echo", 1, headers={"Authorization": f"Bearer {srv.worker_token}"})
+    assert worker.status_code == 403
+    invoke_token = (srv.data / "tokens" / "invoke").read_text().strip()
+    for token in (invoke_token, srv.admin):
+        ok = srv.invoke("lc-auth/echo", 1, headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200 and ok.json() == 1
+    # The invoke token opens /invoke only.
+    assert requests.get(srv.url + "/api/containers", timeout=10,
+                        headers={"Authorization": f"Bearer {invoke_token}"}).status_code == 403

@@ -51,6 +51,7 @@ class Dispatcher:
         self.stop_event.set()
         self.thread.join(timeout=5)
         self.executor.shutdown(wait=wait)
+        self.connections.close()
         try:
             leases.release(get_db(self.db_path), LEASE_NAME, self.holder)
         except Exception:  # noqa: BLE001 - best effort on the way out

@@ -93,13 +93,6 @@ def advance_deployments(db: sqlite_utils.Database) -> None:
                           active])
 
 
-def routable_workers(db: sqlite_utils.Database, version_id: int) -> list[dict]:
-    return list(db.query(
-        "SELECT w.id, w.address FROM worker_versions wv JOIN workers w ON w.id = wv.worker_id "
-        "WHERE wv.version_id = ? AND wv.state IN ('ready', 'idle') AND w.state = 'up' "
-        "AND w.last_seen > ?", [version_id, now() - WORKER_TTL_S]))
-
-
 def live_workers(db: sqlite_utils.Database) -> list[dict]:
     return list(db.query("SELECT id, address FROM workers WHERE state = 'up' AND last_seen > ?",
                          [now() - WORKER_TTL_S]))
