@@ -131,6 +131,7 @@ def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocatio
                         "error": {"type": "WorkerDied",
                                   "message": "the worker running this call went away mid-call"}}
             avoid.add(worker["id"])
+            worker_store.mark_lost(db, worker["id"])
             last_error = str(exc)
             continue
         status = reply.get("status")

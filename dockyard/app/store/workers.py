@@ -93,6 +93,13 @@ def advance_deployments(db: sqlite_utils.Database) -> None:
                           active])
 
 
+def mark_lost(db: sqlite_utils.Database, worker_id: str) -> None:
+    """A worker we could not reach takes no more calls until its next heartbeat says it is
+    up (instead of until its heartbeat goes stale)."""
+    db.conn.execute("UPDATE workers SET state = 'lost' WHERE id = ? AND state = 'up'",
+                    [worker_id])
+
+
 def live_workers(db: sqlite_utils.Database) -> list[dict]:
     return list(db.query("SELECT id, address FROM workers WHERE state = 'up' AND last_seen > ?",
                          [now() - WORKER_TTL_S]))
