@@ -61,6 +61,9 @@ def test_redeploy_under_load_loses_nothing(server, pkg):
     while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in v1_pids):
         time.sleep(0.2)
     assert not [p for p in v1_pids if psutil.pid_exists(p)]
+    # Version 2 drains too: in the end only version 3's process is left.
+    while time.monotonic() < deadline and len(_pids(server, "rd-load")) > 1:
+        time.sleep(0.2)
     assert len(_pids(server, "rd-load")) == 1
 
 

@@ -12,7 +12,7 @@ from ..common.manifest import Manifest
 from .pool import Pool
 from .process import ChildSpec, LoadError
 from .states import VersionState, change_state
-from .venvs import Builder, BuildError, VersionPaths
+from .venvs import Builder, VersionPaths
 
 log = logging.getLogger("dockyard.versions")
 
@@ -38,26 +38,30 @@ class VersionRuntime:
         self.paths: VersionPaths | None = None
         self.pool: Pool | None = None
         self.lock = threading.Lock()          # one build / start / stop at a time
-        self.ready = threading.Condition()
+        self.log_written = 0                  # lines ever written (the log itself is capped)
+        self.log_reported = -1
 
     # -- reporting ------------------------------------------------------------------------
 
     def say(self, line: str) -> None:
         stamp = time.strftime("%H:%M:%S")
         self.log_lines.append(f"{stamp} {line}")
+        self.log_written += 1
         while sum(len(s) for s in self.log_lines) > LOG_CAP:
             self.log_lines.pop(0)
 
     def _set(self, state: VersionState, error: str | None = None) -> None:
-        with self.ready:
-            change_state(self, state, self.what)
-            self.error = error
-            self.ready.notify_all()
+        change_state(self, state, self.what)
+        self.error = error
         self.on_change()
 
     def report(self) -> dict:
-        return {"version_id": self.version_id, "state": str(self.state), "error": self.error,
-                "log": "\n".join(self.log_lines)}
+        """State for the heartbeat; the build log only when it grew since the last one."""
+        out = {"version_id": self.version_id, "state": str(self.state), "error": self.error}
+        if self.log_written != self.log_reported:
+            self.log_reported = self.log_written
+            out["log"] = "\n".join(self.log_lines)
+        return out
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -81,15 +85,20 @@ class VersionRuntime:
         """Build, start `instances` children, and report ready (or idle when scaled to zero).
         Runs in its own thread; a failure is reported, never raised."""
         with self.lock:
-            if self.role != "serve" or self.state in (VersionState.READY, VersionState.IDLE):
+            if self.role != "serve":
                 return
+            if (self.state in (VersionState.READY, VersionState.IDLE) and self.pool is not None
+                    and self.pool.instances == self.manifest.limits.instances):
+                return  # already serving (an on-demand pool of a standby is replaced)
             try:
                 self._build()
                 instances = self.manifest.limits.instances
-                self._set(VersionState.STARTING)
+                if self.pool is None:
+                    # (An on-demand pool keeps serving, and the state routable, meanwhile.)
+                    self._set(VersionState.STARTING)
                 pool = self._new_pool(instances)
                 pool.start()
-            except (BuildError, LoadError, Exception) as exc:  # noqa: BLE001 - reported
+            except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 if isinstance(exc, LoadError):
                     reason = "import failed: " + reason
