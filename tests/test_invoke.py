@@ -159,6 +159,14 @@ def test_bad_requests(server, pkg):
                         data=b'"' + b"x" * (6 * 1024 * 1024 + 10) + b'"', timeout=60)
     assert big.status_code == 413
     assert big.json()["error"]["type"] == "TooLarge"
+    # A chunked body has no Content-Length: read up to the limit, then refused.
+    chunked = requests.post(f"{server.url}/invoke/inv-bad/echo",
+                            data=iter([b'{"a": ', b'1}']), timeout=30)
+    assert chunked.status_code == 200 and chunked.json() == {"a": 1}
+    big_chunked = requests.post(
+        f"{server.url}/invoke/inv-bad/echo",
+        data=iter([b'"'] + [b"x" * (1 << 20)] * 7 + [b'"']), timeout=60)
+    assert big_chunked.status_code == 413
     assert server.invoke("inv-bad/echo", "ok").status_code == 200
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 TOKEN_KINDS = ("admin", "worker", "invoke")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DataDir:
     root: Path
 
@@ -19,8 +20,9 @@ class DataDir:
         path = path or os.environ.get("DOCKYARD_HOME") or ".dockyard"
         return cls(Path(path).absolute())
 
-    @property
+    @cached_property
     def db_path(self) -> Path:
+        # Looked up on every request: computed once.
         return self.root / "dockyard.db"
 
     @property

@@ -23,16 +23,26 @@ def _split_target(target: str) -> tuple[str, str | None]:
     return container, (version or None)
 
 
+def _too_large(limit: int) -> TooLarge:
+    return TooLarge(f"event is larger than {limit // (1 << 20)} MB; pass a reference "
+                    "(a URL or a path) instead of the data")
+
+
 def _read_event() -> tuple[object, str | None]:
+    # The hot path: read the WSGI input directly rather than through request.stream and
+    # request.headers, which build objects this view never needs.
     limit = current_app.config["MAX_EVENT_BYTES"]
+    environ = request.environ
     length = request.content_length
     if length is not None and length > limit:
-        raise TooLarge(f"event is larger than {limit // (1 << 20)} MB; pass a reference "
-                       "(a URL or a path) instead of the data")
-    raw = request.stream.read(length if length is not None else limit + 1)
+        raise _too_large(limit)
+    if length == 0:
+        return None, None
+    # Without a length (chunked), werkzeug's stream knows whether the server ends the input.
+    stream = environ["wsgi.input"] if length is not None else request.stream
+    raw = stream.read(length if length is not None else limit + 1)
     if len(raw) > limit:
-        raise TooLarge(f"event is larger than {limit // (1 << 20)} MB; pass a reference "
-                       "(a URL or a path) instead of the data")
+        raise _too_large(limit)
     if not raw or raw.isspace():
         return None, None
     try:
@@ -43,8 +53,11 @@ def _read_event() -> tuple[object, str | None]:
 
 
 def _wants_async() -> bool:
-    prefer = request.headers.get("Prefer", "")
-    return "respond-async" in prefer or request.args.get("async") in ("1", "true")
+    environ = request.environ
+    if "respond-async" in environ.get("HTTP_PREFER", ""):
+        return True
+    return "async" in environ.get("QUERY_STRING", "") and \
+        request.args.get("async") in ("1", "true")
 
 
 @bp.post("/invoke/<target>/<function>")
@@ -79,17 +92,18 @@ def invoke(target: str, function: str):
         "worker_id": result.get("worker_id"), "created_at": started, "started_at": started,
         "finished_at": finished, "duration_ms": result.get("duration_ms"),
         "max_rss_kb": result.get("max_rss_kb"), "cold": result.get("cold")}
+    headers = {"X-Dockyard-Invocation-Id": invocation_id,
+               "X-Dockyard-Version": result.get("version") or ""}
+    if result.get("duration_ms") is not None:
+        headers["X-Dockyard-Duration-Ms"] = f"{result['duration_ms']:.3f}"
     if ok:
-        response = Response(output, status=200, mimetype="application/json")
+        response = Response(output, status=200, headers=headers, mimetype="application/json")
     else:
         response = jsonify({"error": result.get("error") or {"type": result["status"]},
                             "invocation_id": invocation_id})
         response.status_code = http_status(result)
+        response.headers.extend(headers)
         if response.status_code == 503:
             response.headers["Retry-After"] = "1"
-    response.headers["X-Dockyard-Invocation-Id"] = invocation_id
-    response.headers["X-Dockyard-Version"] = result.get("version") or ""
-    if result.get("duration_ms") is not None:
-        response.headers["X-Dockyard-Duration-Ms"] = f"{result['duration_ms']:.3f}"
     records().put(record)
     return response
