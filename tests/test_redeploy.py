@@ -9,13 +9,14 @@ import time
 import psutil
 
 
-def _pids(server, container: str) -> set[int]:
-    found = set()
+def _pids(server, container: str) -> dict[int, str]:
+    """The container's children: pid -> working directory (which names the version)."""
+    found = {}
     for p in psutil.process_iter(["cmdline"]):
         try:
             if "bootstrap" in " ".join(p.info["cmdline"] or []) and \
                     f"/{container}/" in p.cwd() + "/":
-                found.add(p.pid)
+                found[p.pid] = p.cwd()
         except psutil.Error:
             pass
     return found
@@ -64,7 +65,38 @@ def test_redeploy_under_load_loses_nothing(server, pkg):
     # Version 2 drains too: in the end only version 3's process is left.
     while time.monotonic() < deadline and len(_pids(server, "rd-load")) > 1:
         time.sleep(0.2)
-    assert len(_pids(server, "rd-load")) == 1
+    left = _pids(server, "rd-load")
+    assert len(left) == 1, left
+
+
+def test_a_stale_call_to_a_retired_version_is_routed_again(server, pkg):
+    """A call routed to the old version just before a redeploy must not start a process
+    for it on the worker: the worker answers not_running and the control plane re-routes.
+    Only a pinned call starts an old version on demand."""
+    from dockyard.app.worker_client import WorkerConnections
+
+    v1 = server.deploy(pkg("echo", name="rd-stale", version="1"))
+    v1_pids = _pids(server, "rd-stale")
+    server.deploy(pkg("echo", name="rd-stale", version="2"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in v1_pids):
+        time.sleep(0.1)
+    assert not any(psutil.pid_exists(p) for p in v1_pids)
+    address = server.api("GET", "/api/workers").json()["workers"][0]["address"]
+    connections = WorkerConnections(server.worker_token)
+    try:
+        frame = {"type": "invoke", "id": "inv_stale", "version_id": v1["id"],
+                 "container": "rd-stale", "version": "1", "function": "echo", "event": 1,
+                 "timeout": 10.0, "trigger": "http"}
+        reply = connections.request(address, frame, timeout=30)
+        assert reply["status"] == "not_running", reply
+        assert not [d for d in _pids(server, "rd-stale").values() if "/rd-stale/1/" in d]
+        # Pinned, the same version is started on demand and answers.
+        pinned = connections.request(address, dict(frame, pinned=True), timeout=60)
+        assert pinned["status"] == "succeeded" and pinned["result"] == 1, pinned
+    finally:
+        connections.close()
+    assert server.invoke("rd-stale/echo", 2).headers["X-Dockyard-Version"] == "2"
 
 
 def test_same_content_is_a_noop_and_conflicting_version_is_refused(server, pkg):

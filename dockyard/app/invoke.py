@@ -119,7 +119,8 @@ def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocatio
         timeout = float(target.manifest.limits.timeout_s)
         frame = {"type": "invoke", "id": invocation_id, "version_id": target.version_id,
                  "container": container, "version": target.version, "function": function,
-                 "event": event, "timeout": timeout, "trigger": trigger}
+                 "event": event, "timeout": timeout, "trigger": trigger,
+                 "pinned": target.pinned}
         wait = timeout + (ON_DEMAND_GRACE_S if target.pinned else 15.0)
         try:
             reply = connections.request(worker["address"], frame, timeout=wait)

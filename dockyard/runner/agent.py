@@ -179,7 +179,7 @@ class Agent:
             child_frame = {"type": "invoke", "id": frame["id"], "invocation_id": frame["id"],
                            "function": frame["function"], "event": frame.get("event"),
                            "deadline": time.time() + timeout}
-            reply = runtime.invoke(child_frame, timeout)
+            reply = runtime.invoke(child_frame, timeout, pinned=bool(frame.get("pinned")))
         reply["type"] = "result"
         reply["id"] = frame.get("id")
         return reply

@@ -130,9 +130,14 @@ class VersionRuntime:
             self._set(VersionState.IDLE if self.role == "standby" else self.state)
             return self.pool
 
-    def invoke(self, frame: dict, timeout: float) -> dict:
+    def invoke(self, frame: dict, timeout: float, pinned: bool = False) -> dict:
         pool = self.pool
         if pool is None:
+            if not pinned and self.role != "serve":
+                # A call routed here just before a redeploy took this version out of service:
+                # send it back to be routed again rather than start a process for it.
+                return {"status": "not_running", "error": {
+                    "type": "NotRunning", "message": f"{self.what} is no longer serving"}}
             if self.state is VersionState.FAILED:
                 return {"status": "failed", "error": {"type": "VersionFailed",
                         "message": f"{self.what} failed: {self.error}"}}
