@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import struct
 import subprocess
@@ -259,6 +260,7 @@ def main() -> int:
         idle_memory(results, dockyard)
     finally:
         dockyard.stop()
+        shutil.rmtree(wheelhouse, ignore_errors=True)
     print_table(results)
     if args.json_file:
         flat = {k: v for k, v in results.items() if isinstance(v, (int, float))}

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dockyard.common.frames import FrameError, encode_frame, read_frame, write_frame
+from dockyard.common.frames import (FrameError, FrameSocket, encode_frame, read_frame,
+                                    write_frame)
 
 BOOTSTRAP = Path(__file__).resolve().parent.parent / "dockyard" / "sandbox" / "bootstrap.py"
 FUNCTIONS = Path(__file__).resolve().parent / "functions"
@@ -172,6 +173,32 @@ def test_frames(tmp_path):
     os.close(w)
     with os.fdopen(r, "rb") as inp:
         assert read_frame(inp) is None
+
+
+def test_frame_socket_split_frames_timeout_and_close():
+    import socket
+
+    left, right = socket.socketpair()
+    conn = FrameSocket(left)
+    try:
+        data = encode_frame({"a": 1}) + encode_frame({"b": "é" * 70000})
+        # Frames arrive in pieces and two at a time: each is cut out whole.
+        right.sendall(data[:3])
+        threading.Timer(0.05, right.sendall, args=(data[3:],)).start()
+        assert conn.recv() == {"a": 1}
+        assert conn.recv() == {"b": "é" * 70000}
+        conn.set_recv_timeout(0.2)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            conn.recv()
+        assert time.monotonic() - started >= 0.15
+        right.sendall(encode_frame([1])[:5])
+        right.close()
+        with pytest.raises(FrameError):
+            conn.recv()
+    finally:
+        conn.close()
+        right.close()
 
 
 def test_cpu_budget_per_call_kills_a_burner(tmp_path):

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import select
 import socket
+import struct
 import threading
 
 from ..common.frames import FrameSocket
+
+# A frame the worker does not take within this long means the worker is stuck.
+SEND_TIMEOUT_S = 30
 
 
 class WorkerGone(Exception):
@@ -38,6 +42,11 @@ class WorkerConnections:
         if not reply or reply.get("type") != "hello":
             conn.close()
             raise WorkerGone(f"worker at {address} refused the connection: {reply}")
+        # From here on the socket blocks and the kernel bounds each wait (SO_RCVTIMEO /
+        # SO_SNDTIMEO): no poll before every read and write of a call.
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(SEND_TIMEOUT_S), 0))
         return conn
 
     def _checkout(self, address: str, timeout: float) -> FrameSocket:
@@ -61,7 +70,11 @@ class WorkerConnections:
         """Send one frame and wait for its reply. WorkerGone if the worker could not be
         reached (nothing ran) — `sent` in its args says whether the call may have started."""
         conn = self._checkout(address, timeout)
-        conn.sock.settimeout(timeout)
+        try:
+            conn.set_recv_timeout(timeout)
+        except OSError as exc:
+            conn.close()
+            raise WorkerGone(f"worker at {address} went away: {exc}", False) from exc
         try:
             conn.send(frame)
         except OSError as exc:

@@ -63,36 +63,52 @@ def write_frame(stream, obj) -> None:
     stream.flush()
 
 
-class FrameReader:
-    """Frames from a raw fd with an optional deadline (select + os.read into one buffer), so
-    the thread that sent a request can read its reply itself."""
+class _Buffered:
+    """Bytes read so far and the frames that can be cut from them; subclasses say how to
+    read more."""
 
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self):
         self.buffer = bytearray()
 
-    def read(self, deadline: float | None):
-        """The next frame; None at end of stream; TimeoutError past `deadline` (monotonic)."""
+    def _next_frame(self, more) -> object:
+        """Cut the next frame from the buffer, calling `more()` for bytes until one is whole.
+        None at a clean end of stream."""
         buffer = self.buffer
         while True:
             if len(buffer) >= 4:
                 (size,) = _HEADER.unpack_from(buffer)
                 if size > MAX_FRAME:
-                    raise FrameError(f"frame of {size} bytes is over the limit")
+                    raise FrameError(f"frame of {size} bytes is over the {MAX_FRAME} byte limit")
                 if len(buffer) >= 4 + size:
                     body = bytes(buffer[4:4 + size])
                     del buffer[:4 + size]
                     return json.loads(body)
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
-                    raise TimeoutError
-            chunk = os.read(self.fd, 1 << 16)
+            chunk = more()
             if not chunk:
                 if buffer:
                     raise FrameError("stream ended inside a frame")
                 return None
             buffer += chunk
+
+
+class FrameReader(_Buffered):
+    """Frames from a raw fd with an optional deadline (select + os.read into one buffer), so
+    the thread that sent a request can read its reply itself."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+
+    def read(self, deadline: float | None):
+        """The next frame; None at end of stream; TimeoutError past `deadline` (monotonic)."""
+        def more() -> bytes:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
+                    raise TimeoutError
+            return os.read(self.fd, 1 << 16)
+
+        return self._next_frame(more)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -100,22 +116,42 @@ class FrameReader:
             self.fd = -1
 
 
-class FrameSocket:
-    """Frames over a connected socket: buffered reads, one sendall per frame."""
+class FrameSocket(_Buffered):
+    """Frames over a connected socket: one sendall per frame, reads straight from the socket
+    into one buffer (no file object in between: this is the per-call path). A blocking
+    socket with a kernel receive timeout (`set_recv_timeout`) costs no poll per read."""
 
     def __init__(self, sock: socket.socket):
+        super().__init__()
         self.sock = sock
-        self._reader = sock.makefile("rb")
+        self._recv_timeout: float | None = None
 
     def send(self, obj) -> None:
         self.sock.sendall(encode_frame(obj))
 
     def recv(self):
-        return read_frame(self._reader)
+        """The next frame; None when the peer closed; TimeoutError past the receive timeout."""
+        return self._next_frame(self._more)
+
+    def _more(self) -> bytes:
+        try:
+            return self.sock.recv(1 << 16)
+        except BlockingIOError:
+            # SO_RCVTIMEO ran out on a blocking socket.
+            raise TimeoutError(f"no reply within {self._recv_timeout:g}s") from None
+
+    def set_recv_timeout(self, seconds: float) -> None:
+        """Bound every read by `seconds` in the kernel (SO_RCVTIMEO); one syscall, and only
+        when the value changes."""
+        if seconds == self._recv_timeout:
+            return
+        whole = int(seconds)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+        self._recv_timeout = seconds
 
     def close(self) -> None:
-        for closer in (self._reader.close, self.sock.close):
-            try:
-                closer()
-            except OSError:
-                pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
