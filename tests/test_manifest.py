@@ -75,6 +75,14 @@ def test_resolve_function():
     ('name = "a"\n[limits]\nnetwork = "no"\n', "network must be true or false"),
     ('name = "a"\n[limits]\ncpu = 1\n', "unknown key limits.cpu"),
     ('name = "a"\n[[jobs]]\nname = "j"\nfunction = "f"\n', "jobs[0] needs 'schedule'"),
+    ('name = "a"\n[[jobs]]\nname = "j"\nfunction = "m:f"\nschedule = "61 * * * *"\n',
+     "jobs[0].schedule '61 * * * *': not a cron expression"),
+    ('name = "a"\n[[jobs]]\nname = "j"\nfunction = "m:f"\nschedule = "@every 5x"\n',
+     "use @every N followed by s, m or h"),
+    ('name = "a"\n[[jobs]]\nname = "j"\nfunction = "m:f"\nschedule = "@daily"\n'
+     'timezone = "Mars/Olympus"\n', "jobs[0].timezone 'Mars/Olympus' is not an IANA name"),
+    ('name = "a"\n[[jobs]]\nname = "j"\nfunction = "nope"\nschedule = "@hourly"\n',
+     "jobs[0].function 'nope' is neither a name in [functions]"),
 ])
 def test_errors_name_the_problem(text, message):
     with pytest.raises(BadPackage) as info:
@@ -82,3 +90,11 @@ def test_errors_name_the_problem(text, message):
     assert message in info.value.message
     assert info.value.message.startswith("dockyard.toml: ")
     assert "\n" not in info.value.message
+
+
+@pytest.mark.parametrize("schedule", ["0 3 * * *", "*/5 * * * * *", "@weekly", "@every 30s",
+                                      "@every 2h"])
+def test_job_schedules_accepted(schedule):
+    m = parse_manifest(f'name = "a"\n[functions]\ng = "m:g"\n[[jobs]]\nname = "j"\n'
+                       f'function = "g"\nschedule = "{schedule}"\ntimezone = "Europe/Berlin"\n')
+    assert m.jobs[0].schedule == schedule

@@ -136,6 +136,39 @@ def _functions(raw) -> dict[str, str]:
     return dict(raw)
 
 
+MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+          "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+          "@hourly": "0 * * * *"}
+EVERY_RE = re.compile(r"@every\s+([1-9][0-9]*)(s|m|h)")
+
+
+def schedule_problem(schedule: str) -> str | None:
+    """Why a schedule is not valid, or None: 5-field cron, 6 with seconds, a macro, or
+    `@every N{s,m,h}`."""
+    from datetime import datetime
+
+    from cronsim import CronSim, CronSimError
+
+    text = schedule.strip()
+    if text.startswith("@every"):
+        return None if EVERY_RE.fullmatch(text) else "use @every N followed by s, m or h"
+    try:
+        CronSim(MACROS.get(text, text), datetime(2000, 1, 1))
+    except CronSimError as exc:
+        return f"not a cron expression ({exc})"
+    return None
+
+
+def _known_timezone(name: str) -> bool:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
 def _jobs(raw) -> list[JobSpec]:
     if not isinstance(raw, list):
         raise _bad("[[jobs]] must be an array of tables")
@@ -149,9 +182,13 @@ def _jobs(raw) -> list[JobSpec]:
         for key in ("name", "function", "schedule"):
             if not isinstance(job.get(key), str) or not job[key].strip():
                 raise _bad(f"jobs[{i}] needs '{key}' (a string)")
+        problem = schedule_problem(job["schedule"])
+        if problem:
+            raise _bad(f"jobs[{i}].schedule {job['schedule']!r}: {problem}")
         tz = job.get("timezone", "UTC")
-        if not isinstance(tz, str):
-            raise _bad(f"jobs[{i}].timezone must be an IANA name such as 'Europe/Berlin'")
+        if not isinstance(tz, str) or not _known_timezone(tz):
+            raise _bad(f"jobs[{i}].timezone {tz!r} is not an IANA name such as "
+                       "'Europe/Berlin'")
         jobs.append(JobSpec(job["name"], job["function"], job["schedule"], tz,
                             job.get("payload")))
     return jobs
@@ -180,7 +217,12 @@ def parse_manifest(text: str) -> Manifest:
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                             for k, v in env.items()):
         raise _bad("'env' must be a table of strings, e.g. env = { GREETING = \"hi\" }")
+    functions = _functions(data.get("functions", {}))
+    jobs = _jobs(data.get("jobs", []))
+    for i, job in enumerate(jobs):
+        if job.function not in functions and not TARGET_RE.fullmatch(job.function):
+            raise _bad(f"jobs[{i}].function '{job.function}' is neither a name in [functions] "
+                       "nor 'module:callable'")
     return Manifest(name=name, version=version, dependencies=dependencies,
-                    requirements=requirements, env=dict(env),
-                    functions=_functions(data.get("functions", {})),
-                    limits=_limits(data.get("limits", {})), jobs=_jobs(data.get("jobs", [])))
+                    requirements=requirements, env=dict(env), functions=functions,
+                    limits=_limits(data.get("limits", {})), jobs=jobs)
