@@ -11,7 +11,7 @@ from pathlib import Path
 TOKEN_KINDS = ("admin", "worker", "invoke")
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class DataDir:
     root: Path
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import select
 import socket
-import struct
 import threading
 
 from ..common.frames import FrameSocket
@@ -45,8 +44,7 @@ class WorkerConnections:
         # From here on the socket blocks and the kernel bounds each wait (SO_RCVTIMEO /
         # SO_SNDTIMEO): no poll before every read and write of a call.
         sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                        struct.pack("ll", int(SEND_TIMEOUT_S), 0))
+        conn.set_send_timeout(SEND_TIMEOUT_S)
         return conn
 
     def _checkout(self, address: str, timeout: float) -> FrameSocket:
@@ -72,10 +70,6 @@ class WorkerConnections:
         conn = self._checkout(address, timeout)
         try:
             conn.set_recv_timeout(timeout)
-        except OSError as exc:
-            conn.close()
-            raise WorkerGone(f"worker at {address} went away: {exc}", False) from exc
-        try:
             conn.send(frame)
         except OSError as exc:
             conn.close()

@@ -63,16 +63,24 @@ def write_frame(stream, obj) -> None:
     stream.flush()
 
 
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+
+
 class _Buffered:
     """Bytes read so far and the frames that can be cut from them; subclasses say how to
-    read more."""
+    read more (`_more`)."""
 
     def __init__(self):
         self.buffer = bytearray()
 
-    def _next_frame(self, more) -> object:
-        """Cut the next frame from the buffer, calling `more()` for bytes until one is whole.
-        None at a clean end of stream."""
+    def _more(self) -> bytes:
+        raise NotImplementedError
+
+    def _next_frame(self):
+        """Cut the next frame from the buffer, reading more until one is whole. None at a
+        clean end of stream."""
         buffer = self.buffer
         while True:
             if len(buffer) >= 4:
@@ -83,7 +91,7 @@ class _Buffered:
                     body = bytes(buffer[4:4 + size])
                     del buffer[:4 + size]
                     return json.loads(body)
-            chunk = more()
+            chunk = self._more()
             if not chunk:
                 if buffer:
                     raise FrameError("stream ended inside a frame")
@@ -98,17 +106,19 @@ class FrameReader(_Buffered):
     def __init__(self, fd: int):
         super().__init__()
         self.fd = fd
+        self._deadline: float | None = None
 
     def read(self, deadline: float | None):
         """The next frame; None at end of stream; TimeoutError past `deadline` (monotonic)."""
-        def more() -> bytes:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
-                    raise TimeoutError
-            return os.read(self.fd, 1 << 16)
+        self._deadline = deadline
+        return self._next_frame()
 
-        return self._next_frame(more)
+    def _more(self) -> bytes:
+        if self._deadline is not None:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
+                raise TimeoutError
+        return os.read(self.fd, 1 << 16)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -119,7 +129,7 @@ class FrameReader(_Buffered):
 class FrameSocket(_Buffered):
     """Frames over a connected socket: one sendall per frame, reads straight from the socket
     into one buffer (no file object in between: this is the per-call path). A blocking
-    socket with a kernel receive timeout (`set_recv_timeout`) costs no poll per read."""
+    socket with kernel timeouts (SO_RCVTIMEO / SO_SNDTIMEO) costs no poll per read or write."""
 
     def __init__(self, sock: socket.socket):
         super().__init__()
@@ -131,7 +141,7 @@ class FrameSocket(_Buffered):
 
     def recv(self):
         """The next frame; None when the peer closed; TimeoutError past the receive timeout."""
-        return self._next_frame(self._more)
+        return self._next_frame()
 
     def _more(self) -> bytes:
         try:
@@ -141,14 +151,15 @@ class FrameSocket(_Buffered):
             raise TimeoutError(f"no reply within {self._recv_timeout:g}s") from None
 
     def set_recv_timeout(self, seconds: float) -> None:
-        """Bound every read by `seconds` in the kernel (SO_RCVTIMEO); one syscall, and only
-        when the value changes."""
+        """Bound every read by `seconds` in the kernel; one syscall, and only when the value
+        changes."""
         if seconds == self._recv_timeout:
             return
-        whole = int(seconds)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                             struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
         self._recv_timeout = seconds
+
+    def set_send_timeout(self, seconds: float) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
 
     def close(self) -> None:
         try:

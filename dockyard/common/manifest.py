@@ -5,11 +5,15 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+from cronsim import CronSim, CronSimError
 
 from ..errors import BadPackage, NotFound
 
@@ -145,10 +149,6 @@ EVERY_RE = re.compile(r"@every\s+([1-9][0-9]*)(s|m|h)")
 def schedule_problem(schedule: str) -> str | None:
     """Why a schedule is not valid, or None: 5-field cron, 6 with seconds, a macro, or
     `@every N{s,m,h}`."""
-    from datetime import datetime
-
-    from cronsim import CronSim, CronSimError
-
     text = schedule.strip()
     if text.startswith("@every"):
         return None if EVERY_RE.fullmatch(text) else "use @every N followed by s, m or h"
@@ -160,8 +160,6 @@ def schedule_problem(schedule: str) -> str | None:
 
 
 def _known_timezone(name: str) -> bool:
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
     try:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
