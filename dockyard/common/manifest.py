@@ -31,6 +31,8 @@ LIMITS = {
     "concurrency": (int, 1, 1000),
     "instances": (int, 0, 64),
     "processes": (int, 1, 65536),
+    "tmp_mb": (int, 1, 65536),
+    "cpus": ((int, float), 0.05, 1024),
 }
 JOB_KEYS = {"name", "function", "schedule", "timezone", "payload", "enabled", "concurrency",
             "retries", "timeout_s", "starting_deadline_s"}
@@ -44,6 +46,8 @@ class Limits:
     instances: int = 1
     network: bool = True
     processes: int = 64
+    tmp_mb: int = 512                # size of the private /tmp (and of /dev/shm)
+    cpus: float | None = None        # a CPU share (cgroup quota); None: no share limit
 
 
 @dataclass
