@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 import time
@@ -102,7 +103,13 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
                         pk="name")
 
 
-MIGRATIONS = [_m1_initial]
+def _m2_instance_id(db: sqlite_utils.Database) -> None:
+    """An id for this control plane, unique on every host: with a container's id and creation
+    time it names the container for the host-wide uid registry of the workers."""
+    db["settings"].insert({"key": "instance_id", "value": secrets.token_hex(8)}, replace=True)
+
+
+MIGRATIONS = [_m1_initial, _m2_instance_id]
 
 
 def migrate(path: str | Path) -> None:

@@ -14,7 +14,7 @@ from ..app.datadir import DataDir
 from ..runner.agent import Agent, WorkerConfig
 from ..runner.venvs import UvOptions
 from ..sandbox.cgroups import remove_root, sweep_stale
-from ..sandbox.isolation import (DEFAULT_UID_BASE, Isolation, choose_python,
+from ..sandbox.isolation import (DEFAULT_UID_BASE, NOBODY, Isolation, choose_python,
                                  unreachable_ancestor)
 
 
@@ -35,17 +35,20 @@ def run_worker(server, token, data, listen, advertise, index_url, find_links, of
     isolation.detect(f"w{os.getpid()}")
     if isolation.cgroups is not None:
         sweep_stale(isolation.cgroups)
-    probe_uid = isolation.identity(0)[0]
+    probe_uid = NOBODY if isolation.drop_privileges else None
     try:
-        interpreter, why = choose_python(python, probe_uid)
+        interpreter, why = choose_python(python, probe_uid, isolation.runnable)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
-    blocked = unreachable_ancestor(data_dir.worker) if isolation.drop_privileges else None
+    isolation.use_interpreter(interpreter)
+    blocked = (unreachable_ancestor(data_dir.worker)
+               if isolation.drop_privileges and isolation.view is None else None)
     if blocked is not None:
+        # Only without namespaces do children reach their code through host paths.
         raise click.ClickException(
             f"the data dir {data_dir.root} is below {blocked}, which other users cannot "
-            f"enter (mode {oct(blocked.stat().st_mode & 0o777)}), so sandboxed functions "
-            "could not reach their code; use a --data dir outside it")
+            f"enter (mode {oct(blocked.stat().st_mode & 0o777)}), and this host gives "
+            f"children no private view ({isolation.view_note}); pass a --data dir outside it")
     isolation.notes["interpreter"] = {"on": True, "how": why}
     options = UvOptions(uv_bin=uv.find_uv_bin(), python=interpreter, index_url=index_url,
                         find_links=tuple(str(Path(f).absolute()) for f in find_links),

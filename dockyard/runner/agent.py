@@ -43,6 +43,10 @@ class WorkerConfig:
     name: str = field(default_factory=socket.gethostname)
 
 
+def _uid_key(spec: dict) -> str:
+    return spec.get("uid_key") or f"legacy:{spec['container_id']}"
+
+
 class Agent:
     def __init__(self, config: WorkerConfig):
         self.config = config
@@ -56,16 +60,23 @@ class Agent:
         os.set_blocking(self.wake_write, False)
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {config.token}"
+        isolation = config.isolation
+        private = isolation.view is not None
         config.worker_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(config.worker_dir, 0o711)
+        os.chmod(config.worker_dir, 0o700 if private else 0o711)
         # The bootstrap must be readable by the children's uid wherever dockyard is installed.
         self.bootstrap = config.worker_dir / ".bootstrap.py"
         shutil.copyfile(BOOTSTRAP, self.bootstrap)
         os.chmod(self.bootstrap, 0o644)
+        # Each child mounts its private root here, in its own mount namespace.
+        view_root = config.worker_dir / ".view"
+        view_root.mkdir(exist_ok=True)
+        os.chmod(view_root, 0o700)
         kill_strays(config.worker_dir)
         self.builder = Builder(config.worker_dir, config.uv, self._download,
-                               lambda cid: config.isolation.identity(cid)[1])
-        self.make_child_spec = child_spec_factory(config.isolation, str(self.bootstrap))
+                               lambda spec: isolation.identity(_uid_key(spec))[1],
+                               private=private)
+        self.make_child_spec = child_spec_factory(isolation, str(self.bootstrap), view_root)
         self.server = InvokeServer(config.listen, config.token, self.handle_frame)
 
     # -- wake-ups and signals -------------------------------------------------------------

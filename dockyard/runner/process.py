@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -17,12 +18,15 @@ from pathlib import Path
 from typing import Callable
 
 from ..common.frames import FrameReader, encode_frame, write_frame
+from ..sandbox.isolation import SAFE_PATH, encode_spec, launcher_argv, lifeline_fd
 from .states import ProcessState, change_state
 from .tree import kill_tree
 
 log = logging.getLogger("dockyard.process")
 
 LOAD_ERROR_EXIT = 3
+SANDBOX_FAILED_EXIT = 125     # sandbox/launch.py could not build the view
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 60.0
 OUTPUT_CAP = 64 * 1024
 
@@ -50,6 +54,8 @@ class ChildSpec:
     group: int | None = None
     owner: tuple[int, int] | None = None  # the child's uid/gid, owner of its private tmp
     cgroup: Callable[[str], object] | None = None  # makes this child's cgroup, given a name
+    sandbox: dict | None = None     # the launcher's spec (a private view); None: no namespaces
+    cpu_budget_s: float | None = None  # RLIMIT_CPU armed from outside before each call
 
 
 @dataclass
@@ -76,6 +82,8 @@ class Child:
         self.exit_reason: str | None = None
         self.oom = False
         self.cgroup = None
+        self.server_pid = 0         # the bootstrap's pid on the host (inside a view: pid 2)
+        self._stat_fd = -1
         self._dead: dict | None = None
         self._pending: dict[str, _Pending] = {}
         self._write_lock = threading.Lock()
@@ -93,24 +101,42 @@ class Child:
         """Spawn, apply limits, send the init frame and wait for ready. Raises LoadError when
         the code cannot be imported, StartError when the child fails otherwise."""
         change_state(self, ProcessState.STARTING, f"{self.spec.what} process {self.number}")
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.tmp_dir, 0o700)
-        if self.spec.owner is not None:
-            os.chown(self.tmp_dir, *self.spec.owner)
+        view = self.spec.sandbox is not None
+        if not view:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.tmp_dir, 0o700)
+            if self.spec.owner is not None:
+                os.chown(self.tmp_dir, *self.spec.owner)
         self.spec.run_dir.mkdir(parents=True, exist_ok=True)
+        if view and self.spec.cgroup is not None:
+            # Made before the process: the launcher joins it before it forks anything.
+            self.cgroup = self.spec.cgroup(self._cgroup_name())
         req_read, req_write = os.pipe()
         rep_read, rep_write = os.pipe()
         out_fd = os.open(self.stdout_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
         err_fd = os.open(self.stderr_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
-        env = dict(self.spec.env, HOME=str(self.tmp_dir), TMPDIR=str(self.tmp_dir))
+        fds = [str(req_read), str(rep_write)]
+        if view:
+            argv, env, cwd = launcher_argv(req_read, rep_write), {"PATH": SAFE_PATH}, \
+                self.spec.run_dir.parent
+        else:
+            argv = [*self.spec.argv, *fds]
+            env = dict(self.spec.env, HOME=str(self.tmp_dir), TMPDIR=str(self.tmp_dir))
+            cwd = self.spec.code_dir
         try:
             self.popen = subprocess.Popen(
-                [*self.spec.argv, str(req_read), str(rep_write)],
-                stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
-                pass_fds=(req_read, rep_write), cwd=self.spec.code_dir, env=env,
+                argv, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
+                pass_fds=(req_read, rep_write, lifeline_fd()) if view else
+                (req_read, rep_write), cwd=cwd, env=env,
                 start_new_session=True, close_fds=True,
                 user=self.spec.user, group=self.spec.group,
                 extra_groups=[] if self.spec.user is not None else None)
+        except BaseException:
+            for fd in (req_write, rep_read):
+                os.close(fd)
+            if self.cgroup is not None:
+                self.cgroup.remove()
+            raise
         finally:
             for fd in (req_read, rep_write, out_fd, err_fd):
                 os.close(fd)
@@ -118,9 +144,14 @@ class Child:
         self._requests = os.fdopen(req_write, "wb", buffering=0)
         self._replies = FrameReader(rep_read)
         try:
-            if self.spec.cgroup is not None:
+            if view:
+                cgroups = self.cgroup.folders() if self.cgroup is not None else []
+                self._requests.write(encode_spec(dict(
+                    self.spec.sandbox, cgroups=cgroups,
+                    argv=[*self.spec.sandbox["argv"], *fds])))
+            elif self.spec.cgroup is not None:
                 # Before the init frame: the child runs no user code until it has it.
-                self.cgroup = self.spec.cgroup(f"{self.spec.what.replace('@', '-')}-p{self.number}")
+                self.cgroup = self.spec.cgroup(self._cgroup_name())
                 self.cgroup.attach(self.pid)
             write_frame(self._requests, dict(self.spec.init, type="init",
                                              output_cap=OUTPUT_CAP))
@@ -144,10 +175,51 @@ class Child:
         if first.get("type") != "ready":
             self._abort()
             raise StartError(f"unexpected first frame from the child: {first}")
+        self.server_pid = self._find_server() if view else self.pid
+        if self.spec.cpu_budget_s and self.server_pid:
+            try:
+                self._stat_fd = os.open(f"/proc/{self.server_pid}/stat", os.O_RDONLY)
+            except OSError as exc:
+                log.warning("%s: cannot watch its CPU time: %s", self.what, exc)
         change_state(self, ProcessState.RUNNING, self.what)
         if not self.direct:
             threading.Thread(target=self._read_replies, name=f"child-{self.pid}",
                              daemon=True).start()
+
+    def _cgroup_name(self) -> str:
+        return f"{self.spec.what.replace('@', '-')}-p{self.number}"
+
+    def _find_server(self) -> int:
+        """The bootstrap's pid on the host: the child of the namespace's init (below the
+        launcher) whose pid inside the namespace is 2."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                init = int(f.read().split()[0])
+            with open(f"/proc/{init}/task/{init}/children") as f:
+                candidates = [int(p) for p in f.read().split()]
+            for pid in candidates:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("NSpid:") and line.split()[-1] == "2":
+                            return pid
+        except (OSError, ValueError, IndexError) as exc:
+            log.warning("%s: cannot find its server process: %s", self.what, exc)
+        return 0
+
+    def arm_cpu_budget(self) -> None:
+        """Give the next call `cpu_budget_s` seconds of CPU on top of what the process used so
+        far: RLIMIT_CPU set from outside, soft and hard, so the function cannot lift it
+        (SIGXCPU at the soft limit, SIGKILL a second later)."""
+        if self._stat_fd < 0:
+            return
+        try:
+            stat = os.pread(self._stat_fd, 1024, 0)
+            fields = stat[stat.rindex(b")") + 2:].split()
+            used = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            budget = int(used + self.spec.cpu_budget_s) + 1
+            resource.prlimit(self.server_pid, resource.RLIMIT_CPU, (budget, budget + 1))
+        except (OSError, ValueError) as exc:
+            log.debug("%s: cannot arm the CPU budget: %s", self.what, exc)
 
     def _abort(self) -> int | None:
         self.kill()
@@ -173,6 +245,8 @@ class Child:
         way to stop Python code) and a timed_out reply is returned."""
         deadline = time.monotonic() + timeout
         if self.direct:
+            if self._stat_fd >= 0:
+                self.arm_cpu_budget()
             try:
                 self._requests.write(encode_frame(frame))
                 reply = self._replies.read(deadline)
@@ -289,6 +363,8 @@ class Child:
                 return f"killed by signal {-code}"
         if code == LOAD_ERROR_EXIT:
             return "could not load the code"
+        if code == SANDBOX_FAILED_EXIT:
+            return "the sandbox could not be built"
         return f"exit code {code}"
 
     def read_output(self) -> tuple[str, str]:
@@ -342,6 +418,9 @@ class Child:
             except (OSError, AttributeError):
                 pass
         self._requests = self._replies = None
+        if self._stat_fd >= 0:
+            os.close(self._stat_fd)
+            self._stat_fd = -1
         if self.cgroup is not None:
             self.cgroup.remove()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)

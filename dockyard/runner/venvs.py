@@ -67,9 +67,13 @@ def _make_read_only(tree: Path) -> None:
 class Builder:
     def __init__(self, worker_dir: Path, uv: UvOptions,
                  download: Callable[[str, Path], None],
-                 group_of: Callable[[int], int | None] = lambda container_id: None):
+                 group_of: Callable[[dict], int | None] = lambda spec: None,
+                 private: bool = False):
         self.worker_dir = worker_dir
         self.group_of = group_of
+        # Children that see the version through a private view (bind mounts made as root)
+        # need no path to it on the host: everything stays root-only.
+        self.private = private
         self.artifacts = worker_dir / ".artifacts"
         self.uv = uv
         self.download = download
@@ -97,17 +101,25 @@ class Builder:
         manifest = Manifest.from_dict(spec["manifest"])
         paths = version_paths(self.worker_dir, spec["container"], spec["version"])
         paths.root.mkdir(parents=True, exist_ok=True)
+        container_dir = self.worker_dir / spec["container"]
+        if self.private:
+            for folder in (self.worker_dir, container_dir, paths.root):
+                os.chmod(folder, 0o700)
+            return self._build_in(spec, manifest, paths, say)
         # Children may traverse the worker dir but not list it; a container's folder is open
         # only to that container's group, so containers cannot read each other's code.
         os.chmod(self.worker_dir, 0o711)
-        container_dir = self.worker_dir / spec["container"]
-        group = self.group_of(spec["container_id"])
+        group = self.group_of(spec)
         if group is not None:
             os.chown(container_dir, 0, group)
             os.chmod(container_dir, 0o750)
         else:
             os.chmod(container_dir, 0o755)
         os.chmod(paths.root, 0o755)
+        return self._build_in(spec, manifest, paths, say)
+
+    def _build_in(self, spec: dict, manifest: Manifest, paths: VersionPaths,
+                  say: Callable[[str], None]) -> VersionPaths:
         if not (paths.root / ".code-ready").exists():
             say(f"fetching package {spec['artifact_sha256'][:12]}")
             archive = self.artifact(spec["artifact_sha256"])
@@ -124,7 +136,7 @@ class Builder:
 
     def _venv(self, manifest: Manifest, paths: VersionPaths, say) -> None:
         wanted = {"python": self.uv.python, "dependencies": manifest.dependencies,
-                  "requirements": manifest.requirements}
+                  "requirements": manifest.requirements, "relocatable": True}
         marker = paths.root / ".venv-ready"
         if marker.exists() and paths.python.exists():
             try:
@@ -135,7 +147,8 @@ class Builder:
                 pass
         shutil.rmtree(paths.venv, ignore_errors=True)
         say(f"creating virtualenv with {self.uv.python}")
-        self._uv(["venv", "--python", self.uv.python, str(paths.venv)], say)
+        # Relocatable: entry-point scripts must work where the view puts the venv.
+        self._uv(["venv", "--relocatable", "--python", self.uv.python, str(paths.venv)], say)
         args = []
         if manifest.requirements:
             req = (paths.code / manifest.requirements).resolve()

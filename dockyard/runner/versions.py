@@ -8,7 +8,12 @@ import threading
 import time
 from typing import Callable
 
+from pathlib import Path
+
 from ..common.manifest import Manifest
+from ..sandbox.view import CODE as VIEW_CODE
+from ..sandbox.view import VENV as VIEW_VENV
+from ..sandbox.view import sandbox_spec
 from .pool import Pool
 from .process import ChildSpec, LoadError
 from .states import VersionState, change_state
@@ -178,29 +183,44 @@ class VersionRuntime:
         return pool.pids() if pool else []
 
 
-def child_spec_factory(isolation, bootstrap_path: str):
+def child_spec_factory(isolation, bootstrap_path: str, view_root: Path):
     """How a VersionRuntime turns into ChildSpecs for its processes."""
 
     def make(runtime: VersionRuntime) -> ChildSpec:
         paths = runtime.paths
-        uid, gid = isolation.identity(runtime.spec["container_id"])
+        spec = runtime.spec
+        uid, gid = isolation.identity(spec.get("uid_key") or f"legacy:{spec['container_id']}")
+
         manifest = runtime.manifest
         limits = manifest.limits
-        argv, user, group = isolation.command(
-            [str(paths.python), "-I", "-B", bootstrap_path], uid, gid, limits.network)
         cgroups = isolation.cgroups
         make_cgroup = None
         if cgroups is not None:
             def make_cgroup(name: str):
-                return cgroups.create(name, limits.memory_mb, limits.processes)
+                return cgroups.create(name, limits.memory_mb, limits.processes, limits.cpus)
 
+        init = {"functions": manifest.functions, "container": spec["container"],
+                "version": spec["version"], "concurrency": limits.concurrency}
+        one_at_a_time = limits.concurrency == 1
+        if isolation.view is not None:
+            sandbox = sandbox_spec(
+                isolation.view, root=view_root, code=paths.code, venv=paths.venv,
+                bootstrap=Path(bootstrap_path), uid=uid, gid=gid, tmp_mb=limits.tmp_mb,
+                network=limits.network, rlimits=isolation.rlimits(limits),
+                env=isolation.env(manifest.env, VIEW_VENV))
+            return ChildSpec(
+                argv=[], code_dir=paths.code, tmp_root=paths.tmp, run_dir=paths.run, env={},
+                init=dict(init, code_dir=VIEW_CODE, rlimits={}, cpu_s=0), what=runtime.what,
+                cgroup=make_cgroup, sandbox=sandbox,
+                cpu_budget_s=limits.timeout_s if one_at_a_time else None)
+        argv, user, group = isolation.command(
+            [str(paths.python), "-I", "-B", bootstrap_path], uid, gid, limits.network)
+        rlimits = {name: value for name, (value, _) in isolation.rlimits(limits).items()}
         return ChildSpec(
             argv=argv, code_dir=paths.code, tmp_root=paths.tmp, run_dir=paths.run,
             env=isolation.env(manifest.env, paths.venv),
-            init={"code_dir": str(paths.code), "functions": manifest.functions,
-                  "container": runtime.spec["container"], "version": runtime.spec["version"],
-                  "concurrency": limits.concurrency, "rlimits": isolation.rlimits(limits),
-                  "cpu_s": limits.timeout_s},
+            init=dict(init, code_dir=str(paths.code), rlimits=rlimits,
+                      cpu_s=limits.timeout_s if one_at_a_time else 0),
             what=runtime.what, user=user, group=group,
             owner=(uid, gid) if uid is not None else None, cgroup=make_cgroup)
 

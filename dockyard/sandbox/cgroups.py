@@ -15,6 +15,8 @@ from pathlib import Path
 log = logging.getLogger("dockyard.cgroups")
 
 CONTROLLERS = ("memory", "pids")
+OPTIONAL = ("cpu",)          # limits.cpus; without it the summary says cpus cannot be enforced
+CPU_PERIOD_US = 100_000
 
 
 def _mounts() -> list[tuple[str, str, set[str]]]:
@@ -50,15 +52,17 @@ def _own_paths() -> dict[str, str]:
 class CgroupHost:
     version: int                   # 1 or 2
     roots: dict[str, Path]         # controller -> the folder our children's cgroups go in
+    cpu: bool = False              # the cpu controller is ours too (limits.cpus)
 
-    def create(self, name: str, memory_mb: int, processes: int) -> "Cgroup":
+    def create(self, name: str, memory_mb: int, processes: int,
+               cpus: float | None = None) -> "Cgroup":
         dirs = {}
         for controller, root in self.roots.items():
             path = root / name
             path.mkdir(exist_ok=True)
             dirs[controller] = path
         group = Cgroup(self.version, dirs)
-        group.limit(memory_mb, processes)
+        group.limit(memory_mb, processes, cpus)
         return group
 
 
@@ -75,21 +79,31 @@ class Cgroup:
             log.debug("cgroup %s/%s: %s", controller, name, exc)
             return False
 
-    def limit(self, memory_mb: int, processes: int) -> None:
+    def limit(self, memory_mb: int, processes: int, cpus: float | None = None) -> None:
         limit = int(memory_mb) * 1024 * 1024
+        quota = None if not cpus else max(1000, int(float(cpus) * CPU_PERIOD_US))
         if self.version == 2:
             self._write("memory", "memory.max", limit)
             self._write("memory", "memory.swap.max", 0)
             self._write("pids", "pids.max", processes)
+            if quota and "cpu" in self.dirs:
+                self._write("cpu", "cpu.max", f"{quota} {CPU_PERIOD_US}")
         else:
             self._write("memory", "memory.limit_in_bytes", limit)
             # Without this a v1 group swaps instead of being killed at its limit.
             self._write("memory", "memory.memsw.limit_in_bytes", limit)
             self._write("pids", "pids.max", processes)
+            if quota and "cpu" in self.dirs:
+                self._write("cpu", "cpu.cfs_period_us", CPU_PERIOD_US)
+                self._write("cpu", "cpu.cfs_quota_us", quota)
+
+    def folders(self) -> list[str]:
+        """Every folder of this group, once (v2 has one folder for all controllers)."""
+        return sorted({str(path) for path in self.dirs.values()})
 
     def attach(self, pid: int) -> None:
-        for controller in self.dirs:
-            (self.dirs[controller] / "cgroup.procs").write_text(str(pid))
+        for folder in self.folders():
+            (Path(folder) / "cgroup.procs").write_text(str(pid))
 
     def pids(self) -> set[int]:
         found: set[int] = set()
@@ -149,18 +163,22 @@ def detect(tag: str) -> tuple[CgroupHost | None, str]:
     mounts = _mounts()
     own = _own_paths()
     v2 = [m for m in mounts if m[0] == "cgroup2"]
-    v1 = {c: m for m in mounts if m[0] == "cgroup" for c in CONTROLLERS if c in m[2]}
+    v1 = {c: m for m in mounts if m[0] == "cgroup" for c in CONTROLLERS + OPTIONAL
+          if c in m[2]}
     reasons = []
-    if len(v1) == len(CONTROLLERS):
+    if all(c in v1 for c in CONTROLLERS):
         roots = {}
         for controller, (_, mountpoint, _) in v1.items():
             base = Path(mountpoint) / own.get(controller, "/").lstrip("/")
             if not base.is_dir():
                 base = Path(mountpoint)  # a cgroup namespace shows us at the root
             roots[controller] = base / f"dockyard-{tag}"
-        host = _try(CgroupHost(1, roots))
+        host = _try(CgroupHost(1, roots, cpu="cpu" in roots))
+        if host is None and "cpu" in roots:
+            del roots["cpu"]
+            host = _try(CgroupHost(1, roots))
         if host:
-            return host, "cgroup v1 (memory, pids)"
+            return host, "cgroup v1 (" + ", ".join(sorted(host.roots)) + ")"
         reasons.append("cgroup v1 hierarchies are not writable")
     if v2:
         mountpoint = Path(v2[0][1])
@@ -173,14 +191,15 @@ def detect(tag: str) -> tuple[CgroupHost | None, str]:
         except OSError:
             available = set()
         if {"memory", "pids"} <= available:
+            wanted = ["memory", "pids"] + (["cpu"] if "cpu" in available else [])
             try:
-                enabled.write_text("+memory +pids")
+                enabled.write_text(" ".join("+" + c for c in wanted))
             except OSError:
                 pass
             root = base / f"dockyard-{tag}"
-            host = _try(CgroupHost(2, {"memory": root, "pids": root}))
+            host = _try(CgroupHost(2, {c: root for c in wanted}, cpu="cpu" in wanted))
             if host:
-                return host, "cgroup v2 (memory, pids)"
+                return host, "cgroup v2 (" + ", ".join(sorted(wanted)) + ")"
             reasons.append("the cgroup v2 tree is not writable (no delegation)")
         else:
             reasons.append("cgroup v2 lacks the memory/pids controllers here")
@@ -193,7 +212,7 @@ def _try(host: CgroupHost) -> CgroupHost | None:
     try:
         for root in host.roots.values():
             root.mkdir(exist_ok=True)
-        probe = host.create("probe", 64, 8)
+        probe = host.create("probe", 64, 8, 0.5 if host.cpu else None)
         probe.remove()
         return host
     except OSError as exc:

@@ -1,25 +1,31 @@
-"""What surrounds each child: its identity (an unprivileged uid per container when the worker
-runs as root), its environment, its resource limits, and the interpreter its venvs are built
-from. `summary()` says what is on, what is off and why; nothing is skipped silently."""
+"""What surrounds each child: its view of the system (namespaces, see view.py and launch.py),
+its identity (an unprivileged uid per container when the worker runs as root), its
+environment, its resource limits, and the interpreter its venvs are built from. `summary()`
+says what is on, what is off and why; nothing is skipped silently."""
 
 from __future__ import annotations
 
 import logging
+import marshal
 import os
-import resource
 import shutil
+import struct
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .cgroups import CgroupHost
 from .cgroups import detect as detect_cgroups
+from .uids import DEFAULT_UID_BASE, UidRegistry
+from .view import LAUNCHER, HostLayout, sandbox_spec
 
 log = logging.getLogger("dockyard.isolation")
 
-DEFAULT_UID_BASE = 200_000
-UID_RANGE = 50_000
+NOBODY = 65534
+STARTUP_CPU_S = 60
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 OPEN_FILES = 1024
 FILE_SIZE_BYTES = 1 << 30
@@ -36,13 +42,23 @@ class Isolation:
     notes: dict = field(default_factory=dict)
     cgroups: CgroupHost | None = None
     cgroup_note: str = "not probed"
-    setpriv: str | None = None
-    netns: list[str] | None = None       # the command prefix that gives a child no network
+    view: HostLayout | None = None        # a private root, pid, ipc and mount namespace
+    view_note: str = "not probed"
+    uids: UidRegistry | None = None
+    setpriv: str | None = None             # the fallback without namespaces
+    netns: list[str] | None = None         # the fallback's command prefix for no network
     netns_note: str = "not probed"
 
     def detect(self, tag: str) -> None:
-        """Probe the host once at start: cgroups, setpriv, network namespaces."""
+        """Probe the host once at start: cgroups, namespaces (the private view), and the
+        util-linux fallback when namespaces are not allowed."""
         self.cgroups, self.cgroup_note = detect_cgroups(tag)
+        if self.drop_privileges:
+            self.uids = UidRegistry(base=self.uid_base)
+        self.view, self.view_note = self._probe_view()
+        if self.view is not None:
+            self.netns_note = "a new network namespace per child (no interface but loopback)"
+            return
         self.setpriv = shutil.which("setpriv", path=SAFE_PATH)
         unshare = shutil.which("unshare", path=SAFE_PATH)
         if unshare is None:
@@ -61,11 +77,37 @@ class Isolation:
             reason = (done.stderr.strip().splitlines() or ["failed"])[-1]
         self.netns, self.netns_note = None, f"network namespaces are not allowed here ({reason})"
 
+    def _probe_view(self) -> tuple[HostLayout | None, str]:
+        if os.geteuid() != 0:
+            return None, ("the worker does not run as root, so it cannot build mount and pid "
+                          "namespaces for its children")
+        layout = HostLayout.probe()
+        true = shutil.which("true", path=SAFE_PATH) or "/bin/true"
+        reason = run_sandboxed(layout, [true], network=False)
+        if reason is not None:
+            return None, f"namespaces are not allowed here ({reason})"
+        return layout, ("a private root per child: read-only system folders, code and venv; "
+                        "its own /tmp, /dev/shm, /proc (pid namespace) and IPC namespace; the "
+                        "data dir, other containers and the host's /tmp do not exist in it")
+
+    def runnable(self, python: str, uid: int | None) -> str | None:
+        """None if the children's uid can run `python` in their view, else why not."""
+        if self.view is None:
+            return _runnable_by(python, uid)
+        layout = HostLayout(list(self.view.binds), list(self.view.symlinks))
+        layout.add_interpreter(python)
+        return run_sandboxed(layout, [python, "-I", "-c", "import encodings, json, asyncio"],
+                             network=True, uid=uid)
+
+    def use_interpreter(self, python: str) -> None:
+        if self.view is not None:
+            self.view.add_interpreter(python)
+
     def command(self, argv: list[str], uid: int | None, gid: int | None,
                 network: bool) -> tuple[list[str], int | None, int | None]:
-        """The child's command line and the uid/gid Popen should switch to (None when a
-        wrapper does it). A version that wants no network on a host that cannot provide it is
-        refused, never run with network."""
+        """Without namespaces (the fallback): the child's command line and the uid/gid Popen
+        should switch to (None when a wrapper does it). A version that wants no network on a
+        host that cannot provide it is refused, never run with network."""
         prefix: list[str] = []
         if not network:
             if self.netns is None:
@@ -83,25 +125,26 @@ class Isolation:
             return prefix + argv, None, None
         return prefix + argv, uid, gid
 
-    def identity(self, container_id: int) -> tuple[int | None, int | None]:
-        """A uid/gid of its own per container, so containers cannot touch each other."""
-        if not self.drop_privileges:
+    def identity(self, uid_key: str) -> tuple[int | None, int | None]:
+        """A uid/gid of its own per container, never reused and never shared with another
+        dockyard on this host."""
+        if self.uids is None:
             return None, None
-        uid = self.uid_base + (int(container_id) % UID_RANGE)
+        uid = self.uids.uid_for(uid_key)
         return uid, uid
 
     @staticmethod
-    def env(manifest_env: dict[str, str], venv: Path) -> dict[str, str]:
+    def env(manifest_env: dict[str, str], venv: Path | str) -> dict[str, str]:
         """Only the manifest's env plus a safe minimum; never the worker's own variables."""
         env = {"PATH": f"{venv}/bin:{SAFE_PATH}", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                "PYTHONUNBUFFERED": "0", "VIRTUAL_ENV": str(venv)}
         env.update(manifest_env)
         return env
 
-    def rlimits(self, limits) -> dict[str, int]:
-        """The rlimits the bootstrap sets on itself before it imports any user code (lowering
-        one's own limits needs no privilege; setting another process's needs
-        CAP_SYS_RESOURCE, which containers often lack)."""
+    def rlimits(self, limits) -> dict[str, tuple[int, int]]:
+        """rlimits, soft and hard: the launcher sets them from outside the function (as root,
+        before the uid drop), the fallback has the bootstrap set them on itself before it
+        imports user code. Either way the hard limit binds: the function cannot lift them."""
         wanted = {"RLIMIT_NOFILE": OPEN_FILES, "RLIMIT_FSIZE": FILE_SIZE_BYTES, "RLIMIT_CORE": 0}
         if self.cgroups is None:
             # Without a memory cgroup the address space is the only memory bound we have.
@@ -110,27 +153,39 @@ class Isolation:
                 # RLIMIT_NPROC counts every process of the uid (all instances of the container,
                 # old and new version during a redeploy) and does not bind root.
                 wanted["RLIMIT_NPROC"] = int(limits.processes) * max(1, limits.instances) * 2
-        return wanted
+        out = {name: (value, value) for name, value in wanted.items()}
+        if self.view is not None and limits.concurrency == 1:
+            # Until the worker arms the first call's budget: enough CPU to import the code.
+            out["RLIMIT_CPU"] = (STARTUP_CPU_S, STARTUP_CPU_S + 1)
+        return out
 
     def summary(self) -> dict:
         def item(on: bool, text: str) -> dict:
             return {"on": True, "how": text} if on else {"on": False, "why": text}
 
-        uid_text = (f"a uid/gid per container ({self.uid_base} + container id), no "
-                    "supplementary groups" + (", no capabilities, no_new_privs"
-                                              if self.setpriv else "")
+        view = self.view is not None
+        uid_text = (("a uid/gid per container from a host-wide registry (never reused, never "
+                     f"shared with another dockyard; from {self.uid_base}), no supplementary "
+                     "groups, no capabilities, no_new_privs")
                     if self.drop_privileges else
                     "the worker does not run as root: children run as the worker's user and "
                     "can read what it can")
+        fallback_fs = ("code read-only and root-owned; private tmp per process, wiped at exit; "
+                       "data dir, tokens, artifacts and other containers unreadable"
+                       if self.drop_privileges else
+                       "without a uid of their own, children can read the data dir")
         out = {
+            "view": item(view, self.view_note),
+            "pid_namespace": item(view, "a function sees only its own processes in /proc"
+                                  if view else self.view_note),
+            "ipc_namespace": item(view, "SysV IPC objects and /dev/shm die with the process"
+                                  if view else self.view_note),
             "session": item(True, "own session and process group (setsid)"),
             "environment": item(True, "manifest env plus PATH, LANG, HOME, TMPDIR only"),
             "uid": item(self.drop_privileges, uid_text),
-            "filesystem": item(self.drop_privileges,
-                               "code read-only and root-owned; private tmp per process, wiped "
-                               "at exit; data dir, tokens, artifacts and other containers "
-                               "unreadable" if self.drop_privileges else
-                               "without a uid of their own, children can read the data dir"),
+            "filesystem": item(view or self.drop_privileges,
+                               "the private view (see view); tmp_mb caps /tmp and /dev/shm"
+                               if view else fallback_fs),
             "cgroups": item(self.cgroups is not None, self.cgroup_note),
             "memory": item(True, "cgroup memory limit per process (OOM kill reported)"
                            if self.cgroups else "RLIMIT_AS per process (no memory cgroup: "
@@ -140,19 +195,91 @@ class Isolation:
                               "RLIMIT_NPROC under the container's uid" if self.drop_privileges
                               else "no pids cgroup and no uid drop: RLIMIT_NPROC cannot "
                               "separate children from the worker"),
-            "tree_kill": item(True, "every process in the child's cgroup" if self.cgroups else
+            "cpu_share": item(self.cgroups is not None and self.cgroups.cpu,
+                              "limits.cpus as a cgroup CPU quota" if self.cgroups is not None
+                              and self.cgroups.cpu else "no cpu cgroup controller: "
+                              "limits.cpus cannot be enforced"),
+            "tree_kill": item(True, "the pid namespace dies with its first process, and every "
+                              "process in the child's cgroup is killed" if view else
+                              "every process in the child's cgroup" if self.cgroups else
                               "session and descendants (a process that double-forks into a "
                               "new session can escape: no cgroup)"),
-            "network": item(self.netns is not None, self.netns_note + (
-                "; versions with network = false are refused" if self.netns is None else "")),
+            "network": item(view or self.netns is not None, self.netns_note + (
+                "; versions with network = false are refused"
+                if not view and self.netns is None else "")),
             "rlimits": item(True, "open files, file size, core dumps"
-                            + ("" if self.cgroups else ", address space")),
-            "cpu_time": item(True, "RLIMIT_CPU re-armed before each call to timeout_s of CPU "
-                             "(processes with concurrency = 1; others: the wall-clock "
-                             "timeout only)"),
+                            + ("" if self.cgroups else ", address space")
+                            + (", soft and hard, set before the uid drop" if view else
+                               ", soft and hard")),
+            "cpu_time": item(True, "RLIMIT_CPU, soft and hard, armed by the worker before each "
+                             "call to timeout_s of CPU (processes with concurrency = 1)"
+                             if view else "RLIMIT_CPU re-armed by the process itself before "
+                             "each call (processes with concurrency = 1; the function can "
+                             "lift it: no namespaces here)"),
         }
         out.update(self.notes)
         return out
+
+
+def run_sandboxed(layout: HostLayout, argv: list[str], network: bool,
+                  uid: int | None = NOBODY, timeout: float = 30.0) -> str | None:
+    """Run one short command in a view built from `layout`; None if it exited 0, else why."""
+    root = Path(tempfile.mkdtemp(prefix="dockyard-probe-"))
+    read_fd, write_fd = os.pipe()
+    spec = sandbox_spec(layout, root=root, code=Path("/"), venv=Path("/"), bootstrap=root,
+                        uid=uid, gid=uid, tmp_mb=16, network=network, rlimits={},
+                        env={"PATH": SAFE_PATH}, argv=argv)
+    spec["cwd"] = "/"
+    try:
+        proc = subprocess.Popen(launcher_argv(read_fd, write_fd),
+                                pass_fds=(read_fd, write_fd, lifeline_fd()),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env={"PATH": SAFE_PATH}, cwd="/",
+                                start_new_session=True)
+        os.close(read_fd)
+        os.write(write_fd, encode_spec(spec))
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return f"the probe did not finish within {timeout:.0f}s"
+    except OSError as exc:
+        return str(exc)
+    finally:
+        for fd in (read_fd, write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+    if proc.returncode != 0:
+        lines = stderr.decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else f"exit code {proc.returncode}"
+    return None
+
+
+_lifeline: list[int] = []
+
+
+def lifeline_fd() -> int:
+    """The read end of a pipe whose write end only this process holds (never inherited):
+    every launcher watches it, so the death of this process, however it dies, ends every
+    sandbox it started."""
+    if not _lifeline:
+        read_end, write_end = os.pipe()
+        _lifeline[:] = [read_end, write_end]
+    return _lifeline[0]
+
+
+def launcher_argv(request_fd: int, reply_fd: int) -> list[str]:
+    return [sys.executable, "-I", "-S", "-B", str(LAUNCHER), str(request_fd), str(reply_fd),
+            str(lifeline_fd())]
+
+
+def encode_spec(spec: dict) -> bytes:
+    body = marshal.dumps(spec)
+    return struct.pack(">I", len(body)) + body
 
 
 def unreachable_ancestor(path: Path) -> Path | None:
@@ -181,9 +308,12 @@ def _runnable_by(python: str, uid: int | None) -> str | None:
     return None
 
 
-def choose_python(requested: str | None, uid: int | None) -> tuple[str, str]:
-    """The interpreter venvs are built from: it must be runnable by the children's uid (a
-    Python under root's 0700 home is not). Returns (path, why)."""
+def choose_python(requested: str | None, uid: int | None,
+                  runnable: Callable[[str, int | None], str | None] = _runnable_by
+                  ) -> tuple[str, str]:
+    """The interpreter venvs are built from: it must be runnable by the children's uid (in
+    their view, where its prefix is bound; without a view, a Python under a 0700 home is
+    not). Returns (path, why)."""
     candidates = []
     if requested:
         candidates.append(requested)
@@ -197,7 +327,7 @@ def choose_python(requested: str | None, uid: int | None) -> tuple[str, str]:
         if not candidate or candidate in seen or not os.path.exists(candidate):
             continue
         seen.add(candidate)
-        reason = _runnable_by(candidate, uid)
+        reason = runnable(candidate, uid)
         if reason is None:
             if rejected:
                 why = "; ".join(rejected) + f"; using {candidate}"

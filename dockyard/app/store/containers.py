@@ -162,18 +162,26 @@ def desired_versions(db: sqlite_utils.Database) -> list[dict]:
     (role serve: both while a redeploy is under way); every other version is a standby that
     starts on demand for pinned calls."""
     out = []
+    instance = instance_id(db)
     for row in db.query(
-            "SELECT v.*, c.name AS container, c.id AS cid, c.active_version_id, "
-            "c.serving_version_id FROM versions v JOIN containers c ON c.id = v.container_id "
-            "ORDER BY v.id"):
+            "SELECT v.*, c.name AS container, c.id AS cid, c.created_at AS ccreated, "
+            "c.active_version_id, c.serving_version_id FROM versions v "
+            "JOIN containers c ON c.id = v.container_id ORDER BY v.id"):
         serve = row["id"] in (row["active_version_id"], row["serving_version_id"])
         out.append({
             "version_id": row["id"], "container": row["container"], "container_id": row["cid"],
+            # Container ids are reused after a delete; with the creation time they are not.
+            "uid_key": f"{instance}.{row['cid']}.{int((row['ccreated'] or 0) * 1e6)}",
             "version": row["version"], "artifact_sha256": row["artifact_sha256"],
             "content_sha256": row["content_sha256"], "manifest": json.loads(row["manifest"]),
             "role": ROLE_SERVE if serve else ROLE_STANDBY,
         })
     return out
+
+
+def instance_id(db: sqlite_utils.Database) -> str:
+    rows = list(db.query("SELECT value FROM settings WHERE key = 'instance_id'"))
+    return rows[0]["value"] if rows else "unknown"
 
 
 def validate_activate_body(body) -> str:

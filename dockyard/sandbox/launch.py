@@ -1,0 +1,339 @@
+"""Starts one sandboxed child inside its own view of the system (standard library only; run by
+the worker as root: python -I -S -B launch.py REQUEST_FD REPLY_FD).
+
+Three processes, so that each job stays simple:
+- the *monitor* (this process, host side): joins the child's cgroups, makes the new
+  namespaces, forks, waits and exits the way the child did. It holds the read end of the
+  worker's lifeline pipe: when the worker dies (even by SIGKILL) the pipe ends and the monitor
+  kills the namespace. (PR_SET_PDEATHSIG cannot do this job: it fires when the *thread* that
+  started the process ends, and the worker starts children from short-lived threads.);
+- the *init* (pid 1 of the new pid namespace): builds the view (a tmpfs root holding read-only
+  binds of what Python needs, the code and the venv, a private /tmp, /dev/shm, /dev and
+  /proc), pivots into it, forks the server, drops to the container's uid and reaps orphans;
+  when the server exits it exits too, and the kernel kills whatever is left in the namespace;
+- the *server* (pid 2): drops every privilege (no groups, no capabilities, no_new_privs),
+  sets its rlimits soft and hard, and execs the venv's interpreter on the bootstrap.
+
+The first frame on REQUEST_FD is the sandbox spec (a marshal-encoded dict built by
+dockyard.sandbox.view); every frame after it belongs to the bootstrap. Nothing of the spec is on a command line.
+"""
+
+import ctypes
+import marshal
+import os
+import resource
+import select
+import signal
+import struct
+import sys
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+CAPABILITY_VERSION_3 = 0x20080522
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+SETUP_FAILED_EXIT = 125     # the sandbox could not be built: the reason is on stderr
+HEADER = struct.Struct(">I")
+MAX_SPEC = 1 << 20
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SandboxError(Exception):
+    pass
+
+
+def _check(result, what):
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise SandboxError(f"{what}: {os.strerror(errno)}")
+
+
+def _b(text):
+    return None if text is None else os.fsencode(text)
+
+
+def mount(source, target, fstype, flags, data=None):
+    _check(libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
+           f"mount {source or fstype} on {target}")
+
+
+def prctl(option, value):
+    _check(libc.prctl(option, ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                      ctypes.c_ulong(0)), f"prctl {option}")
+
+
+def pivot_root(new_root, put_old):
+    function = getattr(libc, "pivot_root", None)
+    if function is not None:
+        result = function(_b(new_root), _b(put_old))
+    else:
+        result = libc.syscall(SYS_PIVOT_ROOT[os.uname().machine], _b(new_root), _b(put_old))
+    _check(result, "pivot_root")
+
+
+def read_exact(fd, size):
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise SandboxError("the worker closed the pipe before the sandbox spec arrived")
+        data += chunk
+    return data
+
+
+def read_spec(fd):
+    """The first frame, read byte-exact so that the bootstrap's frames stay in the pipe."""
+    (size,) = HEADER.unpack(read_exact(fd, 4))
+    if size > MAX_SPEC:
+        raise SandboxError("sandbox spec too large")
+    # marshal, not json: the spec comes from the worker (the same interpreter) and json's
+    # import alone costs milliseconds on every start.
+    spec = marshal.loads(read_exact(fd, size))
+    if spec.get("type") != "sandbox":
+        raise SandboxError("the first frame is not a sandbox spec")
+    return spec
+
+
+# -- the view ---------------------------------------------------------------------------------
+
+def _makedirs(path):
+    os.makedirs(path, mode=0o755, exist_ok=True)
+
+
+def _touch(path):
+    _makedirs(os.path.dirname(path))
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+
+
+def _bind(source, target, read_only=True, devices=False):
+    if os.path.isdir(source):
+        _makedirs(target)
+    else:
+        _touch(target)
+    mount(source, target, None, MS_BIND | MS_REC)
+    flags = MS_REMOUNT | MS_BIND | MS_NOSUID
+    if read_only:
+        flags |= MS_RDONLY
+    if not devices:
+        flags |= MS_NODEV
+    mount(None, target, None, flags)
+
+
+def build_view(spec):
+    """Mount the child's root under spec['root'] and pivot into it."""
+    os.umask(0o022)  # the folders made for binds must be traversable by the child's uid
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    root = spec["root"]
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0755")
+    inside = lambda path: root + path  # noqa: E731 - paths in the spec are absolute
+    for source, target, kind in spec["binds"]:
+        _bind(source, inside(target), read_only=(kind != "rw"), devices=(kind == "dev"))
+    for target, link in spec.get("symlinks", []):
+        _makedirs(os.path.dirname(inside(link)))
+        os.symlink(target, inside(link))
+    for path, text in spec.get("files", {}).items():
+        _makedirs(os.path.dirname(inside(path)))
+        with open(inside(path), "w") as f:
+            f.write(text)
+        os.chmod(inside(path), 0o644)
+    tmp_size = f"size={int(spec['tmp_mb'])}m"
+    for path in ("/tmp", "/dev/shm"):
+        _makedirs(inside(path))
+        mount("tmpfs", inside(path), "tmpfs", MS_NOSUID | MS_NODEV, tmp_size + ",mode=1777")
+    _makedirs(inside("/proc"))
+    mount("proc", inside("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    os.chdir(root)
+    # Stack the new root on the old one and detach the old: no folder for it is needed.
+    pivot_root(".", ".")
+    _check(libc.umount2(b".", MNT_DETACH), "detach the host's root")
+    os.chdir("/")
+    mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    hostname = spec.get("hostname", "sandbox").encode()
+    libc.sethostname(hostname, len(hostname))
+
+
+# -- identity -------------------------------------------------------------------------------
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_privileges(uid, gid):
+    """No capability can come back: bounding and ambient sets emptied, no_new_privs, then
+    every uid and gid set to the container's (which clears the effective and permitted
+    sets), and the inheritable set cleared."""
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except OSError:
+        last = 63
+    for cap in range(last + 1):
+        libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                   ctypes.c_ulong(0))
+    libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), ctypes.c_ulong(0),
+               ctypes.c_ulong(0), ctypes.c_ulong(0))
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    header = _CapHeader(CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(libc.capset(ctypes.byref(header), data), "capset")
+
+
+def set_rlimits(limits):
+    for name, (soft, hard) in limits.items():
+        resource.setrlimit(getattr(resource, name), (soft, hard))
+
+
+# -- the three processes ----------------------------------------------------------------------
+
+def exit_like(status):
+    """Leave the way a waited-for process left: the same exit code or the same signal."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        os._exit(128 + signum)
+    code = os.WEXITSTATUS(status)
+    if 128 < code <= 128 + 64:
+        # The init cannot die by a signal (it is pid 1): it exits 128 + n for the server's
+        # signal n, and the monitor turns that back into the signal.
+        signum = code - 128
+        if signum not in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+    os._exit(code)
+
+
+def _close(fds):
+    # The pipes belong to the server alone: a copy held here would hide its death from the
+    # worker (no end-of-file).
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def run_init(spec, fds):
+    """pid 1 of the namespace: fork the server, then reap everything until it exits."""
+    server = os.fork()
+    if server == 0:
+        run_server(spec)
+    _close(fds)
+    drop_privileges(spec.get("uid"), spec.get("gid"))
+    # Changing uid cleared the parent-death signal: set it again.
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(0)
+        except InterruptedError:
+            continue
+        if pid == server:
+            if os.WIFSIGNALED(status):
+                os._exit(128 + os.WTERMSIG(status))
+            os._exit(os.WEXITSTATUS(status))
+
+
+def run_server(spec):
+    try:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        set_rlimits(spec.get("rlimits", {}))
+        drop_privileges(spec.get("uid"), spec.get("gid"))
+        os.umask(0o077)
+        os.chdir(spec["cwd"])
+        os.execve(spec["argv"][0], spec["argv"], spec["env"])
+    except BaseException as exc:  # noqa: BLE001 - anything here means the child cannot run
+        os.write(2, f"dockyard sandbox: cannot start the function process: {exc}\n".encode())
+    os._exit(SETUP_FAILED_EXIT)
+
+
+def watch(init, lifeline):
+    """Wait for the init to exit; if the worker's lifeline ends first, kill the namespace."""
+    try:
+        pidfd = os.pidfd_open(init)
+    except (AttributeError, OSError):
+        pidfd = None
+    while lifeline is not None:
+        try:
+            ready, _, _ = select.select([lifeline] + ([pidfd] if pidfd is not None else []),
+                                        [], [], None if pidfd is not None else 0.5)
+        except InterruptedError:
+            continue
+        if lifeline in ready and not os.read(lifeline, 64):
+            os.kill(init, signal.SIGKILL)  # the worker is gone: so is everything it ran
+            break
+        if pidfd in ready or (pidfd is None and os.waitpid(init, os.WNOHANG)[0]):
+            break
+    while True:
+        try:
+            _, status = os.waitpid(init, 0)
+            return status
+        except ChildProcessError:
+            return 0
+        except InterruptedError:
+            continue
+
+
+def main():
+    fds = [int(arg) for arg in sys.argv[1:3]]
+    lifeline = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    # The worker's SIGTERM to the process group is for the bootstrap (a graceful stop).
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    try:
+        spec = read_spec(fds[0])
+        for folder in spec.get("cgroups", []):
+            with open(os.path.join(folder, "cgroup.procs"), "w") as f:
+                f.write("0")
+        flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
+        if not spec.get("network", True):
+            flags |= CLONE_NEWNET
+        _check(libc.unshare(ctypes.c_int(flags)), "unshare")
+    except (OSError, SandboxError, ValueError) as exc:
+        os.write(2, f"dockyard sandbox: {exc}\n".encode())
+        os._exit(SETUP_FAILED_EXIT)
+    init = os.fork()
+    if init == 0:
+        try:
+            # This process is single-threaded: its death is the init's.
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if lifeline is not None:
+                os.close(lifeline)
+            build_view(spec)
+        except (OSError, SandboxError) as exc:
+            os.write(2, f"dockyard sandbox: cannot build the view: {exc}\n".encode())
+            os._exit(SETUP_FAILED_EXIT)
+        run_init(spec, fds)
+    _close(fds)
+    exit_like(watch(init, lifeline))
+
+
+if __name__ == "__main__":
+    main()

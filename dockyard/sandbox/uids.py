@@ -1,0 +1,96 @@
+"""The uid each container's processes run as: allocated once per container from one host-wide
+registry, kept for the life of the container and never given to another one — not after a
+delete, and not to another dockyard on the same host (every worker on the host allocates
+under the same lock, from the same counter)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pwd
+import threading
+from pathlib import Path
+
+DEFAULT_UID_BASE = 200_000
+UID_LIMIT = 2**31 - 2
+REGISTRY = Path("/var/lib/dockyard/uids.json")
+
+
+class UidRegistry:
+    def __init__(self, path: Path = REGISTRY, base: int = DEFAULT_UID_BASE):
+        self.path = Path(path)
+        self.base = base
+        self._cache: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def uid_for(self, key: str) -> int:
+        """The uid of the container `key` (an id unique across every control plane and every
+        container it ever made); allocated on first use."""
+        with self._lock:
+            uid = self._cache.get(key)
+            if uid is None:
+                uid = self._cache[key] = self._allocate(key)
+            return uid
+
+    def _allocate(self, key: str) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._read()
+            uid = data["uids"].get(key)
+            if uid is not None:
+                return uid
+            uid = max(self.base, data["next"])
+            while _taken(uid):
+                uid += 1
+            if uid > UID_LIMIT:
+                raise RuntimeError(f"no uid left to give a container (registry {self.path})")
+            data["uids"][key] = uid
+            data["next"] = uid + 1
+            self._write(data)
+            return uid
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+            if isinstance(data.get("uids"), dict) and isinstance(data.get("next"), int):
+                return data
+        except FileNotFoundError:
+            pass
+        except ValueError:
+            # Never start again from the base over a damaged registry: skip past every uid
+            # it may have handed out.
+            broken = self.path.with_suffix(".damaged")
+            os.replace(self.path, broken)
+            return {"next": _highest_uid_in(broken) + 1, "uids": {}}
+        return {"next": self.base, "uids": {}}
+
+    def _write(self, data: dict) -> None:
+        partial = self.path.with_suffix(".part")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=0, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, self.path)
+
+    def keys_with_prefix(self, prefix: str) -> dict[str, int]:
+        data = self._read() if self.path.exists() else {"uids": {}}
+        return {k: v for k, v in data["uids"].items() if k.startswith(prefix)}
+
+
+def _taken(uid: int) -> bool:
+    """A uid that belongs to a real account on this host is never handed out."""
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
+
+
+def _highest_uid_in(path: Path) -> int:
+    import re
+    numbers = [int(n) for n in re.findall(rb"\d{4,10}", path.read_bytes())]
+    return max(numbers, default=DEFAULT_UID_BASE)
