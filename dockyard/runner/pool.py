@@ -9,14 +9,19 @@ import threading
 import time
 from typing import Callable
 
+from ..sandbox.isolation import IsolationError
 from .process import Child, ChildSpec, LoadError, StartError
 from .states import ProcessState
 
 log = logging.getLogger("dockyard.pool")
 
 QUEUE_WAIT_S = 5.0
+COLD_START_WAIT_S = 60.0
 BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 MAX_START_FAILURES = 5
+# A child that exits sooner than this after becoming ready, having served nothing, counts as
+# a failed start: otherwise a process that dies right after its ready frame restarts forever.
+MIN_UPTIME_S = 1.0
 STOP_GRACE_S = 5.0
 
 
@@ -26,6 +31,15 @@ class PoolFailed(Exception):
 
 def _reply(status: str, message: str, error_type: str) -> dict:
     return {"status": status, "error": {"type": error_type, "message": message}}
+
+
+def _spawn(target: Callable, *args) -> RuntimeError | None:
+    """Run `target` in a daemon thread; the error when no thread can be started."""
+    try:
+        threading.Thread(target=target, args=args, daemon=True).start()
+    except RuntimeError as exc:  # "can't start new thread"
+        return exc
+    return None
 
 
 class Pool:
@@ -38,101 +52,166 @@ class Pool:
         self.max_instances = max(1, instances)
         self.on_failed = on_failed
         self.children: list[Child] = []
-        self.starting = 0
+        self.ready_at: dict[Child, float] = {}
+        self.starting = 0           # starts under way; every path that adds one takes it back
         self.generation = 0
         self.accepting = True
         self.failed: str | None = None
-        self.start_failures = 0
+        self.start_failures = 0     # failed starts in a row (early deaths included)
+        self.retry_at = 0.0         # no new start before this (monotonic), after a failure
         self.cond = threading.Condition()
 
     # -- starting -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the configured instances and wait until they are ready. Raises LoadError
-        (the code does not import) or PoolFailed."""
+        (the code does not import) or PoolFailed (with the reason the pool gave up, when it
+        did)."""
         self.generation += 1
         if self.instances == 0:
             return
         errors: list[BaseException] = []
-        threads = [threading.Thread(target=self._start_one, args=(errors,), daemon=True)
-                   for _ in range(self.instances)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with self.cond:
+            self.starting += self.instances
+        threads = []
+        for _ in range(self.instances):
+            thread = threading.Thread(target=self._start_one, args=(errors,), daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:
+                with self.cond:
+                    self.starting -= self.instances - len(threads)
+                    self.cond.notify_all()
+                errors.append(exc)
+                break
+            threads.append(thread)
+        for thread in threads:
+            thread.join()
         if errors:
             self.stop(grace=1.0)
             load = [e for e in errors if isinstance(e, LoadError)]
-            raise load[0] if load else PoolFailed(str(errors[0]))
+            if load:
+                raise load[0]
+            raise PoolFailed(self.failed or str(errors[0])) from errors[0]
 
-    def _start_one(self, errors: list | None = None, counted: bool = False) -> Child | None:
-        if not counted:
-            with self.cond:
-                self.starting += 1
-        child = Child(self.make_spec(), self.generation, self._child_exited)
+    def _start_one(self, errors: list | None = None) -> Child | None:
+        """Start one child whose place the caller has already counted in `starting`."""
+        child: Child | None = None
+        prepared = started = kept = False
+        failure: Exception | None = None
+        reason: str | None = None
         try:
-            child.start()
-        except Exception as exc:  # noqa: BLE001 - any start failure counts
-            log.warning("%s: a process failed to start: %s", self.what, exc)
+            try:
+                child = Child(self.make_spec(), self.generation, self._child_exited)
+                prepared = True
+                child.start()
+                started = True
+            except Exception as exc:  # noqa: BLE001 - any start failure counts
+                failure = exc
+            if started:
+                with self.cond:
+                    if child.state is ProcessState.EXITED:
+                        # Its exit was reported before it was added: not started after all.
+                        failure = StartError("the process exited as soon as it was ready")
+                    elif self.accepting and not self.failed:
+                        self.children.append(child)
+                        self.ready_at[child] = time.monotonic()
+                        kept = True
+                if not kept and failure is None:
+                    # Stopped (or given up) while this one was booting: do not keep it. Still
+                    # counted in `starting`, so a stop() waiting for starts waits for this too.
+                    child.stop(grace=1.0)
+        finally:
             with self.cond:
                 self.starting -= 1
-                self.start_failures += 1
+                if failure is not None:
+                    # Judged in the same lock as the counter, so no waiting call sees the
+                    # start gone without also seeing the failure (and starts another at once).
+                    reason = self._judge_start_failure(failure, prepared)
+                    if reason:
+                        self.failed = reason
                 self.cond.notify_all()
+        if failure is not None:
+            log.warning("%s: a process failed to start: %s", self.what, failure)
             if errors is not None:
-                errors.append(exc)
-            if isinstance(exc, LoadError):
-                self._fail(f"the code cannot be loaded: {exc}")
-            elif self.start_failures >= MAX_START_FAILURES:
-                self._fail(f"its processes keep failing to start: {exc}")
-            return None
-        with self.cond:
-            self.starting -= 1
-            self.start_failures = 0
-            if not self.accepting:
-                # Stopped while this one was booting: do not keep it.
-                self.cond.notify_all()
-                stale = True
-            else:
-                self.children.append(child)
-                self.cond.notify_all()
-                stale = False
-        if stale:
-            child.stop(grace=1.0)
-            return None
-        return child
+                errors.append(failure)
+            if reason:
+                self._report_failed(reason)
+        return child if kept else None
 
-    def _fail(self, reason: str) -> None:
-        with self.cond:
-            if self.failed:
-                return
-            self.failed = reason
-            self.cond.notify_all()
-        self.on_failed(reason)
+    def _judge_start_failure(self, exc: Exception, prepared: bool) -> str | None:
+        """Count a failed start (lock held). Returns why the pool gives up, if it does."""
+        if not self.accepting or self.failed:
+            return None  # stopped meanwhile, or already given up: nothing more to report
+        if not prepared:
+            # The spec (or the child around it) cannot be built: the same next time.
+            if isinstance(exc, IsolationError):
+                return f"this host cannot isolate it as its manifest asks: {exc}"
+            return f"its processes cannot be prepared: {type(exc).__name__}: {exc}"
+        if isinstance(exc, LoadError):
+            return f"the code cannot be loaded: {exc}"
+        self._count_start_failure()
+        if self.start_failures >= MAX_START_FAILURES:
+            return (f"its processes keep failing to start ({self.start_failures} times in a "
+                    f"row): {exc}")
+        return None
+
+    def _count_start_failure(self) -> None:
+        self.start_failures += 1
+        delay = BACKOFF_S[min(self.start_failures, len(BACKOFF_S) - 1)]
+        self.retry_at = max(self.retry_at, time.monotonic() + delay)
+
+    def _report_failed(self, reason: str) -> None:
+        log.warning("%s: giving up: %s", self.what, reason)
+        try:
+            self.on_failed(reason)
+        except Exception:  # noqa: BLE001 - runs in pool threads, nobody else would see it
+            log.exception("%s: reporting the failure failed", self.what)
 
     def _child_exited(self, child: Child) -> None:
+        now = time.monotonic()
+        reason = None
         with self.cond:
-            if child in self.children:
+            ready_at = self.ready_at.pop(child, None)
+            ours = child in self.children
+            if ours:
                 self.children.remove(child)
+            early = (ready_at is not None and now - ready_at < MIN_UPTIME_S
+                     and child.served == 0 and child.in_flight == 0)
+            if early and ours and self.accepting and not self.failed:
+                self._count_start_failure()
+                if self.start_failures >= MAX_START_FAILURES:
+                    reason = self.failed = (f"its processes keep dying on start "
+                                            f"({self.start_failures} times in a row)")
+            elif ready_at is not None and not early:
+                self.start_failures = 0  # it lived: earlier failures are history
             self.cond.notify_all()
             replace = self.accepting and not self.failed and (
                 len(self.children) + self.starting < self.instances)
-            failures = self.start_failures
+        if reason:
+            self._report_failed(reason)
         if replace:
-            threading.Thread(target=self._replace, args=(failures,), daemon=True).start()
+            error = _spawn(self._replace)
+            if error is not None:
+                # The next call starts one on demand instead.
+                log.warning("%s: cannot replace a process now: %s", self.what, error)
 
-    def _replace(self, failures: int) -> None:
-        if failures >= MAX_START_FAILURES:
-            self._fail(f"its processes keep dying on start ({failures} times in a row)")
-            return
-        time.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
-        with self.cond:
-            if not self.accepting or self.failed or (
-                    len(self.children) + self.starting >= self.instances):
-                return
-        if self._start_one() is None and self.accepting and not self.failed:
+    def _replace(self) -> None:
+        """Start a child in place of one that died, after a backoff that grows with the
+        failed starts in a row (at MAX_START_FAILURES of them the pool has given up)."""
+        while True:
             with self.cond:
+                if not self.accepting or self.failed:
+                    return
                 failures = self.start_failures
-            self._replace(failures)
+            time.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
+            with self.cond:
+                if not self.accepting or self.failed or (
+                        len(self.children) + self.starting >= self.instances):
+                    return
+                self.starting += 1
+            if self._start_one() is not None:
+                return
 
     # -- calls ----------------------------------------------------------------------------
 
@@ -165,22 +244,33 @@ class Pool:
                             best = child
                 if best is not None:
                     if not best.alive():  # died while idle: replaced; look again
+                        if best in self.children:
+                            self.children.remove(best)
                         continue
                     best.in_flight += 1
                     return best
+                now = time.monotonic()
+                wake = deadline
                 if len(self.children) + self.starting < self.max_instances and not self.starting:
-                    # Scaled to zero (or a child just died): start one now; the caller waits
-                    # for it as a cold start.
-                    deadline = max(deadline, time.monotonic() + 60.0)
-                    self.starting += 1
-                    threading.Thread(target=self._start_one, kwargs={"counted": True},
-                                     daemon=True).start()
-                remaining = deadline - time.monotonic()
+                    # Scaled to zero (or a child just died): start one now, or once the
+                    # backoff after a failed start is over; the caller waits as a cold start.
+                    deadline = wake = max(deadline, now + COLD_START_WAIT_S)
+                    if now >= self.retry_at:
+                        self.starting += 1
+                        error = _spawn(self._start_one)
+                        if error is not None:
+                            self.starting -= 1
+                            self.cond.notify_all()
+                            return _reply("unavailable", f"{self.what} cannot start a process "
+                                          f"right now ({error})", "Unavailable")
+                    else:
+                        wake = self.retry_at
+                remaining = deadline - now
                 if remaining <= 0:
                     return _reply("unavailable", f"all instances of {self.what} are busy; "
                                   "retry shortly or raise `instances`/`concurrency`",
                                   "Unavailable")
-                self.cond.wait(remaining)
+                self.cond.wait(max(0.0, min(wake, deadline) - now))
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -202,15 +292,25 @@ class Pool:
         self.stop(grace=STOP_GRACE_S)
 
     def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """Stop accepting, stop every child, and wait (up to `grace`) for starts under way,
+        which stop the child they were booting instead of keeping it."""
         with self.cond:
             self.accepting = False
             children = list(self.children)
             self.cond.notify_all()
-        threads = [threading.Thread(target=c.stop, args=(grace,), daemon=True) for c in children]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        threads = []
+        for child in children:
+            thread = threading.Thread(target=child.stop, args=(grace,), daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:
+                child.stop(grace)
+                continue
+            threads.append(thread)
+        for thread in threads:
+            thread.join()
+        with self.cond:
+            self.cond.wait_for(lambda: self.starting == 0, timeout=grace)
 
     def check(self) -> None:
         """Notice children that died while idle, so they are replaced before the next call."""
@@ -222,12 +322,14 @@ class Pool:
     def stop_idle(self, idle_ttl: float) -> None:
         """Scale to zero: stop children of an on-demand pool that served nothing lately."""
         now = time.monotonic()
+        idle = []
         with self.cond:
-            idle = [c for c in self.children
-                    if c.in_flight == 0 and now - c.last_used > idle_ttl
-                    and len(self.children) > self.instances]
-            for child in idle:
-                self.children.remove(child)
+            for child in list(self.children):
+                if len(self.children) <= self.instances:
+                    break
+                if child.in_flight == 0 and now - child.last_used > idle_ttl:
+                    self.children.remove(child)
+                    idle.append(child)
         for child in idle:
             child.stop(grace=1.0)
 
