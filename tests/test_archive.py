@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dockyard.common.archive import (ArchiveLimits, extract_archive, inspect_archive,
-                                     pack_directory)
+from dockyard.common.archive import (MAX_TAR_HEADER, ArchiveLimits, extract_archive,
+                                     inspect_archive, pack_directory)
+from dockyard.common.manifest import MAX_MANIFEST_BYTES
 from dockyard.errors import BadPackage, TooLarge
 
 MANIFEST = 'name = "pkg"\n'
@@ -213,3 +214,153 @@ def test_lying_size_in_a_zip_header(tmp_path):
     with pytest.raises(BadPackage):
         extract_archive(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# -- bounded parsing: the manifest's size, tar extended headers, names in messages ----------
+
+def test_manifest_over_64_kb_is_refused_from_the_directory(tmp_path):
+    big = 'name = "pkg"\n' + "#" * MAX_MANIFEST_BYTES + "\n"
+    zipped = write_zip(tmp_path / "m.zip", {"dockyard.toml": big})
+    with pytest.raises(BadPackage, match=f"dockyard.toml is {len(big)} bytes; the limit is "
+                                         r"64 KB \(65536 bytes\)"):
+        inspect_archive(zipped)
+    tarred = write_tar(tmp_path / "m.tgz", lambda tf: add(tf, "pkg/dockyard.toml", big.encode()))
+    with pytest.raises(BadPackage, match="the limit is 64 KB"):
+        extract_archive(tarred, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # 200 000 parts of a dotted key: 400 KB of manifest in a ~1 KB archive.
+    dotted = write_zip(tmp_path / "d.zip", {"dockyard.toml": "a" + ".a" * 200_000 + " = 1\n"})
+    assert dotted.stat().st_size < 2048
+    with pytest.raises(BadPackage, match="dockyard.toml is 400006 bytes; the limit is 64 KB"):
+        inspect_archive(dotted)
+    at_limit = 'name = "pkg"\n' + "#" * (MAX_MANIFEST_BYTES - 14) + "\n"
+    assert len(at_limit) == MAX_MANIFEST_BYTES
+    info = inspect_archive(write_zip(tmp_path / "ok.zip", {"dockyard.toml": at_limit}))
+    assert info.manifest_text == at_limit
+
+
+def test_manifest_larger_than_its_header_says_is_refused_while_reading(tmp_path):
+    big = 'name = "pkg"\n' + "#" * (2 * MAX_MANIFEST_BYTES)
+    path = write_zip(tmp_path / "lie.zip", {"dockyard.toml": big})
+    raw = bytearray(path.read_bytes())
+    cd = raw.rfind(b"PK\x01\x02")
+    struct.pack_into("<I", raw, cd + 24, 100)     # central directory: 100 bytes
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BadPackage):  # more than the header says, or then a bad CRC
+        inspect_archive(path)
+
+
+def pax_header(records: dict[str, str]) -> tuple[tarfile.TarInfo, bytes]:
+    body = b""
+    for key, value in records.items():
+        item = f" {key}={value}\n".encode()
+        n = len(item) + len(str(len(item)))
+        n = len(item) + len(str(n))
+        body += str(n).encode() + item
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type = tarfile.XHDTYPE
+    info.size = len(body)
+    return info, body
+
+
+def raw_tar(path: Path, blocks: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+    import gzip
+    out = io.BytesIO()
+    for info, data in blocks:
+        out.write(info.tobuf(tarfile.USTAR_FORMAT))
+        out.write(data + b"\0" * (-len(data) % 512))
+    out.write(b"\0" * 1024)
+    path.write_bytes(gzip.compress(out.getvalue()))
+    return path
+
+
+def manifest_member() -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo("dockyard.toml")
+    info.size = len(MANIFEST)
+    return info, MANIFEST.encode()
+
+
+def test_a_huge_pax_header_is_refused_before_it_is_read(tmp_path):
+    # 20 MB of one pax record compress to ~20 KB; tarfile would read it whole into memory.
+    header, body = pax_header({"path": "a" * (20 << 20)})
+    path = raw_tar(tmp_path / "pax.tgz", [(header, body), manifest_member()])
+    assert path.stat().st_size < 100_000
+    with pytest.raises(BadPackage, match=f"extended tar header of {len(body)} bytes; the limit "
+                                         f"is {MAX_TAR_HEADER // 1024} KB"):
+        inspect_archive(path)
+
+
+def test_a_huge_gnu_long_name_is_refused(tmp_path):
+    name = b"a" * (1 << 20)
+    info = tarfile.TarInfo("././@LongLink")
+    info.type = tarfile.GNUTYPE_LONGNAME
+    info.size = len(name) + 1
+    path = raw_tar(tmp_path / "gnu.tgz", [(info, name + b"\0"), manifest_member()])
+    with pytest.raises(BadPackage, match="extended tar header"):
+        inspect_archive(path)
+
+
+def test_a_chain_of_extended_headers_is_refused(tmp_path):
+    # tarfile recurses once per extended header: thousands in a row were a RecursionError.
+    header = pax_header({"comment": "x"})
+    path = raw_tar(tmp_path / "chain.tgz", [header] * 5000 + [manifest_member()])
+    with pytest.raises(BadPackage, match="more than 8 extended tar headers in a row"):
+        inspect_archive(path)
+
+
+def test_sparse_members_are_refused(tmp_path):
+    info = tarfile.TarInfo("sparse.bin")
+    info.type = tarfile.GNUTYPE_SPARSE
+    buf = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    path = tmp_path / "sparse.tar"
+    member, data = manifest_member()
+    path.write_bytes(member.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % 512)
+                     + bytes(buf) + b"\0" * 1024)
+    with pytest.raises(BadPackage, match="sparse"):
+        inspect_archive(path)
+
+
+def test_long_names_and_pax_headers_of_normal_size_still_work(tmp_path):
+    long_name = "lib/" + "m" * 200 + "/" + "n" * 200 + ".py"
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        path = tmp_path / f"long-{fmt}.tgz"
+        with tarfile.open(path, "w:gz", format=fmt) as tf:
+            add(tf, "dockyard.toml", MANIFEST.encode())
+            add(tf, long_name, b"X = 1\n")
+        out = tmp_path / f"out-{fmt}"
+        extract_archive(path, out)
+        assert (out / long_name).read_text() == "X = 1\n"
+
+
+def test_member_names_in_messages_are_cut_short(tmp_path):
+    long_name = "../" + "n" * 60_000
+    path = write_zip(tmp_path / "n.zip", {"dockyard.toml": MANIFEST, long_name: "x"})
+    with pytest.raises(BadPackage) as info:
+        inspect_archive(path)
+    assert "points outside" in info.value.message and len(info.value.message) < 200
+    header, body = pax_header({"path": "/" + "p" * 60_000})
+    path = raw_tar(tmp_path / "abs.tgz", [manifest_member(), (header, body),
+                                          (tarfile.TarInfo("x"), b"")])
+    with pytest.raises(BadPackage) as info:
+        inspect_archive(path)
+    assert "absolute path" in info.value.message and len(info.value.message) < 200
+
+
+def test_a_zip_symlink_target_is_read_only_up_to_4_kb(tmp_path):
+    import tracemalloc
+    path = tmp_path / "link.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("dockyard.toml", MANIFEST)
+        link = zipfile.ZipInfo("link")
+        link.external_attr = 0o120777 << 16
+        link.compress_type = zipfile.ZIP_DEFLATED
+        zf.writestr(link, "../" + "a" * (64 << 20))   # 64 MB of target
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadPackage) as info:
+            inspect_archive(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "points outside" in info.value.message and len(info.value.message) < 250
+    assert peak < 8 << 20

@@ -5,12 +5,17 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import IO
 
 from ..errors import TooLarge
 
 CHUNK = 1 << 20
+PREFIX = "upload-"
+# A temp upload untouched this long belongs to a request whose process died (a request that
+# fails removes its own): the next upload removes it.
+STALE_UPLOAD_S = 3600
 
 
 class ArtifactStore:
@@ -26,9 +31,10 @@ class ArtifactStore:
     def receive(self, stream: IO[bytes], max_bytes: int) -> tuple[Path, str, int]:
         """Spool an upload to a temp file, hashing as it streams; refuse past `max_bytes`
         without holding the body in memory. Returns (temp path, sha256, size)."""
+        self.sweep()
         digest = hashlib.sha256()
         size = 0
-        fd, tmp = tempfile.mkstemp(dir=self.uploads, prefix="upload-")
+        fd, tmp = tempfile.mkstemp(dir=self.uploads, prefix=PREFIX)
         try:
             with os.fdopen(fd, "wb") as out:
                 while True:
@@ -46,6 +52,26 @@ class ArtifactStore:
             os.unlink(tmp)
             raise
         return Path(tmp), digest.hexdigest(), size
+
+    def sweep(self, older_than: float = STALE_UPLOAD_S) -> int:
+        """Remove temp uploads not written to for `older_than` seconds; returns how many."""
+        cutoff = time.time() - older_than
+        removed = 0
+        try:
+            entries = list(os.scandir(self.uploads))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not entry.name.startswith(PREFIX):
+                continue
+            try:
+                if entry.is_file(follow_symlinks=False) and \
+                        entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:  # another request removed it first
+                pass
+        return removed
 
     def keep(self, tmp: Path, sha256: str) -> Path:
         """Move a received upload into place (a no-op when the same bytes are stored)."""

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadPackage, TooLarge
+from .manifest import MAX_MANIFEST_BYTES, clipped, quoted
 
 MANIFEST = "dockyard.toml"
 SKIP_DIRS = {"__pycache__", ".git", ".venv", ".hg", ".svn"}
 SKIP_SUFFIXES = (".pyc", ".deployed", ".failed", ".deploying")
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 CHUNK = 1 << 16
+MAX_TAR_HEADER = 64 * 1024        # one pax or GNU long-name header
+MAX_TAR_HEADERS_IN_A_ROW = 8      # extended headers before one member (tarfile recurses)
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class ArchiveLimits:
     max_compressed: int = 100 * 1024 * 1024
     max_uncompressed: int = 500 * 1024 * 1024
     max_members: int = 10_000
+    max_manifest: int = MAX_MANIFEST_BYTES
 
 
 @dataclass(frozen=True)
@@ -57,13 +61,48 @@ def _mb(n: int) -> str:
 
 def _normalize(name: str) -> str:
     if "\x00" in name or "\\" in name:
-        raise BadPackage(f"archive member {name!r} has a forbidden character")
+        raise BadPackage(f"archive member {quoted(name)} has a forbidden character")
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        raise BadPackage(f"archive member {name!r} has an absolute path")
+        raise BadPackage(f"archive member {quoted(name)} has an absolute path")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise BadPackage(f"archive member {name!r} points outside the package ('..')")
+        raise BadPackage(f"archive member {quoted(name)} points outside the package ('..')")
     return "/".join(parts)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a pax or GNU long-name header whole into memory, whatever size it
+    declares, and recurses once per extended header: both are bounded here before anything
+    is read. Sparse members (whose maps tarfile also reads unbounded) are refused."""
+
+    def _extended(self, tf, read):
+        if self.size > MAX_TAR_HEADER:
+            raise BadPackage(f"the archive has an extended tar header of {self.size} bytes; "
+                             f"the limit is {MAX_TAR_HEADER // 1024} KB")
+        depth = getattr(tf, "_dockyard_header_depth", 0)
+        if depth >= MAX_TAR_HEADERS_IN_A_ROW:
+            raise BadPackage(f"the archive has more than {MAX_TAR_HEADERS_IN_A_ROW} extended "
+                             "tar headers in a row")
+        tf._dockyard_header_depth = depth + 1
+        try:
+            return read(tf)
+        finally:
+            tf._dockyard_header_depth = depth
+
+    def _proc_pax(self, tf):
+        return self._extended(tf, super()._proc_pax)
+
+    def _proc_gnulong(self, tf):
+        return self._extended(tf, super()._proc_gnulong)
+
+    def _sparse(self, *args):
+        raise BadPackage("the archive has a sparse file; pack the package without --sparse")
+
+    _proc_sparse = _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _sparse
+
+
+def _open_tar(path: Path) -> tarfile.TarFile:
+    return tarfile.open(path, "r:*", tarinfo=_BoundedTarInfo)
 
 
 def _detect(path: Path) -> str:
@@ -96,10 +135,11 @@ def _zip_entries(zf: zipfile.ZipFile, limits: ArchiveLimits) -> list[_Entry]:
         if info.is_dir():
             entries.append(_Entry(name, "dir", 0, False, ref=info))
         elif stat.S_ISLNK(mode):
-            target = zf.read(info)[:4096].decode("utf-8", "replace")
+            with zf.open(info) as stream:
+                target = stream.read(4096).decode("utf-8", "replace")
             entries.append(_Entry(name, "symlink", 0, False, target, info))
         elif mode and not stat.S_ISREG(mode) and stat.S_IFMT(mode):
-            raise BadPackage(f"archive member {name!r} is not a regular file")
+            raise BadPackage(f"archive member {quoted(name)} is not a regular file")
         else:
             entries.append(_Entry(name, "file", info.file_size, bool(mode & 0o111), ref=info))
     return entries
@@ -126,7 +166,8 @@ def _tar_entries(tf: tarfile.TarFile, limits: ArchiveLimits) -> list[_Entry]:
         elif info.islnk():
             entries.append(_Entry(name, "hardlink", 0, False, info.linkname, info))
         else:
-            raise BadPackage(f"archive member {name!r} is a device, fifo or other special file")
+            raise BadPackage(f"archive member {quoted(name)} is a device, fifo or other special "
+                             "file")
     return entries
 
 
@@ -150,7 +191,7 @@ def _check_links(entries: list[_Entry], prefix: str) -> list[_Entry]:
     out = []
     for e in entries:
         if prefix and not (e.name + "/").startswith(prefix):
-            raise BadPackage(f"archive member {e.name!r} is outside the package folder")
+            raise BadPackage(f"archive member {quoted(e.name)} is outside the package folder")
         rel = e.name[len(prefix):]
         if not rel:
             continue
@@ -158,19 +199,21 @@ def _check_links(entries: list[_Entry], prefix: str) -> list[_Entry]:
         if e.kind in ("symlink", "hardlink"):
             target = e.target
             if target.startswith("/") or "\\" in target:
-                raise BadPackage(f"link {rel!r} points outside the package ({target!r})")
+                raise BadPackage(f"link {quoted(rel)} points outside the package "
+                                 f"({quoted(target)})")
             if e.kind == "symlink":
                 resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
             else:
                 resolved = posixpath.normpath(target[len(prefix):] if target.startswith(prefix)
                                               else target)
             if resolved == ".." or resolved.startswith("../") or resolved.startswith("/"):
-                raise BadPackage(f"link {rel!r} points outside the package ({target!r})")
+                raise BadPackage(f"link {quoted(rel)} points outside the package "
+                                 f"({quoted(target)})")
             if e.kind == "hardlink":
                 source = by_name.get(resolved)
                 if source is None or source.kind != "file":
-                    raise BadPackage(f"hard link {rel!r} points to {target!r}, which is not a "
-                                     "file of the package")
+                    raise BadPackage(f"hard link {quoted(rel)} points to {quoted(target)}, "
+                                     "which is not a file of the package")
                 e.target = resolved
         by_name[rel] = e
         out.append(e)
@@ -179,7 +222,8 @@ def _check_links(entries: list[_Entry], prefix: str) -> list[_Entry]:
         parts = e.name.split("/")
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in links:
-                raise BadPackage(f"archive member {e.name!r} would be written through a link")
+                raise BadPackage(f"archive member {quoted(e.name)} would be written through a "
+                                 "link")
     return out
 
 
@@ -190,7 +234,7 @@ class _Reader:
         self.kind = kind
         self.limits = limits
         self.total = 0
-        self.handle = zipfile.ZipFile(path) if kind == "zip" else tarfile.open(path, "r:*")
+        self.handle = zipfile.ZipFile(path) if kind == "zip" else _open_tar(path)
 
     def chunks(self, entry: _Entry):
         if self.kind == "zip":
@@ -206,8 +250,8 @@ class _Reader:
                 seen += len(chunk)
                 self.total += len(chunk)
                 if seen > entry.size:
-                    raise BadPackage(f"archive member {entry.name!r} is larger than its header "
-                                     "says")
+                    raise BadPackage(f"archive member {quoted(entry.name)} is larger than its "
+                                     "header says")
                 if self.total > self.limits.max_uncompressed:
                     raise TooLarge(f"archive unpacks to more than "
                                    f"{_mb(self.limits.max_uncompressed)}")
@@ -227,12 +271,25 @@ def _open(path: Path, limits: ArchiveLimits):
             with zipfile.ZipFile(path) as zf:
                 entries = _zip_entries(zf, limits)
         else:
-            with tarfile.open(path, "r:*") as tf:
+            with _open_tar(path) as tf:
                 entries = _tar_entries(tf, limits)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
-        raise BadPackage(f"the archive is damaged: {exc}") from None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, RecursionError,
+            zlib_error()) as exc:
+        raise BadPackage(f"the archive is damaged: {_damage(exc)}") from None
     prefix = _find_root(entries)
+    for e in entries:
+        if e.name == prefix + MANIFEST and e.size > limits.max_manifest:
+            raise BadPackage(f"{MANIFEST} is {e.size} bytes; the limit is "
+                             f"{_kb(limits.max_manifest)}")
     return kind, prefix, _check_links(entries, prefix)
+
+
+def _kb(n: int) -> str:
+    return f"{n // 1024} KB ({n} bytes)"
+
+
+def _damage(exc: BaseException) -> str:
+    return clipped(str(exc) or type(exc).__name__)
 
 
 def _walk(path: Path, limits: ArchiveLimits, sink=None) -> PackageInfo:
@@ -249,6 +306,9 @@ def _walk(path: Path, limits: ArchiveLimits, sink=None) -> PackageInfo:
                     digest.update(chunk)
                     if data is not None:
                         data.write(chunk)
+                        if data.tell() > limits.max_manifest:
+                            raise BadPackage(f"{MANIFEST} is larger than the limit of "
+                                             f"{_kb(limits.max_manifest)}")
                     if sink:
                         sink.write(e, chunk)
                 if sink:
@@ -266,7 +326,7 @@ def _walk(path: Path, limits: ArchiveLimits, sink=None) -> PackageInfo:
                 if sink:
                     sink.copy(e)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib_error()) as exc:
-        raise BadPackage(f"the archive is damaged: {exc}") from None
+        raise BadPackage(f"the archive is damaged: {_damage(exc)}") from None
     finally:
         reader.close()
     if sink:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import date, datetime, time
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 if sys.version_info >= (3, 11):
@@ -36,6 +36,24 @@ LIMITS = {
 }
 JOB_KEYS = {"name", "function", "schedule", "timezone", "payload", "enabled", "concurrency",
             "retries", "timeout_s", "starting_deadline_s"}
+
+# Bounds on what an upload may ask of the parser and of the workers that carry the manifest.
+# The text checks run before tomllib sees the manifest: tomllib recurses once per nesting
+# level, and its dotted-key handling is quadratic in the number of parts (one 64 KB key of
+# 32 000 parts takes about 16 s).
+MAX_MANIFEST_BYTES = 64 * 1024     # of dockyard.toml
+MAX_KEY_PARTS = 32                 # parts of one dotted key or [table.name]
+MAX_NESTING = 32                   # arrays and tables inside one another
+MAX_ENV_VARS = 64
+MAX_ENV_VALUE_BYTES = 4 * 1024     # one value
+MAX_ENV_BYTES = 32 * 1024          # all names and values together
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Set for every child by the sandbox (Isolation.env, and HOME/TMPDIR per process): a manifest
+# cannot change them.
+RESERVED_ENV = frozenset({"PATH", "LANG", "LC_ALL", "PYTHONUNBUFFERED", "VIRTUAL_ENV", "HOME",
+                          "TMPDIR"})
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1   # TOML integers are 64-bit
+SHOWN_CHARS = 80                   # of a user-supplied value quoted in an error message
 
 
 @dataclass
@@ -87,9 +105,28 @@ class Manifest:
             return self.functions[name]
         if TARGET_RE.fullmatch(name):
             return name
-        declared = ", ".join(sorted(self.functions)) or "none"
-        raise NotFound(f"container '{self.name}' has no function '{name}'; declared: "
+        names = sorted(self.functions)
+        declared = ", ".join(clipped(n) for n in names[:10]) or "none"
+        if len(names) > 10:
+            declared += f" and {len(names) - 10} more"
+        raise NotFound(f"container '{self.name}' has no function '{clipped(name)}'; declared: "
                        f"{declared} (or call any 'module:callable')")
+
+
+def quoted(value) -> str:
+    """repr() of a user-supplied value for an error message: one line, at most SHOWN_CHARS
+    characters."""
+    if isinstance(value, str):
+        value = value[:SHOWN_CHARS + 1]
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 1] + "…"
+
+
+def clipped(text) -> str:
+    """A user-supplied string for a message, unquoted: escaped to one line, at most
+    SHOWN_CHARS characters."""
+    text = repr(str(text)[:SHOWN_CHARS + 1])[1:-1]
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 1] + "…"
 
 
 def _bad(message: str) -> BadPackage:
@@ -98,9 +135,36 @@ def _bad(message: str) -> BadPackage:
 
 def validate_container_name(name) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise _bad(f"name {name!r} is not valid: use 1-63 lowercase letters, digits and "
+        raise _bad(f"name {quoted(name)} is not valid: use 1-63 lowercase letters, digits and "
                    "dashes, starting with a letter or digit")
     return name
+
+
+def _env(raw) -> dict[str, str]:
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in raw.items()):
+        raise _bad("'env' must be a table of strings, e.g. env = { GREETING = \"hi\" }")
+    if len(raw) > MAX_ENV_VARS:
+        raise _bad(f"'env' has {len(raw)} variables; the limit is {MAX_ENV_VARS}")
+    total = 0
+    for key, value in raw.items():
+        if not ENV_NAME_RE.fullmatch(key):
+            raise _bad(f"env name {quoted(key)} is not valid: letters, digits and _, not "
+                       "starting with a digit")
+        if key in RESERVED_ENV:
+            raise _bad(f"env.{key} is set by dockyard for every process and cannot be changed "
+                       f"(reserved: {', '.join(sorted(RESERVED_ENV))})")
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_ENV_VALUE_BYTES:
+            raise _bad(f"env.{clipped(key)} is {size} bytes; the limit is {MAX_ENV_VALUE_BYTES} "
+                       "bytes per value")
+        if "\0" in value:
+            raise _bad(f"env.{clipped(key)} contains a NUL character")
+        total += len(key) + size
+    if total > MAX_ENV_BYTES:
+        raise _bad(f"'env' is {total} bytes (names and values); the limit is {MAX_ENV_BYTES} "
+                   "bytes")
+    return dict(raw)
 
 
 def _string_list(value, key: str) -> list[str]:
@@ -120,7 +184,8 @@ def _limits(raw) -> Limits:
             values[key] = value
             continue
         if key not in LIMITS:
-            raise _bad(f"unknown key limits.{key}; known: {', '.join(sorted([*LIMITS, 'network']))}")
+            raise _bad(f"unknown key limits.{clipped(key)}; known: "
+                       f"{', '.join(sorted([*LIMITS, 'network']))}")
         kind, low, high = LIMITS[key]
         if isinstance(value, bool) or not isinstance(value, kind):
             raise _bad(f"limits.{key} must be a number")
@@ -138,9 +203,9 @@ def _functions(raw) -> dict[str, str]:
         raise _bad("[functions] must be a table of name = \"module:callable\"")
     for short, target in raw.items():
         if not SHORT_NAME_RE.fullmatch(short):
-            raise _bad(f"function name {short!r} is not valid (letters, digits, _ and -)")
+            raise _bad(f"function name {quoted(short)} is not valid (letters, digits, _ and -)")
         if not isinstance(target, str) or not TARGET_RE.fullmatch(target):
-            raise _bad(f"functions.{short} = {target!r} is not 'module:callable'")
+            raise _bad(f"functions.{clipped(short)} = {quoted(target)} is not 'module:callable'")
     return dict(raw)
 
 
@@ -159,16 +224,34 @@ def schedule_problem(schedule: str) -> str | None:
     try:
         CronSim(MACROS.get(text, text), datetime(2000, 1, 1))
     except CronSimError as exc:
-        return f"not a cron expression ({exc})"
+        return f"not a cron expression ({clipped(exc)})"
+    except Exception as exc:  # a malformed field can trip more than CronSimError
+        return f"not a cron expression ({clipped(f'{type(exc).__name__}: {exc}')})"
     return None
 
 
 def _known_timezone(name: str) -> bool:
+    if len(name) > 255:
+        return False
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         return False
     return True
+
+
+def _has_time(value) -> bool:
+    """Whether a TOML value holds a date or a time anywhere (JSON has neither)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (date, time)):  # a datetime is a date
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _jobs(raw) -> list[JobSpec]:
@@ -180,51 +263,154 @@ def _jobs(raw) -> list[JobSpec]:
             raise _bad(f"jobs[{i}] must be a table")
         unknown = set(job) - JOB_KEYS
         if unknown:
-            raise _bad(f"unknown key jobs[{i}].{sorted(unknown)[0]}")
+            raise _bad(f"unknown key jobs[{i}].{clipped(sorted(unknown)[0])}")
         for key in ("name", "function", "schedule"):
             if not isinstance(job.get(key), str) or not job[key].strip():
                 raise _bad(f"jobs[{i}] needs '{key}' (a string)")
         problem = schedule_problem(job["schedule"])
         if problem:
-            raise _bad(f"jobs[{i}].schedule {job['schedule']!r}: {problem}")
+            raise _bad(f"jobs[{i}].schedule {quoted(job['schedule'])}: {problem}")
         tz = job.get("timezone", "UTC")
         if not isinstance(tz, str) or not _known_timezone(tz):
-            raise _bad(f"jobs[{i}].timezone {tz!r} is not an IANA name such as "
+            raise _bad(f"jobs[{i}].timezone {quoted(tz)} is not an IANA name such as "
                        "'Europe/Berlin'")
+        if _has_time(job.get("payload")):
+            raise _bad(f"jobs[{i}].payload holds a date or a time, which JSON cannot carry; "
+                       "write it as a string")
         jobs.append(JobSpec(job["name"], job["function"], job["schedule"], tz,
                             job.get("payload")))
     return jobs
 
 
-def parse_manifest(text: str) -> Manifest:
+_SPECIAL = re.compile(r"""["'#.=,\[\]{}\n]""")
+_BASIC_REST = re.compile(r'(?:[^"\\\n]|\\.)*"')                   # after the opening "
+_ML_BASIC_REST = re.compile(r'(?:[^"\\]|\\.|"(?!""))*"""', re.S)   # after the opening """
+
+
+def _line(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _string_end(text: str, start: int) -> int:
+    """Where the TOML string opening at `start` ends (one past its closing quote), or -1 if it
+    is not closed."""
+    quote = text[start]
+    if text.startswith(quote * 3, start):
+        if quote == '"':
+            rest = _ML_BASIC_REST.match(text, start + 3)
+            end = rest.end() if rest else -1
+        else:
+            end = text.find("'''", start + 3)
+            end = end + 3 if end >= 0 else -1
+        # Up to two more quotes still belong to the string: """a""""" is 'a""'.
+        for _ in range(2):
+            if end >= 0 and text.startswith(quote, end):
+                end += 1
+        return end
+    if quote == '"':
+        rest = _BASIC_REST.match(text, start + 1)
+        return rest.end() if rest else -1
+    end = text.find("'", start + 1)
+    if end < 0 or "\n" in text[start + 1:end]:
+        return -1
+    return end + 1
+
+
+def _check_shape(text: str) -> None:
+    """Refuse, before tomllib sees it, a manifest that nests more than MAX_NESTING arrays or
+    tables or has a dotted key of more than MAX_KEY_PARTS parts. One pass over the text that
+    skips strings and comments the way TOML reads them; an unclosed string is refused here,
+    so nothing after it goes unchecked."""
+    depth = dots = 0
+    pos = 0
+    while True:
+        match = _SPECIAL.search(text, pos)
+        if match is None:
+            return
+        char, pos = match.group(), match.end()
+        if char == ".":
+            # Dots between two separators: the parts of one key (a float has one dot).
+            dots += 1
+            if dots >= MAX_KEY_PARTS:
+                raise _bad(f"the dotted key on line {_line(text, pos)} has more than "
+                           f"{MAX_KEY_PARTS} parts")
+            continue
+        if char in "\"'":
+            end = _string_end(text, pos - 1)
+            if end < 0:
+                raise _bad(f"not valid TOML: the string on line {_line(text, pos)} is not "
+                           "closed")
+            pos = end
+            continue
+        dots = 0
+        if char in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise _bad(f"line {_line(text, pos)} nests arrays or tables more than "
+                           f"{MAX_NESTING} deep")
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+        elif char == "#":
+            newline = text.find("\n", pos)
+            pos = len(text) if newline < 0 else newline
+
+
+def _check_values(data: dict) -> None:
+    """The parsed data's nesting depth and integer range, without recursion."""
+    stack = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_NESTING:
+                raise _bad(f"tables and arrays nest more than {MAX_NESTING} deep")
+            stack.extend((item, depth + 1)
+                         for item in (value.values() if isinstance(value, dict) else value))
+        elif isinstance(value, int) and not INT_MIN <= value <= INT_MAX:
+            raise _bad("an integer does not fit in 64 bits")
+
+
+def _load(text: str) -> dict:
+    """tomllib.loads with bounds: every failure is a BadPackage with a one-line message."""
+    if len(text) > MAX_MANIFEST_BYTES or \
+            len(text.encode("utf-8", "surrogatepass")) > MAX_MANIFEST_BYTES:
+        raise _bad(f"the manifest is larger than the limit of {MAX_MANIFEST_BYTES // 1024} KB")
+    _check_shape(text)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise _bad(f"not valid TOML: {exc}") from None
+        raise _bad(f"not valid TOML: {clipped(exc)}") from None
+    except RecursionError:
+        raise _bad(f"not valid TOML: nested too deep (the limit is {MAX_NESTING})") from None
+    except Exception as exc:  # e.g. ValueError for an integer of thousands of digits
+        raise _bad(f"not valid TOML: {clipped(f'{type(exc).__name__}: {exc}')}") from None
+    _check_values(data)
+    return data
+
+
+def parse_manifest(text: str) -> Manifest:
+    data = _load(text)
     unknown = set(data) - TOP_KEYS
     if unknown:
-        raise _bad(f"unknown key '{sorted(unknown)[0]}'; known: {', '.join(sorted(TOP_KEYS))}")
+        raise _bad(f"unknown key '{clipped(sorted(unknown)[0])}'; known: "
+                   f"{', '.join(sorted(TOP_KEYS))}")
     if "name" not in data:
         raise _bad("'name' is required, e.g. name = \"hello\"")
     name = validate_container_name(data["name"])
     version = data.get("version")
     if version is not None and (not isinstance(version, str) or not VERSION_RE.fullmatch(version)):
-        raise _bad(f"version {version!r} is not valid: letters, digits, '.', '_', '+', '-' "
-                   "(up to 64)")
+        raise _bad(f"version {quoted(version)} is not valid: letters, digits, '.', '_', '+', "
+                   "'-' (up to 64)")
     dependencies = _string_list(data.get("dependencies", []), "dependencies")
     requirements = data.get("requirements")
     if requirements is not None and (not isinstance(requirements, str) or not requirements):
         raise _bad("'requirements' must be a path inside the package")
-    env = data.get("env", {})
-    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                            for k, v in env.items()):
-        raise _bad("'env' must be a table of strings, e.g. env = { GREETING = \"hi\" }")
+    env = _env(data.get("env", {}))
     functions = _functions(data.get("functions", {}))
     jobs = _jobs(data.get("jobs", []))
     for i, job in enumerate(jobs):
         if job.function not in functions and not TARGET_RE.fullmatch(job.function):
-            raise _bad(f"jobs[{i}].function '{job.function}' is neither a name in [functions] "
-                       "nor 'module:callable'")
+            raise _bad(f"jobs[{i}].function '{clipped(job.function)}' is neither a name in "
+                       "[functions] nor 'module:callable'")
     return Manifest(name=name, version=version, dependencies=dependencies,
-                    requirements=requirements, env=dict(env), functions=functions,
+                    requirements=requirements, env=env, functions=functions,
                     limits=_limits(data.get("limits", {})), jobs=jobs)
