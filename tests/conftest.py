@@ -11,9 +11,9 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 import zipfile
@@ -25,6 +25,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = Path(__file__).resolve().parent / "functions"
+UID_REGISTRY = Path("/var/lib/dockyard/uids.json")
 
 
 # -- a wheelhouse with one tiny pure-Python wheel, written by hand (no index needed) -------
@@ -126,8 +127,11 @@ class Server:
                "--deploy-dir", "", *extra_args]
         self.log_path = data.parent / f"{data.name}-serve.log"
         self.log = open(self.log_path, "w")
+        # Its own process group, so that a test can kill serve's whole group as an operator's
+        # `kill -9 -PGID` would, without killing pytest.
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     cwd=ROOT, env=env or dict(os.environ))
+                                     cwd=ROOT, env=env or dict(os.environ),
+                                     start_new_session=True)
         self.url = None
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -225,32 +229,66 @@ class Server:
         return self.proc.returncode
 
 
+def instance_uids(data: Path) -> set[int]:
+    """The uids the host-wide registry gave this data dir's containers."""
+    try:
+        with sqlite3.connect(data / "dockyard.db") as conn:
+            row = conn.execute("SELECT value FROM settings WHERE key = 'instance_id'").fetchone()
+        registry = json.loads(UID_REGISTRY.read_text())
+    except (sqlite3.Error, OSError, ValueError):
+        return set()
+    if not row:
+        return set()
+    return {uid for key, uid in registry["uids"].items() if key.startswith(row[0] + ".")}
+
+
 def sandbox_processes(data: Path) -> list[psutil.Process]:
-    """Any process still running code from this data dir (children that escaped their tree)."""
+    """Any process still running for this data dir: a function process (one of its
+    containers' uids) or a launcher (working directory below the data dir)."""
     found = []
     marker = str(data)
-    for p in psutil.process_iter(["cmdline", "cwd"]):
+    uids = instance_uids(data)
+    for p in psutil.process_iter(["cmdline", "cwd", "uids"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
-            if marker in cmd or (p.info["cwd"] or "").startswith(marker):
+            if p.info["uids"] and p.info["uids"].real in uids:
+                found.append(p)
+            elif marker in cmd or (p.info["cwd"] or "").startswith(marker):
                 found.append(p)
         except psutil.Error:
             pass
     return found
 
 
-@pytest.fixture(scope="session")
-def open_tmp():
-    """A temp root the sandbox uids can traverse (pytest's own is 0700): data dirs go here."""
-    root = Path(tempfile.mkdtemp(prefix="dockyard-tests-"))
-    os.chmod(root, 0o711)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+def container_processes(data: Path, container: str) -> dict[int, str]:
+    """The function processes (host pids) of a container: bootstrap pid -> version. Each one
+    runs below a launcher whose working directory is the version's folder on the host."""
+    found = {}
+    folder = str(data / "worker" / container) + "/"
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            cwd = (p.info["cwd"] or "") + "/"
+            if "launch.py" in " ".join(p.info["cmdline"] or []) and cwd.startswith(folder):
+                for child in p.children(recursive=True):
+                    if "bootstrap" in " ".join(child.cmdline()):
+                        found[child.pid] = cwd[len(folder):].strip("/")
+        except psutil.Error:
+            pass
+    return found
 
 
 @pytest.fixture(scope="session")
-def server(open_tmp, wheelhouse):
-    data = open_tmp / "serve" / "data"
+def private_tmp(tmp_path_factory):
+    """Data dirs go here: a folder only root can enter (0700, like every home folder), as a
+    user's checkout would be."""
+    root = tmp_path_factory.mktemp("data")
+    os.chmod(root, 0o700)
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(private_tmp, wheelhouse):
+    data = private_tmp / "serve" / "data"
     data.parent.mkdir()
     # An operator variable that must never reach a function.
     env = dict(os.environ, OPERATOR_SECRET="hunter2")

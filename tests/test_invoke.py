@@ -12,6 +12,8 @@ import time
 import psutil
 import requests
 
+from conftest import container_processes
+
 
 def test_deploy_and_invoke(server, pkg):
     record = server.deploy(pkg("echo", name="inv-basic"))
@@ -131,9 +133,7 @@ def test_process_killed_from_outside_mid_call(server, pkg):
     caller = threading.Thread(target=call)
     caller.start()
     time.sleep(1.0)
-    victims = [p for p in psutil.process_iter(["cmdline"])
-               if "inv-kill" in " ".join(p.info["cmdline"] or [])
-               or any("inv-kill" in (c or "") for c in [p_cwd(p)])]
+    victims = [psutil.Process(pid) for pid in container_processes(server.data, "inv-kill")]
     assert victims, "no child process found for inv-kill"
     for p in victims:
         p.send_signal(signal.SIGKILL)
@@ -141,12 +141,6 @@ def test_process_killed_from_outside_mid_call(server, pkg):
     assert result["response"].status_code == 502
     assert server.invoke("inv-kill/echo", "fresh").json() == "fresh"
 
-
-def p_cwd(p):
-    try:
-        return p.cwd()
-    except psutil.Error:
-        return ""
 
 
 def test_bad_requests(server, pkg):
@@ -219,7 +213,8 @@ def test_child_environment_is_scrubbed(server, pkg):
     assert not any(k.startswith("DOCKYARD") for k in env)
     assert set(env) <= {"GREETING", "PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "VIRTUAL_ENV",
                         "PYTHONUNBUFFERED", "LC_CTYPE"}
-    assert env["HOME"] == env["TMPDIR"] and os.path.basename(env["TMPDIR"]).startswith("p")
+    # Each process has a private /tmp (its own tmpfs in its view) as its home.
+    assert env["HOME"] == env["TMPDIR"] == "/tmp"
 
 
 def test_full_pool_answers_503_with_retry_after(server, pkg):

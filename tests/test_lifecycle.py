@@ -15,11 +15,11 @@ from conftest import Server, make_package, sandbox_processes
 
 
 @pytest.fixture
-def own_server(open_tmp, wheelhouse, request):
+def own_server(private_tmp, wheelhouse, request):
     servers = []
 
     def start(name: str, extra: list[str] = ()) -> Server:
-        data = open_tmp / f"{request.node.name}-{name}" / "data"
+        data = private_tmp / f"{request.node.name}-{name}" / "data"
         data.parent.mkdir(exist_ok=True)
         srv = Server(data, ["--find-links", str(wheelhouse), "--offline", *extra])
         servers.append(srv)
@@ -81,8 +81,8 @@ def test_worker_killed_mid_call_is_a_502_and_it_comes_back(own_server, tmp_path)
     assert len([p for p in sandbox_processes(srv.data) if "bootstrap" in " ".join(p.cmdline())]) == 1
 
 
-def test_restart_mid_run_loses_no_async_call(open_tmp, wheelhouse, tmp_path):
-    data = open_tmp / "lc-restart" / "data"
+def test_restart_mid_run_loses_no_async_call(private_tmp, wheelhouse, tmp_path):
+    data = private_tmp / "lc-restart" / "data"
     data.parent.mkdir()
     first = Server(data, ["--find-links", str(wheelhouse), "--offline"])
     try:

@@ -8,18 +8,12 @@ import time
 
 import psutil
 
+from conftest import container_processes
+
 
 def _pids(server, container: str) -> dict[int, str]:
-    """The container's children: pid -> working directory (which names the version)."""
-    found = {}
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if "bootstrap" in " ".join(p.info["cmdline"] or []) and \
-                    f"/{container}/" in p.cwd() + "/":
-                found[p.pid] = p.cwd()
-        except psutil.Error:
-            pass
-    return found
+    """The container's function processes: pid -> version."""
+    return container_processes(server.data, container)
 
 
 def test_redeploy_under_load_loses_nothing(server, pkg):

@@ -317,6 +317,7 @@ class Pool:
         with self.cond:
             idle = [c for c in self.children if c.in_flight == 0]
         for child in idle:
+            child.over_cpu_budget()
             child.alive()
 
     def stop_idle(self, idle_ttl: float) -> None:

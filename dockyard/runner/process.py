@@ -55,7 +55,8 @@ class ChildSpec:
     owner: tuple[int, int] | None = None  # the child's uid/gid, owner of its private tmp
     cgroup: Callable[[str], object] | None = None  # makes this child's cgroup, given a name
     sandbox: dict | None = None     # the launcher's spec (a private view); None: no namespaces
-    cpu_budget_s: float | None = None  # RLIMIT_CPU armed from outside before each call
+    cpu_budget_s: float | None = None  # CPU seconds per call, enforced from outside
+    cpu_by_kernel: bool = False     # the worker may set the child's RLIMIT_CPU (prlimit)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Child:
         self.cgroup = None
         self.server_pid = 0         # the bootstrap's pid on the host (inside a view: pid 2)
         self._stat_fd = -1
+        self._cpu_allowed = 0.0     # CPU seconds the process may have used by the next check
         self._dead: dict | None = None
         self._pending: dict[str, _Pending] = {}
         self._write_lock = threading.Lock()
@@ -206,20 +208,43 @@ class Child:
             log.warning("%s: cannot find its server process: %s", self.what, exc)
         return 0
 
+    def _cpu_used(self) -> float:
+        stat = os.pread(self._stat_fd, 1024, 0)
+        fields = stat[stat.rindex(b")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
     def arm_cpu_budget(self) -> None:
         """Give the next call `cpu_budget_s` seconds of CPU on top of what the process used so
-        far: RLIMIT_CPU set from outside, soft and hard, so the function cannot lift it
-        (SIGXCPU at the soft limit, SIGKILL a second later)."""
+        far. Where the worker may set another process's rlimits (CAP_SYS_RESOURCE) it sets
+        RLIMIT_CPU from outside, soft and hard (SIGXCPU, then SIGKILL a second later); where it
+        may not, `over_cpu_budget()` is checked from outside between calls. Either way the
+        function cannot lift its budget."""
         if self._stat_fd < 0:
             return
         try:
-            stat = os.pread(self._stat_fd, 1024, 0)
-            fields = stat[stat.rindex(b")") + 2:].split()
-            used = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-            budget = int(used + self.spec.cpu_budget_s) + 1
-            resource.prlimit(self.server_pid, resource.RLIMIT_CPU, (budget, budget + 1))
+            budget = int(self._cpu_used() + self.spec.cpu_budget_s) + 1
+            self._cpu_allowed = budget + 1
+            if self.spec.cpu_by_kernel:
+                resource.prlimit(self.server_pid, resource.RLIMIT_CPU, (budget, budget + 1))
         except (OSError, ValueError) as exc:
-            log.debug("%s: cannot arm the CPU budget: %s", self.what, exc)
+            log.warning("%s: cannot arm the CPU budget: %s", self.what, exc)
+
+    def over_cpu_budget(self) -> bool:
+        """Between calls: kill a process that went on burning CPU past its last call's
+        budget (a thread the function left running). True if it was killed."""
+        if self._stat_fd < 0 or not self._cpu_allowed:
+            return False
+        try:
+            used = self._cpu_used()
+        except (OSError, ValueError):
+            return False
+        if used <= self._cpu_allowed:
+            return False
+        self.exit_reason = ("cpu time limit: it went on using CPU after its call returned, past "
+                            f"the call's budget of {self.spec.cpu_budget_s:g}s")
+        log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
+        self.kill()
+        return True
 
     def _abort(self) -> int | None:
         self.kill()

@@ -210,9 +210,13 @@ def child_spec_factory(isolation, bootstrap_path: str, view_root: Path):
                 env=isolation.env(manifest.env, VIEW_VENV))
             return ChildSpec(
                 argv=[], code_dir=paths.code, tmp_root=paths.tmp, run_dir=paths.run, env={},
-                init=dict(init, code_dir=VIEW_CODE, rlimits={}, cpu_s=0), what=runtime.what,
-                cgroup=make_cgroup, sandbox=sandbox,
-                cpu_budget_s=limits.timeout_s if one_at_a_time else None)
+                # Without the kernel's help the process also arms its own soft limit: the
+                # common case then ends with a clear SIGXCPU, the worker's check catches a lift.
+                init=dict(init, code_dir=VIEW_CODE, rlimits={},
+                          cpu_s=0 if isolation.cpu_by_kernel else limits.timeout_s),
+                what=runtime.what, cgroup=make_cgroup, sandbox=sandbox,
+                cpu_budget_s=limits.timeout_s if one_at_a_time else None,
+                cpu_by_kernel=isolation.cpu_by_kernel)
         argv, user, group = isolation.command(
             [str(paths.python), "-I", "-B", bootstrap_path], uid, gid, limits.network)
         rlimits = {name: value for name, (value, _) in isolation.rlimits(limits).items()}

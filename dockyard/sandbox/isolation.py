@@ -45,6 +45,7 @@ class Isolation:
     view: HostLayout | None = None        # a private root, pid, ipc and mount namespace
     view_note: str = "not probed"
     uids: UidRegistry | None = None
+    cpu_by_kernel: bool = False            # CAP_SYS_RESOURCE: RLIMIT_CPU set from outside
     setpriv: str | None = None             # the fallback without namespaces
     netns: list[str] | None = None         # the fallback's command prefix for no network
     netns_note: str = "not probed"
@@ -56,6 +57,7 @@ class Isolation:
         if self.drop_privileges:
             self.uids = UidRegistry(base=self.uid_base)
         self.view, self.view_note = self._probe_view()
+        self.cpu_by_kernel = self.view is not None and _has_capability(CAP_SYS_RESOURCE)
         if self.view is not None:
             self.netns_note = "a new network namespace per child (no interface but loopback)"
             return
@@ -154,7 +156,7 @@ class Isolation:
                 # old and new version during a redeploy) and does not bind root.
                 wanted["RLIMIT_NPROC"] = int(limits.processes) * max(1, limits.instances) * 2
         out = {name: (value, value) for name, value in wanted.items()}
-        if self.view is not None and limits.concurrency == 1:
+        if self.cpu_by_kernel and limits.concurrency == 1:
             # Until the worker arms the first call's budget: enough CPU to import the code.
             out["RLIMIT_CPU"] = (STARTUP_CPU_S, STARTUP_CPU_S + 1)
         return out
@@ -213,7 +215,12 @@ class Isolation:
                                ", soft and hard")),
             "cpu_time": item(True, "RLIMIT_CPU, soft and hard, armed by the worker before each "
                              "call to timeout_s of CPU (processes with concurrency = 1)"
-                             if view else "RLIMIT_CPU re-armed by the process itself before "
+                             if self.cpu_by_kernel else
+                             "a budget of timeout_s of CPU per call (processes with "
+                             "concurrency = 1), checked by the worker between calls (no "
+                             "CAP_SYS_RESOURCE to set RLIMIT_CPU from outside; the process "
+                             "also arms its own soft limit)" if view else
+                             "RLIMIT_CPU re-armed by the process itself before "
                              "each call (processes with concurrency = 1; the function can "
                              "lift it: no namespaces here)"),
         }
@@ -257,6 +264,20 @@ def run_sandboxed(layout: HostLayout, argv: list[str], network: bool,
         lines = stderr.decode("utf-8", "replace").strip().splitlines()
         return lines[-1] if lines else f"exit code {proc.returncode}"
     return None
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def _has_capability(number: int) -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> number & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 _lifeline: list[int] = []
@@ -317,8 +338,14 @@ def choose_python(requested: str | None, uid: int | None,
     candidates = []
     if requested:
         candidates.append(requested)
-    base = getattr(sys, "_base_executable", None) or sys.executable
-    candidates += [os.path.realpath(base), "/usr/bin/python3", "/usr/local/bin/python3"]
+    base = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    same_version = [f"{folder}/python{sys.version_info[0]}.{sys.version_info[1]}"
+                    for folder in ("/usr/bin", "/usr/local/bin")]
+    if not base.startswith("/usr/"):
+        # A system build of the same version first: a view then needs no bind of a folder
+        # below someone's home (a pyenv build), and venvs do not depend on that home.
+        candidates += same_version
+    candidates += [base, *same_version, "/usr/bin/python3", "/usr/local/bin/python3"]
     found = shutil.which("python3", path=SAFE_PATH)
     if found:
         candidates.append(found)

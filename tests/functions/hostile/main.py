@@ -78,3 +78,123 @@ def whoami(event):
 
 def environ(event):
     return dict(os.environ)
+
+
+# -- the view: what a function can see and reach --------------------------------------------
+
+BOOT = os.urandom(8).hex()   # tells one process from its replacement (pids repeat in a view)
+
+
+def boot(event):
+    return {"boot": BOOT, "pid": os.getpid(), "uid": os.getuid()}
+
+
+def exists(event):
+    return {path: os.path.exists(path) for path in event["paths"]}
+
+
+def listdir(event):
+    try:
+        return sorted(os.listdir(event["path"]))
+    except OSError as exc:
+        return {"error": type(exc).__name__}
+
+
+def processes(event):
+    """Every process this function can see, with whatever of its command line it can read."""
+    seen = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    seen[name] = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+            except OSError as exc:
+                seen[name] = type(exc).__name__
+    return seen
+
+
+def write_text(event):
+    try:
+        with open(event["path"], "w") as f:
+            f.write(event.get("text", "x"))
+        return {"written": True}
+    except OSError as exc:
+        return {"error": type(exc).__name__}
+
+
+def read_text(event):
+    try:
+        with open(event["path"]) as f:
+            return {"text": f.read()}
+    except OSError as exc:
+        return {"error": type(exc).__name__}
+
+
+def fill(event):
+    """Write until the disk says no: the bytes that fit."""
+    written = 0
+    chunk = b"\0" * (1 << 20)
+    try:
+        with open(event["path"], "wb") as f:
+            for _ in range(int(event.get("max_mb", 4096))):
+                f.write(chunk)
+                f.flush()
+                written += len(chunk)
+    except OSError as exc:
+        return {"written_mb": written >> 20, "error": type(exc).__name__}
+    return {"written_mb": written >> 20}
+
+
+def sysv_shm(event):
+    """Make a SysV shared memory segment that outlives this process unless its IPC namespace
+    dies with it; return what /proc/sysvipc/shm lists."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if event.get("create"):
+        shmid = libc.shmget(0x0D0C, int(event.get("mb", 8)) << 20, 0o1666)  # IPC_CREAT | 0666
+        if shmid < 0:
+            return {"error": os.strerror(ctypes.get_errno())}
+    with open("/proc/sysvipc/shm") as f:
+        return {"segments": len(f.read().splitlines()) - 1}
+
+
+def lift_cpu(event):
+    """Try to lift the CPU-time limit, then burn CPU in a thread that outlives the call."""
+    import resource
+    import threading
+    soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    result = {"soft": soft, "hard": hard}
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        result["lifted"] = "infinity"
+    except (ValueError, OSError) as exc:
+        result["lifted"] = type(exc).__name__
+        try:
+            resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+    def burn():
+        while True:
+            pass
+
+    threading.Thread(target=burn, daemon=True).start()
+    return result
+
+
+def burn(event):
+    """Spin `threads` threads for `seconds` of wall time: the CPU seconds they got."""
+    import threading
+    end = time.monotonic() + float(event.get("seconds", 2))
+    started_cpu, started = time.process_time(), time.monotonic()
+
+    def spin():
+        while time.monotonic() < end:
+            pass
+
+    workers = [threading.Thread(target=spin) for _ in range(int(event.get("threads", 2)))]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return {"cpu_s": time.process_time() - started_cpu, "wall_s": time.monotonic() - started}
