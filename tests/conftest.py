@@ -121,7 +121,8 @@ def zip_folder(folder: Path) -> bytes:
 # -- a running server -----------------------------------------------------------------------
 
 class Server:
-    def __init__(self, data: Path, extra_args: list[str], env: dict | None = None):
+    def __init__(self, data: Path, extra_args: list[str], env: dict | None = None,
+                 workers: int = 1):
         self.data = data
         cmd = [sys.executable, "-m", "dockyard", "--data", str(data), "serve", "--port", "0",
                "--deploy-dir", "", *extra_args]
@@ -149,7 +150,8 @@ class Server:
         self.worker_token = (data / "tokens" / "worker").read_text().strip()
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {self.admin}"
-        self.wait_workers(1)
+        if workers:
+            self.wait_workers(workers)
 
     def wait_workers(self, n: int, timeout: float = 60) -> None:
         end = time.monotonic() + timeout

@@ -3,7 +3,10 @@ mid-run loses no async call. Each test runs its own `serve`."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,17 +14,18 @@ import psutil
 import pytest
 import requests
 
-from conftest import Server, make_package, sandbox_processes
+from conftest import ROOT, Server, make_package, sandbox_processes
 
 
 @pytest.fixture
 def own_server(private_tmp, wheelhouse, request):
     servers = []
 
-    def start(name: str, extra: list[str] = ()) -> Server:
+    def start(name: str, extra: list[str] = (), workers: int = 1) -> Server:
         data = private_tmp / f"{request.node.name}-{name}" / "data"
         data.parent.mkdir(exist_ok=True)
-        srv = Server(data, ["--find-links", str(wheelhouse), "--offline", *extra])
+        srv = Server(data, ["--find-links", str(wheelhouse), "--offline", *extra],
+                     workers=workers)
         servers.append(srv)
         return srv
     yield start
@@ -125,3 +129,69 @@ def test_invoke_auth(own_server, tmp_path):
     # The invoke token opens /invoke only.
     assert requests.get(srv.url + "/api/containers", timeout=10,
                         headers={"Authorization": f"Bearer {invoke_token}"}).status_code == 403
+
+
+def test_kill_9_of_serves_process_group_leaves_no_function_process(own_server, tmp_path):
+    srv = own_server("kill9")
+    srv.deploy(make_package(tmp_path, "hostile", name="lc-kill9"))
+    # A detached grandchild too: it left its parent's session and process group.
+    assert srv.invoke("lc-kill9/detach", {}).status_code == 200
+    before = [p for p in sandbox_processes(srv.data) if p.uids().real != 0]
+    assert len(before) >= 3   # the namespace's init, the function's process, the grandchild
+    os.killpg(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait()
+    gone, alive = psutil.wait_procs(before, timeout=20)
+    assert not alive, alive
+    left = [p for p in sandbox_processes(srv.data) if p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE]
+    gone, alive = psutil.wait_procs(left, timeout=20)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+
+
+def test_serve_from_a_private_folder_serves_the_examples(private_tmp, wheelhouse):
+    """The README's run command from a checkout under a home folder (mode 0700): the data
+    dir lives below it, and the shipped examples answer."""
+    home = private_tmp / "home-user"
+    home.mkdir(mode=0o700)
+    (home / "checkout").mkdir()
+    srv = Server(home / "checkout" / ".dockyard", ["--deploy-dir", str(ROOT / "deploy"),
+                                                  "--find-links", str(wheelhouse), "--offline"])
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            response = srv.invoke("hello/greet", {"who": "you"})
+            if response.status_code == 200:
+                break
+            time.sleep(0.2)
+        assert response.status_code == 200, response.text
+        assert response.json()["message"] == "hello, you!"
+    finally:
+        assert srv.stop() == 0
+        assert not srv.leftovers
+
+
+def test_a_worker_whose_data_dir_does_not_exist_yet_serves(own_server, tmp_path):
+    srv = own_server("remote", ["--no-local-worker"], workers=0)
+    data = tmp_path / "not" / "there" / "yet"
+    token_file = tmp_path / "worker-token"
+    token_file.write_text(srv.worker_token + "\n")
+    os.chmod(token_file, 0o600)
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dockyard", "--data", str(data), "worker", "--server", srv.url],
+        env=dict(os.environ, DOCKYARD_TOKEN=srv.worker_token), stdout=log, stderr=log,
+        start_new_session=True)
+    try:
+        srv.wait_workers(1)
+        srv.deploy(make_package(tmp_path, "hostile", name="lc-remote"))
+        assert srv.invoke("lc-remote/boot", {}).status_code == 200
+        assert srv.worker_token not in " ".join(psutil.Process(worker.pid).cmdline())
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            assert worker.wait(timeout=60) == 0
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+            log.close()
+    assert not [p for p in sandbox_processes(data) if p.is_running()]
