@@ -4,7 +4,7 @@ import pytest
 
 from dockyard.common.manifest import (MAX_ENV_BYTES, MAX_ENV_VALUE_BYTES, MAX_ENV_VARS,
                                       MAX_KEY_PARTS, MAX_MANIFEST_BYTES, MAX_NESTING,
-                                      RESERVED_ENV, SHOWN_CHARS, Limits, Manifest,
+                                      LOCALE_ENV, RESERVED_ENV, SHOWN_CHARS, Limits, Manifest,
                                       parse_manifest)
 from dockyard.errors import BadPackage, NotFound
 
@@ -259,4 +259,6 @@ def test_env_limits(env, message):
 
 def test_reserved_env_names_cover_what_the_sandbox_sets(tmp_path):
     from dockyard.sandbox.isolation import Isolation
-    assert set(Isolation.env({}, tmp_path)) | {"HOME", "TMPDIR"} <= RESERVED_ENV
+    assert set(Isolation.env({}, tmp_path)) | {"HOME", "TMPDIR"} <= RESERVED_ENV | LOCALE_ENV
+    env = Isolation.env({"LANG": "de_DE.UTF-8"}, tmp_path)
+    assert env["LANG"] == "de_DE.UTF-8"

@@ -50,8 +50,10 @@ MAX_ENV_BYTES = 32 * 1024          # all names and values together
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Set for every child by the sandbox (Isolation.env, and HOME/TMPDIR per process): a manifest
 # cannot change them.
-RESERVED_ENV = frozenset({"PATH", "LANG", "LC_ALL", "PYTHONUNBUFFERED", "VIRTUAL_ENV", "HOME",
-                          "TMPDIR"})
+# Set by dockyard for every process; the locale (LANG, LC_ALL) is only a default and may be
+# changed by the manifest.
+RESERVED_ENV = frozenset({"PATH", "PYTHONUNBUFFERED", "VIRTUAL_ENV", "HOME", "TMPDIR"})
+LOCALE_ENV = frozenset({"LANG", "LC_ALL"})
 INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1   # TOML integers are 64-bit
 SHOWN_CHARS = 80                   # of a user-supplied value quoted in an error message
 
