@@ -1,0 +1,100 @@
+"""Unit tests of the sandbox's pure pieces: the host-wide uid registry, the view spec, the
+summary when namespaces are not available, and the launcher run for real on one command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from dockyard.common.manifest import Limits
+from dockyard.sandbox.isolation import Isolation, run_sandboxed
+from dockyard.sandbox.uids import UidRegistry
+from dockyard.sandbox.view import BOOTSTRAP, CODE, VENV, HostLayout, passwd, sandbox_spec
+
+
+def test_uids_are_allocated_once_and_never_reused(tmp_path):
+    registry = UidRegistry(tmp_path / "uids.json", base=300_000)
+    first = registry.uid_for("inst.1.100")
+    assert registry.uid_for("inst.1.100") == first
+    # The same container id made again later (after a delete) is another container.
+    second = registry.uid_for("inst.1.200")
+    assert second != first
+    # Another registry object on the same file (another worker on this host) agrees, and
+    # continues the same counter.
+    other = UidRegistry(tmp_path / "uids.json", base=300_000)
+    assert other.uid_for("inst.1.100") == first
+    assert other.uid_for("other-instance.1.100") not in (first, second)
+
+
+def test_uids_skip_real_accounts_and_survive_a_damaged_registry(tmp_path):
+    registry = UidRegistry(tmp_path / "uids.json", base=0)
+    uid = registry.uid_for("a")
+    assert uid > 0   # uid 0 (root) and every account in /etc/passwd are skipped
+    (tmp_path / "uids.json").write_text("{broken")
+    again = UidRegistry(tmp_path / "uids.json", base=0).uid_for("b")
+    assert again > uid   # never restarts from the base over what it may have handed out
+
+
+def test_concurrent_allocations_never_collide(tmp_path):
+    path = tmp_path / "uids.json"
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def allocate(n):
+        uid = UidRegistry(path, base=400_000).uid_for(f"key-{n}")
+        with lock:
+            got.append(uid)
+
+    threads = [threading.Thread(target=allocate, args=(n,)) for n in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got)) == 20
+    assert len(json.loads(path.read_text())["uids"]) == 20
+
+
+def test_the_view_spec_holds_only_what_python_needs(tmp_path):
+    layout = HostLayout.probe([sys.executable])
+    spec = sandbox_spec(layout, root=tmp_path, code=tmp_path / "code", venv=tmp_path / "venv",
+                        bootstrap=tmp_path / "b.py", uid=250_000, gid=250_000, tmp_mb=64,
+                        network=False, rlimits={}, env={"A": "1"})
+    targets = {target for _, target, _ in spec["binds"]}
+    assert {CODE, VENV, BOOTSTRAP, "/usr", "/dev/null"} <= targets
+    assert not any(t.startswith(("/home", "/var/lib", "/tmp", "/proc", "/sys")) for t in targets)
+    assert all(kind in ("ro", "dev") for _, _, kind in spec["binds"])
+    assert spec["env"]["HOME"] == spec["env"]["TMPDIR"] == "/tmp" and spec["env"]["A"] == "1"
+    assert spec["network"] is False and spec["cwd"] == CODE
+    accounts = passwd(250_000, 250_000)["/etc/passwd"]
+    assert "250000" in accounts and "root:" in accounts and len(accounts.splitlines()) == 3
+
+
+def test_summary_without_namespaces_says_what_is_missing():
+    isolation = Isolation(drop_privileges=False)
+    isolation.view_note = "the worker does not run as root, so it cannot build namespaces"
+    summary = isolation.summary()
+    for key in ("view", "pid_namespace", "ipc_namespace"):
+        assert summary[key]["on"] is False and "root" in summary[key]["why"]
+    assert "can lift" in summary["cpu_time"]["how"]
+    limits = Limits()
+    assert "RLIMIT_CPU" not in isolation.rlimits(limits)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root here")
+def test_the_launcher_runs_a_command_in_a_view(tmp_path):
+    layout = HostLayout.probe()
+    assert run_sandboxed(layout, ["/bin/true"], network=False) is None
+    reason = run_sandboxed(layout, ["/bin/sh", "-c", "exit 3"], network=True)
+    assert reason == "exit code 3"
+    # A folder that is not in the view does not exist there.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    assert run_sandboxed(layout, ["/bin/sh", "-c", f"test ! -e {outside}"], network=True) is None
+    assert run_sandboxed(layout, ["/bin/sh", "-c", "test $(id -u) = 65534"],
+                         network=True) is None
