@@ -26,12 +26,12 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def run_worker(server, token, data, listen, advertise, index_url, find_links, offline, python,
-               uid_base) -> int:
+               uid_base, view: bool = True) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.umask(0o077)
     data_dir = DataDir.at(data)
-    isolation = Isolation(uid_base=uid_base or DEFAULT_UID_BASE)
+    isolation = Isolation(uid_base=uid_base or DEFAULT_UID_BASE, namespaces=view)
     isolation.detect(f"w{os.getpid()}")
     if isolation.cgroups is not None:
         sweep_stale(isolation.cgroups)

@@ -42,6 +42,7 @@ class Isolation:
     notes: dict = field(default_factory=dict)
     cgroups: CgroupHost | None = None
     cgroup_note: str = "not probed"
+    namespaces: bool = True               # False: --no-view, children run without a view
     view: HostLayout | None = None        # a private root, pid, ipc and mount namespace
     view_note: str = "not probed"
     uids: UidRegistry | None = None
@@ -80,6 +81,8 @@ class Isolation:
         self.netns, self.netns_note = None, f"network namespaces are not allowed here ({reason})"
 
     def _probe_view(self) -> tuple[HostLayout | None, str]:
+        if not self.namespaces:
+            return None, "turned off (--no-view): children run without a private view"
         if os.geteuid() != 0:
             return None, ("the worker does not run as root, so it cannot build mount and pid "
                           "namespaces for its children")
