@@ -98,6 +98,13 @@ def _pick_worker(db: sqlite_utils.Database, target: Target, routable: list[dict]
         candidates = [w for w in worker_store.live_workers(db) if w["id"] not in avoid]
     if not candidates:
         if not worker_store.live_workers(db):
+            local = worker_store.local_worker_state(db)
+            if local and local.get("state") != "running":
+                raise Unavailable(f"no worker is connected: the local worker {local['reason']}",
+                                  retry_after=5)
+            if local:
+                raise Unavailable("no worker is connected yet: the local worker is starting",
+                                  retry_after=2)
             raise Unavailable("no worker is connected; start one with `dockyard worker` "
                               "(or `dockyard serve` without --no-local-worker)", retry_after=5)
         raise Unavailable(f"'{target.container}' has no ready instance yet (still deploying, "

@@ -100,6 +100,21 @@ def mark_lost(db: sqlite_utils.Database, worker_id: str) -> None:
                     [worker_id])
 
 
+def set_local_worker_state(db: sqlite_utils.Database, state: str, reason: str = "") -> None:
+    """What `serve` knows of the worker it runs itself (running, restarting, stopped), so
+    that a 503 can say why no worker is there."""
+    db["settings"].insert({"key": "local_worker", "value": json.dumps(
+        {"state": state, "reason": reason, "at": now()})}, replace=True)
+
+
+def local_worker_state(db: sqlite_utils.Database) -> dict | None:
+    rows = list(db.query("SELECT value FROM settings WHERE key = 'local_worker'"))
+    try:
+        return json.loads(rows[0]["value"]) if rows else None
+    except ValueError:
+        return None
+
+
 def live_workers(db: sqlite_utils.Database) -> list[dict]:
     return list(db.query("SELECT id, address FROM workers WHERE state = 'up' AND last_seen > ?",
                          [now() - WORKER_TTL_S]))
