@@ -5,7 +5,6 @@ frames: invoke requests on one pipe, results on the other.
 Usage: python -I -B bootstrap.py REQUEST_FD REPLY_FD
 """
 
-import asyncio
 import importlib
 import inspect
 import json
@@ -109,7 +108,8 @@ class Child:
         self.output = Output(int(init.get("output_cap", 65536)))
         self.cpu_s = float(init.get("cpu_s") or 0)
         self.handlers = {}      # name -> (callable, wants_context, is_async)
-        self.loop = asyncio.new_event_loop()
+        self.loop = None        # made on the first async handler: asyncio is slow to import
+        self.loop_lock = threading.Lock()
         self.write_lock = threading.Lock()
         self.cold = True
         self.stopping = False
@@ -136,9 +136,23 @@ class Child:
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY,
                                                        p.POSITIONAL_OR_KEYWORD)]
         wants_context = len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
-        entry = (obj, wants_context, inspect.iscoroutinefunction(obj))
+        is_async = inspect.iscoroutinefunction(obj)
+        if is_async:
+            self.event_loop()
+        entry = (obj, wants_context, is_async)
         self.handlers[name] = entry
         return entry
+
+    def event_loop(self):
+        """The loop async handlers run on; with concurrency > 1 it runs in its own thread and
+        calls are handed to it."""
+        with self.loop_lock:
+            if self.loop is None:
+                import asyncio
+                self.loop = asyncio.new_event_loop()
+                if self.concurrency > 1:
+                    threading.Thread(target=self.loop.run_forever, daemon=True).start()
+            return self.loop
 
     def send(self, obj, result_json=None):
         """Write one frame; a result already encoded (to check it is JSON) is spliced in
@@ -173,8 +187,11 @@ class Child:
                 args.append(Context(request.get("invocation_id", ""), self.container,
                                     self.version, function, float(request.get("deadline", 0))))
             if is_async:
-                result = asyncio.run_coroutine_threadsafe(handler(*args), self.loop).result() \
-                    if self.concurrency > 1 else self.loop.run_until_complete(handler(*args))
+                if self.concurrency > 1:
+                    import asyncio
+                    result = asyncio.run_coroutine_threadsafe(handler(*args), self.loop).result()
+                else:
+                    result = self.loop.run_until_complete(handler(*args))
             else:
                 result = handler(*args)
             try:
@@ -210,8 +227,6 @@ class Child:
                 self.idle.notify_all()
 
     def serve(self):
-        if self.concurrency > 1:
-            threading.Thread(target=self.loop.run_forever, daemon=True).start()
         while not self.stopping:
             try:
                 request = read_frame(self.requests)
