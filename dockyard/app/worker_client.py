@@ -1,6 +1,7 @@
-"""The control plane's side of the worker transport: persistent TCP connections carrying
-length-prefixed JSON frames (the same frames the worker speaks to its children), pooled per
-worker address and per process, so a call costs no connection set-up and no HTTP parsing."""
+"""The control plane's side of the worker transport: persistent connections (TCP, or a Unix
+socket to a local worker) carrying length-prefixed JSON frames (the same frames the worker
+speaks to its children), pooled per worker address and per process, so a call costs no
+connection set-up and no HTTP parsing."""
 
 from __future__ import annotations
 
@@ -13,9 +14,34 @@ from ..common.frames import FrameSocket
 # A frame the worker does not take within this long means the worker is stuck.
 SEND_TIMEOUT_S = 30
 
+# A worker address naming a Unix socket (the same prefix the worker advertises).
+UNIX_PREFIX = "unix:"
+
 
 class WorkerGone(Exception):
     """The worker closed the connection or could not be reached."""
+
+
+def _dial(address: str, timeout: float) -> socket.socket:
+    """A connected socket to a worker: "unix:/path" is a Unix socket (a local worker),
+    anything else HOST:PORT over TCP."""
+    if address.startswith(UNIX_PREFIX):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address[len(UNIX_PREFIX):])
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    host, _, port = address.rpartition(":")
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise OSError(f"not HOST:PORT or unix:PATH: {address!r}") from None
+    sock = socket.create_connection((host.strip("[]"), port_number), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 class WorkerConnections:
@@ -25,12 +51,10 @@ class WorkerConnections:
         self._lock = threading.Lock()
 
     def _connect(self, address: str, timeout: float) -> FrameSocket:
-        host, _, port = address.rpartition(":")
         try:
-            sock = socket.create_connection((host, int(port)), timeout=min(timeout, 5.0))
+            sock = _dial(address, min(timeout, 5.0))
         except OSError as exc:
             raise WorkerGone(f"cannot reach worker at {address}: {exc}") from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = FrameSocket(sock)
         try:
             conn.send({"type": "hello", "token": self.token})

@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..errors import DockyardError
+from ..runner.server import UNIX_PATH_MAX, UNIX_PREFIX
 from .client import Client, discover, package_bytes
 from .templates import write_template
 
@@ -57,7 +59,16 @@ class Group(click.Group):
 @click.pass_context
 def cli(ctx, url, token, data, as_json):
     """dockyard: deploy Python functions as containers and call them over HTTP."""
+    _warn_if_on_command_line(ctx, "token", "DOCKYARD_TOKEN (or the data dir's token)")
     ctx.obj = Context(url, token, data, as_json)
+
+
+def _warn_if_on_command_line(ctx, param: str, instead: str) -> None:
+    """A token given as an argument is in /proc/<pid>/cmdline, which every local user can
+    read."""
+    if ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE:
+        click.echo("Warning: a --token given on the command line can be read by other local "
+                   f"users from the process list; use {instead} instead.", err=True)
 
 
 def _age(ts) -> str:
@@ -115,23 +126,64 @@ def _uv_args(index_url, find_links, offline, python) -> list[str]:
 
 @cli.command()
 @click.option("--server", required=True, help="Control plane URL.")
-@click.option("--token", "worker_token", envvar="DOCKYARD_TOKEN", required=True,
-              help="Worker token (<data>/tokens/worker on the control plane).")
+@click.option("--token-file", type=click.Path(dir_okay=False),
+              help="File holding the worker token (<data>/tokens/worker on the control plane).")
+@click.option("--token", "worker_token", envvar="DOCKYARD_TOKEN",
+              help="Worker token; prefer --token-file or DOCKYARD_TOKEN (an argument is "
+                   "visible in the process list).")
 @click.option("--listen", default="127.0.0.1:0", show_default=True,
-              help="Address of this worker's invoke endpoint.")
+              help="Address of this worker's invoke endpoint: HOST:PORT or unix:PATH.")
 @click.option("--advertise", help="Address the control plane should dial (default: --listen).")
 @click.option("--index-url")
 @click.option("--find-links", multiple=True)
 @click.option("--offline", is_flag=True)
 @click.option("--python", "python")
 @click.option("--uid-base", type=int, default=None, help="First uid for sandboxed children.")
-@pass_ctx
-def worker(ctx, server, worker_token, listen, advertise, index_url, find_links, offline,
-           python, uid_base):
+@click.pass_context
+def worker(click_ctx, server, token_file, worker_token, listen, advertise, index_url,
+           find_links, offline, python, uid_base):
     """Run a worker that serves a control plane's containers."""
     from .worker import run_worker
+    ctx = click_ctx.find_object(Context)
+    worker_token = _worker_token(click_ctx, token_file, worker_token)
+    if listen.startswith(UNIX_PREFIX):
+        # The worker parses --listen as HOST:PORT; the invoke server takes a host of the form
+        # unix:PATH as a Unix socket and ignores the port.
+        listen = f"{UNIX_PREFIX}{_socket_path(listen[len(UNIX_PREFIX):])}:0"
     sys.exit(run_worker(server, worker_token, ctx.data, listen, advertise, index_url,
                         find_links, offline, python, uid_base))
+
+
+def _socket_path(text: str) -> Path:
+    """An absolute path (the control plane dials it from another folder) that fits in a
+    socket address."""
+    if not text:
+        raise click.UsageError("--listen unix: wants a path, e.g. unix:/run/dockyard/invoke.sock")
+    path = Path(text).absolute()
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise click.UsageError(f"--listen: {path} is longer than the {UNIX_PATH_MAX} bytes a "
+                               "socket path may have; pick a shorter one")
+    return path
+
+
+def _worker_token(click_ctx, token_file, worker_token) -> str:
+    """The worker token from --token-file, else from DOCKYARD_TOKEN or --token."""
+    if token_file:
+        if click_ctx.get_parameter_source("worker_token") is ParameterSource.COMMANDLINE:
+            raise click.UsageError("give the worker token once: --token-file or --token")
+        try:
+            worker_token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise click.ClickException(f"cannot read the worker token from {token_file}: "
+                                       f"{exc.strerror}") from None
+        if not worker_token:
+            raise click.ClickException(f"the token file {token_file} is empty")
+        return worker_token
+    if not worker_token:
+        raise click.UsageError("the worker token is missing: give --token-file PATH or set "
+                               "DOCKYARD_TOKEN")
+    _warn_if_on_command_line(click_ctx, "worker_token", "--token-file or DOCKYARD_TOKEN")
+    return worker_token
 
 
 # -- packages -----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import requests
 from ..app.datadir import DataDir
 from ..app.db import migrate
 from ..app.dispatcher import Dispatcher
+from ..runner.server import UNIX_PATH_MAX
 from .deploydir import DeployFolder
 
 log = logging.getLogger("dockyard.serve")
@@ -59,6 +60,7 @@ class Supervisor:
         self.gunicorn: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
         self.worker_restarts = 0
+        self.worker_listen: str | None = None
         self.dispatcher: Dispatcher | None = None
         self.deploy_folder: DeployFolder | None = None
         self.url = ""
@@ -102,9 +104,22 @@ class Supervisor:
     def _start_worker(self) -> None:
         env = self._env()
         env["DOCKYARD_TOKEN"] = self.data.read_token("worker")
+        if self.worker_listen is None:
+            self.worker_listen = self._local_worker_listen()
         cmd = [sys.executable, "-m", "dockyard", "--data", str(self.data.root), "worker",
-               "--server", self.url, *self.options.worker_args]
+               "--server", self.url, "--listen", self.worker_listen,
+               *self.options.worker_args]
         self.worker = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+
+    def _local_worker_listen(self) -> str:
+        """A Unix socket inside the data dir: sandboxed functions never see the data dir,
+        while a loopback port is open to every function that has network access."""
+        path = self.data.worker / "invoke.sock"
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            log.warning("the local worker listens on 127.0.0.1, not on a Unix socket: %s is "
+                        "longer than the %d bytes a socket path may have", path, UNIX_PATH_MAX)
+            return "127.0.0.1:0"
+        return f"unix:{path}"
 
     def _wait_healthy(self, timeout: float = 60.0) -> None:
         end = time.monotonic() + timeout

@@ -1,6 +1,6 @@
 """Length-prefixed JSON frames: a 4-byte big-endian length, then that many bytes of UTF-8
-JSON. Spoken on the pipes to every child and on the worker's TCP endpoint; a hot path, so one
-write per frame."""
+JSON. Spoken on the pipes to every child and on the worker's invoke endpoint; a hot path, so
+one write per frame."""
 
 from __future__ import annotations
 
@@ -78,15 +78,15 @@ class _Buffered:
     def _more(self) -> bytes:
         raise NotImplementedError
 
-    def _next_frame(self):
+    def _next_frame(self, max_size: int = MAX_FRAME):
         """Cut the next frame from the buffer, reading more until one is whole. None at a
-        clean end of stream."""
+        clean end of stream; FrameError as soon as a header announces over `max_size`."""
         buffer = self.buffer
         while True:
             if len(buffer) >= 4:
                 (size,) = _HEADER.unpack_from(buffer)
-                if size > MAX_FRAME:
-                    raise FrameError(f"frame of {size} bytes is over the {MAX_FRAME} byte limit")
+                if size > max_size:
+                    raise FrameError(f"frame of {size} bytes is over the {max_size} byte limit")
                 if len(buffer) >= 4 + size:
                     body = bytes(buffer[4:4 + size])
                     del buffer[:4 + size]
@@ -135,15 +135,33 @@ class FrameSocket(_Buffered):
         super().__init__()
         self.sock = sock
         self._recv_timeout: float | None = None
+        self._deadline: float | None = None
 
     def send(self, obj) -> None:
         self.sock.sendall(encode_frame(obj))
 
-    def recv(self):
-        """The next frame; None when the peer closed; TimeoutError past the receive timeout."""
-        return self._next_frame()
+    def recv(self, max_size: int = MAX_FRAME):
+        """The next frame; None when the peer closed; TimeoutError past the receive timeout;
+        FrameError for a frame announced over `max_size`."""
+        return self._next_frame(max_size)
+
+    def recv_by(self, deadline: float, max_size: int):
+        """The next frame, which must be whole by `deadline` (monotonic) and at most
+        `max_size` bytes: for a peer not trusted yet, which could otherwise hold a thread by
+        trickling bytes. Waits with a socket timeout (a poll per read), which it leaves set:
+        `sock.settimeout(None)` returns the socket to plain blocking reads."""
+        self._deadline = deadline
+        try:
+            return self._next_frame(max_size)
+        finally:
+            self._deadline = None
 
     def _more(self) -> bytes:
+        if self._deadline is not None:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the frame did not arrive whole in time")
+            self.sock.settimeout(remaining)
         try:
             return self.sock.recv(1 << 16)
         except BlockingIOError:
