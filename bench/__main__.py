@@ -123,12 +123,31 @@ def deploy_to_first_call(dockyard: Dockyard, name: str, source: str, manifest: s
             "venv_s": float(built[-1].split("built in ")[1].rstrip("s")) if built else None}
 
 
-def cold_call(results: dict, dockyard: Dockyard) -> None:
-    dockyard.deploy(package("zero", NOOP, '[functions]\nf = "main:f"\n[limits]\ninstances = 0\n'))
-    started = time.perf_counter()
-    response = dockyard.http.post(dockyard.url + "/invoke/zero/f", data="{}", timeout=60)
-    response.raise_for_status()
-    results["cold_call_ms"] = ms(time.perf_counter() - started)
+def cold_call_ms(dockyard: Dockyard, samples: int = 5) -> float:
+    """The median of `samples` first calls to containers scaled to zero (each a fresh process
+    started by the call)."""
+    times = []
+    for n in range(samples):
+        name = f"zero{n}"
+        dockyard.deploy(package(name, NOOP, '[functions]\nf = "main:f"\n[limits]\ninstances = 0\n'))
+        started = time.perf_counter()
+        response = dockyard.http.post(f"{dockyard.url}/invoke/{name}/f", data="{}", timeout=60)
+        response.raise_for_status()
+        times.append(time.perf_counter() - started)
+    return ms(statistics.median(times))
+
+
+def sandbox_cost(results: dict, wheelhouse: Path, dockyard: Dockyard) -> None:
+    """What the private view costs: deploy -> first call and the cold call, against a second
+    dockyard whose children run without namespaces (`--no-view`), in the same run."""
+    results["cold_call_ms"] = cold_call_ms(dockyard)
+    plain = Dockyard(["--find-links", str(wheelhouse), "--offline", "--no-view"])
+    try:
+        first = deploy_to_first_call(plain, "fresh", NOOP, '[functions]\nf = "main:f"\n')
+        results["deploy_first_call_noview_s"] = first["total_s"]
+        results["cold_call_noview_ms"] = cold_call_ms(plain)
+    finally:
+        plain.stop()
 
 
 def redeploy_under_load(results: dict, dockyard: Dockyard, quick: bool) -> None:
@@ -169,21 +188,30 @@ def scaling(results: dict, dockyard: Dockyard, quick: bool) -> None:
 
 
 def idle_memory(results: dict, dockyard: Dockyard) -> None:
+    """Per instance: the function process's RSS, and the unique memory of the two sandbox
+    processes around it (the monitor on the host side and the namespace's init)."""
     time.sleep(1.0)
-    per_child = []
+    per_child, overhead = [], []
     per_version: dict[str, float] = {}
-    prefix = str(dockyard.data)
-    for proc in psutil.process_iter(["cmdline"]):
+    prefix = str(dockyard.data / "worker") + "/"
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
         try:
-            if "bootstrap" in " ".join(proc.info["cmdline"] or []) and \
-                    proc.cwd().startswith(prefix):
-                rss = proc.memory_info().rss / (1 << 20)
-                per_child.append(rss)
-                version = "/".join(Path(proc.cwd()).parts[-3:-1])
-                per_version[version] = per_version.get(version, 0.0) + rss
+            if "launch.py" not in " ".join(proc.info["cmdline"] or []) or \
+                    not (proc.info["cwd"] or "").startswith(prefix):
+                continue
+            tree = [proc, *proc.children(recursive=True)]
+            servers = [p for p in tree if "bootstrap" in " ".join(p.cmdline())]
+            if not servers:
+                continue
+            rss = servers[0].memory_info().rss / (1 << 20)
+            per_child.append(rss)
+            overhead.append(sum(p.memory_full_info().uss for p in tree[:2]) / (1 << 20))
+            version = "/".join(Path(proc.info["cwd"]).parts[-2:])
+            per_version[version] = per_version.get(version, 0.0) + rss
         except psutil.Error:
             pass
     results["idle_rss_mb"] = round(statistics.mean(per_child), 1)
+    results["sandbox_uss_mb"] = round(statistics.mean(overhead), 1)
     results["idle_rss_per_version_mb"] = round(statistics.mean(per_version.values()), 1)
     results["idle_instances"] = len(per_child)
 
@@ -196,14 +224,17 @@ ROWS = [
     ("throughput c8 (req/s)", "warm_rps_c8", "bare_flask_rps_c8", ">= 0.5x bare"),
     ("pipe round trip, floor (us)", "pipe_rtt_us", None, ""),
     ("fresh python per call (ms)", "fresh_python_ms", "warm_p50_ms", "what dockyard avoids"),
-    ("deploy -> first call, no deps (s)", "deploy_first_call_s", None, "< 1 s"),
+    ("deploy -> first call, no deps (s)", "deploy_first_call_s", "deploy_first_call_noview_s",
+     "< 1 s; baseline: no view"),
     ("deploy -> first call, 1 dep (s)", "deploy_first_call_dep_s", None, "< 1.5 s"),
-    ("cold call, instances=0 (ms)", "cold_call_ms", "warm_p50_ms", "< 150 ms"),
+    ("cold call, instances=0 (ms)", "cold_call_ms", "cold_call_noview_ms",
+     "< 60 ms; baseline: no view"),
     ("redeploy: calls / failed", "redeploy_calls", "redeploy_failed", "0 failed"),
     ("redeploy p99 swap vs steady (ms)", "redeploy_swap_p99_ms", "redeploy_steady_p99_ms",
      "<= 2x"),
     ("CPU-bound, 2 vs 1 instances (req/s)", "burn_rps_i2", "burn_rps_i1", ">= 1.7x"),
     ("idle RSS per instance (MB)", "idle_rss_mb", None, "< 30 MB"),
+    ("sandbox processes per instance, USS (MB)", "sandbox_uss_mb", None, "monitor + init"),
 ]
 
 
@@ -254,7 +285,7 @@ def main() -> int:
             'dependencies = ["benchdep==1.0"]\n[functions]\nf = "main:f"\n')
         results["deploy_first_call_dep_s"] = dep["total_s"]
         results["deploy_dep_breakdown"] = dep
-        cold_call(results, dockyard)
+        sandbox_cost(results, wheelhouse, dockyard)
         redeploy_under_load(results, dockyard, args.quick)
         scaling(results, dockyard, args.quick)
         idle_memory(results, dockyard)

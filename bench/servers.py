@@ -4,7 +4,6 @@ Flask baseline under the same gunicorn settings."""
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
 import signal
@@ -30,9 +29,7 @@ def free_port() -> int:
 
 class Dockyard:
     def __init__(self, extra_args: list[str] = ()):
-        # Children run as another uid: the data dir must be reachable by it.
         self.root = Path(tempfile.mkdtemp(prefix="dockyard-bench-"))
-        os.chmod(self.root, 0o711)
         self.data = self.root / "data"
         self.log = open(self.root / "serve.log", "w")
         self.proc = subprocess.Popen(

@@ -177,9 +177,10 @@ def test_a_worker_whose_data_dir_does_not_exist_yet_serves(own_server, tmp_path)
     token_file.write_text(srv.worker_token + "\n")
     os.chmod(token_file, 0o600)
     log = open(tmp_path / "worker.log", "w")
+    env = {k: v for k, v in os.environ.items() if k != "DOCKYARD_TOKEN"}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "dockyard", "--data", str(data), "worker", "--server", srv.url],
-        env=dict(os.environ, DOCKYARD_TOKEN=srv.worker_token), stdout=log, stderr=log,
+        [sys.executable, "-m", "dockyard", "--data", str(data), "worker", "--server", srv.url,
+         "--token-file", str(token_file)], env=env, stdout=log, stderr=log,
         start_new_session=True)
     try:
         srv.wait_workers(1)
@@ -195,3 +196,38 @@ def test_a_worker_whose_data_dir_does_not_exist_yet_serves(own_server, tmp_path)
                 worker.kill()
             log.close()
     assert not [p for p in sandbox_processes(data) if p.is_running()]
+
+
+def test_a_worker_that_cannot_run_here_stops_serve_with_one_line(private_tmp):
+    data = private_tmp / "cannot-run" / "data"
+    data.parent.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "dockyard", "--data", str(data), "serve", "--port", "0",
+         "--deploy-dir", "", "--python", "/nonexistent/python3"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode != 0
+    assert "listening" not in done.stdout
+    assert "--python /nonexistent/python3 does not exist" in done.stderr
+    assert "the local worker cannot run on this host" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not sandbox_processes(data)
+
+
+def test_a_503_says_what_happened_to_the_local_worker(tmp_path):
+    from dockyard.app.db import connect, migrate
+    from dockyard.app.invoke import Target, _pick_worker
+    from dockyard.app.store import workers as worker_store
+    from dockyard.common.manifest import Manifest
+    from dockyard.errors import Unavailable
+
+    migrate(tmp_path / "db")
+    db = connect(tmp_path / "db")
+    target = Target("c", 1, "1", Manifest.from_dict({"name": "c"}), False)
+    with pytest.raises(Unavailable, match="start one with"):
+        _pick_worker(db, target, [], set())
+    worker_store.set_local_worker_state(db, "exited", "exited (code -9) and is restarting")
+    with pytest.raises(Unavailable, match="the local worker exited"):
+        _pick_worker(db, target, [], set())
+    worker_store.set_local_worker_state(db, "running")
+    with pytest.raises(Unavailable, match="the local worker is starting"):
+        _pick_worker(db, target, [], set())

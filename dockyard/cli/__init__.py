@@ -97,14 +97,22 @@ def _table(rows: list[list], headers: list[str]) -> None:
 @click.option("--find-links", multiple=True, help="Wheelhouse folder for venv builds.")
 @click.option("--offline", is_flag=True, help="Never reach a package index.")
 @click.option("--python", "python", help="Interpreter venvs are built from.")
+@click.option("--uid-base", type=int, default=None,
+              help="Where the host-wide uid registry starts giving uids to containers.")
+@click.option("--no-view", is_flag=True,
+              help="Run children without their private view (weaker isolation).")
 @pass_ctx
 def serve(ctx, host, port, deploy_dir, web_workers, no_local_worker, invoke_auth, index_url,
-          find_links, offline, python):
+          find_links, offline, python, uid_base, no_view):
     """Run the control plane, a local worker and the deploy folder."""
     from .serve import ServeOptions, Supervisor
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker_args = _uv_args(index_url, find_links, offline, python)
+    if uid_base is not None:
+        worker_args += ["--uid-base", str(uid_base)]
+    if no_view:
+        worker_args.append("--no-view")
     options = ServeOptions(host=host, port=port, data=ctx.data, deploy_dir=deploy_dir or None,
                            web_workers=web_workers, local_worker=not no_local_worker,
                            invoke_auth=invoke_auth, worker_args=worker_args)
@@ -138,20 +146,21 @@ def _uv_args(index_url, find_links, offline, python) -> list[str]:
 @click.option("--find-links", multiple=True)
 @click.option("--offline", is_flag=True)
 @click.option("--python", "python")
-@click.option("--uid-base", type=int, default=None, help="First uid for sandboxed children.")
+@click.option("--uid-base", type=int, default=None,
+              help="Where the host-wide uid registry starts giving uids to containers.")
+@click.option("--no-view", is_flag=True,
+              help="Run children without their private view (weaker isolation).")
 @click.pass_context
 def worker(click_ctx, server, token_file, worker_token, listen, advertise, index_url,
-           find_links, offline, python, uid_base):
+           find_links, offline, python, uid_base, no_view):
     """Run a worker that serves a control plane's containers."""
     from .worker import run_worker
     ctx = click_ctx.find_object(Context)
     worker_token = _worker_token(click_ctx, token_file, worker_token)
     if listen.startswith(UNIX_PREFIX):
-        # The worker parses --listen as HOST:PORT; the invoke server takes a host of the form
-        # unix:PATH as a Unix socket and ignores the port.
-        listen = f"{UNIX_PREFIX}{_socket_path(listen[len(UNIX_PREFIX):])}:0"
+        listen = f"{UNIX_PREFIX}{_socket_path(listen[len(UNIX_PREFIX):])}"
     sys.exit(run_worker(server, worker_token, ctx.data, listen, advertise, index_url,
-                        find_links, offline, python, uid_base))
+                        find_links, offline, python, uid_base, view=not no_view))
 
 
 def _socket_path(text: str) -> Path:

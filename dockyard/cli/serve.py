@@ -19,10 +19,12 @@ from pathlib import Path
 import requests
 
 from ..app.datadir import DataDir
-from ..app.db import migrate
+from ..app.db import connect, migrate
+from ..app.store import workers as worker_store
 from ..app.dispatcher import Dispatcher
 from ..runner.server import UNIX_PATH_MAX
 from .deploydir import DeployFolder
+from .worker import WORKER_CONFIG_EXIT
 
 log = logging.getLogger("dockyard.serve")
 
@@ -110,6 +112,7 @@ class Supervisor:
                "--server", self.url, "--listen", self.worker_listen,
                *self.options.worker_args]
         self.worker = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+        self._worker_state("running")
 
     def _local_worker_listen(self) -> str:
         """A Unix socket inside the data dir: sandboxed functions never see the data dir,
@@ -120,6 +123,31 @@ class Supervisor:
                         "longer than the %d bytes a socket path may have", path, UNIX_PATH_MAX)
             return "127.0.0.1:0"
         return f"unix:{path}"
+
+    def _worker_state(self, state: str, reason: str = "") -> None:
+        db = connect(self.data.db_path)
+        try:
+            worker_store.set_local_worker_state(db, state, reason)
+        finally:
+            db.conn.close()
+
+    def _wait_worker(self, timeout: float = 60.0) -> None:
+        """Until the local worker registered: a worker that cannot run on this host stops serve
+        here, with its one line above, instead of serve saying it listens and retrying."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not self.signals:
+            code = self.worker.poll()
+            if code == WORKER_CONFIG_EXIT:
+                raise SystemExit("dockyard: the local worker cannot run on this host (its "
+                                 "reason is above); stopping")
+            if code is not None:
+                return  # another failure: supervised and restarted like any later one
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).json().get("workers"):
+                    return
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.05)
 
     def _wait_healthy(self, timeout: float = 60.0) -> None:
         end = time.monotonic() + timeout
@@ -158,6 +186,11 @@ class Supervisor:
         self.dispatcher.start()
         if self.options.local_worker:
             self._start_worker()
+            try:
+                self._wait_worker()
+            except SystemExit:
+                self._stop()
+                raise
         if self.options.deploy_dir:
             self.deploy_folder = DeployFolder(Path(self.options.deploy_dir), self.url,
                                               self.data.read_token("admin"))
@@ -180,10 +213,17 @@ class Supervisor:
                 return 1
             if self.worker is not None and self.worker.poll() is not None and not self.signals:
                 now = time.monotonic()
+                code = self.worker.returncode
+                if code == WORKER_CONFIG_EXIT:
+                    log.error("the local worker cannot run on this host (its reason is above); "
+                              "stopping")
+                    self._worker_state("stopped", "cannot run on this host (see serve's log)")
+                    return 1
                 if next_worker_start == 0.0:
                     delay = min(30.0, 0.5 * 2 ** min(self.worker_restarts, 6))
                     log.warning("the local worker exited (code %s); restarting in %.1fs",
-                                self.worker.returncode, delay)
+                                code, delay)
+                    self._worker_state("exited", f"exited (code {code}) and is restarting")
                     next_worker_start = now + delay
                 elif now >= next_worker_start:
                     self.worker_restarts += 1

@@ -11,17 +11,27 @@ import click
 import uv
 
 from ..app.datadir import DataDir
-from ..runner.agent import Agent, WorkerConfig
+from ..runner.agent import Agent, WorkerConfig, WorkerRefused
+from ..runner.server import UNIX_PREFIX
 from ..runner.venvs import UvOptions
 from ..sandbox.cgroups import remove_root, sweep_stale
 from ..sandbox.isolation import (DEFAULT_UID_BASE, NOBODY, Isolation, choose_python,
                                  unreachable_ancestor)
 
 
+WORKER_CONFIG_EXIT = 78   # this worker's configuration cannot work here: do not restart it
+
+
+class WorkerConfigError(click.ClickException):
+    exit_code = WORKER_CONFIG_EXIT
+
+
 def _address(text: str) -> tuple[str, int]:
+    if text.startswith(UNIX_PREFIX):
+        return text, 0   # the invoke server takes a host of the form unix:PATH as a socket
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
-        raise click.ClickException(f"--listen wants HOST:PORT, not '{text}'")
+        raise WorkerConfigError(f"--listen wants HOST:PORT or unix:PATH, not '{text}'")
     return host.strip("[]"), int(port)
 
 
@@ -39,13 +49,13 @@ def run_worker(server, token, data, listen, advertise, index_url, find_links, of
     try:
         interpreter, why = choose_python(python, probe_uid, isolation.runnable)
     except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise WorkerConfigError(str(exc)) from None
     isolation.use_interpreter(interpreter)
     blocked = (unreachable_ancestor(data_dir.worker)
                if isolation.drop_privileges and isolation.view is None else None)
     if blocked is not None:
         # Only without namespaces do children reach their code through host paths.
-        raise click.ClickException(
+        raise WorkerConfigError(
             f"the data dir {data_dir.root} is below {blocked}, which other users cannot "
             f"enter (mode {oct(blocked.stat().st_mode & 0o777)}), and this host gives "
             f"children no private view ({isolation.view_note}); pass a --data dir outside it")
@@ -56,7 +66,10 @@ def run_worker(server, token, data, listen, advertise, index_url, find_links, of
     config = WorkerConfig(server=server, token=token, worker_dir=data_dir.worker,
                           uv=options, isolation=isolation, listen=_address(listen),
                           advertise=advertise)
-    agent = Agent(config)
+    try:
+        agent = Agent(config)
+    except OSError as exc:
+        raise WorkerConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     lines = ["dockyard worker isolation:"]
     for name, item in isolation.summary().items():
         state = "on " if item.get("on") else "OFF"
@@ -65,6 +78,8 @@ def run_worker(server, token, data, listen, advertise, index_url, find_links, of
     sys.stdout.flush()
     try:
         return agent.run()
+    except WorkerRefused as exc:
+        raise WorkerConfigError(str(exc)) from None
     finally:
         if isolation.cgroups is not None:
             remove_root(isolation.cgroups)

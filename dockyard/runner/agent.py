@@ -43,6 +43,10 @@ class WorkerConfig:
     name: str = field(default_factory=socket.gethostname)
 
 
+class WorkerRefused(Exception):
+    """The control plane refuses this worker's token: retrying cannot help."""
+
+
 def _uid_key(spec: dict) -> str:
     return spec.get("uid_key") or f"legacy:{spec['container_id']}"
 
@@ -118,6 +122,10 @@ class Agent:
                 "address": self.config.advertise or self.server.address,
                 "isolation": self.config.isolation.summary()}
         response = self.http.post(self._url("/api/workers/register"), json=body, timeout=10)
+        if response.status_code in (401, 403):
+            raise WorkerRefused(f"the control plane at {self.config.server} refuses this "
+                                "worker's token; give the token in <data>/tokens/worker of "
+                                "the control plane (--token-file or DOCKYARD_TOKEN)")
         response.raise_for_status()
         data = response.json()
         self.worker_id = data["id"]

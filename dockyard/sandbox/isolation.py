@@ -352,6 +352,8 @@ def choose_python(requested: str | None, uid: int | None,
     found = shutil.which("python3", path=SAFE_PATH)
     if found:
         candidates.append(found)
+    if requested and not os.path.exists(requested):
+        raise RuntimeError(f"--python {requested} does not exist")
     seen, rejected = set(), []
     for candidate in candidates:
         if not candidate or candidate in seen or not os.path.exists(candidate):
