@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,26 @@ def test_the_launcher_runs_a_command_in_a_view(tmp_path):
     assert run_sandboxed(layout, ["/bin/sh", "-c", f"test ! -e {outside}"], network=True) is None
     assert run_sandboxed(layout, ["/bin/sh", "-c", "test $(id -u) = 65534"],
                          network=True) is None
+
+
+def test_a_cpu_budget_catches_a_process_burning_past_it():
+    from dockyard.runner.cpu_budget import CpuBudget
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        budget, quiet = CpuBudget(burner.pid, 0.1, False), CpuBudget(idle.pid, 0.1, False)
+        assert not budget.exceeded()          # nothing armed yet
+        budget.arm()
+        quiet.arm()
+        assert budget.allowed >= 2 and not budget.exceeded()
+        deadline = time.monotonic() + 60
+        while not budget.exceeded() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert budget.exceeded() and budget.used() > budget.allowed
+        assert not quiet.exceeded()
+        budget.close()
+        quiet.close()
+    finally:
+        for proc in (burner, idle):
+            proc.kill()
+            proc.wait()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from typing import Callable
 
 from ..common.frames import FrameReader, encode_frame, write_frame
 from ..sandbox.isolation import SAFE_PATH, encode_spec, launcher_argv, lifeline_fd
+from .cpu_budget import CpuBudget, find_server
 from .states import ProcessState, change_state
 from .tree import kill_tree
 
@@ -26,7 +26,6 @@ log = logging.getLogger("dockyard.process")
 
 LOAD_ERROR_EXIT = 3
 SANDBOX_FAILED_EXIT = 125     # sandbox/launch.py could not build the view
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 60.0
 OUTPUT_CAP = 64 * 1024
 
@@ -84,8 +83,7 @@ class Child:
         self.oom = False
         self.cgroup = None
         self.server_pid = 0         # the bootstrap's pid on the host (inside a view: pid 2)
-        self._stat_fd = -1
-        self._cpu_allowed = 0.0     # CPU seconds the process may have used by the next check
+        self.cpu_budget: CpuBudget | None = None
         self._dead: dict | None = None
         self._pending: dict[str, _Pending] = {}
         self._write_lock = threading.Lock()
@@ -177,10 +175,11 @@ class Child:
         if first.get("type") != "ready":
             self._abort()
             raise StartError(f"unexpected first frame from the child: {first}")
-        self.server_pid = self._find_server() if view else self.pid
-        if self.spec.cpu_budget_s and self.server_pid:
+        self.server_pid = find_server(self.pid) if view else self.pid
+        if self.spec.cpu_budget_s and self.server_pid and view:
             try:
-                self._stat_fd = os.open(f"/proc/{self.server_pid}/stat", os.O_RDONLY)
+                self.cpu_budget = CpuBudget(self.server_pid, self.spec.cpu_budget_s,
+                                            self.spec.cpu_by_kernel)
             except OSError as exc:
                 log.warning("%s: cannot watch its CPU time: %s", self.what, exc)
         change_state(self, ProcessState.RUNNING, self.what)
@@ -191,57 +190,14 @@ class Child:
     def _cgroup_name(self) -> str:
         return f"{self.spec.what.replace('@', '-')}-p{self.number}"
 
-    def _find_server(self) -> int:
-        """The bootstrap's pid on the host: the child of the namespace's init (below the
-        launcher) whose pid inside the namespace is 2."""
-        try:
-            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
-                init = int(f.read().split()[0])
-            with open(f"/proc/{init}/task/{init}/children") as f:
-                candidates = [int(p) for p in f.read().split()]
-            for pid in candidates:
-                with open(f"/proc/{pid}/status") as f:
-                    for line in f:
-                        if line.startswith("NSpid:") and line.split()[-1] == "2":
-                            return pid
-        except (OSError, ValueError, IndexError) as exc:
-            log.warning("%s: cannot find its server process: %s", self.what, exc)
-        return 0
-
-    def _cpu_used(self) -> float:
-        stat = os.pread(self._stat_fd, 1024, 0)
-        fields = stat[stat.rindex(b")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-    def arm_cpu_budget(self) -> None:
-        """Give the next call `cpu_budget_s` seconds of CPU on top of what the process used so
-        far. Where the worker may set another process's rlimits (CAP_SYS_RESOURCE) it sets
-        RLIMIT_CPU from outside, soft and hard (SIGXCPU, then SIGKILL a second later); where it
-        may not, `over_cpu_budget()` is checked from outside between calls. Either way the
-        function cannot lift its budget."""
-        if self._stat_fd < 0:
-            return
-        try:
-            budget = int(self._cpu_used() + self.spec.cpu_budget_s) + 1
-            self._cpu_allowed = budget + 1
-            if self.spec.cpu_by_kernel:
-                resource.prlimit(self.server_pid, resource.RLIMIT_CPU, (budget, budget + 1))
-        except (OSError, ValueError) as exc:
-            log.warning("%s: cannot arm the CPU budget: %s", self.what, exc)
-
     def over_cpu_budget(self) -> bool:
         """Between calls: kill a process that went on burning CPU past its last call's
-        budget (a thread the function left running). True if it was killed."""
-        if self._stat_fd < 0 or not self._cpu_allowed:
-            return False
-        try:
-            used = self._cpu_used()
-        except (OSError, ValueError):
-            return False
-        if used <= self._cpu_allowed:
+        budget. True if it was killed."""
+        budget = self.cpu_budget
+        if budget is None or not budget.exceeded():
             return False
         self.exit_reason = ("cpu time limit: it went on using CPU after its call returned, past "
-                            f"the call's budget of {self.spec.cpu_budget_s:g}s")
+                            f"the call's budget of {budget.seconds:g}s")
         log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
         self.kill()
         return True
@@ -270,8 +226,8 @@ class Child:
         way to stop Python code) and a timed_out reply is returned."""
         deadline = time.monotonic() + timeout
         if self.direct:
-            if self._stat_fd >= 0:
-                self.arm_cpu_budget()
+            if self.cpu_budget is not None:
+                self.cpu_budget.arm()
             try:
                 self._requests.write(encode_frame(frame))
                 reply = self._replies.read(deadline)
@@ -443,9 +399,8 @@ class Child:
             except (OSError, AttributeError):
                 pass
         self._requests = self._replies = None
-        if self._stat_fd >= 0:
-            os.close(self._stat_fd)
-            self._stat_fd = -1
+        if self.cpu_budget is not None:
+            self.cpu_budget.close()
         if self.cgroup is not None:
             self.cgroup.remove()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
