@@ -21,6 +21,7 @@ import requests
 from ..sandbox.isolation import Isolation
 from .diff import diff_versions
 from .server import InvokeServer
+from .spares import spares
 from .tree import kill_strays
 from .states import VersionState
 from .venvs import Builder, UvOptions
@@ -77,6 +78,8 @@ class Agent:
         view_root.mkdir(exist_ok=True)
         os.chmod(view_root, 0o700)
         kill_strays(config.worker_dir)
+        if private:
+            spares.refill()   # the first child then starts from a launcher that is ready
         self.builder = Builder(config.worker_dir, config.uv, self._download,
                                lambda spec: isolation.identity(_uid_key(spec))[1],
                                private=private)
@@ -255,6 +258,7 @@ class Agent:
             t.start()
         for t in threads:
             t.join()
+        spares.close()
         self.server.shutdown()
         self.server.close_connections()
         self.server.server_close()

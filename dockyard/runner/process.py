@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..common.frames import FrameReader, encode_frame, write_frame
-from ..sandbox.isolation import SAFE_PATH, encode_spec, launcher_argv, lifeline_fd
+from ..sandbox.isolation import encode_spec
 from .cpu_budget import CpuBudget, find_server
+from .spares import spares
 from .states import ProcessState, change_state
 from .tree import kill_tree
 
@@ -108,53 +109,20 @@ class Child:
             if self.spec.owner is not None:
                 os.chown(self.tmp_dir, *self.spec.owner)
         self.spec.run_dir.mkdir(parents=True, exist_ok=True)
-        if view and self.spec.cgroup is not None:
-            # Made before the process: the launcher joins it before it forks anything.
-            self.cgroup = self.spec.cgroup(self._cgroup_name())
-        req_read, req_write = os.pipe()
-        rep_read, rep_write = os.pipe()
-        out_fd = os.open(self.stdout_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
-        err_fd = os.open(self.stderr_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
-        fds = [str(req_read), str(rep_write)]
         if view:
-            argv, env, cwd = launcher_argv(req_read, rep_write), {"PATH": SAFE_PATH}, \
-                self.spec.run_dir.parent
+            self._launch_in_view()
         else:
-            argv = [*self.spec.argv, *fds]
-            env = dict(self.spec.env, HOME=str(self.tmp_dir), TMPDIR=str(self.tmp_dir))
-            cwd = self.spec.code_dir
+            self._launch_directly()
         try:
-            self.popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
-                pass_fds=(req_read, rep_write, lifeline_fd()) if view else
-                (req_read, rep_write), cwd=cwd, env=env,
-                start_new_session=True, close_fds=True,
-                user=self.spec.user, group=self.spec.group,
-                extra_groups=[] if self.spec.user is not None else None)
-        except BaseException:
-            for fd in (req_write, rep_read):
-                os.close(fd)
-            if self.cgroup is not None:
-                self.cgroup.remove()
-            raise
-        finally:
-            for fd in (req_read, rep_write, out_fd, err_fd):
-                os.close(fd)
-        self.pid = self.popen.pid
-        self._requests = os.fdopen(req_write, "wb", buffering=0)
-        self._replies = FrameReader(rep_read)
-        try:
-            if view:
-                cgroups = self.cgroup.folders() if self.cgroup is not None else []
-                self._requests.write(encode_spec(dict(
-                    self.spec.sandbox, cgroups=cgroups,
-                    argv=[*self.spec.sandbox["argv"], *fds])))
-            elif self.spec.cgroup is not None:
+            if not view and self.spec.cgroup is not None:
                 # Before the init frame: the child runs no user code until it has it.
                 self.cgroup = self.spec.cgroup(self._cgroup_name())
                 self.cgroup.attach(self.pid)
-            write_frame(self._requests, dict(self.spec.init, type="init",
-                                             output_cap=OUTPUT_CAP))
+            try:
+                write_frame(self._requests, dict(self.spec.init, type="init",
+                                                 output_cap=OUTPUT_CAP))
+            except OSError:
+                pass  # it died already: the read below sees the end and says why
             first = self._replies.read(time.monotonic() + START_TIMEOUT_S)
         except TimeoutError:
             self._abort()
@@ -186,6 +154,61 @@ class Child:
         if not self.direct:
             threading.Thread(target=self._read_replies, name=f"child-{self.pid}",
                              daemon=True).start()
+
+    def _output_files(self) -> tuple[int, int]:
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+        return os.open(self.stdout_path, flags, 0o600), os.open(self.stderr_path, flags, 0o600)
+
+    def _launch_directly(self) -> None:
+        """Without a view: the venv's interpreter runs the bootstrap as a direct child."""
+        req_read, req_write = os.pipe()
+        rep_read, rep_write = os.pipe()
+        out_fd, err_fd = self._output_files()
+        env = dict(self.spec.env, HOME=str(self.tmp_dir), TMPDIR=str(self.tmp_dir))
+        try:
+            self.popen = subprocess.Popen(
+                [*self.spec.argv, str(req_read), str(rep_write)], stdin=subprocess.DEVNULL,
+                stdout=out_fd, stderr=err_fd, pass_fds=(req_read, rep_write),
+                cwd=self.spec.code_dir, env=env, start_new_session=True, close_fds=True,
+                user=self.spec.user, group=self.spec.group,
+                extra_groups=[] if self.spec.user is not None else None)
+        except BaseException:
+            os.close(req_write)
+            os.close(rep_read)
+            raise
+        finally:
+            for fd in (req_read, rep_write, out_fd, err_fd):
+                os.close(fd)
+        self.pid = self.popen.pid
+        self._requests = os.fdopen(req_write, "wb", buffering=0)
+        self._replies = FrameReader(rep_read)
+
+    def _launch_in_view(self) -> None:
+        """Hand a started launcher (usually a spare) the sandbox spec: this child's cgroup
+        (made first: the launcher joins it before it forks anything), output files and
+        folder, and the bootstrap's command line with the launcher's pipe ends."""
+        if self.spec.cgroup is not None:
+            self.cgroup = self.spec.cgroup(self._cgroup_name())
+        for fd in self._output_files():
+            os.close(fd)
+        try:
+            launcher = spares.take()
+        except BaseException:
+            if self.cgroup is not None:
+                self.cgroup.remove()
+            raise
+        self.popen = launcher.popen
+        self.pid = launcher.popen.pid
+        self._requests = os.fdopen(launcher.request_fd, "wb", buffering=0)
+        self._replies = FrameReader(launcher.reply_fd)
+        try:
+            self._requests.write(encode_spec(dict(
+                self.spec.sandbox, cgroups=self.cgroup.folders() if self.cgroup else [],
+                argv=[*self.spec.sandbox["argv"], *launcher.fds],
+                stdout=str(self.stdout_path), stderr=str(self.stderr_path),
+                host_cwd=str(self.spec.run_dir.parent))))
+        except OSError:
+            pass  # the launcher died: the first read below sees it and says why
 
     def _cgroup_name(self) -> str:
         return f"{self.spec.what.replace('@', '-')}-p{self.number}"

@@ -14,7 +14,8 @@ Three processes, so that each job stays simple:
 - the *server* (pid 2): drops every privilege (no groups, no capabilities, no_new_privs),
   sets its rlimits soft and hard, and execs the venv's interpreter on the bootstrap.
 
-The first frame on REQUEST_FD is the sandbox spec (a marshal-encoded dict built by
+A launcher may be started before it is needed (see runner/spares.py): it waits for its spec,
+and the spec says where its output goes. The first frame on REQUEST_FD is the sandbox spec (a marshal-encoded dict built by
 dockyard.sandbox.view); every frame after it belongs to the bootstrap. Nothing of the spec is on a command line.
 """
 
@@ -23,7 +24,8 @@ import marshal
 import os
 import resource
 import select
-import signal
+# _signal, not signal: the signal module imports enum, which costs milliseconds per start.
+import _signal as signal
 import struct
 import sys
 
@@ -46,6 +48,8 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 CAPABILITY_VERSION_3 = 0x20080522
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 
+SIGHUP, SIGINT, SIGKILL, SIGTERM = 1, 2, 9, 15
+STOP_SIGNALS = (19, 20, 21, 22)   # SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU: not a way to end
 SETUP_FAILED_EXIT = 125     # the sandbox could not be built: the reason is on stderr
 HEADER = struct.Struct(">I")
 MAX_SPEC = 1 << 20
@@ -222,7 +226,7 @@ def exit_like(status):
         # The init cannot die by a signal (it is pid 1): it exits 128 + n for the server's
         # signal n, and the monitor turns that back into the signal.
         signum = code - 128
-        if signum not in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        if signum not in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
     os._exit(code)
@@ -246,7 +250,7 @@ def run_init(spec, fds):
     _close(fds)
     drop_privileges(spec.get("uid"), spec.get("gid"))
     # Changing uid cleared the parent-death signal: set it again.
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(PR_SET_PDEATHSIG, SIGKILL)
     while True:
         try:
             pid, status = os.wait()
@@ -262,7 +266,7 @@ def run_init(spec, fds):
 
 def run_server(spec):
     try:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (SIGTERM, SIGINT, SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
         set_rlimits(spec.get("rlimits", {}))
         drop_privileges(spec.get("uid"), spec.get("gid"))
@@ -287,7 +291,7 @@ def watch(init, lifeline):
         except InterruptedError:
             continue
         if lifeline in ready and not os.read(lifeline, 64):
-            os.kill(init, signal.SIGKILL)  # the worker is gone: so is everything it ran
+            os.kill(init, SIGKILL)  # the worker is gone: so is everything it ran
             break
         if pidfd in ready or (pidfd is None and os.waitpid(init, os.WNOHANG)[0]):
             break
@@ -301,14 +305,28 @@ def watch(init, lifeline):
             continue
 
 
+def take_over(spec):
+    """A launcher started ahead of need learns only now whose it is: write to that child's
+    output files and stand in its version's folder (where a worker that starts again looks
+    for leftovers)."""
+    for fd, key in ((1, "stdout"), (2, "stderr")):
+        if spec.get(key):
+            target = os.open(spec[key], os.O_RDWR | os.O_APPEND)
+            os.dup2(target, fd)
+            os.close(target)
+    if spec.get("host_cwd"):
+        os.chdir(spec["host_cwd"])
+
+
 def main():
     fds = [int(arg) for arg in sys.argv[1:3]]
     lifeline = int(sys.argv[3]) if len(sys.argv) > 3 else None
     # The worker's SIGTERM to the process group is for the bootstrap (a graceful stop).
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (SIGTERM, SIGINT, SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     try:
         spec = read_spec(fds[0])
+        take_over(spec)
         for folder in spec.get("cgroups", []):
             with open(os.path.join(folder, "cgroup.procs"), "w") as f:
                 f.write("0")
@@ -323,7 +341,7 @@ def main():
     if init == 0:
         try:
             # This process is single-threaded: its death is the init's.
-            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            prctl(PR_SET_PDEATHSIG, SIGKILL)
             if lifeline is not None:
                 os.close(lifeline)
             build_view(spec)

@@ -1,0 +1,106 @@
+"""Sandbox launchers started ahead of need. A launcher is a fresh interpreter that has to start
+and import before it can build a view: done when a call is waiting, that is a third of a cold
+start. So the worker keeps one launcher started and idle (blocked reading its spec), hands it
+to the next child that starts, and starts the next spare in the background."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+from dataclasses import dataclass
+
+from ..sandbox.isolation import SAFE_PATH, launcher_argv, lifeline_fd
+
+log = logging.getLogger("dockyard.spares")
+
+
+@dataclass
+class Launcher:
+    popen: subprocess.Popen
+    request_fd: int     # the write end of the launcher's request pipe (the spec goes first)
+    reply_fd: int       # the read end of its reply pipe
+    fds: tuple[str, str]  # the launcher's own ends, as the bootstrap's argv names them
+
+    def discard(self) -> None:
+        for fd in (self.request_fd, self.reply_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+
+
+def start_launcher() -> Launcher:
+    req_read, req_write = os.pipe()
+    rep_read, rep_write = os.pipe()
+    try:
+        popen = subprocess.Popen(
+            launcher_argv(req_read, rep_write), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(req_read, rep_write, lifeline_fd()), cwd="/", env={"PATH": SAFE_PATH},
+            start_new_session=True, close_fds=True)
+    except BaseException:
+        os.close(req_write)
+        os.close(rep_read)
+        raise
+    finally:
+        os.close(req_read)
+        os.close(rep_write)
+    return Launcher(popen, req_write, rep_read, (str(req_read), str(rep_write)))
+
+
+class Spares:
+    def __init__(self, size: int = 1):
+        self.size = size
+        self.ready: list[Launcher] = []
+        self.refilling = False
+        self.closed = False
+        self.lock = threading.Lock()
+
+    def take(self) -> Launcher:
+        """A started launcher: a spare if one is alive, else a new one."""
+        taken = None
+        with self.lock:
+            while self.ready and taken is None:
+                launcher = self.ready.pop()
+                if launcher.popen.poll() is None:
+                    taken = launcher
+                else:
+                    launcher.discard()
+        self.refill()
+        return taken if taken is not None else start_launcher()
+
+    def refill(self) -> None:
+        with self.lock:
+            if self.closed or self.refilling or len(self.ready) >= self.size:
+                return
+            self.refilling = True
+        threading.Thread(target=self._refill, name="spare-launcher", daemon=True).start()
+
+    def _refill(self) -> None:
+        try:
+            launcher = start_launcher()
+        except OSError as exc:
+            log.warning("cannot start a spare sandbox launcher: %s", exc)
+            launcher = None
+        with self.lock:
+            self.refilling = False
+            if launcher is not None and not self.closed:
+                self.ready.append(launcher)
+                launcher = None
+        if launcher is not None:
+            launcher.discard()
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            ready, self.ready = self.ready, []
+        for launcher in ready:
+            launcher.discard()
+
+
+spares = Spares()
