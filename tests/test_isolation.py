@@ -122,3 +122,30 @@ def test_a_cpu_budget_catches_a_process_burning_past_it():
         for proc in (burner, idle):
             proc.kill()
             proc.wait()
+
+
+def test_spare_launchers_are_handed_out_and_replaced():
+    from dockyard.runner.spares import Spares
+    spares = Spares()
+    spares.refill()
+    deadline = time.monotonic() + 30
+    while not spares.ready and time.monotonic() < deadline:
+        time.sleep(0.05)
+    spare = spares.ready[0]
+    taken = spares.take()
+    try:
+        assert taken is spare and taken.popen.poll() is None   # started, waiting for a spec
+        while not spares.ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert spares.ready and spares.ready[0] is not taken    # the next one is started
+        # A spare that died is never handed out.
+        spares.ready[0].popen.kill()
+        spares.ready[0].popen.wait()
+        fresh = spares.take()
+        assert fresh.popen.poll() is None
+        fresh.discard()
+    finally:
+        taken.discard()
+        waiting = list(spares.ready)
+        spares.close()
+    assert all(launcher.popen.poll() is not None for launcher in waiting)
