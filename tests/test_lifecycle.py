@@ -14,7 +14,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import ROOT, Server, make_package, sandbox_processes
+from conftest import ROOT, Server, instance_uids, make_package, sandbox_processes
 
 
 @pytest.fixture
@@ -231,3 +231,15 @@ def test_a_503_says_what_happened_to_the_local_worker(tmp_path):
     worker_store.set_local_worker_state(db, "running")
     with pytest.raises(Unavailable, match="the local worker is starting"):
         _pick_worker(db, target, [], set())
+
+
+def test_two_dockyards_on_one_host_never_share_a_uid(server, own_server, tmp_path):
+    """Each fresh instance numbers its containers from 1; their uids still differ, so one
+    instance's functions can never act as the other's."""
+    other = own_server("second")
+    for srv, name in ((server, "lc-one"), (other, "lc-two"), (other, "lc-three")):
+        srv.deploy(make_package(tmp_path, "hostile", name=name))
+    mine = {server.invoke("lc-one/boot", {}).json()["uid"]}
+    theirs = {other.invoke(f"{name}/boot", {}).json()["uid"] for name in ("lc-two", "lc-three")}
+    assert len(theirs) == 2 and not mine & theirs
+    assert not instance_uids(server.data) & instance_uids(other.data)
