@@ -11,6 +11,7 @@ from . import auth, db, errors
 from .artifacts import ArtifactStore
 from .datadir import DataDir
 from .records import RecordWriter
+from .sync_invoke import SyncInvoke
 from .worker_client import WorkerConnections
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -49,4 +50,6 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.register_blueprint(module.bp)
     errors.init_app(app)
     auth.init_app(app)
+    # Synchronous calls are served in front of Flask (see sync_invoke.py).
+    app.wsgi_app = SyncInvoke(app)
     return app

@@ -1,0 +1,165 @@
+"""`POST /invoke/<container>[@<version>]/<function>`, synchronous: the hot path, served as a
+plain WSGI route in front of the Flask app. A profile of a web process under load put half of
+its Python time in Flask's request and response machinery (request context, URL matching,
+sessions, response objects) around a view that needs none of it; this route reads the WSGI
+environ and writes the answer itself, with the same contract: the same errors, headers and
+records. Everything else (async calls included) goes on to Flask."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from http import HTTPStatus
+
+from ..errors import BadRequest, DockyardError, Forbidden, TooLarge, Unauthorized, Unavailable
+from .db import get_db, now
+from .invoke import execute, http_status
+from .store import invocations as store
+
+log = logging.getLogger("dockyard.invoke")
+
+PREFIX = "/invoke/"
+JSON = ("Content-Type", "application/json")
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class SyncInvoke:
+    def __init__(self, app):
+        self.app = app
+        self.flask_wsgi = app.wsgi_app
+        ext = app.extensions["dockyard"]
+        self.db_path = ext["data"].db_path
+        self.connections = ext["connections"]
+        self.records = ext["records"]
+        self.tokens = ext["tokens"]
+        self.invoke_auth = bool(app.config["INVOKE_AUTH"])
+        self.max_event = int(app.config["MAX_EVENT_BYTES"])
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if (environ.get("REQUEST_METHOD") != "POST" or not path.startswith(PREFIX)
+                or wants_async(environ)):
+            return self.flask_wsgi(environ, start_response)
+        target, slash, function = path[len(PREFIX):].partition("/")
+        if not slash or not target or not function or "/" in function:
+            return self.flask_wsgi(environ, start_response)  # Flask's 404 for a bad path
+        # WSGI hands the path over as latin-1; names are UTF-8.
+        target = target.encode("latin-1").decode("utf-8", "replace")
+        function = function.encode("latin-1").decode("utf-8", "replace")
+        invocation_id = None
+        try:
+            self._check_token(environ)
+            event, event_text = self._read_event(environ)
+            container, _, version = target.partition("@")
+            invocation_id = store.new_id()
+            status, headers, body = self._call(invocation_id, container, version or None,
+                                               function, event, event_text)
+        except DockyardError as exc:
+            status, headers, body = error_answer(exc, invocation_id)
+        except Exception as exc:  # noqa: BLE001 - one JSON error shape, whatever happened
+            log.exception("%s unhandled error", invocation_id or "invoke")
+            status, headers, body = error_answer(DockyardError(
+                f"internal error: {type(exc).__name__}: {exc}"), invocation_id)
+        headers.append(("Content-Length", str(len(body))))
+        start_response(status, headers)
+        return [body]
+
+    def _check_token(self, environ) -> None:
+        if not self.invoke_auth:
+            return
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        if not header.startswith("Bearer "):
+            raise Unauthorized("missing token: send 'Authorization: Bearer <token>' "
+                               "(the admin token is in <data>/tokens/admin)")
+        presented = header[7:].strip().encode()
+        kind = next((k for k, expected in self.tokens.items()
+                     if expected and hmac.compare_digest(presented, expected.encode())), None)
+        if kind is None:
+            raise Unauthorized("wrong token: check <data>/tokens/admin")
+        if kind not in ("admin", "invoke"):
+            raise Forbidden(f"a {kind} token cannot use this route")
+
+    def _read_event(self, environ) -> tuple[object, str | None]:
+        return read_event(environ, self.max_event)
+
+    def _call(self, invocation_id, container, version, function, event, event_text):
+        started = now()
+        result = execute(get_db(self.db_path), self.connections, invocation_id, container,
+                         version, function, event, "http")
+        finished = now()
+        ok = result["status"] == "succeeded"
+        output = _dumps(result.get("result")) if ok else None
+        self.records.put({
+            "id": invocation_id, "container": container, "version": result.get("version"),
+            "function": function, "trigger": "http", "status": result["status"],
+            "input": event_text, "output": output, "error": result.get("error"),
+            "stdout": result.get("stdout"), "stderr": result.get("stderr"),
+            "worker_id": result.get("worker_id"), "created_at": started,
+            "started_at": started, "finished_at": finished,
+            "duration_ms": result.get("duration_ms"), "max_rss_kb": result.get("max_rss_kb"),
+            "cold": result.get("cold")})
+        headers = [JSON, ("X-Dockyard-Invocation-Id", invocation_id),
+                   ("X-Dockyard-Version", result.get("version") or "")]
+        if result.get("duration_ms") is not None:
+            headers.append(("X-Dockyard-Duration-Ms", f"{result['duration_ms']:.3f}"))
+        if ok:
+            return "200 OK", headers, output.encode("utf-8")
+        code = http_status(result)
+        if code == 503:
+            headers.append(("Retry-After", "1"))
+        body = _dumps({"error": result.get("error") or {"type": result["status"]},
+                       "invocation_id": invocation_id})
+        return status_line(code), headers, body.encode("utf-8")
+
+
+def read_event(environ, limit: int) -> tuple[object, str | None]:
+    """The JSON event of a call, straight from the WSGI input (None for an empty body), and
+    its text for the record."""
+    length = environ.get("CONTENT_LENGTH")
+    length = int(length) if length else None
+    if length is not None and length > limit:
+        raise too_large(limit)
+    if length == 0:
+        return None, None
+    # Without a length the server ends the input (gunicorn reads a chunked body to its end).
+    raw = environ["wsgi.input"].read(length if length is not None else limit + 1)
+    if len(raw) > limit:
+        raise too_large(limit)
+    if not raw or raw.isspace():
+        return None, None
+    try:
+        text = raw.decode("utf-8")
+        return json.loads(text), text
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def wants_async(environ) -> bool:
+    if "respond-async" in environ.get("HTTP_PREFER", ""):
+        return True
+    query = environ.get("QUERY_STRING", "")
+    return "async" in query and any(
+        part in ("async=1", "async=true") for part in query.split("&"))
+
+
+def too_large(limit: int) -> TooLarge:
+    return TooLarge(f"event is larger than {limit // (1 << 20)} MB; pass a reference "
+                    "(a URL or a path) instead of the data")
+
+
+def error_answer(exc: DockyardError, invocation_id: str | None):
+    body = {"error": exc.to_dict()}
+    if invocation_id:
+        body["invocation_id"] = invocation_id
+    headers = [JSON]
+    if isinstance(exc, Unavailable):
+        headers.append(("Retry-After", str(exc.retry_after)))
+    return status_line(exc.status), headers, _dumps(body).encode("utf-8")
+
+
+def status_line(code: int) -> str:
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        return f"{code} Error"
