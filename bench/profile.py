@@ -80,7 +80,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--py-spy", dest="py_spy", help="py-spy binary: sample a web process")
+    parser.add_argument("--py-spy", dest="py_spy", help="py-spy binary: sample a process")
+    parser.add_argument("--sample", default="web", choices=["web", "worker agent"],
+                        help="which process py-spy samples")
     args = parser.parse_args()
     dockyard = Dockyard([])
     try:
@@ -91,8 +93,8 @@ def main() -> int:
         before = {role: cpu_seconds(procs) for role, procs in roles.items()}
         spy = None
         if args.py_spy:
-            raw = Path(tempfile.mkdtemp()) / "web.raw"
-            spy = subprocess.Popen([args.py_spy, "record", "--pid", str(roles["web"][0].pid),
+            raw = Path(tempfile.mkdtemp()) / "profile.raw"
+            spy = subprocess.Popen([args.py_spy, "record", "--pid", str(roles[args.sample][0].pid),
                                     "--format", "raw", "--output", str(raw), "--rate", "500",
                                     "--duration", str(int(args.seconds)), "--nonblocking", "--gil"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
