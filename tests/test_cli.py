@@ -78,3 +78,26 @@ def test_errors_are_one_line(server, tmp_path):
         [sys.executable, "-m", "dockyard", "--url", "http://127.0.0.1:9", "ls"],
         capture_output=True, text=True)
     assert unreachable.returncode != 0 and "cannot reach dockyard" in unreachable.stderr
+
+
+def test_the_listening_socket_gives_every_connection_tcp_nodelay():
+    """serve binds before gunicorn starts; a connection accepted in between must not wait for
+    delayed ACKs (gunicorn sets TCP_NODELAY only on sockets it accepts itself)."""
+    import socket
+
+    from dockyard.cli.serve import ServeOptions, Supervisor
+
+    supervisor = Supervisor.__new__(Supervisor)
+    supervisor.options = ServeOptions(port=0)
+    listener = supervisor._bind()
+    try:
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        client = socket.create_connection(listener.getsockname()[:2])
+        accepted, _ = listener.accept()
+        try:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            accepted.close()
+            client.close()
+    finally:
+        listener.close()

@@ -77,6 +77,9 @@ class Supervisor:
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET6 if ":" in self.options.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Set before listen(): connections accepted before gunicorn is up inherit it (gunicorn
+        # sets it only on what it accepts itself), so no answer waits for a delayed ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((self.options.host, self.options.port))
         except OSError as exc:
