@@ -8,10 +8,10 @@ records. Everything else (async calls included) goes on to Flask."""
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from http import HTTPStatus
 
+from ..common.frames import dumps, loads
 from ..errors import BadRequest, DockyardError, Forbidden, TooLarge, Unauthorized, Unavailable
 from .db import get_db, now
 from .invoke import execute, http_status
@@ -21,7 +21,6 @@ log = logging.getLogger("dockyard.invoke")
 
 PREFIX = "/invoke/"
 JSON = ("Content-Type", "application/json")
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class SyncInvoke:
@@ -89,11 +88,12 @@ class SyncInvoke:
                          version, function, event, "http")
         finished = now()
         ok = result["status"] == "succeeded"
-        output = _dumps(result.get("result")) if ok else None
+        output = dumps(result.get("result")) if ok else None
         self.records.put({
             "id": invocation_id, "container": container, "version": result.get("version"),
             "function": function, "trigger": "http", "status": result["status"],
-            "input": event_text, "output": output, "error": result.get("error"),
+            "input": event_text, "output": output.decode("utf-8") if ok else None,
+            "error": result.get("error"),
             "stdout": result.get("stdout"), "stderr": result.get("stderr"),
             "worker_id": result.get("worker_id"), "created_at": started,
             "started_at": started, "finished_at": finished,
@@ -104,13 +104,13 @@ class SyncInvoke:
         if result.get("duration_ms") is not None:
             headers.append(("X-Dockyard-Duration-Ms", f"{result['duration_ms']:.3f}"))
         if ok:
-            return "200 OK", headers, output.encode("utf-8")
+            return "200 OK", headers, output
         code = http_status(result)
         if code == 503:
             headers.append(("Retry-After", "1"))
-        body = _dumps({"error": result.get("error") or {"type": result["status"]},
-                       "invocation_id": invocation_id})
-        return status_line(code), headers, body.encode("utf-8")
+        body = dumps({"error": result.get("error") or {"type": result["status"]},
+                      "invocation_id": invocation_id})
+        return status_line(code), headers, body
 
 
 def read_event(environ, limit: int) -> tuple[object, str | None]:
@@ -130,7 +130,7 @@ def read_event(environ, limit: int) -> tuple[object, str | None]:
         return None, None
     try:
         text = raw.decode("utf-8")
-        return json.loads(text), text
+        return loads(raw), text
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
 
@@ -155,7 +155,7 @@ def error_answer(exc: DockyardError, invocation_id: str | None):
     headers = [JSON]
     if isinstance(exc, Unavailable):
         headers.append(("Retry-After", str(exc.retry_after)))
-    return status_line(exc.status), headers, _dumps(body).encode("utf-8")
+    return status_line(exc.status), headers, dumps(body)
 
 
 def status_line(code: int) -> str:

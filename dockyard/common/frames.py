@@ -11,9 +11,37 @@ import socket
 import struct
 import time
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a declared dependency; the stdlib still works
+    orjson = None
+
 MAX_FRAME = 64 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def dumps(obj) -> bytes:
+    """JSON as UTF-8 bytes: orjson on this per-call path (several times faster than the
+    standard library), which takes over for what orjson refuses (integers over 64 bits,
+    keys that are not strings)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(obj)
+        except (TypeError, orjson.JSONEncodeError):
+            pass
+    return _dumps(obj).encode("utf-8")
+
+
+def loads(data: bytes | str):
+    """The inverse of dumps(), accepting everything the standard library accepts (NaN,
+    integers of any size)."""
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
 
 
 class FrameError(ValueError):
@@ -21,7 +49,7 @@ class FrameError(ValueError):
 
 
 def encode_frame(obj) -> bytes:
-    body = _dumps(obj).encode("utf-8")
+    body = dumps(obj)
     if len(body) > MAX_FRAME:
         raise FrameError(f"frame of {len(body)} bytes is over the {MAX_FRAME} byte limit")
     return _HEADER.pack(len(body)) + body
@@ -55,7 +83,7 @@ def read_frame(stream):
     body = _read_exact(stream, size)
     if len(body) < size:
         raise FrameError("stream ended inside a frame")
-    return json.loads(body)
+    return loads(body)
 
 
 def write_frame(stream, obj) -> None:
@@ -90,7 +118,7 @@ class _Buffered:
                 if len(buffer) >= 4 + size:
                     body = bytes(buffer[4:4 + size])
                     del buffer[:4 + size]
-                    return json.loads(body)
+                    return loads(body)
             chunk = self._more()
             if not chunk:
                 if buffer:
