@@ -89,7 +89,11 @@ def _table(rows: list[list], headers: list[str]) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int, help="0 picks a free port.")
 @click.option("--deploy-dir", default="deploy", show_default=True,
-              help="Folder whose packages are deployed on start ('' for none).")
+              help="Watched folder: packages dropped in are deployed, removed ones undeployed.")
+@click.option("--deploy-poll", type=float, metavar="SECONDS",
+              help="Poll the deploy folder every SECONDS instead of inotify (network "
+                   "filesystems).")
+@click.option("--no-deploy-dir", is_flag=True, help="Watch no deploy folder.")
 @click.option("--web-workers", default=2, show_default=True, type=int)
 @click.option("--no-local-worker", is_flag=True, help="Do not start a worker in this process.")
 @click.option("--invoke-auth", is_flag=True, help="Require a token on /invoke.")
@@ -102,8 +106,9 @@ def _table(rows: list[list], headers: list[str]) -> None:
 @click.option("--no-view", is_flag=True,
               help="Run children without their private view (weaker isolation).")
 @pass_ctx
-def serve(ctx, host, port, deploy_dir, web_workers, no_local_worker, invoke_auth, index_url,
-          find_links, offline, python, uid_base, no_view):
+def serve(ctx, host, port, deploy_dir, deploy_poll, no_deploy_dir, web_workers,
+          no_local_worker, invoke_auth, index_url, find_links, offline, python, uid_base,
+          no_view):
     """Run the control plane, a local worker and the deploy folder."""
     from .serve import ServeOptions, Supervisor
     logging.basicConfig(level=logging.INFO,
@@ -113,7 +118,9 @@ def serve(ctx, host, port, deploy_dir, web_workers, no_local_worker, invoke_auth
         worker_args += ["--uid-base", str(uid_base)]
     if no_view:
         worker_args.append("--no-view")
-    options = ServeOptions(host=host, port=port, data=ctx.data, deploy_dir=deploy_dir or None,
+    options = ServeOptions(host=host, port=port, data=ctx.data,
+                           deploy_dir=None if no_deploy_dir else deploy_dir or None,
+                           deploy_poll=deploy_poll,
                            web_workers=web_workers, local_worker=not no_local_worker,
                            invoke_auth=invoke_auth, worker_args=worker_args)
     sys.exit(Supervisor(options).run())

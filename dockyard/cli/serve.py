@@ -1,5 +1,5 @@
 """`dockyard serve`: the control plane under gunicorn, the async dispatcher, the deploy-folder
-scan and one local worker, supervised together; SIGTERM / Ctrl-C drains and stops them all."""
+watcher and one local worker, supervised together; SIGTERM / Ctrl-C drains and stops them all."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from ..app.datadir import DataDir
 from ..app.db import connect, migrate
 from ..app.store import workers as worker_store
 from ..app.dispatcher import Dispatcher
+from ..app.watcherprocess import WatcherProcess
 from ..runner.server import UNIX_PATH_MAX
-from .deploydir import DeployFolder
 from .worker import WORKER_CONFIG_EXIT
 
 log = logging.getLogger("dockyard.serve")
@@ -45,6 +45,7 @@ class ServeOptions:
     port: int = 8080
     data: str | None = None
     deploy_dir: str | None = "deploy"
+    deploy_poll: float | None = None
     web_workers: int = 2
     threads: int = 8
     local_worker: bool = True
@@ -64,7 +65,7 @@ class Supervisor:
         self.worker_restarts = 0
         self.worker_listen: str | None = None
         self.dispatcher: Dispatcher | None = None
-        self.deploy_folder: DeployFolder | None = None
+        self.deploy_watcher: WatcherProcess | None = None
         self.url = ""
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
@@ -194,10 +195,9 @@ class Supervisor:
             except SystemExit:
                 self._stop()
                 raise
-        if self.options.deploy_dir:
-            self.deploy_folder = DeployFolder(Path(self.options.deploy_dir), self.url,
-                                              self.data.read_token("admin"))
-            self.deploy_folder.start()
+        self.deploy_watcher = WatcherProcess(self.data, self.options.deploy_dir, self.url,
+                                             self.options.deploy_poll, _die_with_parent)
+        self.deploy_watcher.start()
         print(f"dockyard listening on {self.url}", flush=True)
         print(f"admin token: {self.data.token_path('admin')} (the CLI finds it by itself)",
               flush=True)
@@ -214,6 +214,8 @@ class Supervisor:
             if self.gunicorn.poll() is not None:
                 log.error("the web server exited (code %s); stopping", self.gunicorn.returncode)
                 return 1
+            if self.deploy_watcher is not None and not self.signals:
+                self.deploy_watcher.check()
             if self.worker is not None and self.worker.poll() is not None and not self.signals:
                 now = time.monotonic()
                 code = self.worker.returncode
@@ -235,8 +237,8 @@ class Supervisor:
         return 0
 
     def _stop(self) -> None:
-        if self.deploy_folder:
-            self.deploy_folder.stop()
+        if self.deploy_watcher:
+            self.deploy_watcher.stop()
         for proc in (self.worker, self.gunicorn):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
