@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, time
+from datetime import date, time
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 if sys.version_info >= (3, 11):
@@ -13,9 +13,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from cronsim import CronSim, CronSimError
-
 from ..errors import BadPackage, NotFound
+from .jobs import SETTINGS as JOB_SETTINGS
+from .jobs import JobError, check_name, check_setting
+from .schedule import ScheduleError
+from .schedule import parse as parse_schedule
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
@@ -34,8 +36,7 @@ LIMITS = {
     "tmp_mb": (int, 1, 65536),
     "cpus": ((int, float), 0.05, 1024),
 }
-JOB_KEYS = {"name", "function", "schedule", "timezone", "payload", "enabled", "concurrency",
-            "retries", "timeout_s", "starting_deadline_s"}
+JOB_KEYS = {"name", "function", "schedule", *JOB_SETTINGS}
 
 # Bounds on what an upload may ask of the parser and of the workers that carry the manifest.
 # The text checks run before tomllib sees the manifest: tomllib recurses once per nesting
@@ -72,11 +73,20 @@ class Limits:
 
 @dataclass
 class JobSpec:
+    """A `[[jobs]]` entry; the settings and their defaults are those of common/jobs.py."""
+
     name: str
     function: str
     schedule: str
     timezone: str = "UTC"
     payload: object = None
+    enabled: bool = True
+    concurrency: str = "forbid"
+    retries: int = 0
+    retry_backoff_s: float = 10.0
+    timeout_s: float | None = None
+    starting_deadline_s: float = 300.0
+    history_days: float = 7.0
 
 
 @dataclass
@@ -211,27 +221,6 @@ def _functions(raw) -> dict[str, str]:
     return dict(raw)
 
 
-MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
-          "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
-          "@hourly": "0 * * * *"}
-EVERY_RE = re.compile(r"@every\s+([1-9][0-9]*)(s|m|h)")
-
-
-def schedule_problem(schedule: str) -> str | None:
-    """Why a schedule is not valid, or None: 5-field cron, 6 with seconds, a macro, or
-    `@every N{s,m,h}`."""
-    text = schedule.strip()
-    if text.startswith("@every"):
-        return None if EVERY_RE.fullmatch(text) else "use @every N followed by s, m or h"
-    try:
-        CronSim(MACROS.get(text, text), datetime(2000, 1, 1))
-    except CronSimError as exc:
-        return f"not a cron expression ({clipped(exc)})"
-    except Exception as exc:  # a malformed field can trip more than CronSimError
-        return f"not a cron expression ({clipped(f'{type(exc).__name__}: {exc}')})"
-    return None
-
-
 def _known_timezone(name: str) -> bool:
     if len(name) > 255:
         return False
@@ -260,6 +249,7 @@ def _jobs(raw) -> list[JobSpec]:
     if not isinstance(raw, list):
         raise _bad("[[jobs]] must be an array of tables")
     jobs = []
+    names = set()
     for i, job in enumerate(raw):
         if not isinstance(job, dict):
             raise _bad(f"jobs[{i}] must be a table")
@@ -269,18 +259,28 @@ def _jobs(raw) -> list[JobSpec]:
         for key in ("name", "function", "schedule"):
             if not isinstance(job.get(key), str) or not job[key].strip():
                 raise _bad(f"jobs[{i}] needs '{key}' (a string)")
-        problem = schedule_problem(job["schedule"])
-        if problem:
-            raise _bad(f"jobs[{i}].schedule {quoted(job['schedule'])}: {problem}")
         tz = job.get("timezone", "UTC")
         if not isinstance(tz, str) or not _known_timezone(tz):
             raise _bad(f"jobs[{i}].timezone {quoted(tz)} is not an IANA name such as "
                        "'Europe/Berlin'")
+        try:
+            parse_schedule(job["schedule"], tz)
+        except ScheduleError as exc:
+            raise _bad(f"jobs[{i}].schedule {quoted(job['schedule'])}: {exc}") from None
         if _has_time(job.get("payload")):
             raise _bad(f"jobs[{i}].payload holds a date or a time, which JSON cannot carry; "
                        "write it as a string")
-        jobs.append(JobSpec(job["name"], job["function"], job["schedule"], tz,
-                            job.get("payload")))
+        try:
+            check_name(job["name"])
+            settings = {key: check_setting(key, job[key], f"jobs[{i}].")
+                        for key in JOB_SETTINGS if key in job}
+        except JobError as exc:
+            raise _bad(f"jobs[{i}]: {exc}" if str(exc).startswith("job name") else str(exc)
+                       ) from None
+        if job["name"] in names:
+            raise _bad(f"two jobs are named {quoted(job['name'])}")
+        names.add(job["name"])
+        jobs.append(JobSpec(job["name"], job["function"], job["schedule"], **settings))
     return jobs
 
 
