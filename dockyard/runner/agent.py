@@ -29,6 +29,7 @@ from .versions import VersionRuntime, child_spec_factory
 
 log = logging.getLogger("dockyard.worker")
 
+CANCEL_MEMORY_S = 600.0
 BOOTSTRAP = Path(__file__).resolve().parent.parent / "sandbox" / "bootstrap.py"
 
 
@@ -58,6 +59,9 @@ class Agent:
         self.worker_id: str | None = None
         self.interval = 2.0
         self.runtimes: dict[int, VersionRuntime] = {}
+        self.calls: dict[str, VersionRuntime] = {}     # calls in flight, by id (for cancel)
+        self.cancelled: dict[str, float] = {}          # cancelled call ids, until (monotonic)
+        self.cancel_lock = threading.Lock()
         self.signals: list[int] = []
         self.stopping = False
         self.wake_read, self.wake_write = os.pipe()
@@ -188,23 +192,62 @@ class Agent:
         if kind == "poke":
             self.wake()
             return None
+        if kind == "cancel":
+            return self.cancel(str(frame.get("id")))
         if kind != "invoke":
             return {"type": "error", "error": {"type": "BadFrame", "message": f"unknown {kind}"}}
         runtime = self.runtimes.get(frame.get("version_id"))
+        call_id = frame.get("id")
         if runtime is None or self.stopping:
             reply = {"status": "not_running", "error": {
                 "type": "NotRunning",
                 "message": f"{frame.get('container')}@{frame.get('version')} is not on this "
                            "worker"}}
         else:
-            timeout = float(frame.get("timeout") or runtime.manifest.limits.timeout_s)
-            child_frame = {"type": "invoke", "id": frame["id"], "invocation_id": frame["id"],
-                           "function": frame["function"], "event": frame.get("event"),
-                           "deadline": time.time() + timeout}
-            reply = runtime.invoke(child_frame, timeout, pinned=bool(frame.get("pinned")))
+            self.calls[call_id] = runtime
+            try:
+                if call_id in self.cancelled:
+                    reply = {}   # cancelled before it got here: not run at all
+                else:
+                    timeout = float(frame.get("timeout") or runtime.manifest.limits.timeout_s)
+                    child_frame = {"type": "invoke", "id": call_id, "invocation_id": call_id,
+                                   "function": frame["function"], "event": frame.get("event"),
+                                   "deadline": time.time() + timeout}
+                    reply = runtime.invoke(child_frame, timeout,
+                                           pinned=bool(frame.get("pinned")))
+            finally:
+                self.calls.pop(call_id, None)
+            if call_id in self.cancelled:
+                reply = dict(reply, status="cancelled", error={
+                    "type": "Cancelled", "message": "cancelled; its process tree was killed"})
         reply["type"] = "result"
-        reply["id"] = frame.get("id")
+        reply["id"] = call_id
         return reply
+
+    def cancel(self, call_id: str) -> dict:
+        """Stop a call: kill the process running it (or, while it still waits for a free
+        process, as soon as one has it). The id is remembered a while, so a call that reaches
+        this worker after its cancel is refused."""
+        now = time.monotonic()
+        with self.cancel_lock:
+            self.cancelled[call_id] = now + CANCEL_MEMORY_S
+            for stale in [k for k, until in self.cancelled.items() if until < now]:
+                del self.cancelled[stale]
+        runtime = self.calls.get(call_id)
+        if runtime is None:
+            return {"type": "cancel", "id": call_id, "found": False}
+        pool = runtime.pool
+        if pool is None or not pool.cancel(call_id):
+            self._background(self._cancel_when_started, call_id)
+        return {"type": "cancel", "id": call_id, "found": True}
+
+    def _cancel_when_started(self, call_id: str) -> None:
+        while call_id in self.calls:
+            runtime = self.calls.get(call_id)
+            pool = runtime.pool if runtime is not None else None
+            if pool is not None and pool.cancel(call_id):
+                return
+            time.sleep(0.02)
 
     # -- main loop ------------------------------------------------------------------------
 

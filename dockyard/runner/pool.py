@@ -272,6 +272,15 @@ class Pool:
                                   "Unavailable")
                 self.cond.wait(max(0.0, min(wake, deadline) - now))
 
+    def cancel(self, call_id: str) -> bool:
+        """Kill the process running the call `call_id`; False if no process has it (yet)."""
+        with self.cond:
+            child = next((c for c in self.children if call_id in c.calls), None)
+        if child is None:
+            return False
+        child.cancel(call_id)
+        return True
+
     # -- stopping -------------------------------------------------------------------------
 
     def busy(self) -> int:

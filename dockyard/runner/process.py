@@ -87,6 +87,7 @@ class Child:
         self.cpu_budget: CpuBudget | None = None
         self._dead: dict | None = None
         self._pending: dict[str, _Pending] = {}
+        self.calls: set[str] = set()    # ids of the calls in flight here (for cancel)
         self._write_lock = threading.Lock()
         self._requests = None
         self._replies = None
@@ -247,6 +248,20 @@ class Child:
     def invoke(self, frame: dict, timeout: float) -> dict:
         """Send one call and wait for its reply. On timeout the whole tree is killed (the only
         way to stop Python code) and a timed_out reply is returned."""
+        self.calls.add(frame["id"])
+        try:
+            return self._invoke(frame, timeout)
+        finally:
+            self.calls.discard(frame["id"])
+
+    def cancel(self, call_id: str) -> None:
+        """Stop a call from outside by killing the whole tree (calls in flight beside it in
+        this process end too); the pool starts a fresh process in its place."""
+        self.exit_reason = "cancelled"
+        log.warning("%s %s: cancelled; killing the process tree", call_id, self.what)
+        self.kill()
+
+    def _invoke(self, frame: dict, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         if self.direct:
             if self.cpu_budget is not None:

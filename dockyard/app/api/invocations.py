@@ -6,7 +6,8 @@ from flask import Blueprint, jsonify, request
 
 from ...errors import BadRequest
 from ..auth import require
-from ..state import database
+from ..cancel import cancel
+from ..state import connections, database
 from ..store import invocations as store
 
 bp = Blueprint("invocations", __name__)
@@ -28,3 +29,9 @@ def list_invocations():
 @require()
 def get_invocation(invocation_id: str):
     return jsonify(store.get(database(), invocation_id))
+
+
+@bp.post("/api/invocations/<invocation_id>/cancel")
+@require()
+def cancel_invocation(invocation_id: str):
+    return jsonify(cancel(database(), connections(), invocation_id))

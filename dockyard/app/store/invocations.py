@@ -12,8 +12,8 @@ import sqlite_utils
 from ...errors import BadRequest, NotFound
 from ..db import now, transaction
 
-STATUSES = ("queued", "running", "succeeded", "failed", "timed_out", "crashed")
-FINAL = ("succeeded", "failed", "timed_out", "crashed")
+STATUSES = ("queued", "running", "succeeded", "failed", "timed_out", "crashed", "cancelled")
+FINAL = ("succeeded", "failed", "timed_out", "crashed", "cancelled")
 MAX_ATTEMPTS = 2
 TEXT_CAP = 64 * 1024
 
@@ -71,16 +71,48 @@ def claim_queued(db: sqlite_utils.Database, owner: str, limit: int, lease_s: flo
 
 
 def finish(db: sqlite_utils.Database, invocation_id: str, owner: str, result: dict) -> None:
+    # A call stopped from outside (cancelled, or past its job's timeout) keeps the status and
+    # the reason it was given; the rest of the worker's report is still stored.
     db.conn.execute(
-        "UPDATE invocations SET status = ?, version = coalesce(?, version), output = ?, "
-        "error = ?, stdout = ?, stderr = ?, worker_id = ?, finished_at = ?, duration_ms = ?, "
-        "max_rss_kb = ?, cold = ?, lease_until = NULL WHERE id = ? AND owner = ?",
-        [result["status"], result.get("version"), cap(result.get("output")),
-         json.dumps(result["error"]) if result.get("error") else None,
+        "UPDATE invocations SET "
+        "status = CASE WHEN status IN ('queued', 'running') THEN ? ELSE status END, "
+        "error = CASE WHEN status IN ('queued', 'running') THEN ? ELSE error END, "
+        "version = coalesce(?, version), output = ?, stdout = ?, stderr = ?, worker_id = ?, "
+        "finished_at = ?, duration_ms = ?, max_rss_kb = ?, cold = ?, lease_until = NULL "
+        "WHERE id = ? AND owner = ?",
+        [result["status"], json.dumps(result["error"]) if result.get("error") else None,
+         result.get("version"), cap(result.get("output")),
          cap(result.get("stdout")), cap(result.get("stderr")), result.get("worker_id"),
          now(), result.get("duration_ms"), result.get("max_rss_kb"),
          int(bool(result.get("cold"))) if result.get("cold") is not None else None,
          invocation_id, owner])
+
+
+def release(db: sqlite_utils.Database, invocation_id: str, owner: str) -> None:
+    """Give back a claimed call that never reached a worker: queued again, its attempt not
+    counted."""
+    db.conn.execute("UPDATE invocations SET status = 'queued', attempt = attempt - 1, "
+                    "owner = NULL, lease_until = NULL, started_at = NULL "
+                    "WHERE id = ? AND owner = ? AND status = 'running'", [invocation_id, owner])
+
+
+def stop(db: sqlite_utils.Database, invocation_id: str, status: str, error: dict) -> str | None:
+    """Mark a queued or running call as stopped from outside (`cancelled`, or `timed_out` by
+    its job's timeout) with the reason. Returns the status it had (None: no such record); a
+    finished call is left as it is."""
+    with transaction(db) as conn:
+        return stop_in_transaction(conn, invocation_id, status, error)
+
+
+def stop_in_transaction(conn, invocation_id: str, status: str, error: dict) -> str | None:
+    """stop() inside a transaction the caller holds."""
+    row = conn.execute("SELECT status FROM invocations WHERE id = ?", [invocation_id]).fetchone()
+    if row is None or row[0] not in ("queued", "running"):
+        return row[0] if row else None
+    conn.execute("UPDATE invocations SET status = ?, error = ?, finished_at = ?, "
+                 "lease_until = NULL WHERE id = ?", [status, json.dumps(error), now(),
+                                                      invocation_id])
+    return row[0]
 
 
 def recover(db: sqlite_utils.Database, owner: str, lease_expired_only: bool) -> int:
