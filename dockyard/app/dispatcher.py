@@ -96,10 +96,15 @@ class Dispatcher:
                     result = {"status": "failed", "error": exc.to_dict()}
                     break
                 except DockyardError as exc:
-                    if time.monotonic() > give_up or self.stop_event.is_set():
+                    if self.stop_event.is_set():
+                        # Not delivered and we are stopping: back to the queue for the next
+                        # dispatcher, not failed.
+                        store.release(db, row["id"], self.holder)
+                        return
+                    if time.monotonic() > give_up:
                         result = {"status": "failed", "error": exc.to_dict()}
                         break
-                    time.sleep(1.0)
+                    self.stop_event.wait(1.0)
             if result.get("status") in ("unavailable", "not_running"):
                 result["status"] = "failed"
             output = json.dumps(result.get("result")) if result["status"] == "succeeded" else None
