@@ -109,7 +109,37 @@ def _m2_instance_id(db: sqlite_utils.Database) -> None:
     db["settings"].insert({"key": "instance_id", "value": secrets.token_hex(8)}, replace=True)
 
 
-MIGRATIONS = [_m1_initial, _m2_instance_id]
+def _m3_jobs(db: sqlite_utils.Database) -> None:
+    """Cron jobs, their runs (one row per fire and attempt, unique on the job, the trigger,
+    the scheduled time and the attempt: the row is written before the call is queued, so a
+    scheduled time fires at most once) and the fire-lateness histogram."""
+    db["jobs"].create(
+        {"id": str, "name": str, "source": str, "definition": str, "container": str,
+         "function": str, "version": str, "payload": str, "schedule": str, "timezone": str,
+         "enabled": int, "concurrency": str, "retries": int, "retry_backoff_s": float,
+         "timeout_s": float, "starting_deadline_s": float, "history_days": float, "anchor": float,
+         "next_fire_at": float, "created_at": float, "updated_at": float,
+         "fires": int, "failures": int, "skipped": int, "missed": int,
+         "last_fire_at": float, "last_success_at": float},
+        pk="id", defaults={"fires": 0, "failures": 0, "skipped": 0, "missed": 0},
+    )
+    db["jobs"].create_index(["name"], unique=True)
+    db["jobs"].create_index(["enabled", "next_fire_at"])
+    db["job_runs"].create(
+        {"id": int, "job_id": str, "trigger": str, "scheduled_at": float, "attempt": int,
+         "status": str, "reason": str, "invocation_id": str, "fired_at": float,
+         "started_at": float, "finished_at": float, "duration_ms": float, "retry_at": float,
+         "count": int, "fencing": int},
+        pk="id", defaults={"count": 1},
+    )
+    db["job_runs"].create_index(["job_id", "trigger", "scheduled_at", "attempt"], unique=True)
+    db["job_runs"].create_index(["status"])
+    db["job_runs"].create_index(["job_id", "status"])
+    db["job_runs"].create_index(["invocation_id"])
+    db["job_lateness"].create({"le": float, "count": int, "total_s": float}, pk="le")
+
+
+MIGRATIONS = [_m1_initial, _m2_instance_id, _m3_jobs]
 
 
 def migrate(path: str | Path) -> None:

@@ -12,6 +12,7 @@ from ...errors import BadRequest, NotFound
 from ..auth import require
 from ..state import artifacts, connections, database
 from ..store import containers as store
+from ..store import jobs as job_store
 from ..store import workers as worker_store
 
 bp = Blueprint("containers", __name__)
@@ -35,6 +36,9 @@ def _upload_stream():
 
 
 def poke_workers(db) -> None:
+    # The active versions changed: their manifest jobs are the jobs now (the scheduler
+    # would see it within a second; the caller sees it at once).
+    job_store.sync_manifest_jobs(db)
     for worker in worker_store.live_workers(db):
         connections().poke(worker["address"])
 

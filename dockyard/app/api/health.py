@@ -3,11 +3,16 @@ gunicorn process answers the same)."""
 
 from __future__ import annotations
 
+import math
+
 from flask import Blueprint, Response, jsonify
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                     HistogramMetricFamily)
 
 from ..state import database
+from ..store import job_runs
+from ..store import jobs as job_store
 from ..store import workers as worker_store
 
 bp = Blueprint("health", __name__)
@@ -51,8 +56,47 @@ class StoreCollector:
         yield states
 
 
+class JobCollector:
+    """Per job: fires, failures, skipped and missed runs, the last success (alert on
+    `time() - dockyard_job_last_success_timestamp_seconds` to catch a job that did not run)
+    and the next fire; for all jobs: how late fires were."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def collect(self):
+        families = {key: CounterMetricFamily(f"dockyard_job_{key}", text, labels=["job"])
+                    for key, text in (("fires", "Fires of a job (scheduled or by hand)"),
+                                      ("failures", "Runs of a job that failed, timed out or "
+                                                   "crashed (each attempt)"),
+                                      ("skipped", "Fires skipped by concurrency = forbid"),
+                                      ("missed", "Scheduled times missed (scheduler down or "
+                                                 "past the starting deadline)"))}
+        last = GaugeMetricFamily("dockyard_job_last_success_timestamp_seconds",
+                                 "When a job last succeeded (Unix time)", labels=["job"])
+        upcoming = GaugeMetricFamily("dockyard_job_next_fire_timestamp_seconds",
+                                     "When a job fires next (Unix time)", labels=["job"])
+        for row in job_store.counters(self.db):
+            for key, family in families.items():
+                family.add_metric([row["name"]], row[key])
+            if row["last_success_at"]:
+                last.add_metric([row["name"]], row["last_success_at"])
+            if row["enabled"] and row["next_fire_at"]:
+                upcoming.add_metric([row["name"]], row["next_fire_at"])
+        yield from families.values()
+        yield last
+        yield upcoming
+        buckets, total = job_runs.lateness_histogram(self.db)
+        yield HistogramMetricFamily(
+            "dockyard_job_fire_lateness_seconds",
+            "How long after its scheduled time a fire was queued",
+            buckets=[("+Inf" if math.isinf(le) else f"{le:g}", n) for le, n in buckets],
+            sum_value=total)
+
+
 @bp.get("/metrics")
 def metrics():
     registry = CollectorRegistry()
     registry.register(StoreCollector(database()))
+    registry.register(JobCollector(database()))
     return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4")

@@ -33,3 +33,33 @@ def acquire(db: sqlite_utils.Database, name: str, holder: str, ttl_s: float) -> 
 def release(db: sqlite_utils.Database, name: str, holder: str) -> None:
     db.conn.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND holder = ?",
                     [name, holder])
+
+
+class LeaseLost(Exception):
+    """Another holder took the lease over (this one stalled past its expiry): whatever this
+    holder meant to write is not written."""
+
+
+class holding:
+    """`with holding(db, name, holder, fencing):` a BEGIN IMMEDIATE transaction that commits
+    only while `holder` still holds the lease with that fencing number; otherwise it rolls
+    back and raises LeaseLost. A holder that was paused past its expiry (a stopped process, a
+    long GC) and woke up cannot write over its successor."""
+
+    def __init__(self, db: sqlite_utils.Database, name: str, holder: str, fencing: int):
+        self.conn = db.conn
+        self.name, self.holder, self.fencing = name, holder, fencing
+
+    def __enter__(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        row = self.conn.execute("SELECT holder, fencing, expires_at FROM leases WHERE name = ?",
+                                [self.name]).fetchone()
+        if row is None or row[0] != self.holder or row[1] != self.fencing or row[2] < now():
+            self.conn.execute("ROLLBACK")
+            raise LeaseLost(f"the {self.name} lease is no longer held with fencing "
+                            f"{self.fencing} (now: {row[1] if row else 'none'})")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False
