@@ -394,5 +394,10 @@ def workers(ctx):
     ctx.emit(data, human)
 
 
+from .jobs import jobs  # noqa: E402 - needs Context and _table from above
+
+cli.add_command(jobs)
+
+
 def main() -> None:
     cli(prog_name="dockyard")

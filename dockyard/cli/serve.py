@@ -1,5 +1,6 @@
-"""`dockyard serve`: the control plane under gunicorn, the async dispatcher, the deploy-folder
-watcher and one local worker, supervised together; SIGTERM / Ctrl-C drains and stops them all."""
+"""`dockyard serve`: the control plane under gunicorn, the async dispatcher, the scheduler, the
+deploy-folder watcher and one local worker, supervised together; SIGTERM / Ctrl-C drains and
+stops them all."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..app.datadir import DataDir
 from ..app.db import connect, migrate
 from ..app.store import workers as worker_store
 from ..app.dispatcher import Dispatcher
+from ..app.schedulerprocess import SchedulerProcess
 from ..app.watcherprocess import WatcherProcess
 from ..runner.server import UNIX_PATH_MAX
 from .worker import WORKER_CONFIG_EXIT
@@ -65,6 +67,7 @@ class Supervisor:
         self.worker_restarts = 0
         self.worker_listen: str | None = None
         self.dispatcher: Dispatcher | None = None
+        self.scheduler: SchedulerProcess | None = None
         self.deploy_watcher: WatcherProcess | None = None
         self.url = ""
 
@@ -188,6 +191,8 @@ class Supervisor:
         self.data.server_json.write_text(json.dumps({"url": self.url, "pid": os.getpid()}))
         self.dispatcher = Dispatcher(self.data.db_path, self.data.read_token("worker"))
         self.dispatcher.start()
+        self.scheduler = SchedulerProcess(self.data, _die_with_parent)
+        self.scheduler.start()
         if self.options.local_worker:
             self._start_worker()
             try:
@@ -216,6 +221,8 @@ class Supervisor:
                 return 1
             if self.deploy_watcher is not None and not self.signals:
                 self.deploy_watcher.check()
+            if self.scheduler is not None and not self.signals:
+                self.scheduler.check()
             if self.worker is not None and self.worker.poll() is not None and not self.signals:
                 now = time.monotonic()
                 code = self.worker.returncode
@@ -239,6 +246,12 @@ class Supervisor:
     def _stop(self) -> None:
         if self.deploy_watcher:
             self.deploy_watcher.stop()
+        # No new fires, then no new calls; the calls under way finish on a worker that is
+        # still up, and only then does the worker drain.
+        if self.scheduler:
+            self.scheduler.stop()
+        if self.dispatcher:
+            self.dispatcher.stop(wait=True)
         for proc in (self.worker, self.gunicorn):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -250,8 +263,6 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if self.dispatcher:
-            self.dispatcher.stop(wait=True)
         try:
             current = json.loads(self.data.server_json.read_text())
             if current.get("pid") == os.getpid():
