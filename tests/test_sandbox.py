@@ -300,3 +300,19 @@ def test_hostile_uploads_write_nothing(server, tmp_path):
     new = {p for p in after - before if "/uploads/" not in p and "dockyard.db" not in p}
     assert not [p for p in new if "evil" in p or "bomb" in p]
     assert not list((server.data / "uploads").iterdir())
+
+
+def test_a_dependencys_build_code_runs_in_the_sandbox(server, pkg, summary):
+    """Installing dependencies runs their authors' code (build backends): it runs as the
+    container's uid, in a view without the data dir, the tokens or the operator's variables."""
+    data = server.data
+    folder = pkg("evilbuild", name="sb-build", files={"evilpkg/secrets.txt": "\n".join([
+        str(data / "tokens" / "admin"), str(data / "dockyard.db"), str(data)])})
+    record = server.deploy(folder, expect="failed")
+    log = record["deployment_detail"]["workers"][0]["log"]
+    reports = [line for line in log.splitlines() if "RuntimeError: BUILDREPORT" in line]
+    assert reports, log
+    report = reports[0]
+    assert "uid=" in report and "uid=0 " not in report, report
+    assert "False" in report and "True" not in report, report
+    assert "OPERATOR_SECRET" not in report

@@ -86,7 +86,7 @@ class Agent:
             spares.refill()   # the first child then starts from a launcher that is ready
         self.builder = Builder(config.worker_dir, config.uv, self._download,
                                lambda spec: isolation.identity(_uid_key(spec))[1],
-                               private=private)
+                               private=private, isolation=isolation)
         self.make_child_spec = child_spec_factory(isolation, str(self.bootstrap), view_root)
         self.server = InvokeServer(config.listen, config.token, self.handle_frame)
 

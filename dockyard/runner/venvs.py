@@ -15,10 +15,15 @@ from typing import Callable
 
 from ..common.archive import extract_archive
 from ..common.manifest import Manifest
+from ..sandbox.isolation import run_in_view
+from ..sandbox.view import CODE as VIEW_CODE
+from ..sandbox.view import VENV as VIEW_VENV
 
 log = logging.getLogger("dockyard.venvs")
 
 BUILD_TIMEOUT_S = 900
+BUILD_TMP_MB = 2048
+PROXY_VARIABLES = {"http_proxy", "https_proxy", "no_proxy", "all_proxy"}
 
 
 class BuildError(Exception):
@@ -64,13 +69,48 @@ def _make_read_only(tree: Path) -> None:
                 os.chmod(path, 0o755 if mode & 0o111 else 0o644)
 
 
+def _chown_tree(root: Path, uid: int | None, gid: int | None, readable: bool = False) -> None:
+    if uid is None:
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [dirpath, *(os.path.join(dirpath, f) for f in filenames)]:
+            os.lchown(name, uid, gid)
+            if readable and not os.path.islink(name):
+                mode = os.lstat(name).st_mode
+                os.chmod(name, 0o755 if (mode & 0o111 or name == dirpath) else 0o644)
+
+
+def _link_tree(source: Path, dest: Path) -> None:
+    """A copy of a wheelhouse in a folder every uid can read: hard links to files that are
+    readable by all already (where the filesystem allows), copies of the others."""
+    dest.mkdir(parents=True, exist_ok=True)
+    os.chmod(dest.parent, 0o755)
+    os.chmod(dest, 0o755)
+    if not source.is_dir():
+        return
+    for entry in source.iterdir():
+        if entry.is_file():
+            target = dest / entry.name
+            if entry.stat().st_mode & 0o004:
+                try:
+                    os.link(entry, target)   # already readable by all: share it
+                    continue
+                except OSError:
+                    pass
+            shutil.copyfile(entry, target)
+            os.chmod(target, 0o644)
+
+
 class Builder:
     def __init__(self, worker_dir: Path, uv: UvOptions,
                  download: Callable[[str, Path], None],
                  group_of: Callable[[dict], int | None] = lambda spec: None,
-                 private: bool = False):
+                 private: bool = False, isolation=None):
         self.worker_dir = worker_dir
         self.group_of = group_of
+        # With a view, dependencies are installed inside one, as the container's uid: a
+        # package's build backend is the package author's code.
+        self.isolation = isolation
         # Children that see the version through a private view (bind mounts made as root)
         # need no path to it on the host: everything stays root-only.
         self.private = private
@@ -127,14 +167,14 @@ class Builder:
             extract_archive(archive, paths.code)
             _make_read_only(paths.code)
             (paths.root / ".code-ready").write_text(spec["content_sha256"])
-        self._venv(manifest, paths, say)
+        self._venv(manifest, paths, say, spec)
         for d in (paths.tmp, paths.run):
             d.mkdir(exist_ok=True)
         os.chmod(paths.tmp, 0o711)
         os.chmod(paths.run, 0o700)
         return paths
 
-    def _venv(self, manifest: Manifest, paths: VersionPaths, say) -> None:
+    def _venv(self, manifest: Manifest, paths: VersionPaths, say, spec: dict) -> None:
         wanted = {"python": self.uv.python, "dependencies": manifest.dependencies,
                   "requirements": manifest.requirements, "relocatable": True}
         marker = paths.root / ".venv-ready"
@@ -149,26 +189,80 @@ class Builder:
         say(f"creating virtualenv with {self.uv.python}")
         # Relocatable: entry-point scripts must work where the view puts the venv.
         self._uv(["venv", "--relocatable", "--python", self.uv.python, str(paths.venv)], say)
-        args = []
         if manifest.requirements:
             req = (paths.code / manifest.requirements).resolve()
             if not req.is_relative_to(paths.code.resolve()) or not req.is_file():
                 raise BuildError(f"requirements file '{manifest.requirements}' is not in the "
                                  "package")
-            args += ["-r", str(req)]
-        args += list(manifest.dependencies)
-        if args:
+        if manifest.requirements or manifest.dependencies:
             say("installing " + " ".join(manifest.dependencies or [manifest.requirements]))
-            cmd = ["pip", "install", "--python", str(paths.python), "--link-mode=copy",
-                   "--no-config"]
-            if self.uv.index_url:
-                cmd += ["--index-url", self.uv.index_url]
-            for folder in self.uv.find_links:
-                cmd += ["--find-links", folder]
-            if self.uv.offline:
-                cmd += ["--offline"]
-            self._uv(cmd + args, say)
+            if self.isolation is not None and self.isolation.view is not None:
+                self._install_in_view(manifest, paths, say, spec)
+            else:
+                args = (["-r", str(paths.code / manifest.requirements)]
+                        if manifest.requirements else []) + list(manifest.dependencies)
+                self._uv(self._pip_install(str(paths.python), self.uv.find_links) + args, say)
         marker.write_text(json.dumps(wanted))
+
+    def _pip_install(self, python: str, find_links) -> list[str]:
+        cmd = ["pip", "install", "--python", python, "--link-mode=copy", "--no-config"]
+        if self.uv.index_url:
+            cmd += ["--index-url", self.uv.index_url]
+        for folder in find_links:
+            cmd += ["--find-links", folder]
+        if self.uv.offline:
+            cmd += ["--offline"]
+        return cmd
+
+    def _install_in_view(self, manifest: Manifest, paths: VersionPaths, say,
+                         spec: dict) -> None:
+        """`uv pip install` in a view of its own, as the container's uid: the venv bound
+        read-write, the code and the wheelhouses read-only, a cache of the container's own,
+        the network; nothing of the data dir, the tokens or the worker's environment."""
+        isolation = self.isolation
+        uid, gid = isolation.identity(spec.get("uid_key") or "")
+        container_dir = self.worker_dir / spec["container"]
+        cache = container_dir / ".uv-cache"
+        links = container_dir / ".build-links"
+        shutil.rmtree(links, ignore_errors=True)
+        cache.mkdir(exist_ok=True)
+        binds = [(str(paths.code), VIEW_CODE, "ro"), (str(paths.venv), VIEW_VENV, "rw"),
+                 (self.uv.uv_bin, "/dockyard/uv", "ro"), (str(cache), "/dockyard/cache", "rw")]
+        find_links = []
+        for n, folder in enumerate(self.uv.find_links):
+            # The wheelhouse may sit in a folder the container's uid cannot enter: its files
+            # are linked (or copied) into one it can read.
+            copy = links / str(n)
+            _link_tree(Path(folder), copy)
+            binds.append((str(copy), f"/dockyard/links/{n}", "ro"))
+            find_links.append(f"/dockyard/links/{n}")
+        for path in (paths.venv, cache):
+            _chown_tree(path, uid, gid)
+        args = (["-r", f"{VIEW_CODE}/{manifest.requirements}"] if manifest.requirements
+                else []) + list(manifest.dependencies)
+        env = {"PATH": f"{VIEW_VENV}/bin:/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
+               "TMPDIR": "/tmp", "LANG": "C.UTF-8", "UV_CACHE_DIR": "/dockyard/cache",
+               "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
+        env.update({k: v for k, v in os.environ.items()
+                    if k.lower() in PROXY_VARIABLES})
+        try:
+            code, output = run_in_view(
+                isolation.view, ["/dockyard/uv", *self._pip_install(f"{VIEW_VENV}/bin/python",
+                                                                    find_links), *args],
+                network=True, uid=uid, gid=gid, binds=binds, env=env, cwd=VIEW_CODE,
+                tmp_mb=BUILD_TMP_MB, timeout=BUILD_TIMEOUT_S)
+        finally:
+            shutil.rmtree(links, ignore_errors=True)
+            # Back to root and readable by all: the function may read its venv, not change it.
+            _chown_tree(paths.venv, 0, 0, readable=True)
+        for line in output.splitlines():
+            if line.strip():
+                say("  " + line.rstrip())
+        if code is None:
+            raise BuildError(f"uv pip install took longer than {BUILD_TIMEOUT_S}s")
+        if code != 0:
+            last = [ln for ln in output.splitlines() if ln.strip()]
+            raise BuildError(f"uv pip failed: {last[-1].strip() if last else 'no output'}")
 
     def _uv(self, args: list[str], say) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKYARD_")}

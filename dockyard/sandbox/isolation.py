@@ -234,39 +234,67 @@ class Isolation:
 def run_sandboxed(layout: HostLayout, argv: list[str], network: bool,
                   uid: int | None = NOBODY, timeout: float = 30.0) -> str | None:
     """Run one short command in a view built from `layout`; None if it exited 0, else why."""
-    root = Path(tempfile.mkdtemp(prefix="dockyard-probe-"))
+    code, output = run_in_view(layout, argv, network=network, uid=uid, timeout=timeout)
+    if code is None:
+        return f"the probe did not finish within {timeout:.0f}s"
+    if code != 0:
+        lines = output.strip().splitlines()
+        return lines[-1] if lines else f"exit code {code}"
+    return None
+
+
+def run_in_view(layout: HostLayout, argv: list[str], *, network: bool,
+                uid: int | None = NOBODY, gid: int | None = None,
+                binds: list[tuple[str, str, str]] = (), env: dict[str, str] | None = None,
+                cwd: str = "/", tmp_mb: int = 16, cgroups: list[str] = (),
+                timeout: float = 30.0) -> tuple[int | None, str]:
+    """Run one command to its end as `uid` in a view built from `layout` plus `binds`
+    (source, target, "ro" or "rw"): (its exit code, or None if it ran past `timeout` and was
+    killed; what it wrote on stdout and stderr)."""
+    root = Path(tempfile.mkdtemp(prefix="dockyard-view-"))
     read_fd, write_fd = os.pipe()
+    reply_read, reply_write = os.pipe()
     spec = sandbox_spec(layout, root=root, code=Path("/"), venv=Path("/"), bootstrap=root,
-                        uid=uid, gid=uid, tmp_mb=16, network=network, rlimits={},
-                        env={"PATH": SAFE_PATH}, argv=argv)
-    spec["cwd"] = "/"
+                        uid=uid, gid=uid if gid is None else gid, tmp_mb=tmp_mb,
+                        network=network, rlimits={}, env=env or {"PATH": SAFE_PATH},
+                        argv=argv)
+    # Only the layout and the binds asked for: not the code/venv/bootstrap of a function.
+    spec["binds"] = [*layout.binds, *binds]
+    spec["cwd"] = cwd
+    spec["cgroups"] = list(cgroups)
+    if env is not None:
+        spec["env"] = dict(env)
+    proc = None
     try:
-        proc = subprocess.Popen(launcher_argv(read_fd, write_fd),
-                                pass_fds=(read_fd, write_fd, lifeline_fd()),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, env={"PATH": SAFE_PATH}, cwd="/",
+        proc = subprocess.Popen(launcher_argv(read_fd, reply_write),
+                                pass_fds=(read_fd, reply_write, lifeline_fd()),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env={"PATH": SAFE_PATH}, cwd="/",
                                 start_new_session=True)
-        os.close(read_fd)
+        for fd in (read_fd, reply_write):
+            os.close(fd)
+        read_fd = reply_write = -1
         os.write(write_fd, encode_spec(spec))
         try:
-            _, stderr = proc.communicate(timeout=timeout)
+            output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
-            return f"the probe did not finish within {timeout:.0f}s"
+            output, _ = proc.communicate()
+            return None, output.decode("utf-8", "replace")
+        return proc.returncode, output.decode("utf-8", "replace")
     except OSError as exc:
-        return str(exc)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        return 1, str(exc)
     finally:
-        for fd in (read_fd, write_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for fd in (read_fd, write_fd, reply_read, reply_write):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         shutil.rmtree(root, ignore_errors=True)
-    if proc.returncode != 0:
-        lines = stderr.decode("utf-8", "replace").strip().splitlines()
-        return lines[-1] if lines else f"exit code {proc.returncode}"
-    return None
 
 
 CAP_SYS_RESOURCE = 24
