@@ -225,7 +225,7 @@ def test_cpu_budget_cannot_be_lifted(server, pkg, summary):
     burning = [p for p in _uid_processes(first["uid"]) if "bootstrap" in " ".join(p.cmdline())]
     assert len(burning) == 1
     result = server.invoke("sb-cpu/lift_cpu", {}).json()
-    if "armed by the worker" in summary["cpu_time"]["how"]:
+    if "RLIMIT_CPU set from outside" in summary["cpu_time"]["how"]:
         assert result["lifted"] != "infinity", result   # the hard limit was set from outside
     # The thread it left burning (no call comes in to give it a new budget) is stopped once
     # it used the call's budget, however the function tried to lift its limit.
@@ -316,3 +316,18 @@ def test_a_dependencys_build_code_runs_in_the_sandbox(server, pkg, summary):
     assert "uid=" in report and "uid=0 " not in report, report
     assert "False" in report and "True" not in report, report
     assert "OPERATOR_SECRET" not in report
+
+
+def test_a_forked_process_burning_cpu_after_the_call_is_stopped(server, pkg, summary):
+    """The CPU budget counts the whole process tree (its cgroup), not only the function's
+    own process: a burner it forked and left behind is stopped too."""
+    if "whole process tree" not in summary["cpu_time"]["how"]:
+        pytest.skip(summary["cpu_time"]["how"])
+    server.deploy(pkg("hostile", name="sb-forkburn", manifest_extra="[limits]\ntimeout_s = 2\n"))
+    uid = server.invoke("sb-forkburn/boot", {}).json()["uid"]
+    assert server.invoke("sb-forkburn/fork_burn", {}).json() == "forked"
+    tree = _uid_processes(uid)
+    assert len(tree) >= 3   # init, the function's process, the burner
+    gone, alive = psutil.wait_procs(tree, timeout=60)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+    assert server.invoke("sb-forkburn/boot", {}).status_code == 200

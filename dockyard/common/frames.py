@@ -131,15 +131,16 @@ class FrameReader(_Buffered):
     """Frames from a raw fd with an optional deadline (select + os.read into one buffer), so
     the thread that sent a request can read its reply itself."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, max_frame: int = MAX_FRAME):
         super().__init__()
         self.fd = fd
+        self.max_frame = max_frame
         self._deadline: float | None = None
 
     def read(self, deadline: float | None):
         """The next frame; None at end of stream; TimeoutError past `deadline` (monotonic)."""
         self._deadline = deadline
-        return self._next_frame()
+        return self._next_frame(self.max_frame)
 
     def _more(self) -> bytes:
         if self._deadline is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from typing import Callable
 
 log = logging.getLogger("dockyard.process")
 
@@ -35,34 +36,49 @@ def find_server(monitor_pid: int) -> int:
 
 
 class CpuBudget:
-    def __init__(self, pid: int, seconds: float, by_kernel: bool):
+    """The checks count `tree_used()` — the CPU of the whole process tree (its cgroup) where
+    the host has CPU accounting — so a process the function forked and left burning counts
+    too. The kernel's RLIMIT_CPU, where it can be set from outside, binds the function's own
+    process (rlimits are per process)."""
+
+    def __init__(self, pid: int, seconds: float, by_kernel: bool,
+                 tree_used: Callable[[], float] | None = None):
         self.pid = pid
         self.seconds = seconds
         self.by_kernel = by_kernel
-        self.allowed = 0.0          # CPU seconds the process may have used by the next check
+        self.allowed = 0.0          # CPU seconds the tree may have used by the next check
         # The process's CPU-time clock (clock_getcpuclockid): one system call per reading,
         # where /proc/<pid>/stat costs a read and a parse on every call.
         self._clock = ((~pid) << 3) | CPUCLOCK_SCHED
         self.used()   # fails now (OSError) if the process cannot be watched
+        self.tree_used = tree_used or self.used
 
     def used(self) -> float:
         return time.clock_gettime(self._clock)
 
     def arm(self) -> None:
-        """Before a call: `seconds` of CPU on top of what the process used so far."""
+        """Before a call: `seconds` of CPU on top of what was used so far."""
         try:
-            budget = int(self.used() + self.seconds) + 1
-            self.allowed = budget + 1
+            self.allowed = self.tree_used() + self.seconds + 1
             if self.by_kernel:
+                budget = int(self.used() + self.seconds) + 1
                 resource.prlimit(self.pid, resource.RLIMIT_CPU, (budget, budget + 1))
         except (OSError, ValueError) as exc:
             log.warning("pid %s: cannot arm the CPU budget: %s", self.pid, exc)
+
+    def settle(self) -> None:
+        """After a call: what the tree burns from now until the next call is held to
+        `seconds` (a call that used many processes at once is not held against it)."""
+        try:
+            self.allowed = self.tree_used() + self.seconds + 1
+        except (OSError, ValueError):
+            pass
 
     def exceeded(self) -> bool:
         if not self.allowed:
             return False
         try:
-            return self.used() > self.allowed
+            return self.tree_used() > self.allowed
         except (OSError, ValueError):
             return False
 

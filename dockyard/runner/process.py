@@ -29,6 +29,9 @@ LOAD_ERROR_EXIT = 3
 SANDBOX_FAILED_EXIT = 125     # sandbox/launch.py could not build the view
 START_TIMEOUT_S = 60.0
 OUTPUT_CAP = 64 * 1024
+# A reply holds a result and the call's output: a child that announces more is broken or
+# hostile, and the worker never reads it into memory.
+REPLY_MAX_BYTES = 16 * 1024 * 1024
 
 
 class LoadError(Exception):
@@ -147,8 +150,9 @@ class Child:
         self.server_pid = find_server(self.pid) if view else self.pid
         if self.spec.cpu_budget_s and self.server_pid and view:
             try:
-                self.cpu_budget = CpuBudget(self.server_pid, self.spec.cpu_budget_s,
-                                            self.spec.cpu_by_kernel)
+                self.cpu_budget = CpuBudget(
+                    self.server_pid, self.spec.cpu_budget_s, self.spec.cpu_by_kernel,
+                    self.cgroup.cpu_reader() if self.cgroup is not None else None)
             except OSError as exc:
                 log.warning("%s: cannot watch its CPU time: %s", self.what, exc)
         change_state(self, ProcessState.RUNNING, self.what)
@@ -182,7 +186,7 @@ class Child:
                 os.close(fd)
         self.pid = self.popen.pid
         self._requests = os.fdopen(req_write, "wb", buffering=0)
-        self._replies = FrameReader(rep_read)
+        self._replies = FrameReader(rep_read, REPLY_MAX_BYTES)
 
     def _launch_in_view(self) -> None:
         """Hand a started launcher (usually a spare) the sandbox spec: this child's cgroup
@@ -201,7 +205,7 @@ class Child:
         self.popen = launcher.popen
         self.pid = launcher.popen.pid
         self._requests = os.fdopen(launcher.request_fd, "wb", buffering=0)
-        self._replies = FrameReader(launcher.reply_fd)
+        self._replies = FrameReader(launcher.reply_fd, REPLY_MAX_BYTES)
         try:
             self._requests.write(encode_spec(dict(
                 self.spec.sandbox, cgroups=self.cgroup.folders() if self.cgroup else [],
@@ -271,13 +275,19 @@ class Child:
                 reply = self._replies.read(deadline)
             except TimeoutError:
                 return self._timed_out(frame, timeout)
-            except (OSError, ValueError) as exc:
+            except OSError as exc:
                 log.warning("%s: pipe broke: %s", self.what, exc)
                 reply = None
+            except Exception as exc:  # noqa: BLE001 - whatever the child wrote, it is its fault
+                return self._broke_protocol(exc)
             self.served += 1
             self.last_used = time.monotonic()
             if reply is None:
                 return self._died()
+            if not _is_reply(reply, frame["id"]):
+                return self._broke_protocol(ValueError(f"not a reply to {frame['id']}"))
+            if self.cpu_budget is not None:
+                self.cpu_budget.settle()
             return self._finish(_translate(reply))
         pending = _Pending()
         call_id = frame["id"]
@@ -296,6 +306,15 @@ class Child:
             self._pending.pop(call_id, None)
             self.served += 1
             self.last_used = time.monotonic()
+
+    def _broke_protocol(self, exc: BaseException) -> dict:
+        """The child wrote something that is not a reply frame (too large, not JSON, not the
+        reply to this call): its pipe cannot be trusted to line up with the next call, so the
+        process is killed and replaced."""
+        self.exit_reason = f"broke the reply protocol ({type(exc).__name__}: {exc})"[:300]
+        log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
+        self.kill()
+        return self._died() if self.direct else _crashed(self.exit_reason)
 
     def _finish(self, reply: dict) -> dict:
         if reply.get("recycle"):
@@ -326,11 +345,17 @@ class Child:
                 frame = self._replies.read(None)
                 if frame is None:
                     break
+                if not isinstance(frame, dict) or frame.get("type") != "result":
+                    raise ValueError("not a reply frame")
                 pending = self._pending.get(frame.get("id"))
                 if pending is not None:
                     pending.reply = _translate(frame)
                     pending.done.set()
         except Exception as exc:  # noqa: BLE001 - a broken pipe is a dead child
+            if self.popen is not None and self.popen.poll() is None:
+                # Alive but speaking garbage: it cannot be trusted with another call.
+                self.exit_reason = f"broke the reply protocol ({type(exc).__name__})"
+                self.kill()
             log.warning("%s: reply pipe broke: %s", self.what, exc)
         self._died()
 
@@ -454,6 +479,11 @@ def _crashed(message: str, out_of_memory: bool = False) -> dict:
     if out_of_memory:
         error["reason"] = "out of memory"
     return {"status": "crashed", "error": error}
+
+
+def _is_reply(frame, call_id: str) -> bool:
+    return isinstance(frame, dict) and frame.get("type") == "result" and \
+        frame.get("id") == call_id
 
 
 def _translate(frame: dict) -> dict:

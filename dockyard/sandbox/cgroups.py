@@ -15,7 +15,9 @@ from pathlib import Path
 log = logging.getLogger("dockyard.cgroups")
 
 CONTROLLERS = ("memory", "pids")
-OPTIONAL = ("cpu",)          # limits.cpus; without it the summary says cpus cannot be enforced
+# cpu: limits.cpus (without it the summary says cpus cannot be enforced); cpuacct: the CPU
+# time of a whole tree, for the per-call CPU budget (v2 has it in every group's cpu.stat).
+OPTIONAL = ("cpu", "cpuacct")
 CPU_PERIOD_US = 100_000
 
 
@@ -54,6 +56,11 @@ class CgroupHost:
     roots: dict[str, Path]         # controller -> the folder our children's cgroups go in
     cpu: bool = False              # the cpu controller is ours too (limits.cpus)
 
+    @property
+    def cpu_accounting(self) -> bool:
+        """The CPU time of a whole group can be read (v2: always; v1: with cpuacct)."""
+        return self.version == 2 or "cpuacct" in self.roots
+
     def create(self, name: str, memory_mb: int, processes: int,
                cpus: float | None = None) -> "Cgroup":
         dirs = {}
@@ -70,6 +77,7 @@ class Cgroup:
     def __init__(self, version: int, dirs: dict[str, Path]):
         self.version = version
         self.dirs = dirs
+        self._fds: list[int] = []
 
     def _write(self, controller: str, name: str, value) -> bool:
         try:
@@ -96,6 +104,27 @@ class Cgroup:
             if quota and "cpu" in self.dirs:
                 self._write("cpu", "cpu.cfs_period_us", CPU_PERIOD_US)
                 self._write("cpu", "cpu.cfs_quota_us", quota)
+
+    def cpu_reader(self):
+        """A function returning the CPU seconds used so far by every process that ever ran
+        in this group (one pread of a file kept open), or None without CPU accounting."""
+        if self.version == 1:
+            if "cpuacct" not in self.dirs:
+                return None
+            path, parse = self.dirs["cpuacct"] / "cpuacct.usage", lambda data: int(data) / 1e9
+        else:
+            path = next(iter(self.dirs.values())) / "cpu.stat"
+            parse = _usage_usec
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        self._fds.append(fd)
+
+        def read() -> float:
+            return parse(os.pread(fd, 4096, 0))
+        read()
+        return read
 
     def folders(self) -> list[str]:
         """Every folder of this group, once (v2 has one folder for all controllers)."""
@@ -147,6 +176,12 @@ class Cgroup:
 
     def remove(self) -> None:
         self.kill_all()
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
         for path in self.dirs.values():
             for _ in range(50):
                 try:
@@ -156,6 +191,13 @@ class Cgroup:
                     break
                 except OSError:
                     time.sleep(0.02)
+
+
+def _usage_usec(data: bytes) -> float:
+    for line in data.splitlines():
+        if line.startswith(b"usage_usec "):
+            return int(line.split()[1]) / 1e6
+    raise ValueError("no usage_usec in cpu.stat")
 
 
 def detect(tag: str) -> tuple[CgroupHost | None, str]:
@@ -174,8 +216,9 @@ def detect(tag: str) -> tuple[CgroupHost | None, str]:
                 base = Path(mountpoint)  # a cgroup namespace shows us at the root
             roots[controller] = base / f"dockyard-{tag}"
         host = _try(CgroupHost(1, roots, cpu="cpu" in roots))
-        if host is None and "cpu" in roots:
-            del roots["cpu"]
+        if host is None and set(OPTIONAL) & set(roots):
+            for optional in OPTIONAL:
+                roots.pop(optional, None)
             host = _try(CgroupHost(1, roots))
         if host:
             return host, "cgroup v1 (" + ", ".join(sorted(host.roots)) + ")"

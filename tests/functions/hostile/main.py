@@ -198,3 +198,19 @@ def burn(event):
     for t in workers:
         t.join()
     return {"cpu_s": time.process_time() - started_cpu, "wall_s": time.monotonic() - started}
+
+
+def fork_burn(event):
+    """Leave a forked process burning CPU after the call returns, out of the call's session,
+    with its own CPU limit lifted as far as it goes."""
+    import resource
+    if os.fork() == 0:
+        os.setsid()
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+            resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+        except (ValueError, OSError):
+            pass
+        while True:
+            pass
+    return "forked"
