@@ -331,3 +331,20 @@ def test_a_forked_process_burning_cpu_after_the_call_is_stopped(server, pkg, sum
     gone, alive = psutil.wait_procs(tree, timeout=60)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
     assert server.invoke("sb-forkburn/boot", {}).status_code == 200
+
+
+def test_a_reply_that_is_not_a_reply_kills_the_process_and_nothing_shifts(server, pkg):
+    server.deploy(pkg("hostile", name="sb-badreply"))
+    worker = next(p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                  if " worker " in " ".join(p.cmdline()))
+    rss_before = worker.memory_info().rss
+    for mode in ("garbage", "huge"):
+        before = server.invoke("sb-badreply/boot", {}).json()["boot"]
+        response = server.invoke("sb-badreply/bad_reply", {"mode": mode})
+        assert response.status_code == 502, response.text
+        assert "reply protocol" in response.json()["error"]["message"]
+        # The next call gets its own answer from a fresh process, not a leftover frame.
+        after = server.invoke("sb-badreply/boot", {}).json()
+        assert after["boot"] != before and after["uid"]
+    # A 64 MB announcement was never read into the worker's memory.
+    assert worker.memory_info().rss - rss_before < 32 * 1024 * 1024

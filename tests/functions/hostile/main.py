@@ -214,3 +214,17 @@ def fork_burn(event):
         while True:
             pass
     return "forked"
+
+
+def bad_reply(event):
+    """Write straight to the reply pipe (its fd is on the bootstrap's command line): a header
+    announcing a huge frame, or a frame that is JSON but not a reply."""
+    import struct
+    with open("/proc/self/cmdline", "rb") as f:
+        reply_fd = int(f.read().split(b"\0")[-2])
+    if event.get("mode") == "huge":
+        os.write(reply_fd, struct.pack(">I", 64 * 1024 * 1024) + b"[" + b"0," * 1000)
+    else:
+        body = b"[1,2,3]"
+        os.write(reply_fd, struct.pack(">I", len(body)) + body)
+    return "after"
