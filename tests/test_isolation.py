@@ -149,3 +149,10 @@ def test_spare_launchers_are_handed_out_and_replaced():
         waiting = list(spares.ready)
         spares.close()
     assert all(launcher.popen.poll() is not None for launcher in waiting)
+
+
+def test_uids_skip_ranges_delegated_in_subuid(tmp_path, monkeypatch):
+    from dockyard.sandbox import uids
+    monkeypatch.setattr(uids, "_delegated", lambda: [(500_000, 65_536)])
+    uid = UidRegistry(tmp_path / "uids.json", base=500_000).uid_for("k")
+    assert uid >= 565_536

@@ -50,7 +50,7 @@ class WorkerRefused(Exception):
 
 
 def _uid_key(spec: dict) -> str:
-    return spec.get("uid_key") or f"legacy:{spec['container_id']}"
+    return spec["uid_key"]
 
 
 class Agent:

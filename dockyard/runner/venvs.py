@@ -220,7 +220,7 @@ class Builder:
         read-write, the code and the wheelhouses read-only, a cache of the container's own,
         the network; nothing of the data dir, the tokens or the worker's environment."""
         isolation = self.isolation
-        uid, gid = isolation.identity(spec.get("uid_key") or "")
+        uid, gid = isolation.identity(spec["uid_key"])
         container_dir = self.worker_dir / spec["container"]
         cache = container_dir / ".uv-cache"
         links = container_dir / ".build-links"

@@ -189,7 +189,7 @@ def child_spec_factory(isolation, bootstrap_path: str, view_root: Path):
     def make(runtime: VersionRuntime) -> ChildSpec:
         paths = runtime.paths
         spec = runtime.spec
-        uid, gid = isolation.identity(spec.get("uid_key") or f"legacy:{spec['container_id']}")
+        uid, gid = isolation.identity(spec["uid_key"])
 
         manifest = runtime.manifest
         limits = manifest.limits

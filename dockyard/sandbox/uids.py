@@ -82,12 +82,28 @@ class UidRegistry:
 
 
 def _taken(uid: int) -> bool:
-    """A uid that belongs to a real account on this host is never handed out."""
+    """A uid that belongs to a real account on this host, or to a range delegated to a user
+    for their own user namespaces (/etc/subuid, /etc/subgid), is never handed out."""
     try:
         pwd.getpwuid(uid)
         return True
     except KeyError:
-        return False
+        pass
+    return any(start <= uid < start + count for start, count in _delegated())
+
+
+def _delegated() -> list[tuple[int, int]]:
+    ranges = []
+    for path in ("/etc/subuid", "/etc/subgid"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    parts = line.strip().split(":")
+                    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                        ranges.append((int(parts[1]), int(parts[2])))
+        except OSError:
+            pass
+    return ranges
 
 
 def _highest_uid_in(path: Path) -> int:
