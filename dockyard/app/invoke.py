@@ -13,7 +13,8 @@ from functools import lru_cache
 import sqlite_utils
 
 from ..common.manifest import Manifest
-from ..errors import NotFound, Unavailable
+from ..errors import Unavailable
+from .store import routing
 from .store import workers as worker_store
 from .worker_client import WorkerConnections, WorkerGone
 
@@ -42,52 +43,15 @@ def _manifest(version_id: int, text: str) -> Manifest:
     return Manifest.from_dict(json.loads(text))
 
 
-def resolve_target(db: sqlite_utils.Database, container: str, version: str | None) -> Target:
-    if version is None:
-        rows = list(db.query(
-            "SELECT v.id, v.version, v.manifest FROM containers c JOIN versions v "
-            "ON v.id = coalesce(c.serving_version_id, c.active_version_id) WHERE c.name = ?",
-            [container]))
-    else:
-        rows = list(db.query(
-            "SELECT v.id, v.version, v.manifest FROM containers c JOIN versions v "
-            "ON v.container_id = c.id WHERE c.name = ? AND v.version = ?", [container, version]))
-    if not rows:
-        if not db["containers"].count_where("name = ?", [container]):
-            raise NotFound(f"no container named '{container}'; `dockyard ls` lists them")
-        if version is not None:
-            raise NotFound(f"container '{container}' has no version '{version}'; "
-                           f"`dockyard versions {container}` lists them")
-        raise NotFound(f"container '{container}' has no active version; deploy one")
-    row = rows[0]
-    return Target(container, row["id"], row["version"], _manifest(row["id"], row["manifest"]),
-                  version is not None)
-
-
-_ROUTE_SQL = (
-    "SELECT v.id, v.version, v.manifest, w.id, w.address FROM containers c JOIN versions v "
-    "ON {join} LEFT JOIN worker_versions wv ON wv.version_id = v.id "
-    "AND wv.state IN ('ready', 'idle') LEFT JOIN workers w ON w.id = wv.worker_id "
-    "AND w.state = 'up' AND w.last_seen > ? WHERE c.name = ?{extra}")
-_SERVING_SQL = _ROUTE_SQL.format(
-    join="v.id = coalesce(c.serving_version_id, c.active_version_id)", extra="")
-_PINNED_SQL = _ROUTE_SQL.format(join="v.container_id = c.id", extra=" AND v.version = ?")
-
-
 def route(db: sqlite_utils.Database, container: str, version: str | None
           ) -> tuple[Target, list[dict]]:
     """The serving (or pinned) version of a container and the live workers that have it
-    ready, in one query: this runs on every call, and a redeploy must be seen at once."""
-    cutoff = time.time() - worker_store.WORKER_TTL_S
-    if version is None:
-        rows = db.conn.execute(_SERVING_SQL, [cutoff, container]).fetchall()
-    else:
-        rows = db.conn.execute(_PINNED_SQL, [cutoff, container, version]).fetchall()
-    if not rows:
-        return resolve_target(db, container, version), []  # raises the right NotFound
-    vid, name, manifest, _, _ = rows[0]
-    target = Target(container, vid, name, _manifest(vid, manifest), version is not None)
-    return target, [{"id": r[3], "address": r[4]} for r in rows if r[3] is not None]
+    ready: this runs on every call, and a redeploy must be seen at once."""
+    found = routing.route(db, container, version)
+    if found is None:
+        raise routing.missing(db, container, version)
+    (vid, name, manifest), workers = found
+    return Target(container, vid, name, _manifest(vid, manifest), version is not None), workers
 
 
 def _pick_worker(db: sqlite_utils.Database, target: Target, routable: list[dict],

@@ -1,0 +1,47 @@
+"""Where a call goes: the serving (or pinned) version of a container and the live workers that
+report it ready. Read on every call, so one indexed query answers both questions."""
+
+from __future__ import annotations
+
+import time
+
+import sqlite_utils
+
+from ...errors import NotFound
+from .workers import ROUTABLE, WORKER_TTL_S
+
+_ROUTE_SQL = (
+    "SELECT v.id, v.version, v.manifest, w.id, w.address FROM containers c JOIN versions v "
+    "ON {join} LEFT JOIN worker_versions wv ON wv.version_id = v.id "
+    "AND wv.state IN (" + ", ".join(f"'{state}'" for state in ROUTABLE) + ") "
+    "LEFT JOIN workers w ON w.id = wv.worker_id "
+    "AND w.state = 'up' AND w.last_seen > ? WHERE c.name = ?{extra}")
+_SERVING_SQL = _ROUTE_SQL.format(
+    join="v.id = coalesce(c.serving_version_id, c.active_version_id)", extra="")
+_PINNED_SQL = _ROUTE_SQL.format(join="v.container_id = c.id", extra=" AND v.version = ?")
+
+
+def route(db: sqlite_utils.Database, container: str, version: str | None
+          ) -> tuple[tuple[int, str, str], list[dict]] | None:
+    """((version id, version name, manifest text), [{"id", "address"} of ready workers]), or
+    None when the container or version does not exist (see `missing`)."""
+    cutoff = time.time() - WORKER_TTL_S
+    if version is None:
+        rows = db.conn.execute(_SERVING_SQL, [cutoff, container]).fetchall()
+    else:
+        rows = db.conn.execute(_PINNED_SQL, [cutoff, container, version]).fetchall()
+    if not rows:
+        return None
+    vid, name, manifest, _, _ = rows[0]
+    return (vid, name, manifest), [{"id": r[3], "address": r[4]} for r in rows
+                                   if r[3] is not None]
+
+
+def missing(db: sqlite_utils.Database, container: str, version: str | None) -> NotFound:
+    """Why `route` found nothing, as the error to raise."""
+    if not db["containers"].count_where("name = ?", [container]):
+        return NotFound(f"no container named '{container}'; `dockyard ls` lists them")
+    if version is not None:
+        return NotFound(f"container '{container}' has no version '{version}'; "
+                        f"`dockyard versions {container}` lists them")
+    return NotFound(f"container '{container}' has no active version; deploy one")
