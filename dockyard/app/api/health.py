@@ -13,6 +13,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from ..state import database
 from ..store import job_runs
 from ..store import jobs as job_store
+from ..store import metrics as metrics_store
 from ..store import workers as worker_store
 
 bp = Blueprint("health", __name__)
@@ -33,25 +34,23 @@ class StoreCollector:
         seconds = CounterMetricFamily("dockyard_invocation_duration_seconds",
                                       "Time spent in finished invocations",
                                       labels=["container"])
-        for row in self.db.query("SELECT container, status, count(*) AS n, "
-                                 "coalesce(sum(duration_ms), 0) AS ms FROM invocations "
-                                 "GROUP BY container, status"):
+        per_container: dict[str, float] = {}
+        for row in metrics_store.invocation_totals(self.db):
             calls.add_metric([row["container"], row["status"]], row["n"])
-        for row in self.db.query("SELECT container, coalesce(sum(duration_ms), 0) AS ms "
-                                 "FROM invocations GROUP BY container"):
-            seconds.add_metric([row["container"]], row["ms"] / 1000.0)
+            per_container[row["container"]] = per_container.get(row["container"], 0) + row["ms"]
+        for container, ms in per_container.items():
+            seconds.add_metric([container], ms / 1000.0)
         yield calls
         yield seconds
         workers = GaugeMetricFamily("dockyard_workers_ready", "Workers that are ready")
         workers.add_metric([], len(worker_store.live_worker_ids(self.db)))
         yield workers
         containers = GaugeMetricFamily("dockyard_containers", "Deployed containers")
-        containers.add_metric([], self.db["containers"].count)
+        containers.add_metric([], metrics_store.container_count(self.db))
         yield containers
         states = GaugeMetricFamily("dockyard_worker_versions", "Versions held by workers",
                                    labels=["state"])
-        for row in self.db.query("SELECT state, count(*) AS n FROM worker_versions "
-                                 "GROUP BY state"):
+        for row in metrics_store.worker_version_states(self.db):
             states.add_metric([row["state"]], row["n"])
         yield states
 
