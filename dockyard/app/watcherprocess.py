@@ -38,13 +38,13 @@ class WatcherProcess:
 
     def start(self) -> None:
         if self.folder is None:
-            self._record_off(None, None)
+            self._record(enabled=False, folder=None)
             return
         problem = folder_problem(self.folder)
         if problem:
             log.warning("deploy folder %s %s; serving without it (--deploy-dir DIR picks "
                         "another, --no-deploy-dir turns it off)", self.folder, problem)
-            self._record_off(str(self.folder), f"{self.folder} {problem}")
+            self._record_problem(problem)
             return
         self._spawn()
 
@@ -55,6 +55,7 @@ class WatcherProcess:
             cmd += ["--poll", str(self.poll_s)]
         self.proc = subprocess.Popen(cmd, preexec_fn=self.preexec_fn)
         self.started_at = time.monotonic()
+        self._record(enabled=True, folder=str(self.folder), pid=self.proc.pid)
 
     def check(self) -> None:
         """From serve's loop: restart a watcher that exited, after a growing delay."""
@@ -66,7 +67,7 @@ class WatcherProcess:
             problem = folder_problem(self.folder)
             if code == FOLDER_GONE_EXIT and problem:
                 log.warning("deploy folder %s %s; serving without it", self.folder, problem)
-                self._record_off(str(self.folder), f"{self.folder} {problem}")
+                self._record_problem(problem)
                 self.proc = None
                 return
             if moment - self.started_at > HEALTHY_AFTER_S:
@@ -90,9 +91,12 @@ class WatcherProcess:
             self.proc.kill()
             self.proc.wait()
 
-    def _record_off(self, folder: str | None, problem: str | None) -> None:
+    def _record_problem(self, problem: str) -> None:
+        self._record(enabled=False, folder=str(self.folder), problem=f"{self.folder} {problem}")
+
+    def _record(self, **status) -> None:
         db = connect(self.data.db_path)
         try:
-            store.save_status(db, enabled=False, folder=folder, problem=problem)
+            store.save_status(db, **status)
         finally:
             db.conn.close()
