@@ -233,3 +233,22 @@ def test_cpu_budget_per_call_kills_a_burner(tmp_path):
         proc.wait()
         requests.close()
         replies.close()
+
+
+def test_the_bootstraps_words_are_the_protocols():
+    """The bootstrap runs in the user's venv and cannot import dockyard: its copies of the
+    frame types and of the load-error exit code must match the ones the worker uses."""
+    from dockyard.common.protocol import Frame
+    from dockyard.runner import process
+    from dockyard.sandbox import bootstrap
+    assert (bootstrap.INIT, bootstrap.READY, bootstrap.LOAD_ERROR, bootstrap.INVOKE,
+            bootstrap.RESULT, bootstrap.SHUTDOWN) == (
+        Frame.INIT, Frame.READY, Frame.LOAD_ERROR, Frame.INVOKE, Frame.RESULT, Frame.SHUTDOWN)
+    assert bootstrap.LOAD_ERROR_EXIT == process.LOAD_ERROR_EXIT
+
+
+def test_every_status_a_record_holds_can_be_listed():
+    from dockyard.app.store.invocations import STATUSES
+    from dockyard.common.protocol import FINISHED_STATUSES, Status
+    assert Status.UNAVAILABLE in STATUSES and Status.CANCELLED in STATUSES
+    assert set(FINISHED_STATUSES) <= set(STATUSES) and Status.NOT_RUNNING not in STATUSES

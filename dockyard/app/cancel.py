@@ -10,6 +10,7 @@ import logging
 
 import sqlite_utils
 
+from ..common.protocol import Frame, Status
 from ..errors import Conflict, NotFound
 from .store import invocations
 from .store import workers as worker_store
@@ -22,17 +23,17 @@ TELL_TIMEOUT_S = 5.0
 
 def cancel(db: sqlite_utils.Database, connections: WorkerConnections, invocation_id: str
            ) -> dict:
-    previous = invocations.stop(db, invocation_id, "cancelled",
+    previous = invocations.stop(db, invocation_id, Status.CANCELLED,
                                 {"type": "Cancelled", "message": "cancelled on request"})
     if previous is None:
         # A synchronous call's record is written when it ends: it may be running right now.
         if tell_workers(db, connections, invocation_id):
             log.info("%s: cancelled (a synchronous call)", invocation_id)
-            return {"id": invocation_id, "status": "cancelled"}
+            return {"id": invocation_id, "status": Status.CANCELLED}
         raise NotFound(f"no invocation '{invocation_id}'")
-    if previous not in ("queued", "running"):
+    if previous not in (Status.QUEUED, Status.RUNNING):
         raise Conflict(f"invocation '{invocation_id}' has finished already ({previous})")
-    if previous == "running":
+    if previous == Status.RUNNING:
         tell_workers(db, connections, invocation_id)
     log.info("%s: cancelled (it was %s)", invocation_id, previous)
     return invocations.get(db, invocation_id)
@@ -44,7 +45,7 @@ def tell_workers(db: sqlite_utils.Database, connections: WorkerConnections,
     found = False
     for worker in worker_store.live_workers(db):
         try:
-            reply = connections.request(worker["address"], {"type": "cancel",
+            reply = connections.request(worker["address"], {"type": Frame.CANCEL,
                                                             "id": invocation_id},
                                         timeout=TELL_TIMEOUT_S)
         except WorkerGone as exc:

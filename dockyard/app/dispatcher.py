@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..common.protocol import Status
 from ..errors import DockyardError, NotFound
 from .db import get_db
 from .invoke import execute
@@ -93,7 +94,7 @@ class Dispatcher:
                                      row["version"], row["function"], event, row["trigger"])
                     break
                 except NotFound as exc:
-                    result = {"status": "failed", "error": exc.to_dict()}
+                    result = {"status": Status.FAILED, "error": exc.to_dict()}
                     break
                 except DockyardError as exc:
                     if self.stop_event.is_set():
@@ -102,12 +103,12 @@ class Dispatcher:
                         store.release(db, row["id"], self.holder)
                         return
                     if time.monotonic() > give_up:
-                        result = {"status": "failed", "error": exc.to_dict()}
+                        result = {"status": Status.FAILED, "error": exc.to_dict()}
                         break
                     self.stop_event.wait(1.0)
-            if result.get("status") in ("unavailable", "not_running"):
-                result["status"] = "failed"
-            output = json.dumps(result.get("result")) if result["status"] == "succeeded" else None
+            if result.get("status") in (Status.UNAVAILABLE, Status.NOT_RUNNING):
+                result["status"] = Status.FAILED
+            output = json.dumps(result.get("result")) if result["status"] == Status.SUCCEEDED else None
             store.finish(db, row["id"], self.holder, dict(result, output=output))
         except Exception:  # noqa: BLE001 - the lease recovery retries it
             log.exception("%s: async call failed in the dispatcher", row["id"])

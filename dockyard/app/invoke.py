@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import sqlite_utils
 
+from ..common.protocol import Frame, Status
 from ..common.manifest import Manifest
 from ..errors import Unavailable
 from .store import routing
@@ -20,8 +21,8 @@ from .worker_client import WorkerConnections, WorkerGone
 
 log = logging.getLogger("dockyard.invoke")
 
-HTTP_STATUS = {"succeeded": 200, "failed": 500, "timed_out": 504, "crashed": 502,
-               "unavailable": 503}
+HTTP_STATUS = {Status.SUCCEEDED: 200, Status.FAILED: 500, Status.TIMED_OUT: 504,
+               Status.CRASHED: 502, Status.UNAVAILABLE: 503}
 ERROR_STATUS = {"FunctionNotFound": 404}
 # A pinned call may have to build and start its version first.
 ON_DEMAND_GRACE_S = 300.0
@@ -88,7 +89,7 @@ def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocatio
         target.manifest.resolve_function(function)
         worker = _pick_worker(db, target, routable, avoid)
         timeout = float(target.manifest.limits.timeout_s)
-        frame = {"type": "invoke", "id": invocation_id, "version_id": target.version_id,
+        frame = {"type": Frame.INVOKE, "id": invocation_id, "version_id": target.version_id,
                  "container": container, "version": target.version, "function": function,
                  "event": event, "timeout": timeout, "trigger": trigger,
                  "pinned": target.pinned}
@@ -99,7 +100,7 @@ def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocatio
             started = len(exc.args) > 1 and exc.args[1]
             log.warning("%s worker %s: %s", invocation_id, worker["id"], exc)
             if started:
-                return {"status": "crashed", "version": target.version, "worker_id": worker["id"],
+                return {"status": Status.CRASHED, "version": target.version, "worker_id": worker["id"],
                         "error": {"type": "WorkerDied",
                                   "message": "the worker running this call went away mid-call"}}
             avoid.add(worker["id"])
@@ -107,7 +108,7 @@ def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocatio
             last_error = str(exc)
             continue
         status = reply.get("status")
-        if status == "not_running":
+        if status == Status.NOT_RUNNING:
             # The version was swapped out between routing and arrival: route again.
             last_error = reply.get("error", {}).get("message")
             time.sleep(0.02 * (attempt + 1))

@@ -11,6 +11,7 @@ import hmac
 import logging
 from http import HTTPStatus
 
+from ..common.protocol import Status
 from ..common.frames import dumps, loads
 from ..errors import BadRequest, DockyardError, Forbidden, TooLarge, Unauthorized, Unavailable
 from .db import get_db, now
@@ -87,7 +88,7 @@ class SyncInvoke:
         result = execute(get_db(self.db_path), self.connections, invocation_id, container,
                          version, function, event, "http")
         finished = now()
-        ok = result["status"] == "succeeded"
+        ok = result["status"] == Status.SUCCEEDED
         output = dumps(result.get("result")) if ok else None
         self.records.put({
             "id": invocation_id, "container": container, "version": result.get("version"),

@@ -9,6 +9,7 @@ import select
 import socket
 import threading
 
+from ..common.protocol import Frame
 from ..common.frames import FrameSocket
 
 # A frame the worker does not take within this long means the worker is stuck.
@@ -57,12 +58,12 @@ class WorkerConnections:
             raise WorkerGone(f"cannot reach worker at {address}: {exc}") from exc
         conn = FrameSocket(sock)
         try:
-            conn.send({"type": "hello", "token": self.token})
+            conn.send({"type": Frame.HELLO, "token": self.token})
             reply = conn.recv()
         except (OSError, ValueError) as exc:
             conn.close()
             raise WorkerGone(f"worker at {address} refused the connection: {exc}") from exc
-        if not reply or reply.get("type") != "hello":
+        if not reply or reply.get("type") != Frame.HELLO:
             conn.close()
             raise WorkerGone(f"worker at {address} refused the connection: {reply}")
         # From here on the socket blocks and the kernel bounds each wait (SO_RCVTIMEO /
@@ -113,7 +114,7 @@ class WorkerConnections:
         """Tell a worker its desired set changed, so it reconciles now instead of on its next
         heartbeat. Best effort: a worker we cannot reach catches up on its heartbeat."""
         try:
-            self.request(address, {"type": "poke"}, timeout=0.5)
+            self.request(address, {"type": Frame.POKE}, timeout=0.5)
         except WorkerGone:
             pass
 

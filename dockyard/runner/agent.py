@@ -18,6 +18,7 @@ from pathlib import Path
 
 import requests
 
+from ..common.protocol import Frame, Role, Status
 from ..sandbox.isolation import Isolation
 from .diff import diff_versions
 from .server import InvokeServer
@@ -162,12 +163,12 @@ class Agent:
         for spec in diff.added:
             runtime = VersionRuntime(spec, self.builder, self.make_child_spec, self.wake)
             self.runtimes[spec["version_id"]] = runtime
-            if spec["role"] == "serve":
+            if spec["role"] == Role.SERVE:
                 self._background(runtime.serve)
         for spec in diff.changed:
             runtime = self.runtimes[spec["version_id"]]
-            if spec["role"] == "serve":
-                runtime.role = "serve"
+            if spec["role"] == Role.SERVE:
+                runtime.role = Role.SERVE
                 if runtime.state is VersionState.FAILED:
                     runtime.error = None
                 self._background(runtime.serve)
@@ -189,17 +190,17 @@ class Agent:
 
     def handle_frame(self, frame: dict) -> dict | None:
         kind = frame.get("type")
-        if kind == "poke":
+        if kind == Frame.POKE:
             self.wake()
             return None
-        if kind == "cancel":
+        if kind == Frame.CANCEL:
             return self.cancel(str(frame.get("id")))
-        if kind != "invoke":
+        if kind != Frame.INVOKE:
             return {"type": "error", "error": {"type": "BadFrame", "message": f"unknown {kind}"}}
         runtime = self.runtimes.get(frame.get("version_id"))
         call_id = frame.get("id")
         if runtime is None or self.stopping:
-            reply = {"status": "not_running", "error": {
+            reply = {"status": Status.NOT_RUNNING, "error": {
                 "type": "NotRunning",
                 "message": f"{frame.get('container')}@{frame.get('version')} is not on this "
                            "worker"}}
@@ -210,7 +211,7 @@ class Agent:
                     reply = {}   # cancelled before it got here: not run at all
                 else:
                     timeout = float(frame.get("timeout") or runtime.manifest.limits.timeout_s)
-                    child_frame = {"type": "invoke", "id": call_id, "invocation_id": call_id,
+                    child_frame = {"type": Frame.INVOKE, "id": call_id, "invocation_id": call_id,
                                    "function": frame["function"], "event": frame.get("event"),
                                    "deadline": time.time() + timeout}
                     reply = runtime.invoke(child_frame, timeout,
@@ -218,9 +219,9 @@ class Agent:
             finally:
                 self.calls.pop(call_id, None)
             if call_id in self.cancelled:
-                reply = dict(reply, status="cancelled", error={
+                reply = dict(reply, status=Status.CANCELLED, error={
                     "type": "Cancelled", "message": "cancelled; its process tree was killed"})
-        reply["type"] = "result"
+        reply["type"] = Frame.RESULT
         reply["id"] = call_id
         return reply
 
@@ -235,11 +236,11 @@ class Agent:
                 del self.cancelled[stale]
         runtime = self.calls.get(call_id)
         if runtime is None:
-            return {"type": "cancel", "id": call_id, "found": False}
+            return {"type": Frame.CANCEL, "id": call_id, "found": False}
         pool = runtime.pool
         if pool is None or not pool.cancel(call_id):
             self._background(self._cancel_when_started, call_id)
-        return {"type": "cancel", "id": call_id, "found": True}
+        return {"type": Frame.CANCEL, "id": call_id, "found": True}
 
     def _cancel_when_started(self, call_id: str) -> None:
         while call_id in self.calls:

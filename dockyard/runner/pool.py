@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Callable
 
+from ..common.protocol import Status
 from ..sandbox.isolation import IsolationError
 from .process import Child, ChildSpec, LoadError, StartError
 from .states import ProcessState
@@ -233,9 +234,9 @@ class Pool:
         with self.cond:
             while True:
                 if self.failed:
-                    return _reply("failed", f"{self.what} failed: {self.failed}", "VersionFailed")
+                    return _reply(Status.FAILED, f"{self.what} failed: {self.failed}", "VersionFailed")
                 if not self.accepting:
-                    return _reply("not_running", f"{self.what} is not running here",
+                    return _reply(Status.NOT_RUNNING, f"{self.what} is not running here",
                                   "NotRunning")
                 best = None
                 for child in self.children:
@@ -261,13 +262,13 @@ class Pool:
                         if error is not None:
                             self.starting -= 1
                             self.cond.notify_all()
-                            return _reply("unavailable", f"{self.what} cannot start a process "
+                            return _reply(Status.UNAVAILABLE, f"{self.what} cannot start a process "
                                           f"right now ({error})", "Unavailable")
                     else:
                         wake = self.retry_at
                 remaining = deadline - now
                 if remaining <= 0:
-                    return _reply("unavailable", f"all instances of {self.what} are busy; "
+                    return _reply(Status.UNAVAILABLE, f"all instances of {self.what} are busy; "
                                   "retry shortly or raise `instances`/`concurrency`",
                                   "Unavailable")
                 self.cond.wait(max(0.0, min(wake, deadline) - now))

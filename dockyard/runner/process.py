@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..common.protocol import Frame, Status
 from ..common.frames import FrameReader, encode_frame, write_frame
 from ..sandbox.isolation import encode_spec
 from .cpu_budget import CpuBudget, find_server
@@ -123,7 +124,7 @@ class Child:
                 self.cgroup = self.spec.cgroup(self._cgroup_name())
                 self.cgroup.attach(self.pid)
             try:
-                write_frame(self._requests, dict(self.spec.init, type="init",
+                write_frame(self._requests, dict(self.spec.init, type=Frame.INIT,
                                                  output_cap=OUTPUT_CAP))
             except OSError:
                 pass  # it died already: the read below sees the end and says why
@@ -139,12 +140,12 @@ class Child:
             detail = self.read_output()[1].strip()[-2000:]
             raise StartError(f"the process exited while starting ({self._describe(code)})"
                              + (f": {detail}" if detail else ""))
-        if first.get("type") == "load_error":
+        if first.get("type") == Frame.LOAD_ERROR:
             self._abort()
             error = first.get("error") or {}
             raise LoadError(f"{error.get('type')}: {error.get('message')}\n"
                             f"{error.get('traceback') or ''}".strip())
-        if first.get("type") != "ready":
+        if first.get("type") != Frame.READY:
             self._abort()
             raise StartError(f"unexpected first frame from the child: {first}")
         self.server_pid = find_server(self.pid) if view else self.pid
@@ -333,7 +334,7 @@ class Child:
         self.kill()
         if self.direct:
             self._died()
-        return {"status": "timed_out", "stdout": stdout, "stderr": stderr,
+        return {"status": Status.TIMED_OUT, "stdout": stdout, "stderr": stderr,
                 "duration_ms": timeout * 1000.0,
                 "error": {"type": "Timeout",
                           "message": f"the function ran past its {timeout:g}s timeout "
@@ -345,7 +346,7 @@ class Child:
                 frame = self._replies.read(None)
                 if frame is None:
                     break
-                if not isinstance(frame, dict) or frame.get("type") != "result":
+                if not isinstance(frame, dict) or frame.get("type") != Frame.RESULT:
                     raise ValueError("not a reply frame")
                 pending = self._pending.get(frame.get("id"))
                 if pending is not None:
@@ -433,7 +434,7 @@ class Child:
         self.exit_reason = self.exit_reason or "stopped"
         try:
             with self._write_lock:
-                write_frame(self._requests, {"type": "shutdown"})
+                write_frame(self._requests, {"type": Frame.SHUTDOWN})
         except OSError:
             pass
         try:
@@ -478,18 +479,18 @@ def _crashed(message: str, out_of_memory: bool = False) -> dict:
     error = {"type": "OutOfMemory" if out_of_memory else "Crashed", "message": message}
     if out_of_memory:
         error["reason"] = "out of memory"
-    return {"status": "crashed", "error": error}
+    return {"status": Status.CRASHED, "error": error}
 
 
 def _is_reply(frame, call_id: str) -> bool:
-    return isinstance(frame, dict) and frame.get("type") == "result" and \
+    return isinstance(frame, dict) and frame.get("type") == Frame.RESULT and \
         frame.get("id") == call_id
 
 
 def _translate(frame: dict) -> dict:
     """A bootstrap result frame as the worker's reply to the control plane."""
     reply = {
-        "status": "succeeded" if frame.get("ok") else "failed",
+        "status": Status.SUCCEEDED if frame.get("ok") else Status.FAILED,
         "stdout": frame.get("stdout", ""), "stderr": frame.get("stderr", ""),
         "duration_ms": frame.get("duration_ms"), "max_rss_kb": frame.get("max_rss_kb"),
         "cold": frame.get("cold"),
@@ -500,7 +501,7 @@ def _translate(frame: dict) -> dict:
         reply["error"] = frame.get("error")
         if (reply["error"] or {}).get("type") == "MemoryError":
             # The address-space limit hit (no memory cgroup on this host): out of memory.
-            reply["status"] = "crashed"
+            reply["status"] = Status.CRASHED
             reply["error"] = dict(reply["error"], type="OutOfMemory", reason="out of memory",
                                   message="the function ran out of memory (its memory_mb "
                                           "limit); the process was replaced")

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Callable
 
+from ..common.protocol import Frame
 from ..common.frames import FrameError, FrameSocket
 
 log = logging.getLogger("dockyard.server")
@@ -212,7 +213,7 @@ class _Connection(socketserver.BaseRequestHandler):
                 return
             if server.unix_path is None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.send({"type": "hello"})
+            conn.send({"type": Frame.HELLO})
             while True:
                 frame = conn.recv()
                 if frame is None:

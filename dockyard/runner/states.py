@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import logging
 
+from ..common import protocol
+
 log = logging.getLogger("dockyard.states")
 
 
@@ -19,14 +21,16 @@ class ProcessState(str, enum.Enum):
 
 
 class VersionState(str, enum.Enum):
-    STANDBY = "standby"      # known, started on demand for pinned calls
-    BUILDING = "building"    # fetching the artifact, building the venv
-    STARTING = "starting"    # children booting
-    READY = "ready"          # children serving
-    IDLE = "idle"            # built, scaled to zero; starts on the first call
-    DRAINING = "draining"    # finishing in-flight calls before stopping
-    STOPPED = "stopped"
-    FAILED = "failed"
+    """The protocol's version states (common/protocol.py), as an enum for the worker."""
+
+    STANDBY = protocol.VersionState.STANDBY
+    BUILDING = protocol.VersionState.BUILDING
+    STARTING = protocol.VersionState.STARTING
+    READY = protocol.VersionState.READY
+    IDLE = protocol.VersionState.IDLE
+    DRAINING = protocol.VersionState.DRAINING
+    STOPPED = protocol.VersionState.STOPPED
+    FAILED = protocol.VersionState.FAILED
 
     def __str__(self) -> str:
         return self.value

@@ -10,6 +10,7 @@ from typing import Callable
 
 from pathlib import Path
 
+from ..common.protocol import Role, Status
 from ..common.manifest import Manifest
 from ..sandbox.view import CODE as VIEW_CODE
 from ..sandbox.view import VENV as VIEW_VENV
@@ -90,7 +91,7 @@ class VersionRuntime:
         """Build, start `instances` children, and report ready (or idle when scaled to zero).
         Runs in its own thread; a failure is reported, never raised."""
         with self.lock:
-            if self.role != "serve":
+            if self.role != Role.SERVE:
                 return
             if (self.state in (VersionState.READY, VersionState.IDLE) and self.pool is not None
                     and self.pool.instances == self.manifest.limits.instances):
@@ -132,27 +133,27 @@ class VersionRuntime:
                 return None
             self.pool = self._new_pool(0)
             self.pool.start()
-            self._set(VersionState.IDLE if self.role == "standby" else self.state)
+            self._set(VersionState.IDLE if self.role == Role.STANDBY else self.state)
             return self.pool
 
     def invoke(self, frame: dict, timeout: float, pinned: bool = False) -> dict:
         pool = self.pool
         if pool is None:
-            if not pinned and self.role != "serve":
+            if not pinned and self.role != Role.SERVE:
                 # A call routed here just before a redeploy took this version out of service:
                 # send it back to be routed again rather than start a process for it.
-                return {"status": "not_running", "error": {
+                return {"status": Status.NOT_RUNNING, "error": {
                     "type": "NotRunning", "message": f"{self.what} is no longer serving"}}
             if self.state is VersionState.FAILED:
-                return {"status": "failed", "error": {"type": "VersionFailed",
+                return {"status": Status.FAILED, "error": {"type": "VersionFailed",
                         "message": f"{self.what} failed: {self.error}"}}
-            if self.role == "serve" and self.state in (VersionState.BUILDING,
+            if self.role == Role.SERVE and self.state in (VersionState.BUILDING,
                                                        VersionState.STARTING):
-                return {"status": "unavailable", "error": {
+                return {"status": Status.UNAVAILABLE, "error": {
                     "type": "Unavailable", "message": f"{self.what} is still starting"}}
             pool = self._on_demand_pool()
             if pool is None:
-                return {"status": "failed", "error": {"type": "VersionFailed",
+                return {"status": Status.FAILED, "error": {"type": "VersionFailed",
                         "message": f"{self.what} could not be built: {self.error}"}}
         return pool.invoke(frame, timeout)
 
@@ -166,7 +167,7 @@ class VersionRuntime:
             self._set(final_state, self.error if final_state is VersionState.FAILED else None)
 
     def to_standby(self) -> None:
-        self.role = "standby"
+        self.role = Role.STANDBY
         # A version that failed stays reported as failed (with its reason) until it is
         # activated again.
         self.stop(VersionState.FAILED if self.state is VersionState.FAILED

@@ -20,6 +20,10 @@ import time
 import traceback
 
 LOAD_ERROR_EXIT = 3
+# Frame types: copies of dockyard.common.protocol.Frame (this file cannot import dockyard);
+# a test checks that they match.
+INIT, READY, LOAD_ERROR, INVOKE, RESULT, SHUTDOWN = (
+    "init", "ready", "load_error", "invoke", "result", "shutdown")
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
 
@@ -168,7 +172,7 @@ class Child:
     def run_call(self, request):
         started = time.perf_counter()
         function = request.get("function", "")
-        reply = {"type": "result", "id": request.get("id")}
+        reply = {"type": RESULT, "id": request.get("id")}
         encoded = None
         if self.cpu_s and self.concurrency == 1:
             # A CPU-time budget per call: the kernel sends SIGXCPU (and the process dies) if
@@ -213,7 +217,7 @@ class Child:
         try:
             self.send(reply, encoded)
         except (TypeError, ValueError) as exc:
-            self.send({"type": "result", "id": reply["id"], "ok": False,
+            self.send({"type": RESULT, "id": reply["id"], "ok": False,
                        "error": describe(exc, function), "stdout": reply["stdout"],
                        "stderr": reply["stderr"], "duration_ms": reply["duration_ms"],
                        "max_rss_kb": reply["max_rss_kb"], "cold": reply["cold"]})
@@ -232,9 +236,9 @@ class Child:
                 request = read_frame(self.requests)
             except InterruptedError:
                 continue
-            if request is None or request.get("type") == "shutdown":
+            if request is None or request.get("type") == SHUTDOWN:
                 break
-            if request.get("type") != "invoke":
+            if request.get("type") != INVOKE:
                 continue
             if self.concurrency == 1:
                 self.in_flight = 1
@@ -279,7 +283,7 @@ def main():
     requests = os.fdopen(request_fd, "rb", buffering=1 << 16)
     replies = os.fdopen(reply_fd, "wb", buffering=0)
     init = read_frame(requests)
-    if not init or init.get("type") != "init":
+    if not init or init.get("type") != INIT:
         sys.exit(LOAD_ERROR_EXIT)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -301,11 +305,11 @@ def main():
         for name in child.declared:
             child.load(name)
     except BaseException as exc:  # noqa: BLE001 - whatever import does, it is a load error
-        child.send({"type": "load_error", "error": describe(exc)})
+        child.send({"type": LOAD_ERROR, "error": describe(exc)})
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(LOAD_ERROR_EXIT)
-    child.send({"type": "ready", "pid": os.getpid()})
+    child.send({"type": READY, "pid": os.getpid()})
     child.serve()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
+from ...common.protocol import Status
 from ...errors import NotFound
 from ..auth import check_invoke
 from ..invoke import route
@@ -28,7 +29,7 @@ def invoke(target: str, function: str):
     invocation_id = store.new_id()
     route(db, container, version or None)[0].manifest.resolve_function(function)
     store.enqueue(db, invocation_id, container, version or None, function, "async", event_text)
-    response = jsonify({"invocation_id": invocation_id, "status": "queued"})
+    response = jsonify({"invocation_id": invocation_id, "status": Status.QUEUED})
     response.status_code = 202
     response.headers["Location"] = f"/api/invocations/{invocation_id}"
     response.headers["X-Dockyard-Invocation-Id"] = invocation_id

@@ -7,13 +7,14 @@ import secrets
 
 import sqlite_utils
 
+from ...common.protocol import Role
 from ...common.manifest import Manifest
 from ...errors import BadRequest, Conflict, NotFound
 from ..db import now, transaction
 
 # Versions a worker is told to keep running, besides the one serving traffic.
-ROLE_SERVE = "serve"
-ROLE_STANDBY = "standby"
+ROLE_SERVE = Role.SERVE
+ROLE_STANDBY = Role.STANDBY
 
 
 def version_record(row: dict, container: dict | None = None) -> dict:

@@ -9,11 +9,12 @@ import time
 
 import sqlite_utils
 
+from ...common.protocol import FINISHED_STATUSES, RECORD_STATUSES
 from ...errors import BadRequest, NotFound
 from ..db import now, transaction
 
-STATUSES = ("queued", "running", "succeeded", "failed", "timed_out", "crashed", "cancelled")
-FINAL = ("succeeded", "failed", "timed_out", "crashed", "cancelled")
+STATUSES = RECORD_STATUSES
+FINAL = FINISHED_STATUSES
 MAX_ATTEMPTS = 2
 TEXT_CAP = 64 * 1024
 

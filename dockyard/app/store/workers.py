@@ -8,11 +8,12 @@ import secrets
 
 import sqlite_utils
 
+from ...common.protocol import ROUTABLE_STATES
 from ...errors import NotFound
 from ..db import now, transaction
 
 WORKER_TTL_S = 15.0
-ROUTABLE = ("ready", "idle")
+ROUTABLE = ROUTABLE_STATES
 
 
 def register(db: sqlite_utils.Database, info: dict) -> dict:

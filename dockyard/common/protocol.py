@@ -1,0 +1,70 @@
+"""The words the parts of dockyard say to each other, defined once: frame types, what became of
+a call, a version's role and its states. Standard library only; the sandbox bootstrap cannot
+import dockyard, so it keeps its own copies, and a test checks that they match."""
+
+from __future__ import annotations
+
+
+class Frame:
+    """The `type` of a frame on a child's pipes or a worker's connection."""
+
+    SANDBOX = "sandbox"          # worker -> launcher: the spec of a child's view
+    INIT = "init"                # worker -> child: what to import
+    READY = "ready"              # child -> worker: imported, serving
+    LOAD_ERROR = "load_error"    # child -> worker: the code cannot be imported
+    INVOKE = "invoke"            # a call
+    RESULT = "result"            # its reply
+    SHUTDOWN = "shutdown"        # worker -> child: finish what you have, then exit
+    CANCEL = "cancel"            # control plane -> worker: kill the process running a call
+    HELLO = "hello"              # the first frame on a worker connection (with the token)
+    POKE = "poke"                # control plane -> worker: reconcile now
+    OK = "ok"
+    ERROR = "error"
+
+
+class Status:
+    """What became of a call: a worker's reply and an invocation record say it the same way."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CRASHED = "crashed"
+    CANCELLED = "cancelled"
+    # A call that found no instance to run it (a 503): recorded too, so it can be listed.
+    UNAVAILABLE = "unavailable"
+    # Only between worker and control plane: the version is not running on that worker any
+    # more (a redeploy moved it); the control plane routes the call again. Never recorded.
+    NOT_RUNNING = "not_running"
+
+
+# Every status an invocation record can hold (the list's filter accepts exactly these).
+RECORD_STATUSES = (Status.QUEUED, Status.RUNNING, Status.SUCCEEDED, Status.FAILED,
+                   Status.TIMED_OUT, Status.CRASHED, Status.CANCELLED, Status.UNAVAILABLE)
+FINISHED_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CRASHED,
+                     Status.CANCELLED, Status.UNAVAILABLE)
+
+
+class Role:
+    """What the control plane wants a worker to do with a version."""
+
+    SERVE = "serve"              # run its instances and take calls
+    STANDBY = "standby"          # keep it known; start it only for a pinned call
+
+
+class VersionState:
+    """A version's state on one worker, as its heartbeat reports it."""
+
+    STANDBY = "standby"          # known, started on demand for pinned calls
+    BUILDING = "building"        # fetching the artifact, building the venv
+    STARTING = "starting"        # children booting
+    READY = "ready"              # children serving
+    IDLE = "idle"                # built, scaled to zero; starts on the first call
+    DRAINING = "draining"        # finishing in-flight calls before stopping
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+# The states in which a worker takes calls for a version.
+ROUTABLE_STATES = (VersionState.READY, VersionState.IDLE)
