@@ -81,7 +81,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--py-spy", dest="py_spy", help="py-spy binary: sample a process")
-    parser.add_argument("--sample", default="web", choices=["web", "worker agent"],
+    parser.add_argument("--sample", default="web", choices=["web", "worker agent", "function process"],
                         help="which process py-spy samples")
     args = parser.parse_args()
     dockyard = Dockyard([])

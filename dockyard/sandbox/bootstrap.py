@@ -25,6 +25,9 @@ LOAD_ERROR_EXIT = 3
 INIT, READY, LOAD_ERROR, INVOKE, RESULT, SHUTDOWN = (
     "init", "ready", "load_error", "invoke", "result", "shutdown")
 HEADER = struct.Struct(">I")
+# Made once: json.dumps with arguments builds a new encoder on every call, twice per call here.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_decode = json.JSONDecoder().decode
 MAX_FRAME = 64 * 1024 * 1024
 
 
@@ -38,7 +41,7 @@ def read_frame(stream):
     body = stream.read(size)
     if len(body) < size:
         return None
-    return json.loads(body)
+    return _decode(body.decode("utf-8"))
 
 
 class Context:
@@ -161,7 +164,7 @@ class Child:
     def send(self, obj, result_json=None):
         """Write one frame; a result already encoded (to check it is JSON) is spliced in
         rather than encoded twice."""
-        text = json.dumps(obj, separators=(",", ":"))
+        text = _encode(obj)
         if result_json is not None:
             text = text[:-1] + ',"result":' + result_json + "}"
         body = text.encode("utf-8")
@@ -199,7 +202,7 @@ class Child:
             else:
                 result = handler(*args)
             try:
-                encoded = json.dumps(result, separators=(",", ":"))
+                encoded = _encode(result)
             except (TypeError, ValueError) as exc:
                 raise ResultNotSerializable(
                     f"{function} returned a {type(result).__name__}, which is not "
