@@ -120,6 +120,11 @@ class FolderDeployer:
         if record.get("deployment") is None or record.get("deployment_status") == "ready":
             self._deployed(entry)  # the same content again: nothing to build
             return
+        if record.get("deployment_status") == "failed":
+            # The same content that failed before, still the active version: the workers do
+            # not build it again, so its outcome is known now.
+            self._finish(entry)
+            return
         serving = self.api.serving_version(entry.container)
         note = (f"; {entry.container}@{serving} keeps serving meanwhile"
                 if serving and serving != entry.version else "")
@@ -135,34 +140,36 @@ class FolderDeployer:
     def follow_deployments(self) -> None:
         for name in sorted(self.deploying):
             entry = self.entries.get(name)
-            if entry is None or entry.state is not EntryState.DEPLOYING:
+            if entry is None or entry.state is not EntryState.DEPLOYING or self._finish(entry):
                 self.deploying.discard(name)
-                continue
-            what = f"{entry.container}@{entry.version} deployment {entry.deployment}"
-            try:
-                deployment = self.api.deployment(entry.deployment)
-                status = deployment["status"] if deployment else "gone"
-                instead = None
-                if status not in ("ready", "failed", "gone"):
-                    detail = self.api.container(entry.container) or {}
-                    instead = detail.get("active_version")
-            except (Unreachable, ClientError):
-                continue  # asked again next round
-            if status == "ready":
-                self._deployed(entry)
-            elif status == "failed":
-                self._fail(entry, f"{what} failed: {failure_reason(deployment)}",
-                           failed_version=entry.version)
-            elif status == "gone":
-                self._fail(entry, f"{what} is gone: {entry.container} was removed meanwhile",
-                           failed_version=entry.version)
-            elif instead and instead != entry.version:
-                # Its deployment never finishes: another version was activated meanwhile.
-                self._fail(entry, f"{what} was superseded: {entry.container}@{instead} was "
-                                  "activated by other means", failed_version=entry.version)
-            else:
-                continue
-            self.deploying.discard(name)
+
+    def _finish(self, entry: Entry) -> bool:
+        """Write the outcome of the entry's deployment if it has one; False while it is
+        still under way (or the control plane did not answer)."""
+        what = f"{entry.container}@{entry.version} deployment {entry.deployment}"
+        try:
+            deployment = self.api.deployment(entry.deployment)
+            status = deployment["status"] if deployment else "gone"
+            instead = None
+            if status not in ("ready", "failed", "gone"):
+                instead = (self.api.container(entry.container) or {}).get("active_version")
+        except (Unreachable, ClientError):
+            return False
+        if status == "ready":
+            self._deployed(entry)
+        elif status == "failed":
+            self._fail(entry, f"{what} failed: {failure_reason(deployment)}",
+                       failed_version=entry.version)
+        elif status == "gone":
+            self._fail(entry, f"{what} is gone: {entry.container} was removed meanwhile",
+                       failed_version=entry.version)
+        elif instead and instead != entry.version:
+            # Its deployment never finishes: another version was activated meanwhile.
+            self._fail(entry, f"{what} was superseded: {entry.container}@{instead} was "
+                              "activated by other means", failed_version=entry.version)
+        else:
+            return False
+        return True
 
     def _deployed(self, entry: Entry) -> None:
         text = f"{entry.container}@{entry.version} deployment {entry.deployment}"

@@ -151,7 +151,9 @@ class Watcher:
                 self._changed(found[0])
             elif found is not None and found[1] in (Marker.DEPLOYED, Marker.UNDEPLOYED,
                                                     Marker.SKIPDEPLOY):
-                self._schedule(found[0], 0.0)  # a user removed a marker, or asked to skip
+                # A user removed a marker, or asked to skip. Not at once: when the whole
+                # folder is being removed, it is gone by then (and nothing is undeployed).
+                self._schedule(found[0], SETTLE_S)
             try:
                 path = self.events.get_nowait()
             except queue.Empty:

@@ -12,6 +12,7 @@ from ..db import now
 
 STATUS_KEY = "deploy_folder"
 ENTRIES_KEY = "deploy_folder_entries"
+SHOWN = ("name", "kind", "state", "container", "version", "deployment", "error", "updated_at")
 
 
 def _put(db: sqlite_utils.Database, key: str, value: dict) -> None:
@@ -51,5 +52,6 @@ def describe(db: sqlite_utils.Database) -> dict:
                                       "watcher_pid": None, "problem": None}
     entries = load_entries(db, status["folder"]) if status.get("enabled") else []
     status.pop("updated_at", None)
-    status["entries"] = sorted(entries, key=lambda e: e["name"])
+    status["entries"] = [{key: entry.get(key) for key in SHOWN}
+                         for entry in sorted(entries, key=lambda e: e["name"])]
     return status
