@@ -21,9 +21,14 @@ from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 from conftest import Server, make_package, zip_folder
+from dockyard.app.db import connect, migrate
+from dockyard.app.deployclient import Unreachable, failure_reason
+from dockyard.app.deployentry import Entry, EntryState
+from dockyard.app.deployer import RETRY_S, FolderDeployer
 from dockyard.app.deployfiles import Kind, Marker, entry_of, incomplete_reason
 
 MISSING_DEPENDENCY = "dockyard-no-such-distribution"
+FUNCTIONS_ECHO = Path(__file__).resolve().parent / "functions" / "echo"
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -445,3 +450,96 @@ def test_a_missing_or_disabled_folder_and_serve_goes_on(private_tmp, args, probl
             assert "serving without it" in lines[0]
     finally:
         assert server.stop() == 0
+
+
+# -- the deployer against a control-plane double ----------------------------------------------
+
+class FakeControlPlane:
+    def __init__(self):
+        self.containers: dict[str, dict] = {}
+        self.deleted: list[str] = []
+        self.reachable = True
+
+    def upload(self, package: bytes) -> dict:
+        if not self.reachable:
+            raise Unreachable("cannot reach dockyard")
+        raise AssertionError("not used here")
+
+    def container(self, name: str) -> dict | None:
+        return self.containers.get(name)
+
+    def delete(self, name: str) -> None:
+        self.deleted.append(name)
+        self.containers.pop(name, None)
+
+    def serving_version(self, name: str | None) -> str | None:
+        return (self.containers.get(name) or {}).get("serving_version")
+
+
+@pytest.fixture
+def deployer(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    migrate(tmp_path / "dockyard.db")
+    db = connect(tmp_path / "dockyard.db")
+    scheduled: list[tuple[str, float]] = []
+    made = FolderDeployer(folder, FakeControlPlane(), db,
+                          lambda name, delay: scheduled.append((name, delay)))
+    made.scheduled = scheduled
+    yield made
+    db.conn.close()
+
+
+def deployed_entry(deployer, name: str, container: str, version: str) -> Entry:
+    entry = deployer.entry(name, Kind.ARCHIVE)
+    entry.container, entry.version, entry.versions = container, version, [version]
+    entry.state, entry.deployed_marker = EntryState.DEPLOYED, True
+    return entry
+
+
+def test_removing_a_package_deletes_the_container_it_deployed(deployer):
+    entry = deployed_entry(deployer, "a.zip", "c", "v1")
+    deployer.api.containers["c"] = {"active_version": "v1", "serving_version": "v1"}
+    deployer.removed(entry)
+    assert deployer.api.deleted == ["c"]
+    assert (deployer.folder / "a.zip.undeployed").read_text() == \
+        "c undeployed: a.zip was removed\n"
+    assert entry.state is EntryState.UNDEPLOYED and entry.container is None
+
+
+def test_a_container_activated_by_other_means_is_left_running(deployer):
+    entry = deployed_entry(deployer, "a.zip", "c", "v1")
+    deployer.api.containers["c"] = {"active_version": "v9", "serving_version": "v9"}
+    deployer.removed(entry)
+    assert deployer.api.deleted == []
+    text = (deployer.folder / "a.zip.undeployed").read_text()
+    assert text.startswith("c left deployed: a.zip was removed") and "c@v9" in text
+
+
+def test_an_unreachable_control_plane_is_tried_again_never_failed(deployer):
+    (deployer.folder / "a.zip").write_bytes(zip_folder(FUNCTIONS_ECHO))
+    entry = deployer.entry("a.zip", Kind.ARCHIVE)
+    deployer.api.reachable = False
+    deployer.attempt(entry, deployer.folder / "a.zip", (1, 1))
+    assert deployer.scheduled == [("a.zip", RETRY_S)]
+    assert entry.attempted is None   # looked at again even if it does not change
+    assert sorted(p.name for p in deployer.folder.iterdir()) == ["a.zip"]
+
+
+def test_a_build_failure_is_told_with_the_cause_from_the_log():
+    deployment = {"error": "uv pip failed: hint: Packages were unavailable because the "
+                           "network was disabled.",
+                  "workers": [{"error": None, "log": (
+                      "07:37:16 installing nope\n"
+                      "07:37:16   error: No solution found when resolving dependencies\n"
+                      "07:37:16     cause: Because nope was not found in the cache and you "
+                      "require nope, we can conclude that your requirements are "
+                      "unsatisfiable.\n"
+                      "07:37:16 failed: uv pip failed: hint: Packages were unavailable")}]}
+    reason = failure_reason(deployment)
+    assert reason.startswith("uv pip failed: hint: Packages were unavailable")
+    assert "error: No solution found when resolving dependencies" in reason
+    assert "cause: Because nope was not found" in reason
+    assert "\n" not in reason
+    assert failure_reason({"error": "import failed: ModuleNotFoundError: x", "workers": []}) \
+        == "import failed: ModuleNotFoundError: x"
