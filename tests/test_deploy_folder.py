@@ -349,9 +349,12 @@ def test_unknown_files_and_skipdeploy_are_ignored(srv, watched, tmp_path):
     (watched / "notes.txt").write_text("remember the milk\n")
     (watched / "df-skip.zip.skipdeploy").write_text("")
     shutil.copyfile(archive_of(tmp_path, "df-skip"), watched / "df-skip.zip")
-    # A package dropped after both: once it is deployed, both were looked at.
-    shutil.copyfile(archive_of(tmp_path, "df-after"), watched / "df-after.zip")
-    wait_deployed(srv, watched, "df-after.zip")
+    # A package dropped after both (a .tar.gz): once it is deployed, both were looked at.
+    after = tmp_path / "df-after.tar.gz"
+    with tarfile.open(after, "w:gz") as tar:
+        tar.add(make_package(tmp_path, "echo", name="df-after"), arcname="df-after")
+    shutil.copyfile(after, watched / after.name)
+    wait_deployed(srv, watched, after.name)
     wait_for("df-skip.zip listed as skipped",
              lambda: entries(srv).get("df-skip.zip", {}).get("state") == "skipped", server=srv)
     listed = entries(srv)

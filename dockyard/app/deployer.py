@@ -66,6 +66,8 @@ class FolderDeployer:
             self.set_state(entry, EntryState.PENDING)
 
     def attempt(self, entry: Entry, path: Path, sig: tuple) -> None:
+        """Deploy the package as it is now (whole and still): refused if another entry holds
+        its container name, else uploaded, and its deployment followed."""
         entry.attempted, entry.waiting_since = sig, None
         try:
             package = read_package(path)
