@@ -75,6 +75,8 @@ class Scheduler:
         t = self.clock()
         if time.monotonic() >= self.next_manifest_check:
             self._sync_manifest_jobs(db)
+        if not job_runs.work_waiting(db, t):
+            return self._sleep_s(db)
         cancels: list[str] = []
         try:
             with leases.holding(db, LEASE_NAME, self.holder, self.fencing) as conn:
@@ -95,6 +97,9 @@ class Scheduler:
             pruned = job_runs.prune(db, t)
             if pruned:
                 log.info("history retention removed %d run(s)", pruned)
+        return self._sleep_s(db)
+
+    def _sleep_s(self, db) -> float:
         wake = jobs.earliest_wake(db)
         if wake is None:
             return MAX_SLEEP_S

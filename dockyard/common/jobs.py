@@ -96,7 +96,7 @@ def check_schedule(text, timezone: str, now: float | None = None, where: str = "
     try:
         return schedules.parse(text, timezone, now)
     except schedules.ScheduleError as exc:
-        raise JobError(f"{where}schedule: {exc}") from None
+        raise JobError(f"{where}schedule {schedules.shown(text)}: {exc}") from None
 
 
 def backoff_s(base: float, attempt: int, jitter: float) -> float:

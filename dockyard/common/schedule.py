@@ -121,7 +121,10 @@ def parse(text: str, timezone_name: str = "UTC", now: float | None = None) -> Sc
     2026-12-01T09:00` (in the timezone). Raises ScheduleError saying what is wrong (without
     the text itself: the caller quotes it). With `now`, a schedule that can never fire after
     it is refused too."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise ScheduleError("must be a string such as '*/5 * * * *', '@every 30s' or "
+                            "'@at 2026-12-01T09:00'")
+    if not text.strip():
         raise ScheduleError("empty: give a cron expression such as '*/5 * * * *', @hourly, "
                             "'@every 30s' or '@at 2026-12-01T09:00'")
     text = " ".join(text.split())

@@ -75,6 +75,15 @@ def pending(conn) -> list[dict]:
     return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
+def work_waiting(db: sqlite_utils.Database, t: float) -> bool:
+    """Whether the scheduler has anything to do now (read without taking the write lock):
+    a job or a retry due, or a run whose call is under way."""
+    return bool(db.conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM jobs WHERE enabled = 1 AND next_fire_at <= ?) "
+        "OR EXISTS (SELECT 1 FROM job_runs WHERE status IN ('queued', 'running') "
+        "OR (status = 'waiting' AND retry_at <= ?))", [t, t]).fetchone()[0])
+
+
 def due_retries(conn, t: float) -> list[dict]:
     cursor = conn.execute(
         "SELECT r.id, r.job_id, r.trigger, r.scheduled_at, r.attempt, j.name, j.container, "
@@ -133,14 +142,17 @@ def get(db: sqlite_utils.Database, job_id: str, trigger: str, scheduled_at: floa
 
 _RUNS_SQL = (
     "SELECT r.*, i.status AS call_status, i.started_at AS call_started_at, "
-    "i.finished_at AS call_finished_at, i.duration_ms AS call_duration_ms "
+    "i.finished_at AS call_finished_at, i.duration_ms AS call_duration_ms, "
+    "i.error AS call_error "
     "FROM job_runs r LEFT JOIN invocations i ON i.id = r.invocation_id")
 
 
 def public(row: dict) -> dict:
-    status = row["status"]
+    status, reason = row["status"], row["reason"]
     if status in ("queued", "running") and row.get("call_status"):
-        status = row["call_status"]   # the call is ahead of the scheduler's bookkeeping
+        # The call is ahead of the scheduler's bookkeeping (by less than a second).
+        status = row["call_status"]
+        reason = error_text(row.get("call_error")) or reason
     fired = row["fired_at"]
     late = None
     if fired is not None and row["trigger"] == "cron" and row["attempt"] == 1:
@@ -148,7 +160,7 @@ def public(row: dict) -> dict:
     return {
         "id": row["id"], "trigger": row["trigger"], "scheduled_at": row["scheduled_at"],
         "fired_at": fired, "lateness_s": late, "status": status, "attempt": row["attempt"],
-        "invocation_id": row["invocation_id"], "reason": row["reason"],
+        "invocation_id": row["invocation_id"], "reason": reason,
         "started_at": row.get("call_started_at") or row["started_at"],
         "finished_at": row["finished_at"] or row.get("call_finished_at"),
         "duration_ms": row["duration_ms"] if row["duration_ms"] is not None
