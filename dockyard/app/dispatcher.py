@@ -42,6 +42,7 @@ class Dispatcher:
         self.busy = 0
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
+        self.freed = threading.Event()       # a thread finished its call
         self.thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
         self.fencing: int | None = None
 
@@ -62,6 +63,8 @@ class Dispatcher:
         db = get_db(self.db_path)
         renew_at = 0.0
         while not self.stop_event.is_set():
+            more = False   # every thread was busy or got a call: more may be queued
+            self.freed.clear()
             try:
                 if time.monotonic() >= renew_at:
                     fencing = leases.acquire(db, LEASE_NAME, self.holder, LEASE_TTL_S)
@@ -74,14 +77,22 @@ class Dispatcher:
                 if self.fencing is not None:
                     with self.lock:
                         free = self.threads - self.busy
+                    rows = []
                     if free > 0:
-                        for row in store.claim_queued(db, self.holder, free, RUNNING_LEASE_S):
+                        rows = store.claim_queued(db, self.holder, free, RUNNING_LEASE_S)
+                        for row in rows:
                             with self.lock:
                                 self.busy += 1
                             self.executor.submit(self._run, row)
+                    more = len(rows) == free
             except Exception:  # noqa: BLE001 - keep dispatching whatever happened
                 log.exception("dispatcher loop error")
-            self.stop_event.wait(self.poll_s)
+            if more:
+                # A burst (many cron fires at once): claim again as soon as a thread is free
+                # rather than after a whole poll interval.
+                self.freed.wait(self.poll_s)
+            else:
+                self.stop_event.wait(self.poll_s)
 
     def _run(self, row: dict) -> None:
         try:
@@ -115,3 +126,4 @@ class Dispatcher:
         finally:
             with self.lock:
                 self.busy -= 1
+            self.freed.set()
