@@ -63,7 +63,7 @@ def check_setting(key: str, value, where: str = ""):
         try:
             schedules.zone(value)
         except schedules.ScheduleError as exc:
-            raise JobError(f"{label}: {exc}") from None
+            raise JobError(f"{where}{exc}") from None
         return value
     if kind == "json":
         try:
