@@ -348,3 +348,18 @@ def test_a_reply_that_is_not_a_reply_kills_the_process_and_nothing_shifts(server
         assert after["boot"] != before and after["uid"]
     # A 64 MB announcement was never read into the worker's memory.
     assert worker.memory_info().rss - rss_before < 32 * 1024 * 1024
+
+
+def test_user_namespaces_and_keyrings_are_refused(server, pkg, summary):
+    """A user namespace would give the function every capability inside it (mounts, raw
+    sockets, nf_tables: the road to kernel exploits), and a key written to the user keyring
+    would outlive the process: the seccomp filter refuses both."""
+    if not summary["syscalls"]["on"]:
+        pytest.skip(summary["syscalls"]["why"])
+    server.deploy(pkg("hostile", name="sb-seccomp"))
+    before = server.invoke("sb-seccomp/boot", {}).json()
+    result = server.invoke("sb-seccomp/kernel_escape", {})
+    assert result.status_code == 200, result.text
+    assert result.json() == {"unshare": "EPERM", "add_key": "EPERM"}
+    assert server.invoke("sb-seccomp/boot", {}).json() == before   # the same process, unharmed
+    _healthy(server)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import seccomp
 from .cgroups import CgroupHost
 from .cgroups import detect as detect_cgroups
 from .uids import DEFAULT_UID_BASE, UidRegistry
@@ -226,6 +227,10 @@ class Isolation:
                              "RLIMIT_CPU re-armed by the process itself before "
                              "each call (processes with concurrency = 1; the function can "
                              "lift it: no namespaces here)"),
+            "syscalls": item(view and seccomp.machine() is not None,
+                             seccomp.describe(seccomp.machine()) if view else
+                             "no seccomp filter: the launcher installs it, and children run "
+                             "without one (" + self.view_note + ")"),
         }
         out.update(self.notes)
         return out

@@ -12,7 +12,8 @@ Three processes, so that each job stays simple:
   /proc), pivots into it, forks the server, drops to the container's uid and reaps orphans;
   when the server exits it exits too, and the kernel kills whatever is left in the namespace;
 - the *server* (pid 2): drops every privilege (no groups, no capabilities, no_new_privs),
-  sets its rlimits soft and hard, and execs the venv's interpreter on the bootstrap.
+  sets its rlimits soft and hard, installs the seccomp filter (seccomp.py) and execs the
+  venv's interpreter on the bootstrap.
 
 A launcher may be started before it is needed (see runner/spares.py): it waits for its spec,
 and the spec says where its output goes. The first frame on REQUEST_FD is the sandbox spec (a marshal-encoded dict built by
@@ -28,6 +29,14 @@ import select
 import _signal as signal
 import struct
 import sys
+
+# Run as a script (python -I -S puts no folder of ours on the path): the filter's module sits
+# beside this file. Appended, so that it can never shadow a module of the standard library.
+if __package__:
+    from . import seccomp
+else:
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+    import seccomp
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -272,6 +281,12 @@ def run_server(spec):
         drop_privileges(spec.get("uid"), spec.get("gid"))
         os.umask(0o077)
         os.chdir(spec["cwd"])
+        # Last, so that it binds the function and all it starts; without a table for this
+        # machine there is none (the isolation summary says so). A filter that cannot be
+        # installed stops the start: the function never runs without it.
+        arch = seccomp.machine()
+        if arch is not None:
+            seccomp.install(arch)
         os.execve(spec["argv"][0], spec["argv"], spec["env"])
     except BaseException as exc:  # noqa: BLE001 - anything here means the child cannot run
         os.write(2, f"dockyard sandbox: cannot start the function process: {exc}\n".encode())

@@ -228,3 +228,19 @@ def bad_reply(event):
         body = b"[1,2,3]"
         os.write(reply_fd, struct.pack(">I", len(body)) + body)
     return "after"
+
+
+def kernel_escape(event):
+    """The usual first steps of a kernel exploit: a user namespace (full capabilities inside
+    it), and a key in the user keyring (which outlives the process). What each call gave."""
+    import ctypes
+    import errno
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def outcome(result):
+        return "done" if result >= 0 else errno.errorcode.get(ctypes.get_errno(), "?")
+
+    add_key = {"x86_64": 248, "aarch64": 217}[os.uname().machine]
+    return {"unshare": outcome(libc.unshare(0x10000000)),               # CLONE_NEWUSER
+            "add_key": outcome(libc.syscall(ctypes.c_long(add_key), b"user", b"dockyard-escape",
+                                            b"x", ctypes.c_size_t(1), ctypes.c_int(-4)))}
