@@ -165,6 +165,21 @@ class Isolation:
             out["RLIMIT_CPU"] = (STARTUP_CPU_S, STARTUP_CPU_S + 1)
         return out
 
+    def _cpu_time_text(self) -> str:
+        if self.view is None:
+            return ("RLIMIT_CPU re-armed by the process itself before each call (processes "
+                    "with concurrency = 1; the function can lift it: no namespaces here)")
+        tree = self.cgroups is not None and self.cgroups.cpu_accounting
+        text = ("a budget of timeout_s of CPU per call (processes with concurrency = 1), for "
+                + ("the whole process tree (cgroup CPU accounting)" if tree else
+                   "the function's own process (no cgroup CPU accounting: a process it "
+                   "forks is not counted)")
+                + ", checked by the worker between calls")
+        if self.cpu_by_kernel:
+            return text + "; RLIMIT_CPU set from outside, soft and hard, on the process itself"
+        return text + " (no CAP_SYS_RESOURCE to set RLIMIT_CPU from outside; the process also " \
+            "arms its own soft limit)"
+
     def summary(self) -> dict:
         def item(on: bool, text: str) -> dict:
             return {"on": True, "how": text} if on else {"on": False, "why": text}
@@ -217,16 +232,7 @@ class Isolation:
                             + ("" if self.cgroups else ", address space")
                             + (", soft and hard, set before the uid drop" if view else
                                ", soft and hard")),
-            "cpu_time": item(True, "RLIMIT_CPU, soft and hard, armed by the worker before each "
-                             "call to timeout_s of CPU (processes with concurrency = 1)"
-                             if self.cpu_by_kernel else
-                             "a budget of timeout_s of CPU per call (processes with "
-                             "concurrency = 1), checked by the worker between calls (no "
-                             "CAP_SYS_RESOURCE to set RLIMIT_CPU from outside; the process "
-                             "also arms its own soft limit)" if view else
-                             "RLIMIT_CPU re-armed by the process itself before "
-                             "each call (processes with concurrency = 1; the function can "
-                             "lift it: no namespaces here)"),
+            "cpu_time": item(True, self._cpu_time_text()),
             "syscalls": item(view and seccomp.machine() is not None,
                              seccomp.describe(seccomp.machine()) if view else
                              "no seccomp filter: the launcher installs it, and children run "
