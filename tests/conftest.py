@@ -221,13 +221,16 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         gone, alive = psutil.wait_procs(procs, timeout=10)
-        for p in alive:
-            p.kill()
-        leftovers = sandbox_processes(self.data)
-        for p in leftovers:
-            p.kill()
+        leftovers = [p for p in sandbox_processes(self.data) if p not in alive]
+        self.leftovers = []
+        for p in alive + leftovers:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    self.leftovers.append(p)
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass   # it ended on its own between the listing and now
         self.log.close()
-        self.leftovers = alive + leftovers
         return self.proc.returncode
 
 

@@ -156,3 +156,20 @@ def test_uids_skip_ranges_delegated_in_subuid(tmp_path, monkeypatch):
     monkeypatch.setattr(uids, "_delegated", lambda: [(500_000, 65_536)])
     uid = UidRegistry(tmp_path / "uids.json", base=500_000).uid_for("k")
     assert uid >= 565_536
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root here")
+def test_without_network_loopback_still_works():
+    layout = HostLayout.probe()
+    program = ("import socket\n"
+               "server = socket.create_server(('127.0.0.1', 0))\n"
+               "client = socket.create_connection(server.getsockname())\n"
+               "client.sendall(b'ok')\n"
+               "assert server.accept()[0].recv(2) == b'ok'\n"
+               "try:\n"
+               "    socket.create_connection(('1.1.1.1', 53), timeout=2)\n"
+               "    raise SystemExit('reached the outside')\n"
+               "except OSError:\n"
+               "    pass\n")
+    assert run_sandboxed(layout, ["/usr/bin/python3", "-I", "-c", program],
+                         network=False) is None

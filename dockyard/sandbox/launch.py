@@ -148,9 +148,23 @@ def _bind(source, target, read_only=True, devices=False):
     mount(None, target, None, flags)
 
 
+def loopback_up():
+    """A new network namespace starts with its loopback interface down: bring it up, so a
+    function without network can still talk to itself on 127.0.0.1."""
+    import fcntl
+    import socket
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14s", b"lo", 0, b"")
+        flags = struct.unpack_from("16sH", fcntl.ioctl(sock, siocgifflags, request))[1]
+        fcntl.ioctl(sock, siocsifflags, struct.pack("16sH14s", b"lo", flags | iff_up, b""))
+
+
 def build_view(spec):
     """Mount the child's root under spec['root'] and pivot into it."""
     os.umask(0o022)  # the folders made for binds must be traversable by the child's uid
+    if not spec.get("network", True):
+        loopback_up()
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     root = spec["root"]
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0755")
