@@ -135,6 +135,7 @@ def _m3_jobs(db: sqlite_utils.Database) -> None:
     db["job_runs"].create_index(["job_id", "trigger", "scheduled_at", "attempt"], unique=True)
     db["job_runs"].create_index(["status"])
     db["job_runs"].create_index(["job_id", "status"])
+    db["job_runs"].create_index(["job_id", "scheduled_at"])
     db["job_runs"].create_index(["invocation_id"])
     db["job_lateness"].create({"le": float, "count": int, "total_s": float}, pk="le")
 

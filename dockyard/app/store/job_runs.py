@@ -181,27 +181,32 @@ def list_for(db: sqlite_utils.Database, job_id: str, limit: int = 50,
 
 
 def prune(db: sqlite_utils.Database, t: float, batch: int = 5000) -> int:
-    """History retention: drop finished runs older than their job's history_days, always
-    keeping the last 3 successes and the last failure of each job."""
+    """History retention: drop finished runs scheduled longer than their job's history_days
+    ago, always keeping the last 3 successes and the last failure of each job. One job at a
+    time, in batches, so the write lock is never held long."""
     deleted = 0
-    while True:
-        with transaction(db) as conn:
-            cursor = conn.execute(
-                "DELETE FROM job_runs WHERE id IN ("
-                " SELECT id FROM ("
-                "  SELECT r.id, coalesce(r.finished_at, r.fired_at, r.scheduled_at) AS ts,"
-                "   j.history_days, r.status, ROW_NUMBER() OVER (PARTITION BY r.job_id,"
-                "   CASE WHEN r.status = 'succeeded' THEN 1 WHEN r.status IN "
-                "   ('failed', 'timed_out', 'crashed') THEN 2 ELSE 3 END ORDER BY r.id DESC)"
-                "   AS newest FROM job_runs r JOIN jobs j ON j.id = r.job_id"
-                "   WHERE r.status NOT IN ('waiting', 'queued', 'running'))"
-                " WHERE ts < ? - history_days * 86400"
-                "  AND NOT (status = 'succeeded' AND newest <= ?)"
-                "  AND NOT (status IN ('failed', 'timed_out', 'crashed') AND newest = 1)"
-                " LIMIT ?)", [t, KEEP_SUCCESSES, batch])
-            deleted += cursor.rowcount
-        if cursor.rowcount < batch:
-            return deleted
+    old_jobs = db.conn.execute(
+        "SELECT j.id, ? - j.history_days * 86400 FROM jobs j WHERE EXISTS (SELECT 1 FROM "
+        "job_runs r WHERE r.job_id = j.id AND r.scheduled_at < ? - j.history_days * 86400)",
+        [t, t]).fetchall()
+    for job_id, cutoff in old_jobs:
+        while True:
+            with transaction(db) as conn:
+                keep = [row[0] for row in conn.execute(
+                    "SELECT id FROM (SELECT id FROM job_runs WHERE job_id = ? AND status = "
+                    "'succeeded' ORDER BY id DESC LIMIT ?) UNION ALL SELECT id FROM (SELECT id "
+                    "FROM job_runs WHERE job_id = ? AND status IN ('failed', 'timed_out', "
+                    "'crashed') ORDER BY id DESC LIMIT 1)",
+                    [job_id, KEEP_SUCCESSES, job_id]).fetchall()]
+                marks = ", ".join("?" * len(keep)) or "NULL"
+                cursor = conn.execute(
+                    "DELETE FROM job_runs WHERE id IN (SELECT id FROM job_runs WHERE job_id = ? "
+                    "AND scheduled_at < ? AND status NOT IN ('waiting', 'queued', 'running') "
+                    f"AND id NOT IN ({marks}) LIMIT ?)", [job_id, cutoff, *keep, batch])
+                deleted += cursor.rowcount
+            if cursor.rowcount < batch:
+                break
+    return deleted
 
 
 def error_text(error_json: str | None) -> str | None:
