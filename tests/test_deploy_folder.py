@@ -156,7 +156,10 @@ def drop_deploy_delete(srv: Server, folder: Path, log: MarkerLog, tmp_path: Path
     entry = f"{name}.zip"
     shutil.copyfile(archive, folder / entry)   # as `cp` does
     version = wait_deployed(srv, folder, entry)
-    written = [m for _, m in log.of(entry)]
+    # The marker is on disk; this test's own observer may see its event a moment later.
+    written = wait_for(f"the {entry}.deployed event", lambda: (
+        [m for _, m in log.of(entry)] if ".deployed" in [m for _, m in log.of(entry)]
+        else None), timeout=10)
     assert ".deploying" in written and ".failed" not in written, written
     assert written.index(".deploying") < written.index(".deployed"), written
     deployment = marker(folder, entry, Marker.DEPLOYED).read_text().split()[-1]

@@ -228,7 +228,12 @@ class Child:
         self.exit_reason = ("cpu time limit: it went on using CPU after its call returned, past "
                             f"the call's budget of {budget.seconds:g}s")
         log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
+        # Out of the pool's choice before the kill, and reaped at once: no call may be
+        # handed to a process that is on its way out.
+        change_state(self, ProcessState.STOPPING, self.what)
         self.kill()
+        if self.direct:
+            self._died()
         return True
 
     def _abort(self) -> int | None:
