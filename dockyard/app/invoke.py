@@ -22,7 +22,7 @@ from .worker_client import WorkerConnections, WorkerGone
 log = logging.getLogger("dockyard.invoke")
 
 HTTP_STATUS = {Status.SUCCEEDED: 200, Status.FAILED: 500, Status.TIMED_OUT: 504,
-               Status.CRASHED: 502, Status.UNAVAILABLE: 503}
+               Status.CRASHED: 502, Status.UNAVAILABLE: 503, Status.CANCELLED: 409}
 ERROR_STATUS = {"FunctionNotFound": 404}
 # A pinned call may have to build and start its version first.
 ON_DEMAND_GRACE_S = 300.0
