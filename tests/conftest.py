@@ -151,7 +151,11 @@ class Server:
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {self.admin}"
         if workers:
-            self.wait_workers(workers)
+            try:
+                self.wait_workers(workers)
+            except BaseException:
+                self.stop()   # a server that never got ready is never left running
+                raise
 
     def wait_workers(self, n: int, timeout: float = 60) -> None:
         end = time.monotonic() + timeout
