@@ -23,7 +23,12 @@ log = logging.getLogger("dockyard.venvs")
 
 BUILD_TIMEOUT_S = 900
 BUILD_TMP_MB = 2048
+# What the operator set for reaching the package index passes into the build's view: proxies,
+# uv's index and TLS settings, and the CA bundle (bound in when it lives outside the view).
 PROXY_VARIABLES = {"http_proxy", "https_proxy", "no_proxy", "all_proxy"}
+INDEX_VARIABLES = {"UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX",
+                   "UV_NATIVE_TLS", "UV_INSECURE_HOST", "UV_HTTP_TIMEOUT", "UV_CONCURRENT_DOWNLOADS"}
+CA_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR")
 
 
 class BuildError(Exception):
@@ -244,7 +249,13 @@ class Builder:
                "TMPDIR": "/tmp", "LANG": "C.UTF-8", "UV_CACHE_DIR": "/dockyard/cache",
                "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
         env.update({k: v for k, v in os.environ.items()
-                    if k.lower() in PROXY_VARIABLES})
+                    if k.lower() in PROXY_VARIABLES or k in INDEX_VARIABLES})
+        for name in CA_VARIABLES:
+            path = os.environ.get(name)
+            if path and os.path.exists(path):
+                env[name] = path
+                if not isolation.view.covered(path):
+                    binds.append((os.path.realpath(path), path, "ro"))
         try:
             code, output = run_in_view(
                 isolation.view, ["/dockyard/uv", *self._pip_install(f"{VIEW_VENV}/bin/python",
