@@ -23,6 +23,8 @@ log = logging.getLogger("dockyard.venvs")
 
 BUILD_TIMEOUT_S = 900
 BUILD_TMP_MB = 2048
+BUILD_MEMORY_MB = 4096
+BUILD_PROCESSES = 512
 # What the operator set for reaching the package index passes into the build's view: proxies,
 # uv's index and TLS settings, and the CA bundle (bound in when it lives outside the view).
 PROXY_VARIABLES = {"http_proxy", "https_proxy", "no_proxy", "all_proxy"}
@@ -256,13 +258,22 @@ class Builder:
                 env[name] = path
                 if not isolation.view.covered(path):
                     binds.append((os.path.realpath(path), path, "ro"))
+        # A build is bounded like a function is: memory (its /tmp included) and processes.
+        group = None
+        if isolation.cgroups is not None:
+            group = isolation.cgroups.create(
+                f"build-{spec['container']}-{spec['version']}",
+                max(BUILD_MEMORY_MB, manifest.limits.memory_mb), BUILD_PROCESSES)
         try:
             code, output = run_in_view(
                 isolation.view, ["/dockyard/uv", *self._pip_install(f"{VIEW_VENV}/bin/python",
                                                                     find_links), *args],
                 network=True, uid=uid, gid=gid, binds=binds, env=env, cwd=VIEW_CODE,
-                tmp_mb=BUILD_TMP_MB, timeout=BUILD_TIMEOUT_S)
+                tmp_mb=BUILD_TMP_MB, timeout=BUILD_TIMEOUT_S,
+                cgroups=group.folders() if group is not None else [])
         finally:
+            if group is not None:
+                group.remove()
             shutil.rmtree(links, ignore_errors=True)
             # Back to root and readable by all: the function may read its venv, not change it.
             _chown_tree(paths.venv, 0, 0, readable=True)
