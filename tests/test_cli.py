@@ -101,3 +101,35 @@ def test_the_listening_socket_gives_every_connection_tcp_nodelay():
             client.close()
     finally:
         listener.close()
+
+
+def test_global_options_after_the_verb(server, private_tmp):
+    import os
+    import signal
+
+    assert "containers" in json.loads(server.cli("ls", "--json").stdout)
+    assert "jobs" in json.loads(server.cli("jobs", "ls", "--json").stdout)
+    assert "jobs" in json.loads(server.cli("--json", "jobs", "ls").stdout)
+    # --data after the verb: the URL and token come from that data dir.
+    env = {k: v for k, v in os.environ.items() if k not in ("DOCKYARD_URL", "DOCKYARD_TOKEN")}
+    listing = subprocess.run([sys.executable, "-m", "dockyard", "workers", "--data",
+                              str(server.data), "--json"], capture_output=True, text=True,
+                             env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert json.loads(listing.stdout)["workers"]
+    # --url after the verb wins over DOCKYARD_URL.
+    unreachable = server.cli("ls", "--url", "http://127.0.0.1:9", check=False)
+    assert unreachable.returncode != 0 and "cannot reach dockyard" in unreachable.stderr
+    # `serve --data DIR` serves from DIR.
+    data = private_tmp / "serve-data-after-verb"
+    proc = subprocess.Popen([sys.executable, "-m", "dockyard", "serve", "--data", str(data),
+                             "--port", "0", "--no-local-worker", "--no-deploy-dir"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert "dockyard listening on" in line, line
+        assert (data / "tokens" / "admin").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)

@@ -41,7 +41,50 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-class Group(click.Group):
+# The global options, also taken after the verb (`dockyard ls --json`, `dockyard serve --data
+# DIR`): each command gets them under names of their own, merged into the Context before its
+# callback runs. A command with an option of the same spelling keeps its own (`worker --token`
+# is the worker token).
+GLOBAL_OPTIONS = (
+    ("--url", "global_url", "url", "Control plane URL (default: from the data dir)."),
+    ("--token", "global_token", "token", "Admin token (default: from the data dir)."),
+    ("--data", "global_data", "data", "Data dir (default ./.dockyard)."),
+    ("--json", "global_json", "as_json", "Print JSON for scripts."),
+)
+
+
+class GlobalOptions:
+    """Adds the global options to a command and merges what it was given into the Context."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        taken = {opt for param in self.params for opt in getattr(param, "opts", ())}
+        for flag, name, _, text in GLOBAL_OPTIONS:
+            if flag not in taken:
+                self.params.append(click.Option([flag, name], is_flag=flag == "--json",
+                                                default=None, help=text))
+
+    def invoke(self, ctx):
+        given = {attr: ctx.params.pop(name, None) for _, name, attr, _ in GLOBAL_OPTIONS}
+        obj = ctx.find_object(Context)
+        if obj is not None:
+            for attr, value in given.items():
+                if value:
+                    setattr(obj, attr, value)
+            if given["token"]:
+                _warn_if_on_command_line(ctx, "global_token",
+                                         "DOCKYARD_TOKEN (or the data dir's token)")
+        return super().invoke(ctx)
+
+
+class Command(GlobalOptions, click.Command):
+    pass
+
+
+class Group(GlobalOptions, click.Group):
+    command_class = Command
+    group_class = type  # subgroups are Groups too
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

@@ -5,25 +5,13 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime
-from functools import wraps
 
 import click
 
 from ..common.schedule import ScheduleError, zone
-from . import Context, _table
+from . import Context, Group, _table
 
 FINAL = ("succeeded", "failed", "timed_out", "crashed", "cancelled")
-
-
-def json_option(command):
-    """`--json` after the verb too (`dockyard jobs ls --json`)."""
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-    @wraps(command)
-    def wrapper(*args, as_json=False, **kwargs):
-        if as_json:
-            click.get_current_context().find_object(Context).as_json = True
-        return command(*args, **kwargs)
-    return wrapper
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -45,13 +33,12 @@ def _duration(ms) -> str:
     return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
 
 
-@click.group()
+@click.group(cls=Group)
 def jobs():
     """Cron jobs: scheduled calls of a container's function."""
 
 
 @jobs.command(name="ls")
-@json_option
 @pass_ctx
 def list_jobs(ctx):
     """List jobs with their next fire and last status."""
@@ -89,7 +76,6 @@ def list_jobs(ctx):
               help="Seconds after its time a missed fire may still start.")
 @click.option("--history-days", type=float, default=7.0, show_default=True)
 @click.option("--paused", is_flag=True, help="Add it paused.")
-@json_option
 @pass_ctx
 def add(ctx, name, target, schedule, payload, timezone_name, concurrency, retries,
         retry_backoff, timeout, starting_deadline, history_days, paused):
@@ -116,7 +102,6 @@ def add(ctx, name, target, schedule, payload, timezone_name, concurrency, retrie
 
 @jobs.command()
 @click.argument("name")
-@json_option
 @pass_ctx
 def show(ctx, name):
     """Show a job: its definition, next 5 fire times and counts."""
@@ -148,7 +133,6 @@ def show(ctx, name):
 @jobs.command()
 @click.argument("name")
 @click.option("--wait", is_flag=True, help="Wait for the run to finish and show its outcome.")
-@json_option
 @pass_ctx
 def run(ctx, name, wait):
     """Run job NAME now, by hand (trigger `manual`)."""
@@ -180,7 +164,6 @@ def run(ctx, name, wait):
 
 @jobs.command()
 @click.argument("name")
-@json_option
 @pass_ctx
 def pause(ctx, name):
     """Pause job NAME: no fires until it is resumed."""
@@ -190,7 +173,6 @@ def pause(ctx, name):
 
 @jobs.command()
 @click.argument("name")
-@json_option
 @pass_ctx
 def resume(ctx, name):
     """Resume job NAME (the fires it missed while paused are not replayed)."""
@@ -201,7 +183,6 @@ def resume(ctx, name):
 
 @jobs.command(name="rm")
 @click.argument("name")
-@json_option
 @pass_ctx
 def remove(ctx, name):
     """Remove job NAME and its run history."""
@@ -213,7 +194,6 @@ def remove(ctx, name):
 @click.argument("name")
 @click.option("--limit", type=int, default=20, show_default=True)
 @click.option("--status", help="Only runs with this status.")
-@json_option
 @pass_ctx
 def runs(ctx, name, limit, status):
     """Show the runs of job NAME, newest first."""
