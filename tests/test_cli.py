@@ -133,3 +133,15 @@ def test_global_options_after_the_verb(server, private_tmp):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_invoke_async_prints_the_id_alone(server, pkg):
+    server.cli("deploy", str(pkg("echo", name="cli-async", version="1")), "--wait")
+    out = server.cli("invoke", "--async", "cli-async/echo", '"later"').stdout
+    invocation = out.strip()
+    assert invocation.startswith("inv_") and out == invocation + "\n"
+    assert server.wait_invocation(invocation)["status"] == "succeeded"
+    logs = server.cli("logs", invocation).stdout
+    assert invocation in logs and "succeeded" in logs and '"later"' in logs
+    answer = json.loads(server.cli("invoke", "cli-async/echo", "1", "--async", "--json").stdout)
+    assert answer["invocation_id"].startswith("inv_") and answer["status"] == "queued"

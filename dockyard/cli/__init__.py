@@ -314,7 +314,7 @@ def _wait_deployment(ctx, client, deployment_id: str, timeout: float) -> dict:
 @cli.command()
 @click.argument("target")
 @click.argument("event", required=False)
-@click.option("--async", "asynchronous", is_flag=True, help="Queue it; print the id.")
+@click.option("--async", "asynchronous", is_flag=True, help="Queue it; print its invocation id (the JSON answer with --json).")
 @pass_ctx
 def invoke(ctx, target, event, asynchronous):
     """Call NAME/FUNCTION (or NAME@VERSION/FUNCTION) with an optional JSON event."""
@@ -339,8 +339,10 @@ def invoke(ctx, target, event, asynchronous):
         inv = body.get("invocation_id")
         raise click.ClickException(f"{error.get('type')}: {error.get('message')}"
                                    + (f" (dockyard logs {inv})" if inv else ""))
-    if ctx.as_json or asynchronous:
-        click.echo(json.dumps(body, indent=2 if ctx.as_json else None))
+    if ctx.as_json:
+        click.echo(json.dumps(body, indent=2))
+    elif asynchronous:
+        click.echo(body["invocation_id"])  # alone: `dockyard logs $(dockyard invoke --async …)`
     else:
         click.echo(json.dumps(body))
 
