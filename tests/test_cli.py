@@ -145,3 +145,17 @@ def test_invoke_async_prints_the_id_alone(server, pkg):
     assert invocation in logs and "succeeded" in logs and '"later"' in logs
     answer = json.loads(server.cli("invoke", "cli-async/echo", "1", "--async", "--json").stdout)
     assert answer["invocation_id"].startswith("inv_") and answer["status"] == "queued"
+
+
+def test_rm_undeploys(server, pkg):
+    server.cli("deploy", str(pkg("echo", name="cli-rm", version="1")), "--wait")
+    server.cli("deploy", str(pkg("echo", name="cli-rm2", version="1")), "--wait")
+    out = server.cli("rm", "cli-rm")
+    assert "cli-rm removed" in out.stdout
+    names = [c["name"] for c in json.loads(server.cli("ls", "--json").stdout)["containers"]]
+    assert "cli-rm" not in names and "cli-rm2" in names
+    assert server.invoke("cli-rm/echo", 1).status_code == 404
+    assert json.loads(server.cli("rm", "cli-rm2", "--json").stdout) == {"deleted": "cli-rm2"}
+    again = server.cli("rm", "cli-rm", check=False)
+    assert again.returncode == 1 and "no container named 'cli-rm'" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1

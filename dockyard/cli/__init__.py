@@ -394,6 +394,16 @@ def rollback(ctx, name, version, wait):
                                           else f"{name}@{version}: {r['deployment']['status']}"))
 
 
+@cli.command(name="rm")
+@click.argument("name")
+@pass_ctx
+def remove(ctx, name):
+    """Undeploy container NAME: its instances stop, and its versions are deleted."""
+    data = ctx.client().json("DELETE", f"/api/containers/{name}")
+    ctx.emit(data, lambda d: click.echo(f"{d['deleted']} removed: undeployed, and its "
+                                        "versions deleted"))
+
+
 @cli.command()
 @click.argument("invocation_id")
 @pass_ctx
