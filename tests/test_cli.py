@@ -159,3 +159,37 @@ def test_rm_undeploys(server, pkg):
     again = server.cli("rm", "cli-rm", check=False)
     assert again.returncode == 1 and "no container named 'cli-rm'" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
+
+
+def test_deployments_and_invocations(server, pkg):
+    deployed = json.loads(server.cli("deploy", str(pkg("echo", name="cli-hist", version="1")),
+                                     "--wait", "--json").stdout)
+    deployment = deployed["deployment"]["id"]
+    shown = server.cli("deployments", "cli-hist").stdout
+    assert deployment in shown and "cli-hist@1" in shown and "ready" in shown
+    assert "WORKER" in shown and "--- build log of wrk_" in shown
+    by_id = json.loads(server.cli("deployments", deployment, "--json").stdout)
+    assert by_id["id"] == deployment and by_id["status"] == "ready"
+    assert by_id["workers"][0]["state"] == "ready" and by_id["workers"][0]["log"]
+    none = server.cli("deployments", "nothere", check=False)
+    assert none.returncode == 1 and "nothere" in none.stderr
+
+    server.cli("invoke", "cli-hist/echo", "1")
+    server.cli("invoke", "cli-hist/boom", "{}", check=False)
+    table = server.cli("invocations", "cli-hist").stdout.splitlines()
+    assert table[0].split() == ["ID", "CALL", "STATUS", "TRIGGER", "DURATION", "TIME"]
+    assert len(table) == 3
+    assert "cli-hist@1/boom" in table[1] and "failed" in table[1] and "http" in table[1]
+    assert "cli-hist@1/echo" in table[2] and "succeeded" in table[2]
+    failed = json.loads(server.cli("invocations", "cli-hist", "--status", "failed",
+                                   "--json").stdout)["invocations"]
+    assert [i["function"] for i in failed] == ["boom"]
+    latest = json.loads(server.cli("--json", "invocations", "--limit", "1").stdout)
+    assert len(latest["invocations"]) == 1
+    recent = json.loads(server.cli("invocations", "cli-hist", "--since", "1h",
+                                   "--json").stdout)["invocations"]
+    assert len(recent) == 2
+    bad = server.cli("invocations", "--since", "yesterday", check=False)
+    assert bad.returncode == 1 and "since must be a duration" in bad.stderr
+    nothing = server.cli("invocations", "cli-hist", "--status", "timed_out").stdout
+    assert "no invocations of cli-hist match" in nothing

@@ -449,8 +449,11 @@ def workers(ctx):
     ctx.emit(data, human)
 
 
+from .history import deployments, invocations  # noqa: E402 - needs Context from above
 from .jobs import jobs  # noqa: E402 - needs Context and _table from above
 
+cli.add_command(deployments)
+cli.add_command(invocations)
 cli.add_command(jobs)
 
 

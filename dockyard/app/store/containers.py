@@ -136,6 +136,10 @@ def container_detail(db: sqlite_utils.Database, name: str) -> dict:
     if container["active_version_id"]:
         active = version_record(db["versions"].get(container["active_version_id"]), container)
     summary["active"] = active
+    deployments = list(db.query("SELECT id FROM deployments WHERE container_id = ? "
+                                "ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                                [container["id"]]))
+    summary["last_deployment"] = deployments[0]["id"] if deployments else None
     return summary
 
 

@@ -182,7 +182,8 @@ def _just_issued(invocation_id: str) -> bool:
 
 
 def list_recent(db: sqlite_utils.Database, container: str | None, status: str | None,
-                limit: int) -> list[dict]:
+                limit: int, since: float | None = None) -> list[dict]:
+    """The newest records first; `since` (Unix time) keeps those created at or after it."""
     if status and status not in STATUSES:
         raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
     where, args = [], []
@@ -192,6 +193,9 @@ def list_recent(db: sqlite_utils.Database, container: str | None, status: str | 
     if status:
         where.append("status = ?")
         args.append(status)
+    if since is not None:
+        where.append("created_at >= ?")
+        args.append(since)
     sql = "SELECT * FROM invocations"
     if where:
         sql += " WHERE " + " AND ".join(where)
