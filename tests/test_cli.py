@@ -193,3 +193,15 @@ def test_deployments_and_invocations(server, pkg):
     assert bad.returncode == 1 and "since must be a duration" in bad.stderr
     nothing = server.cli("invocations", "cli-hist", "--status", "timed_out").stdout
     assert "no invocations of cli-hist match" in nothing
+
+
+def test_invoke_suggests_logs_only_for_recorded_calls(server, pkg):
+    server.cli("deploy", str(pkg("echo", name="cli-noid", version="1")), "--wait")
+    for target in ("cli-noid-nothere/echo", "cli-noid/nope"):
+        refused = server.cli("invoke", target, "{}", check=False)
+        assert refused.returncode == 1 and "NotFound" in refused.stderr
+        assert "dockyard logs" not in refused.stderr and "inv_" not in refused.stderr
+    failed = server.cli("invoke", "cli-noid/boom", "{}", check=False)
+    assert failed.returncode == 1 and "(dockyard logs inv_" in failed.stderr
+    invocation = failed.stderr.split("(dockyard logs ")[1].split(")")[0]
+    assert "failed" in server.cli("logs", invocation).stdout

@@ -234,3 +234,31 @@ def test_full_pool_answers_503_with_retry_after(server, pkg):
     caller.join(30)
     assert busy["r"].status_code == 200
     assert server.invoke("inv-full/echo", "free").json() == "free"
+
+
+def test_answers_that_ran_nothing_name_no_invocation(server, pkg):
+    server.deploy(pkg("echo", name="inv-noid"))
+    server.deploy(pkg("broken_import", name="inv-noid-broken"), expect="failed")
+    refused = {
+        "bad json": requests.post(f"{server.url}/invoke/inv-noid/echo", data=b"{nope",
+                                  timeout=30),
+        "unknown container": server.invoke("inv-noid-nothere/echo", {}),
+        "unknown function": server.invoke("inv-noid/nope", {}),
+        "too large": requests.post(f"{server.url}/invoke/inv-noid/echo",
+                                   data=b'"' + b"x" * (6 * 1024 * 1024 + 10) + b'"', timeout=60),
+        "no ready instance": server.invoke("inv-noid-broken/echo", {}),
+        "async, unknown function": server.invoke("inv-noid/nope?async=1", {}),
+    }
+    codes = {what: r.status_code for what, r in refused.items()}
+    assert codes == {"bad json": 400, "unknown container": 404, "unknown function": 404,
+                     "too large": 413, "no ready instance": 503,
+                     "async, unknown function": 404}
+    for what, response in refused.items():
+        assert "invocation_id" not in response.json(), what
+        assert "X-Dockyard-Invocation-Id" not in response.headers, what
+        assert response.json()["error"]["message"], what
+    # One that reached the worker keeps its id, and the id names its record.
+    boom = server.invoke("inv-noid/boom", {})
+    assert boom.status_code == 500
+    assert boom.json()["invocation_id"] == boom.headers["X-Dockyard-Invocation-Id"]
+    assert server.wait_invocation(boom.json()["invocation_id"])["status"] == "failed"

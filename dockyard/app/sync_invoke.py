@@ -55,12 +55,15 @@ class SyncInvoke:
             invocation_id = store.new_id()
             status, headers, body = self._call(invocation_id, container, version or None,
                                                function, event, event_text)
+        # An error raised here ran nothing and left no record (a bad token or event, an
+        # unknown container or function, no worker to take the call), so its answer names no
+        # invocation id: only an answer built from a worker's reply, recorded, carries one.
         except DockyardError as exc:
-            status, headers, body = error_answer(exc, invocation_id)
+            status, headers, body = error_answer(exc, None)
         except Exception as exc:  # noqa: BLE001 - one JSON error shape, whatever happened
             log.exception("%s unhandled error", invocation_id or "invoke")
             status, headers, body = error_answer(DockyardError(
-                f"internal error: {type(exc).__name__}: {exc}"), invocation_id)
+                f"internal error: {type(exc).__name__}: {exc}"), None)
         headers.append(("Content-Length", str(len(body))))
         start_response(status, headers)
         return [body]
