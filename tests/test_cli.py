@@ -205,3 +205,11 @@ def test_invoke_suggests_logs_only_for_recorded_calls(server, pkg):
     assert failed.returncode == 1 and "(dockyard logs inv_" in failed.stderr
     invocation = failed.stderr.split("(dockyard logs ")[1].split(")")[0]
     assert "failed" in server.cli("logs", invocation).stdout
+
+
+def test_build_log_has_no_uv_activate_hint(server, pkg):
+    deployed = json.loads(server.cli("deploy", str(pkg("echo", name="cli-buildlog")),
+                                     "--wait", "--json").stdout)
+    log = "\n".join(w["log"] for w in deployed["deployment"]["workers"])
+    assert "creating virtualenv" in log and "Creating virtual environment" in log, log
+    assert "Activate with" not in log and "bin/activate" not in log, log

@@ -300,7 +300,7 @@ class Builder:
         except subprocess.TimeoutExpired:
             raise BuildError(f"uv {args[0]} took longer than {BUILD_TIMEOUT_S}s") from None
         for line in (done.stdout + done.stderr).splitlines():
-            if line.strip():
+            if line.strip() and not line.lstrip().startswith("Activate with:"):
                 say("  " + line.rstrip())
         if done.returncode != 0:
             last = [ln for ln in done.stderr.splitlines() if ln.strip()]
