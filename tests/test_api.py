@@ -83,3 +83,17 @@ def test_artifacts_need_a_token_and_serve_the_bytes(server, pkg):
     assert got.status_code == 200 and got.content == body
     assert server.api("GET", "/api/artifacts/" + "0" * 64).status_code == 404
     assert server.api("GET", "/api/deployments/dep_nope").status_code == 404
+
+
+def test_root_is_a_json_index(server):
+    response = requests.get(server.url + "/", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("application/json")
+    index = response.json()
+    assert index["name"] == "dockyard" and index["version"]
+    links = index["links"]
+    assert links["health"] == "/healthz" and links["metrics"] == "/metrics"
+    assert links["containers"] == "/api/containers" and "docs/architecture.md" in links["docs"]
+    for path in (links["health"], links["metrics"]):
+        assert requests.get(server.url + path, timeout=30).status_code == 200
+    assert server.api("GET", links["containers"]).status_code == 200

@@ -1,9 +1,10 @@
-"""`/healthz` (no auth) and `/metrics` (Prometheus text, computed from the store so every
-gunicorn process answers the same)."""
+"""`/` (a short index), `/healthz` (both without auth) and `/metrics` (Prometheus text,
+computed from the store so every gunicorn process answers the same)."""
 
 from __future__ import annotations
 
 import math
+from importlib import metadata
 
 from flask import Blueprint, Response, jsonify
 from prometheus_client import CollectorRegistry, generate_latest
@@ -17,6 +18,20 @@ from ..store import metrics as metrics_store
 from ..store import workers as worker_store
 
 bp = Blueprint("health", __name__)
+
+
+@bp.get("/")
+def index():
+    """A short index of what this server answers, until a dashboard exists."""
+    try:
+        version = metadata.version("dockyard")
+    except metadata.PackageNotFoundError:
+        version = None
+    return jsonify({"name": "dockyard", "version": version,
+                    "links": {"health": "/healthz", "metrics": "/metrics",
+                              "containers": "/api/containers",
+                              "docs": "README.md and docs/architecture.md in the dockyard "
+                                      "source"}})
 
 
 @bp.get("/healthz")
