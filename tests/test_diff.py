@@ -20,3 +20,11 @@ def test_nothing_to_do():
     assert not diff_versions([spec(1)], {1: "serve"})
     assert not diff_versions([], {})
     assert diff_versions([], {7: "standby"}).removed == [7]
+
+
+def test_a_new_deployment_of_a_served_version_is_a_change():
+    desired = [{"version_id": 1, "role": "serve", "deployment": "dep_b"},
+               {"version_id": 2, "role": "standby", "deployment": "dep_c"}]
+    diff = diff_versions(desired, {1: "serve", 2: "standby"}, {1: "dep_a", 2: "dep_x"})
+    assert [s["version_id"] for s in diff.changed] == [1]   # a standby is not retried
+    assert not diff_versions(desired, {1: "serve", 2: "standby"}, {1: "dep_b", 2: "dep_c"})

@@ -262,3 +262,19 @@ def test_answers_that_ran_nothing_name_no_invocation(server, pkg):
     assert boom.status_code == 500
     assert boom.json()["invocation_id"] == boom.headers["X-Dockyard-Invocation-Id"]
     assert server.wait_invocation(boom.json()["invocation_id"])["status"] == "failed"
+
+
+def test_a_failed_first_deploy_is_retried_when_the_same_package_comes_again(server, pkg,
+                                                                             wheelhouse):
+    """Nothing serves yet, the build fails (a dependency the wheelhouse lacks); once the
+    dependency is there, deploying the same package again tries again and succeeds."""
+    from conftest import build_wheel
+    folder = pkg("echo", name="inv-retry", manifest_extra='dependencies = ["dylate==1.0"]\n',
+                 files={"uselate.py": "import dylate\n\ndef value(event):\n"
+                                      "    return dylate.VALUE\n"})
+    failed = server.deploy(folder, expect="failed")
+    assert "dylate" in failed["deployment_detail"]["error"]
+    build_wheel(wheelhouse, "dylate", "1.0", {"dylate/__init__.py": "VALUE = 42\n"})
+    again = server.deploy(folder)
+    assert again["deployment"] != failed["deployment"] and not again["created"]
+    assert server.invoke("inv-retry/uselate:value", {}).json() == 42

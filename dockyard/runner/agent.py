@@ -159,7 +159,8 @@ class Agent:
 
     def reconcile(self, desired: list[dict]) -> None:
         held = {vid: r.role for vid, r in self.runtimes.items()}
-        diff = diff_versions(desired, held)
+        deployments = {vid: r.spec.get("deployment") for vid, r in self.runtimes.items()}
+        diff = diff_versions(desired, held, deployments)
         for spec in diff.added:
             runtime = VersionRuntime(spec, self.builder, self.make_child_spec, self.wake)
             self.runtimes[spec["version_id"]] = runtime
@@ -167,6 +168,7 @@ class Agent:
                 self._background(runtime.serve)
         for spec in diff.changed:
             runtime = self.runtimes[spec["version_id"]]
+            runtime.spec["deployment"] = spec.get("deployment")
             if spec["role"] == Role.SERVE:
                 runtime.role = Role.SERVE
                 if runtime.state is VersionState.FAILED:

@@ -5,25 +5,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..common.protocol import Role
+
 
 @dataclass
 class Diff:
     added: list[dict] = field(default_factory=list)     # desired, not held
-    changed: list[dict] = field(default_factory=list)   # held, with another role now
+    changed: list[dict] = field(default_factory=list)   # held, with another role now (or
+    # served, with a newer deployment: a version whose deployment failed is tried again)
     removed: list[int] = field(default_factory=list)    # held, no longer desired
 
     def __bool__(self) -> bool:
         return bool(self.added or self.changed or self.removed)
 
 
-def diff_versions(desired: list[dict], held_roles: dict[int, str]) -> Diff:
-    """`desired`: specs with `version_id` and `role`; `held_roles`: version_id -> role now."""
+def diff_versions(desired: list[dict], held_roles: dict[int, str],
+                  held_deployments: dict[int, str | None] | None = None) -> Diff:
+    """`desired`: specs with `version_id`, `role` and (optionally) `deployment`;
+    `held_roles`: version_id -> role now; `held_deployments`: version_id -> the deployment
+    this worker last acted on."""
     result = Diff()
     wanted = {spec["version_id"]: spec for spec in desired}
+    held_deployments = held_deployments or {}
     for version_id, spec in wanted.items():
         if version_id not in held_roles:
             result.added.append(spec)
         elif held_roles[version_id] != spec["role"]:
+            result.changed.append(spec)
+        elif spec["role"] == Role.SERVE and spec.get("deployment") != held_deployments.get(
+                version_id, spec.get("deployment")):
             result.changed.append(spec)
     result.removed = sorted(v for v in held_roles if v not in wanted)
     return result

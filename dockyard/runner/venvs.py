@@ -76,6 +76,18 @@ def _make_read_only(tree: Path) -> None:
                 os.chmod(path, 0o755 if mode & 0o111 else 0o644)
 
 
+def uv_reason(output: str) -> str:
+    """The cause of a failed uv run in one line: its error lines (`error:`, `cause:`, `×`, `╰─▶`,
+    `Caused by:`), not the `hint:` it ends with."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    causes = [ln.lstrip("×╰─▶ ").strip() for ln in lines
+              if ln.startswith(("error:", "cause:", "×", "╰─▶", "Caused by:"))]
+    if causes:
+        return "; ".join(causes)[:1000]
+    useful = [ln for ln in lines if not ln.startswith("hint:")]
+    return (useful or lines or ["no output"])[-1][:1000]
+
+
 def _chown_tree(root: Path, uid: int | None, gid: int | None, readable: bool = False) -> None:
     if uid is None:
         return
@@ -283,8 +295,7 @@ class Builder:
         if code is None:
             raise BuildError(f"uv pip install took longer than {BUILD_TIMEOUT_S}s")
         if code != 0:
-            last = [ln for ln in output.splitlines() if ln.strip()]
-            raise BuildError(f"uv pip failed: {last[-1].strip() if last else 'no output'}")
+            raise BuildError(f"uv pip failed: {uv_reason(output)}")
 
     def _uv(self, args: list[str], say) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKYARD_")}
@@ -303,8 +314,7 @@ class Builder:
             if line.strip() and not line.lstrip().startswith("Activate with:"):
                 say("  " + line.rstrip())
         if done.returncode != 0:
-            last = [ln for ln in done.stderr.splitlines() if ln.strip()]
-            raise BuildError(f"uv {args[0]} failed: {last[-1].strip() if last else 'no output'}")
+            raise BuildError(f"uv {args[0]} failed: {uv_reason(done.stderr)}")
 
     def remove(self, container: str, version: str) -> None:
         paths = version_paths(self.worker_dir, container, version)

@@ -63,7 +63,8 @@ class VersionRuntime:
 
     def report(self) -> dict:
         """State for the heartbeat; the build log only when it grew since the last one."""
-        out = {"version_id": self.version_id, "state": str(self.state), "error": self.error}
+        out = {"version_id": self.version_id, "state": str(self.state), "error": self.error,
+               "deployment": self.spec.get("deployment")}
         if self.log_written != self.log_reported:
             self.log_reported = self.log_written
             out["log"] = "\n".join(self.log_lines)

@@ -92,7 +92,12 @@ def add_version(db: sqlite_utils.Database, manifest: Manifest, content_sha256: s
 
 def _activate(db: sqlite_utils.Database, container: dict, version: dict) -> dict:
     if container["active_version_id"] == version["id"]:
-        return container
+        latest = latest_deployment(db, version["id"])
+        if latest is None or latest["status"] != "failed":
+            return container
+        # Deployed again after it failed: a new deployment, and what the workers reported of
+        # the failed one is forgotten, so that it is judged on the new attempt alone.
+        db.conn.execute("DELETE FROM worker_versions WHERE version_id = ?", [version["id"]])
     t = now()
     db["containers"].update(container["id"], {"active_version_id": version["id"],
                                                "updated_at": t})
@@ -170,8 +175,9 @@ def desired_versions(db: sqlite_utils.Database) -> list[dict]:
     instance = instance_id(db)
     for row in db.query(
             "SELECT v.*, c.name AS container, c.id AS cid, c.created_at AS ccreated, "
-            "c.active_version_id, c.serving_version_id FROM versions v "
-            "JOIN containers c ON c.id = v.container_id ORDER BY v.id"):
+            "c.active_version_id, c.serving_version_id, (SELECT d.id FROM deployments d "
+            "WHERE d.version_id = v.id ORDER BY d.created_at DESC LIMIT 1) AS deployment "
+            "FROM versions v JOIN containers c ON c.id = v.container_id ORDER BY v.id"):
         serve = row["id"] in (row["active_version_id"], row["serving_version_id"])
         out.append({
             "version_id": row["id"], "container": row["container"], "container_id": row["cid"],
@@ -180,6 +186,9 @@ def desired_versions(db: sqlite_utils.Database) -> list[dict]:
             "version": row["version"], "artifact_sha256": row["artifact_sha256"],
             "content_sha256": row["content_sha256"], "manifest": json.loads(row["manifest"]),
             "role": ROLE_SERVE if serve else ROLE_STANDBY,
+            # A new deployment of a version this worker holds (one that failed, deployed
+            # again) tells the worker to build and start it once more.
+            "deployment": row["deployment"],
         })
     return out
 

@@ -44,6 +44,10 @@ def heartbeat(db: sqlite_utils.Database, worker_id: str, states: list[dict],
         for s in states:
             vid = int(s["version_id"])
             reported.add(vid)
+            if s.get("deployment") and s["deployment"] != _latest_deployment_id(conn, vid):
+                # A report about an earlier attempt (this worker has not seen the version's new
+                # deployment yet): it says nothing about the new one.
+                continue
             conn.execute(
                 "INSERT INTO worker_versions (worker_id, version_id, state, error, log, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (worker_id, version_id) DO UPDATE SET "
@@ -57,6 +61,12 @@ def heartbeat(db: sqlite_utils.Database, worker_id: str, states: list[dict],
                 conn.execute("DELETE FROM worker_versions WHERE worker_id = ? AND version_id = ?",
                              [worker_id, vid])
         advance_deployments(db)
+
+
+def _latest_deployment_id(conn, version_id: int) -> str | None:
+    row = conn.execute("SELECT id FROM deployments WHERE version_id = ? "
+                       "ORDER BY created_at DESC LIMIT 1", [version_id]).fetchone()
+    return row[0] if row else None
 
 
 def advance_deployments(db: sqlite_utils.Database) -> None:
