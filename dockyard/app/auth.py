@@ -12,18 +12,24 @@ from ..errors import Forbidden, Unauthorized
 from .state import extension
 
 
-def _presented() -> str | None:
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer "):
-        return header[7:].strip()
-    return None
-
-
-def _kind_of(token: str) -> str | None:
-    for kind, expected in extension()["tokens"].items():
+def _kind_of(token: str, tokens: dict[str, str | None]) -> str | None:
+    for kind, expected in tokens.items():
         if expected and hmac.compare_digest(token.encode(), expected.encode()):
             return kind
     return None
+
+
+def check_header(header: str, tokens: dict[str, str | None], allowed: set[str]) -> None:
+    """Raise Unauthorized / Forbidden unless the Authorization header carries a token of an
+    allowed kind (shared by the Flask routes and the synchronous invoke route)."""
+    if not header.startswith("Bearer "):
+        raise Unauthorized("missing token: send 'Authorization: Bearer <token>' "
+                           "(the admin token is in <data>/tokens/admin)")
+    kind = _kind_of(header[7:].strip(), tokens)
+    if kind is None:
+        raise Unauthorized("wrong token: check <data>/tokens/admin")
+    if kind not in allowed:
+        raise Forbidden(f"a {kind} token cannot use this route")
 
 
 def require(*kinds: str):
@@ -40,20 +46,15 @@ def require(*kinds: str):
 
 
 def check(allowed: set[str]) -> None:
-    token = _presented()
-    if token is None:
-        raise Unauthorized("missing token: send 'Authorization: Bearer <token>' "
-                           "(the admin token is in <data>/tokens/admin)")
-    kind = _kind_of(token)
-    if kind is None:
-        raise Unauthorized("wrong token: check <data>/tokens/admin")
-    if kind not in allowed:
-        raise Forbidden(f"a {kind} token cannot use this route")
+    check_header(request.headers.get("Authorization", ""), extension()["tokens"], allowed)
+
+
+INVOKE_KINDS = {"admin", "invoke"}   # the tokens /invoke takes under --invoke-auth
 
 
 def check_invoke() -> None:
     if current_app.config["INVOKE_AUTH"]:
-        check({"admin", "invoke"})
+        check(INVOKE_KINDS)
 
 
 def init_app(app) -> None:  # noqa: ARG001 - kept for symmetry with the other extensions

@@ -12,11 +12,16 @@ from ..errors import DockyardError, Unavailable
 log = logging.getLogger("dockyard.api")
 
 
-def error_response(exc: DockyardError, invocation_id: str | None = None):
+def error_body(exc: DockyardError, invocation_id: str | None = None) -> dict:
+    """The one JSON error shape."""
     body = {"error": exc.to_dict()}
     if invocation_id:
         body["invocation_id"] = invocation_id
-    response = jsonify(body)
+    return body
+
+
+def error_response(exc: DockyardError, invocation_id: str | None = None):
+    response = jsonify(error_body(exc, invocation_id))
     response.status_code = exc.status
     if isinstance(exc, Unavailable):
         response.headers["Retry-After"] = str(exc.retry_after)

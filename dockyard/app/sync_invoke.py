@@ -7,13 +7,14 @@ records. Everything else (async calls included) goes on to Flask."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 from http import HTTPStatus
 
 from ..common.protocol import Status
 from ..common.frames import dumps, loads
-from ..errors import BadRequest, DockyardError, Forbidden, TooLarge, Unauthorized, Unavailable
+from ..errors import BadRequest, DockyardError, TooLarge, Unavailable
+from .auth import INVOKE_KINDS, check_header
+from .errors import error_body
 from .db import get_db, now
 from .invoke import execute, http_status
 from .store import invocations as store
@@ -69,19 +70,8 @@ class SyncInvoke:
         return [body]
 
     def _check_token(self, environ) -> None:
-        if not self.invoke_auth:
-            return
-        header = environ.get("HTTP_AUTHORIZATION", "")
-        if not header.startswith("Bearer "):
-            raise Unauthorized("missing token: send 'Authorization: Bearer <token>' "
-                               "(the admin token is in <data>/tokens/admin)")
-        presented = header[7:].strip().encode()
-        kind = next((k for k, expected in self.tokens.items()
-                     if expected and hmac.compare_digest(presented, expected.encode())), None)
-        if kind is None:
-            raise Unauthorized("wrong token: check <data>/tokens/admin")
-        if kind not in ("admin", "invoke"):
-            raise Forbidden(f"a {kind} token cannot use this route")
+        if self.invoke_auth:
+            check_header(environ.get("HTTP_AUTHORIZATION", ""), self.tokens, INVOKE_KINDS)
 
     def _read_event(self, environ) -> tuple[object, str | None]:
         return read_event(environ, self.max_event)
@@ -153,9 +143,7 @@ def too_large(limit: int) -> TooLarge:
 
 
 def error_answer(exc: DockyardError, invocation_id: str | None):
-    body = {"error": exc.to_dict()}
-    if invocation_id:
-        body["invocation_id"] = invocation_id
+    body = error_body(exc, invocation_id)
     headers = [JSON]
     if isinstance(exc, Unavailable):
         headers.append(("Retry-After", str(exc.retry_after)))

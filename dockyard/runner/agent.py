@@ -50,10 +50,6 @@ class WorkerRefused(Exception):
     """The control plane refuses this worker's token: retrying cannot help."""
 
 
-def _uid_key(spec: dict) -> str:
-    return spec["uid_key"]
-
-
 class Agent:
     def __init__(self, config: WorkerConfig):
         self.config = config
@@ -86,7 +82,7 @@ class Agent:
         if private:
             spares.refill()   # the first child then starts from a launcher that is ready
         self.builder = Builder(config.worker_dir, config.uv, self._download,
-                               lambda spec: isolation.identity(_uid_key(spec))[1],
+                               lambda spec: isolation.identity(spec["uid_key"])[1],
                                private=private, isolation=isolation)
         self.make_child_spec = child_spec_factory(isolation, str(self.bootstrap), view_root)
         self.server = InvokeServer(config.listen, config.token, self.handle_frame)

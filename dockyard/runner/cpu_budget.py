@@ -52,17 +52,20 @@ class CpuBudget:
         self._clock = ((~pid) << 3) | CPUCLOCK_SCHED
         self.used()   # fails now (OSError) if the process cannot be watched
         self.tree_used = tree_used or self.used
+        self.settle()  # from its start (imports included) until its first call
 
     def used(self) -> float:
         return time.clock_gettime(self._clock)
 
     def arm(self) -> None:
-        """Before a call: `seconds` of CPU on top of what was used so far."""
+        """Before a call, where the kernel can hold it: RLIMIT_CPU of `seconds` on top of
+        what the process used so far. (The between-call allowance is set by `settle()`: the
+        check runs only on processes with no call in flight.)"""
+        if not self.by_kernel:
+            return
         try:
-            self.allowed = self.tree_used() + self.seconds + 1
-            if self.by_kernel:
-                budget = int(self.used() + self.seconds) + 1
-                resource.prlimit(self.pid, resource.RLIMIT_CPU, (budget, budget + 1))
+            budget = int(self.used() + self.seconds) + 1
+            resource.prlimit(self.pid, resource.RLIMIT_CPU, (budget, budget + 1))
         except (OSError, ValueError) as exc:
             log.warning("pid %s: cannot arm the CPU budget: %s", self.pid, exc)
 

@@ -63,20 +63,22 @@ def run_job(name: str):
     return jsonify(dict(run, job=name)), 202
 
 
+def _set_enabled(name: str, enabled: bool):
+    db = database()
+    return jsonify(job_views.record(store.with_last_status(db, store.set_enabled(db, name,
+                                                                                 enabled))))
+
+
 @bp.post("/api/jobs/<name>/pause")
 @require()
 def pause_job(name: str):
-    db = database()
-    return jsonify(job_views.record(store.with_last_status(db, store.set_enabled(db, name,
-                                                                                 False))))
+    return _set_enabled(name, False)
 
 
 @bp.post("/api/jobs/<name>/resume")
 @require()
 def resume_job(name: str):
-    db = database()
-    return jsonify(job_views.record(store.with_last_status(db, store.set_enabled(db, name,
-                                                                                 True))))
+    return _set_enabled(name, True)
 
 
 @bp.get("/api/jobs/<name>/runs")
