@@ -140,7 +140,30 @@ def _m3_jobs(db: sqlite_utils.Database) -> None:
     db["job_lateness"].create({"le": float, "count": int, "total_s": float}, pk="le")
 
 
-MIGRATIONS = [_m1_initial, _m2_instance_id, _m3_jobs]
+def _m4_invocation_finishes(db: sqlite_utils.Database) -> None:
+    """The order in which calls finished, as a sequence number per finish (`?after=` of
+    `GET /api/invocations`, what `dockyard logs NAME --follow` reads). Triggers number every
+    record that is written finished or becomes finished, in the transaction that does it: a
+    reader that has seen number N has seen every finish before it, however many share a
+    second and whichever process wrote them. AUTOINCREMENT: a number is never given twice,
+    not even after retention removed the newest rows."""
+    db.conn.execute("CREATE TABLE invocation_finishes (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                    "invocation_id TEXT NOT NULL, container TEXT)")
+    db["invocation_finishes"].create_index(["container", "seq"])
+    db["invocation_finishes"].create_index(["invocation_id"])
+    db.conn.execute(
+        "CREATE TRIGGER invocation_written_finished AFTER INSERT ON invocations "
+        "WHEN NEW.status NOT IN ('queued', 'running') BEGIN "
+        "INSERT INTO invocation_finishes (invocation_id, container) "
+        "VALUES (NEW.id, NEW.container); END")
+    db.conn.execute(
+        "CREATE TRIGGER invocation_finished AFTER UPDATE OF status ON invocations "
+        "WHEN OLD.status IN ('queued', 'running') AND NEW.status NOT IN ('queued', 'running') "
+        "BEGIN INSERT INTO invocation_finishes (invocation_id, container) "
+        "VALUES (NEW.id, NEW.container); END")
+
+
+MIGRATIONS = [_m1_initial, _m2_instance_id, _m3_jobs, _m4_invocation_finishes]
 
 
 def migrate(path: str | Path) -> None:

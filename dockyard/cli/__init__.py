@@ -405,34 +405,6 @@ def remove(ctx, name):
 
 
 @cli.command()
-@click.argument("invocation_id")
-@pass_ctx
-def logs(ctx, invocation_id):
-    """Show one invocation: status, timing, output, error."""
-    inv = ctx.client().json("GET", f"/api/invocations/{invocation_id}")
-
-    def human(i):
-        click.echo(f"{i['id']}  {i['container']}@{i['version']}/{i['function']}  "
-                   f"{i['status']}  trigger={i['trigger']} attempt={i['attempt']}")
-        duration = f"{i['duration_ms']:.2f} ms" if i["duration_ms"] is not None else "-"
-        memory = f"{i['max_rss_kb'] / 1024:.1f} MB" if i["max_rss_kb"] else "-"
-        click.echo(f"REPORT duration: {duration}  max memory used: {memory}  "
-                   f"cold start: {'yes' if i['cold'] else 'no'}  worker: {i['worker_id']}")
-        for stream in ("stdout", "stderr"):
-            if i.get(stream):
-                click.echo(f"--- {stream}")
-                click.echo(i[stream].rstrip("\n"))
-        if i.get("error"):
-            click.echo(f"--- error: {i['error'].get('type')}: {i['error'].get('message')}")
-            if i["error"].get("traceback"):
-                click.echo(i["error"]["traceback"].rstrip("\n"))
-        elif i["status"] == "succeeded":
-            click.echo("--- output")
-            click.echo(json.dumps(i.get("output")))
-    ctx.emit(inv, human)
-
-
-@cli.command()
 @pass_ctx
 def workers(ctx):
     """List workers and what they run."""
@@ -449,11 +421,12 @@ def workers(ctx):
     ctx.emit(data, human)
 
 
-from .history import deployments, invocations  # noqa: E402 - needs Context from above
+from .history import deployments, invocations, logs  # noqa: E402 - needs Context from above
 from .jobs import jobs  # noqa: E402 - needs Context and _table from above
 
 cli.add_command(deployments)
 cli.add_command(invocations)
+cli.add_command(logs)
 cli.add_command(jobs)
 
 

@@ -1,13 +1,16 @@
-"""`dockyard deployments NAME|ID` and `dockyard invocations [NAME]`: what a deploy did on each
-worker, and the calls that were made."""
+"""`dockyard deployments NAME|ID`, `dockyard invocations [NAME]` and `dockyard logs ID|NAME
+[--follow]`: what a deploy did on each worker, and the calls that were made."""
 
 from __future__ import annotations
 
+import json
 import re
+import time
 
 import click
 
 from . import Command, Context, _age, _table
+from .client import ClientError
 from .jobs import _duration
 
 DEPLOYMENT_ID_RE = re.compile(r"dep_[0-9a-f]+")  # container names have no "_"
@@ -28,23 +31,24 @@ def deployments(ctx, target):
         if not deployment_id:
             raise click.ClickException(f"{target} has no deployment yet; activate a version "
                                        f"with `dockyard rollback {target} VERSION`")
-    data = client.json("GET", f"/api/deployments/{deployment_id}")
+    ctx.emit(client.json("GET", f"/api/deployments/{deployment_id}"), show_deployment)
 
-    def human(d):
-        click.echo(f"{d['id']}  {d['container']}@{d['version']}  {d['status']}  created "
-                   f"{_age(d['created_at'])}  finished {_age(d['finished_at'])}")
-        if d.get("error"):
-            click.echo(f"error: {d['error'].splitlines()[0]}")
-        if not d["workers"]:
-            click.echo("no worker has taken it yet")
-            return
-        _table([[w["worker"], w["state"], (w.get("error") or "-").splitlines()[0][:70]]
-                for w in d["workers"]], ["WORKER", "STATE", "ERROR"])
-        for w in d["workers"]:
-            if w.get("log"):
-                click.echo(f"--- build log of {w['worker']}")
-                click.echo(w["log"].rstrip("\n"))
-    ctx.emit(data, human)
+
+def show_deployment(d: dict) -> None:
+    """A deployment for people: its state, each worker's state and the build logs."""
+    click.echo(f"{d['id']}  {d['container']}@{d['version']}  {d['status']}  created "
+               f"{_age(d['created_at'])}  finished {_age(d['finished_at'])}")
+    if d.get("error"):
+        click.echo(f"error: {d['error'].splitlines()[0]}")
+    if not d["workers"]:
+        click.echo("no worker has taken it yet")
+        return
+    _table([[w["worker"], w["state"], (w.get("error") or "-").splitlines()[0][:70]]
+            for w in d["workers"]], ["WORKER", "STATE", "ERROR"])
+    for w in d["workers"]:
+        if w.get("log"):
+            click.echo(f"--- build log of {w['worker']}")
+            click.echo(w["log"].rstrip("\n"))
 
 
 @click.command(cls=Command)
@@ -71,3 +75,96 @@ def invocations(ctx, name, status, since, limit):
                  _age(i["created_at"])] for i in d["invocations"]],
                ["ID", "CALL", "STATUS", "TRIGGER", "DURATION", "TIME"])
     ctx.emit(data, human)
+
+
+INVOCATION_ID_RE = re.compile(r"inv_[0-9a-f]+")  # container names have no "_"
+RECENT = 20
+PAGE = 200
+POLL_S = 0.5
+
+
+@click.command(cls=Command)
+@click.argument("target", metavar="ID|NAME")
+@click.option("--follow", "-f", is_flag=True,
+              help="NAME: print each call as it finishes, until Ctrl-C.")
+@pass_ctx
+def logs(ctx, target, follow):
+    """Show one invocation (ID): status, timing, output, error. For a container NAME: its
+    last 20 calls, oldest first; with --follow, each new one as it finishes."""
+    client = ctx.client()
+    if INVOCATION_ID_RE.fullmatch(target):
+        if follow:
+            raise click.UsageError("--follow follows a container: dockyard logs NAME --follow")
+        ctx.emit(client.json("GET", f"/api/invocations/{target}"), show_invocation)
+        return
+    recent = client.json("GET", "/api/invocations",
+                         params={"container": target, "limit": RECENT, "full": 1})
+    if not recent["invocations"]:
+        _check_container(client, target)
+    calls = list(reversed(recent["invocations"]))
+    if not follow:
+        def human(d):
+            if not d["invocations"]:
+                click.echo(f"no invocations of {target} yet")
+            for i in d["invocations"]:
+                show_invocation(i)
+        ctx.emit({"container": target, "invocations": calls}, human)
+        return
+    try:
+        # Calls still under way are printed once they finish, from the cursor on.
+        for call in calls:
+            if call["status"] not in ("queued", "running"):
+                _print_call(ctx, call)
+        _follow(ctx, client, target, recent["cursor"])
+    except KeyboardInterrupt:
+        pass   # Ctrl-C is how a follow ends
+
+
+def _check_container(client, name: str) -> None:
+    try:
+        client.json("GET", f"/api/containers/{name}")
+    except ClientError as exc:
+        if getattr(exc, "status", None) != 404:
+            raise
+        raise click.ClickException(f"{name} is neither an invocation id (inv_…) nor a "
+                                   "container; `dockyard ls` lists containers") from None
+
+
+def _follow(ctx, client, name: str, cursor: int) -> None:
+    while True:
+        page = client.json("GET", "/api/invocations",
+                           params={"container": name, "after": cursor, "limit": PAGE,
+                                   "full": 1})
+        for call in page["invocations"]:
+            _print_call(ctx, call)
+        cursor = page["cursor"]
+        if len(page["invocations"]) < PAGE:
+            time.sleep(POLL_S)
+
+
+def _print_call(ctx, call: dict) -> None:
+    if ctx.as_json:
+        click.echo(json.dumps(call, sort_keys=True))   # one object a line
+    else:
+        show_invocation(call)
+
+
+def show_invocation(i: dict) -> None:
+    """One call for people: what ran, the REPORT line, its output, and its error."""
+    click.echo(f"{i['id']}  {i['container']}@{i['version']}/{i['function']}  "
+               f"{i['status']}  trigger={i['trigger']} attempt={i['attempt']}")
+    duration = f"{i['duration_ms']:.2f} ms" if i["duration_ms"] is not None else "-"
+    memory = f"{i['max_rss_kb'] / 1024:.1f} MB" if i["max_rss_kb"] else "-"
+    click.echo(f"REPORT duration: {duration}  max memory used: {memory}  "
+               f"cold start: {'yes' if i['cold'] else 'no'}  worker: {i['worker_id']}")
+    for stream in ("stdout", "stderr"):
+        if i.get(stream):
+            click.echo(f"--- {stream}")
+            click.echo(i[stream].rstrip("\n"))
+    if i.get("error"):
+        click.echo(f"--- error: {i['error'].get('type')}: {i['error'].get('message')}")
+        if i["error"].get("traceback"):
+            click.echo(i["error"]["traceback"].rstrip("\n"))
+    elif i["status"] == "succeeded":
+        click.echo("--- output")
+        click.echo(json.dumps(i.get("output")))

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 from flask import Blueprint, jsonify, request
 
+from ...common.durations import parse_duration
 from ...errors import BadRequest
 from ..auth import require
 from ..cancel import cancel
@@ -19,27 +18,34 @@ bp = Blueprint("invocations", __name__)
 @bp.get("/api/invocations")
 @require()
 def list_invocations():
+    args = request.args
+    limit = _number("limit", 50)
+    full = args.get("full", "0") not in ("0", "false", "no", "")
+    if "after" in args:
+        rows, cursor = store.finished_after(database(), _number("after", 0),
+                                            args.get("container"), args.get("status"), limit,
+                                            full)
+    else:
+        since = args.get("since")
+        rows, cursor = store.list_recent(database(), args.get("container"), args.get("status"),
+                                         limit, now() - since_seconds(since) if since else None,
+                                         full)
+    return jsonify({"invocations": rows, "cursor": cursor})
+
+
+def _number(name: str, default: int) -> int:
     try:
-        limit = int(request.args.get("limit", 50))
+        return int(request.args.get(name, default))
     except ValueError:
-        raise BadRequest("limit must be a number") from None
-    since = request.args.get("since")
-    rows = store.list_recent(database(), request.args.get("container"),
-                             request.args.get("status"), limit,
-                             now() - since_seconds(since) if since else None)
-    return jsonify({"invocations": rows})
-
-
-SINCE_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
-UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+        raise BadRequest(f"{name} must be a whole number") from None
 
 
 def since_seconds(text: str) -> float:
     """`?since=` as a duration back from now: 90, 90s, 10m, 2h, 7d."""
-    match = SINCE_RE.fullmatch(text.strip())
-    if not match:
-        raise BadRequest("since must be a duration such as 90s, 10m, 2h or 7d")
-    return float(match.group(1)) * UNIT_S[match.group(2)]
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise BadRequest("since must be a duration such as 90s, 10m, 2h or 7d") from None
 
 
 @bp.get("/api/invocations/<invocation_id>")

@@ -182,8 +182,11 @@ def _just_issued(invocation_id: str) -> bool:
 
 
 def list_recent(db: sqlite_utils.Database, container: str | None, status: str | None,
-                limit: int, since: float | None = None) -> list[dict]:
-    """The newest records first; `since` (Unix time) keeps those created at or after it."""
+                limit: int, since: float | None = None, full: bool = False
+                ) -> tuple[list[dict], int]:
+    """The newest records first; `since` (Unix time) keeps those created at or after it.
+    Returns them with the finish cursor of the same moment: every call that finishes later
+    has a finish number above it (see finished_after)."""
     if status and status not in STATUSES:
         raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
     where, args = [], []
@@ -200,5 +203,67 @@ def list_recent(db: sqlite_utils.Database, container: str | None, status: str | 
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY created_at DESC LIMIT ?"
-    args.append(max(1, min(limit, 1000)))
-    return [public(r, full=False) for r in db.query(sql, args)]
+    args.append(_limit(limit))
+    with _snapshot(db):
+        rows = [public(r, full=full) for r in db.query(sql, args)]
+        cursor = _last_finish(db)
+    return rows, cursor
+
+
+def finished_after(db: sqlite_utils.Database, cursor: int, container: str | None,
+                   status: str | None, limit: int, full: bool = False
+                   ) -> tuple[list[dict], int]:
+    """Calls that finished after finish number `cursor`, in the order they finished, each
+    with its number (`seq`); and the cursor to ask from next. Nothing is missed or given
+    twice, however many calls finish in one second: the numbers are handed out in the
+    writing transactions (see db._m4_invocation_finishes)."""
+    if status and status not in STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+    limit = _limit(limit)
+    sql = ("SELECT f.seq AS seq, i.* FROM invocation_finishes f "
+           "JOIN invocations i ON i.id = f.invocation_id WHERE f.seq > ?")
+    args: list = [cursor]
+    if container:
+        sql += " AND f.container = ?"
+        args.append(container)
+    if status:
+        sql += " AND i.status = ?"
+        args.append(status)
+    sql += " ORDER BY f.seq LIMIT ?"
+    args.append(limit)
+    with _snapshot(db):
+        found = list(db.query(sql, args))
+        # A full page: go on from its last row. Otherwise everything up to the newest finish
+        # has been seen (also the other containers' finishes, not scanned again).
+        last = found[-1]["seq"] if len(found) == limit else max(cursor, _last_finish(db))
+    rows = []
+    for row in found:
+        record = public(row, full=full)
+        record["seq"] = row["seq"]
+        rows.append(record)
+    return rows, last
+
+
+def _limit(limit: int) -> int:
+    return max(1, min(limit, 1000))
+
+
+def _last_finish(db: sqlite_utils.Database) -> int:
+    row = db.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = "
+                          "'invocation_finishes'").fetchone()
+    return row[0] if row else 0
+
+
+class _snapshot:
+    """A read transaction: every query in it sees the database as of one moment."""
+
+    def __init__(self, db: sqlite_utils.Database):
+        self.conn = db.conn
+
+    def __enter__(self):
+        self.conn.execute("BEGIN")
+
+    def __exit__(self, *exc):
+        self.conn.execute("COMMIT")
+        return False
+
