@@ -423,11 +423,13 @@ def workers(ctx):
 
 from .history import deployments, invocations, logs  # noqa: E402 - needs Context from above
 from .jobs import jobs  # noqa: E402 - needs Context and _table from above
+from .status import status  # noqa: E402
 
 cli.add_command(deployments)
 cli.add_command(invocations)
 cli.add_command(logs)
 cli.add_command(jobs)
+cli.add_command(status)
 
 
 def main() -> None:

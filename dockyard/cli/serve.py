@@ -69,6 +69,7 @@ class Supervisor:
         self.scheduler: SchedulerProcess | None = None
         self.deploy_watcher: WatcherProcess | None = None
         self.url = ""
+        self.started_at = time.time()
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self.signals.append(signum)
@@ -187,7 +188,8 @@ class Supervisor:
             self._stop()
             raise
         sock.close()
-        self.data.server_json.write_text(json.dumps({"url": self.url, "pid": os.getpid()}))
+        self.data.server_json.write_text(json.dumps({
+            "url": self.url, "pid": os.getpid(), "started_at": self.started_at}))
         self.dispatcher = Dispatcher(self.data.db_path, self.data.read_token("worker"))
         self.dispatcher.start()
         self.scheduler = SchedulerProcess(self.data, _die_with_parent)

@@ -3,7 +3,9 @@ computed from the store so every gunicorn process answers the same)."""
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from importlib import metadata
 
 from flask import Blueprint, Response, jsonify
@@ -11,7 +13,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                      HistogramMetricFamily)
 
-from ..state import database
+from ..auth import require
+from ..state import database, extension
 from ..store import job_runs
 from ..store import jobs as job_store
 from ..store import metrics as metrics_store
@@ -20,14 +23,17 @@ from ..store import workers as worker_store
 bp = Blueprint("health", __name__)
 
 
+def _version() -> str | None:
+    try:
+        return metadata.version("dockyard")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 @bp.get("/")
 def index():
     """A short index of what this server answers, until a dashboard exists."""
-    try:
-        version = metadata.version("dockyard")
-    except metadata.PackageNotFoundError:
-        version = None
-    return jsonify({"name": "dockyard", "version": version,
+    return jsonify({"name": "dockyard", "version": _version(),
                     "links": {"health": "/healthz", "metrics": "/metrics",
                               "containers": "/api/containers",
                               "docs": "README.md and docs/architecture.md in the dockyard "
@@ -37,6 +43,26 @@ def index():
 @bp.get("/healthz")
 def healthz():
     return jsonify({"status": "ok", "workers": len(worker_store.live_worker_ids(database()))})
+
+
+@bp.get("/api/server")
+@require()
+def server():
+    """This control plane: its version, data dir, since when `serve` runs and its retention
+    settings (from the `server.json` serve writes; absent when the app runs on its own)."""
+    data = extension()["data"]
+    try:
+        started = json.loads(data.server_json.read_text())
+    except (OSError, ValueError):
+        started = {}
+    started_at = started.get("started_at")
+    return jsonify({
+        "name": "dockyard", "version": _version(), "url": started.get("url"),
+        "data_dir": str(data.root), "pid": started.get("pid"), "started_at": started_at,
+        "uptime_s": round(time.time() - started_at, 1) if started_at else None,
+        "retention": started.get("retention"),
+        "workers_ready": len(worker_store.live_worker_ids(database())),
+    })
 
 
 class StoreCollector:

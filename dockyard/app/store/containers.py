@@ -7,10 +7,11 @@ import secrets
 
 import sqlite_utils
 
-from ...common.protocol import Role
+from ...common.protocol import Role, VersionState
 from ...common.manifest import Manifest
 from ...errors import BadRequest, Conflict, NotFound
 from ..db import now, transaction
+from .workers import live_worker_ids
 
 # Versions a worker is told to keep running, besides the one serving traffic.
 ROLE_SERVE = Role.SERVE
@@ -123,6 +124,7 @@ def latest_deployment(db: sqlite_utils.Database, version_id: int) -> dict | None
 
 def list_containers(db: sqlite_utils.Database) -> list[dict]:
     out = []
+    live = live_worker_ids(db)
     for row in db.query(
             "SELECT c.*, a.version AS active_version, s.version AS serving_version, "
             "(SELECT count(*) FROM versions v WHERE v.container_id = c.id) AS versions "
@@ -130,8 +132,63 @@ def list_containers(db: sqlite_utils.Database) -> list[dict]:
             "LEFT JOIN versions s ON s.id = c.serving_version_id ORDER BY c.name"):
         out.append({"name": row["name"], "active_version": row["active_version"],
                     "serving_version": row["serving_version"], "versions": row["versions"],
-                    "created_at": row["created_at"], "updated_at": row["updated_at"]})
+                    "created_at": row["created_at"], "updated_at": row["updated_at"],
+                    **_health(db, row["id"], row["name"], live)})
     return out
+
+
+# A worker holding a version in one of these states runs it (or is getting it ready to).
+RUNNING_STATES = (VersionState.BUILDING, VersionState.STARTING, VersionState.READY,
+                  VersionState.DRAINING)
+
+
+def _health(db: sqlite_utils.Database, container_id: int, name: str, live: list[str]) -> dict:
+    """What `dockyard status` shows of a container: its last deployment, how many instances
+    its workers keep running, and its latest error."""
+    deployment = next(iter(db.query(
+        "SELECT id, status, error, created_at, finished_at FROM deployments "
+        "WHERE container_id = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
+        [container_id])), None)
+    marks = ", ".join("?" * len(live)) or "NULL"
+    # Instances: the manifest's `instances` of each version a live worker reports ready or
+    # draining (heartbeats carry a version's state, not its pool's size; a pool of
+    # instances = 0 started on demand is not counted).
+    instances = db.conn.execute(
+        "SELECT coalesce(sum(json_extract(v.manifest, '$.limits.instances')), 0) "
+        "FROM worker_versions wv JOIN versions v ON v.id = wv.version_id "
+        f"WHERE v.container_id = ? AND wv.state IN ('ready', 'draining') "
+        f"AND wv.worker_id IN ({marks})", [container_id, *live]).fetchone()[0]
+    errors = []
+    failed = next(iter(db.query(
+        "SELECT id, error, coalesce(finished_at, created_at) AS at FROM deployments "
+        "WHERE container_id = ? AND status = 'failed' ORDER BY created_at DESC LIMIT 1",
+        [container_id])), None)
+    if failed:
+        errors.append({"source": "deployment", "id": failed["id"], "at": failed["at"],
+                       "message": _first_line(failed["error"] or "the deployment failed")})
+    call = next(iter(db.query(
+        "SELECT id, status, error, coalesce(finished_at, created_at) AS at FROM invocations "
+        "WHERE container = ? AND status IN ('failed', 'timed_out', 'crashed') "
+        "ORDER BY created_at DESC LIMIT 1", [name])), None)
+    if call:
+        try:
+            error = json.loads(call["error"] or "{}")
+            text = f"{error.get('type')}: {error.get('message')}"
+        except (ValueError, AttributeError):
+            text = call["error"] or call["status"]
+        errors.append({"source": "invocation", "id": call["id"], "at": call["at"],
+                       "message": _first_line(text)})
+    return {
+        "last_deployment": deployment["id"] if deployment else None,
+        "last_deployment_status": deployment["status"] if deployment else None,
+        "instances": instances,
+        "last_error": max(errors, key=lambda e: e["at"] or 0) if errors else None,
+    }
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 def container_detail(db: sqlite_utils.Database, name: str) -> dict:
@@ -141,10 +198,6 @@ def container_detail(db: sqlite_utils.Database, name: str) -> dict:
     if container["active_version_id"]:
         active = version_record(db["versions"].get(container["active_version_id"]), container)
     summary["active"] = active
-    deployments = list(db.query("SELECT id FROM deployments WHERE container_id = ? "
-                                "ORDER BY created_at DESC, rowid DESC LIMIT 1",
-                                [container["id"]]))
-    summary["last_deployment"] = deployments[0]["id"] if deployments else None
     return summary
 
 
