@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
@@ -16,6 +18,7 @@ PREFIX = "upload-"
 # A temp upload untouched this long belongs to a request whose process died (a request that
 # fails removes its own): the next upload removes it.
 STALE_UPLOAD_S = 3600
+LOCK_NAME = ".lock"      # not a sha256, so never an artifact's name
 
 
 class ArtifactStore:
@@ -82,3 +85,31 @@ class ArtifactStore:
             os.chmod(tmp, 0o600)
             os.replace(tmp, final)
         return final
+
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool = False):
+        """Shared: an upload between storing its artifact and recording its version.
+        Exclusive: removing artifacts no version uses; so an artifact an upload is about to
+        use is never removed under it (the same bytes uploaded again share the file)."""
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)   # releases the lock
+
+    def remove_unused(self, sha256s, in_use) -> list[str]:
+        """Remove the artifacts among `sha256s` that `in_use(sha256s)` (a set, read from the
+        database under the lock) does not name; returns those removed."""
+        removed = []
+        with self.lock(exclusive=True):
+            used = in_use(list(sha256s))
+            for sha256 in sha256s:
+                if sha256 in used:
+                    continue
+                try:
+                    self.path(sha256).unlink()
+                    removed.append(sha256)
+                except (FileNotFoundError, ValueError):
+                    pass
+        return removed

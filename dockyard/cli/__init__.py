@@ -365,20 +365,6 @@ def list_containers(ctx):
 
 @cli.command()
 @click.argument("name")
-@pass_ctx
-def versions(ctx, name):
-    """List the versions of a container."""
-    data = ctx.client().json("GET", f"/api/containers/{name}/versions")
-
-    def human(d):
-        _table([[v["version"], "serving" if v["serving"] else ("active" if v["active"] else ""),
-                 v["content_sha256"][:12], _age(v["created_at"])] for v in d["versions"]],
-               ["VERSION", "STATE", "CONTENT", "CREATED"])
-    ctx.emit(data, human)
-
-
-@cli.command()
-@click.argument("name")
 @click.argument("version")
 @click.option("--wait/--no-wait", default=True, show_default=True)
 @pass_ctx
@@ -424,12 +410,14 @@ def workers(ctx):
 from .history import deployments, invocations, logs  # noqa: E402 - needs Context from above
 from .jobs import jobs  # noqa: E402 - needs Context and _table from above
 from .status import status  # noqa: E402
+from .versions import versions  # noqa: E402
 
 cli.add_command(deployments)
 cli.add_command(invocations)
 cli.add_command(logs)
 cli.add_command(jobs)
 cli.add_command(status)
+cli.add_command(versions)
 
 
 def main() -> None:

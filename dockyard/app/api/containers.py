@@ -10,6 +10,7 @@ from ...common.archive import ArchiveLimits, inspect_archive
 from ...common.manifest import parse_manifest
 from ...errors import BadRequest, NotFound
 from ..auth import require
+from ..retention import prune_versions
 from ..state import artifacts, connections, database
 from ..store import containers as store
 from ..store import jobs as job_store
@@ -63,12 +64,13 @@ def upload():
             raise BadRequest("empty upload: send a .zip or .tar.gz package as the body")
         info = inspect_archive(tmp, _archive_limits())
         manifest = parse_manifest(info.manifest_text)
-        store_.keep(tmp, sha256)
+        db = database()
+        with store_.lock():  # retention removes no artifact between these two steps
+            store_.keep(tmp, sha256)
+            container, version, created = store.add_version(db, manifest, info.content_sha256,
+                                                            sha256, size, activate)
     finally:
         tmp.unlink(missing_ok=True)
-    db = database()
-    container, version, created = store.add_version(db, manifest, info.content_sha256, sha256,
-                                                    size, activate)
     log.info("package %s version %s (%s, %s)", manifest.name, version["version"],
              "new" if created else "already known", "activating" if activate else "kept")
     if activate:
@@ -92,6 +94,24 @@ def get_container(name: str):
 @require()
 def list_versions(name: str):
     return jsonify({"container": name, "versions": store.list_versions(database(), name)})
+
+
+@bp.post("/api/containers/<name>/versions/prune")
+@require()
+def prune(name: str):
+    """Delete old versions: `{"keep": N, "dry_run": false}`. Never one that serves, is
+    active, runs on a worker, has a deployment in progress or calls queued or running."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or "keep" not in body:
+        raise BadRequest('send {"keep": N} (N >= 1: the newest versions to keep)')
+    dry_run = body.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise BadRequest("dry_run must be true or false")
+    db = database()
+    result = prune_versions(db, artifacts(), name, body["keep"], dry_run)
+    if result["deleted"] and not dry_run:
+        poke_workers(db)   # they drop what they held of the deleted versions at once
+    return jsonify(result)
 
 
 @bp.post("/api/containers/<name>/activate")

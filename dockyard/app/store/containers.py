@@ -220,6 +220,76 @@ def delete_container(db: sqlite_utils.Database, name: str) -> None:
         conn.execute("DELETE FROM containers WHERE id = ?", [container["id"]])
 
 
+def prune_versions(db: sqlite_utils.Database, name: str, keep: int,
+                   dry_run: bool = False) -> dict:
+    """Delete the versions of `name` older than its `keep` newest, never one that is serving
+    or active, that a worker runs (or builds or drains), that a deployment in progress is
+    for, or that calls are queued or running on. Returns what was deleted (each version's
+    artifact, which the caller removes once no version uses it) and what was kept and why."""
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise BadRequest("keep must be a whole number of at least 1 (the newest versions "
+                         "to keep)")
+    with transaction(db) as conn:
+        container = get_container(db, name)
+        rows = list(db.query("SELECT * FROM versions WHERE container_id = ? "
+                             "ORDER BY created_at DESC, id DESC", [container["id"]]))
+        reasons: dict[int, list[str]] = {row["id"]: [] for row in rows}
+        for i, row in enumerate(rows):
+            if row["id"] == container["serving_version_id"]:
+                reasons[row["id"]].append("serving")
+            if row["id"] == container["active_version_id"]:
+                reasons[row["id"]].append("active")
+            if i < keep:
+                reasons[row["id"]].append(f"one of the {keep} newest")
+        states = ", ".join("?" * len(RUNNING_STATES))
+        for vid, worker, state in conn.execute(
+                "SELECT wv.version_id, wv.worker_id, wv.state FROM worker_versions wv "
+                "JOIN versions v ON v.id = wv.version_id WHERE v.container_id = ? "
+                f"AND wv.state IN ({states})", [container["id"], *RUNNING_STATES]).fetchall():
+            reasons[vid].append(f"{state} on {worker}")
+        for vid, deployment in conn.execute(
+                "SELECT version_id, id FROM deployments WHERE container_id = ? "
+                "AND status IN ('pending', 'in_progress')", [container["id"]]).fetchall():
+            if vid in reasons:
+                reasons[vid].append(f"deployment {deployment} in progress")
+        by_name = {row["version"]: row["id"] for row in rows}
+        for version, count in conn.execute(
+                "SELECT version, count(*) FROM invocations WHERE container = ? "
+                "AND status IN ('queued', 'running') AND version IS NOT NULL GROUP BY version",
+                [name]).fetchall():
+            if version in by_name:
+                reasons[by_name[version]].append(f"{count} call(s) queued or running")
+        gone = [row for row in rows if not reasons[row["id"]]]
+        if gone and not dry_run:
+            ids = [row["id"] for row in gone]
+            marks = ", ".join("?" * len(ids))
+            conn.execute(f"DELETE FROM worker_versions WHERE version_id IN ({marks})", ids)
+            conn.execute(f"DELETE FROM deployments WHERE version_id IN ({marks})", ids)
+            conn.execute(f"DELETE FROM versions WHERE id IN ({marks})", ids)
+    return {
+        "container": name, "keep": keep, "dry_run": dry_run,
+        "deleted": [{"version": r["version"], "content_sha256": r["content_sha256"],
+                     "artifact_sha256": r["artifact_sha256"], "created_at": r["created_at"]}
+                    for r in gone],
+        "kept": [{"version": r["version"], "created_at": r["created_at"],
+                  "reasons": reasons[r["id"]]} for r in rows if reasons[r["id"]]],
+    }
+
+
+def artifacts_in_use(db: sqlite_utils.Database, sha256s: list[str]) -> set[str]:
+    """Which of these artifacts a version (of any container) still uses."""
+    if not sha256s:
+        return set()
+    marks = ", ".join("?" * len(sha256s))
+    return {row[0] for row in db.conn.execute(
+        f"SELECT DISTINCT artifact_sha256 FROM versions WHERE artifact_sha256 IN ({marks})",
+        list(sha256s)).fetchall()}
+
+
+def container_names(db: sqlite_utils.Database) -> list[str]:
+    return [row[0] for row in db.conn.execute("SELECT name FROM containers ORDER BY name")]
+
+
 def desired_versions(db: sqlite_utils.Database) -> list[dict]:
     """What every worker should hold: the active and the serving version of each container run
     (role serve: both while a redeploy is under way); every other version is a standby that
