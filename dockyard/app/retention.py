@@ -1,12 +1,41 @@
-"""Retention, so that a data dir does not grow without bound: old versions of a container
-(`dockyard versions prune`)."""
+"""Retention, so that a data dir does not grow without bound: old invocation records, old
+versions of every container (the rule of `dockyard versions prune`) and old job runs. The
+scheduler runs it every `--prune-every` while it holds its lease (one place per data dir);
+every delete is batched, so no write lock is held long."""
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
 
 import sqlite_utils
 
 from .artifacts import ArtifactStore
-from .store import containers
+from .store import containers, invocations, job_runs
+
+log = logging.getLogger("dockyard.retention")
+
+DEFAULT_KEEP_INVOCATIONS_S = 7 * 86400.0
+DEFAULT_KEEP_VERSIONS = 10
+DEFAULT_PRUNE_EVERY_S = 60.0
+
+
+@dataclass
+class Retention:
+    invocations_s: float | None = DEFAULT_KEEP_INVOCATIONS_S   # None: keep every record
+    versions: int | None = DEFAULT_KEEP_VERSIONS               # None: keep every version
+    every_s: float = DEFAULT_PRUNE_EVERY_S
+
+    def describe(self) -> dict:
+        return {"keep_invocations_s": self.invocations_s, "keep_versions": self.versions,
+                "prune_every_s": self.every_s}
+
+
+def setting(text: str, parse):
+    """A retention setting as given to serve: `0` or `off` is None (keep everything)."""
+    if text.strip().lower() in ("off", "none", "no", "0"):
+        return None
+    return parse(text) or None
 
 
 def prune_versions(db: sqlite_utils.Database, artifacts: ArtifactStore, name: str, keep: int,
@@ -20,3 +49,22 @@ def prune_versions(db: sqlite_utils.Database, artifacts: ArtifactStore, name: st
             lambda sha256s: containers.artifacts_in_use(db, sha256s))
     result["artifacts_removed"] = removed
     return result
+
+
+def run(db: sqlite_utils.Database, artifacts: ArtifactStore, settings: Retention,
+        t: float) -> dict:
+    """One retention pass; returns how much each part removed."""
+    done = {"job_runs": job_runs.prune(db, t), "invocations": 0, "versions": 0}
+    if settings.invocations_s:
+        done["invocations"] = invocations.prune(db, t - settings.invocations_s)
+    if settings.versions:
+        for name in containers.container_names(db):
+            try:
+                result = prune_versions(db, artifacts, name, settings.versions)
+            except containers.NotFound:
+                continue   # deleted meanwhile
+            done["versions"] += len(result["deleted"])
+    if any(done.values()):
+        log.info("retention removed %d job run(s), %d invocation record(s), %d version(s)",
+                 done["job_runs"], done["invocations"], done["versions"])
+    return done

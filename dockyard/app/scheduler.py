@@ -20,6 +20,9 @@ from pathlib import Path
 
 from ..common import jobs as job_rules
 from ..common import schedule as schedules
+from ..common.durations import parse_duration
+from . import retention
+from .artifacts import ArtifactStore
 from .cancel import tell_workers
 from .datadir import DataDir
 from .db import get_db, migrate
@@ -32,12 +35,17 @@ LEASE_NAME = "scheduler"
 LEASE_TTL_S = 10.0
 MAX_SLEEP_S = 0.2          # also how soon a new or changed job is seen
 MANIFEST_CHECK_S = 1.0
-PRUNE_EVERY_S = 60.0
 
 
 class Scheduler:
-    def __init__(self, db_path: Path, worker_token: str | None, clock=time.time):
+    def __init__(self, db_path: Path, worker_token: str | None, clock=time.time,
+                 retention_settings: retention.Retention | None = None,
+                 artifacts: ArtifactStore | None = None):
         self.db_path = db_path
+        # Without settings (a scheduler made by hand): job history retention only.
+        self.retention = retention_settings or retention.Retention(None, None)
+        self.artifacts = artifacts
+        self.pruner: threading.Thread | None = None
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.connections = WorkerConnections(worker_token or "")
         self.clock = clock
@@ -60,6 +68,8 @@ class Scheduler:
                 log.exception("scheduler loop error")
                 wait = 1.0
             self.stop_event.wait(wait)
+        if self.pruner is not None:
+            self.pruner.join(timeout=10)   # a pass is short batches; one cut off is rolled back
         self.connections.close()
         if self.fencing is not None:
             leases.release(db, LEASE_NAME, self.holder)
@@ -73,6 +83,8 @@ class Scheduler:
         if self.fencing is None:
             return LEASE_TTL_S / 3
         t = self.clock()
+        if time.monotonic() >= self.next_prune:
+            self._start_pruning(t)
         if time.monotonic() >= self.next_manifest_check:
             self._sync_manifest_jobs(db)
         if not job_runs.work_waiting(db, t):
@@ -92,12 +104,23 @@ class Scheduler:
             return LEASE_TTL_S / 3
         for invocation_id in cancels:
             tell_workers(db, self.connections, invocation_id)
-        if time.monotonic() >= self.next_prune:
-            self.next_prune = time.monotonic() + PRUNE_EVERY_S
-            pruned = job_runs.prune(db, t)
-            if pruned:
-                log.info("history retention removed %d run(s)", pruned)
         return self._sleep_s(db)
+
+    def _start_pruning(self, t: float) -> None:
+        """Retention, in a thread of its own (with its own connection) so that fires are
+        never late behind it; one pass at a time."""
+        self.next_prune = time.monotonic() + self.retention.every_s
+        if self.pruner is not None and self.pruner.is_alive():
+            return
+        self.pruner = threading.Thread(target=self._prune, args=(t,), name="retention",
+                                       daemon=True)
+        self.pruner.start()
+
+    def _prune(self, t: float) -> None:
+        try:
+            retention.run(get_db(self.db_path), self.artifacts, self.retention, t)
+        except Exception:  # noqa: BLE001 - tried again next time
+            log.exception("retention pass failed")
 
     def _sleep_s(self, db) -> float:
         wake = jobs.earliest_wake(db)
@@ -272,13 +295,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dockyard.app.scheduler",
                                      description="Fire the cron jobs of a dockyard data dir.")
     parser.add_argument("--data", help="data dir (default: DOCKYARD_HOME or ./.dockyard)")
+    parser.add_argument("--keep-invocations", default="7d",
+                        help="remove invocation records older than this (90s, 10m, 2h, 7d; "
+                             "0 or off: keep them all)")
+    parser.add_argument("--keep-versions", default="10",
+                        help="keep this many newest versions of each container (0 or off: "
+                             "keep them all)")
+    parser.add_argument("--prune-every", default="60s",
+                        help="how often retention runs (90s, 10m, …)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data = DataDir.at(args.data)
     data.ensure()
     migrate(data.db_path)
-    scheduler = Scheduler(data.db_path, data.read_token("worker"))
+    settings = retention.Retention(retention.setting(args.keep_invocations, parse_duration),
+                                   retention.setting(args.keep_versions, int),
+                                   parse_duration(args.prune_every))
+    scheduler = Scheduler(data.db_path, data.read_token("worker"),
+                          retention_settings=settings,
+                          artifacts=ArtifactStore(data.artifacts, data.uploads))
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         # Only sets the event: the loop notices it within one sleep.
         signal.signal(signum, lambda *_: scheduler.stop_event.set())

@@ -8,15 +8,21 @@ from __future__ import annotations
 import sys
 
 from .datadir import DataDir
+from .retention import Retention
 from .supervised import SupervisedProcess
 
 
 class SchedulerProcess(SupervisedProcess):
     name = "scheduler"
 
-    def __init__(self, data: DataDir, preexec_fn=None):
+    def __init__(self, data: DataDir, preexec_fn=None, retention: Retention | None = None):
         super().__init__(preexec_fn)
         self.data = data
+        self.retention = retention or Retention()
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "dockyard.app.scheduler", "--data", str(self.data.root)]
+        r = self.retention
+        return [sys.executable, "-m", "dockyard.app.scheduler", "--data", str(self.data.root),
+                "--keep-invocations", "off" if not r.invocations_s else f"{r.invocations_s:g}s",
+                "--keep-versions", "off" if not r.versions else str(r.versions),
+                "--prune-every", f"{r.every_s:g}s"]

@@ -148,12 +148,21 @@ def _table(rows: list[list], headers: list[str]) -> None:
               help="Where the host-wide uid registry starts giving uids to containers.")
 @click.option("--no-view", is_flag=True,
               help="Run children without their private view (weaker isolation).")
+@click.option("--keep-invocations", default="7d", show_default=True, metavar="DURATION",
+              help="Remove invocation records older than this (90s, 10m, 2h, 7d; 0 or off: "
+                   "keep them all).")
+@click.option("--keep-versions", default="10", show_default=True, metavar="N",
+              help="Keep the N newest versions of each container besides those in use (0 or "
+                   "off: keep them all).")
+@click.option("--prune-every", default="60s", show_default=True, metavar="DURATION",
+              help="How often retention runs.")
 @pass_ctx
 def serve(ctx, host, port, deploy_dir, deploy_poll, no_deploy_dir, web_workers,
           no_local_worker, invoke_auth, index_url, find_links, offline, python, uid_base,
-          no_view):
+          no_view, keep_invocations, keep_versions, prune_every):
     """Run the control plane, a local worker and the deploy folder."""
-    from .serve import ServeOptions, Supervisor
+    from .serve import ServeOptions, Supervisor, retention_options
+    retention = retention_options(keep_invocations, keep_versions, prune_every)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker_args = _uv_args(index_url, find_links, offline, python)
@@ -165,7 +174,8 @@ def serve(ctx, host, port, deploy_dir, deploy_poll, no_deploy_dir, web_workers,
                            deploy_dir=None if no_deploy_dir else deploy_dir or None,
                            deploy_poll=deploy_poll,
                            web_workers=web_workers, local_worker=not no_local_worker,
-                           invoke_auth=invoke_auth, worker_args=worker_args)
+                           invoke_auth=invoke_auth, worker_args=worker_args,
+                           retention=retention)
     sys.exit(Supervisor(options).run())
 
 

@@ -22,6 +22,7 @@ from ..app.datadir import DataDir
 from ..app.db import connect, migrate
 from ..app.store import workers as worker_store
 from ..app.dispatcher import Dispatcher
+from ..app.retention import Retention
 from ..app.schedulerprocess import SchedulerProcess
 from ..app.watcherprocess import WatcherProcess
 from ..runner.server import UNIX_PATH_MAX
@@ -40,6 +41,40 @@ def _die_with_parent() -> None:
         pass
 
 
+def retention_options(keep_invocations: str, keep_versions: str,
+                      prune_every: str) -> Retention:
+    """serve's retention options; a bad one is a usage error naming it."""
+    import click
+
+    from ..app.retention import setting
+    from ..common.durations import parse_duration
+
+    def versions(text: str) -> int:
+        number = int(text)
+        if number < 0:
+            raise ValueError
+        return number
+
+    try:
+        invocations_s = setting(keep_invocations, parse_duration)
+    except ValueError:
+        raise click.BadParameter("give a duration such as 90s, 10m, 2h or 7d (0 or off: keep "
+                                 "every record)", param_hint="--keep-invocations") from None
+    try:
+        kept_versions = setting(keep_versions, versions)
+    except ValueError:
+        raise click.BadParameter("give a number of versions, such as 10 (0 or off: keep them "
+                                 "all)", param_hint="--keep-versions") from None
+    try:
+        every_s = parse_duration(prune_every)
+        if every_s <= 0:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter("give a duration above 0, such as 60s or 10m",
+                                 param_hint="--prune-every") from None
+    return Retention(invocations_s, kept_versions, every_s)
+
+
 @dataclass
 class ServeOptions:
     host: str = "127.0.0.1"
@@ -52,6 +87,7 @@ class ServeOptions:
     local_worker: bool = True
     invoke_auth: bool = False
     worker_args: list[str] = field(default_factory=list)
+    retention: Retention = field(default_factory=Retention)
 
 
 class Supervisor:
@@ -189,10 +225,11 @@ class Supervisor:
             raise
         sock.close()
         self.data.server_json.write_text(json.dumps({
-            "url": self.url, "pid": os.getpid(), "started_at": self.started_at}))
+            "url": self.url, "pid": os.getpid(), "started_at": self.started_at,
+            "retention": self.options.retention.describe()}))
         self.dispatcher = Dispatcher(self.data.db_path, self.data.read_token("worker"))
         self.dispatcher.start()
-        self.scheduler = SchedulerProcess(self.data, _die_with_parent)
+        self.scheduler = SchedulerProcess(self.data, _die_with_parent, self.options.retention)
         self.scheduler.start()
         if self.options.local_worker:
             self._start_worker()

@@ -267,3 +267,24 @@ class _snapshot:
         self.conn.execute("COMMIT")
         return False
 
+
+def prune(db: sqlite_utils.Database, created_before: float, batch: int = 1000) -> int:
+    """Retention: remove records created before `created_before`, in batches (one short
+    write transaction each). Never a call still queued or running, nor one a job run still
+    points at (the job's history shows it; job history retention removes the run first)."""
+    deleted = 0
+    while True:
+        with transaction(db) as conn:
+            ids = [row[0] for row in conn.execute(
+                "SELECT i.id FROM invocations i WHERE i.created_at < ? "
+                "AND i.status NOT IN ('queued', 'running') "
+                "AND NOT EXISTS (SELECT 1 FROM job_runs r WHERE r.invocation_id = i.id) "
+                "ORDER BY i.created_at LIMIT ?", [created_before, batch]).fetchall()]
+            if ids:
+                marks = ", ".join("?" * len(ids))
+                conn.execute(f"DELETE FROM invocation_finishes WHERE invocation_id IN ({marks})",
+                             ids)
+                conn.execute(f"DELETE FROM invocations WHERE id IN ({marks})", ids)
+        deleted += len(ids)
+        if len(ids) < batch:
+            return deleted
