@@ -15,7 +15,7 @@ from click.core import ParameterSource
 
 from ..errors import DockyardError
 from ..runner.server import UNIX_PATH_MAX, UNIX_PREFIX
-from .client import Client, discover, package_bytes
+from .client import Client, discover, package_bytes, token_hint
 from .templates import write_template
 
 
@@ -283,8 +283,12 @@ def deploy(ctx, path, wait, no_activate, timeout):
         dep = r.get("deployment")
         if isinstance(dep, dict):
             click.echo(f"deployment {dep['id']}: {dep['status']}")
-    ctx.emit(record, human)
     dep = record.get("deployment")
+    if isinstance(dep, dict) and dep["status"] == "failed":
+        active, serving = _container_state(client, record["container"])
+        record["active"] = active == record["version"]
+        record["serving"] = serving == record["version"]
+    ctx.emit(record, human)
     if isinstance(dep, dict) and dep["status"] == "failed":
         raise click.ClickException(
             f"{what} failed to deploy: {_failure(dep)}; "
@@ -380,8 +384,12 @@ def invoke(ctx, target, event, asynchronous):
         if ctx.as_json:
             click.echo(json.dumps(body, indent=2))
         error = body.get("error") or {}
-        inv = body.get("invocation_id")
-        raise click.ClickException(f"{error.get('type')}: {error.get('message')}"
+        inv = body.get("invocation_id")  # only an answer about a recorded call has one
+        message = str(error.get("message") or response.reason).splitlines()[0]
+        if response.status_code == 401:
+            sent = response.request.headers.get("Authorization", "")[len("Bearer "):] or None
+            message = f"{message.rstrip('.')}; {token_hint(sent)}"
+        raise click.ClickException(f"{error.get('type')}: {message}"
                                    + (f" (dockyard logs {inv})" if inv else ""))
     if ctx.as_json:
         click.echo(json.dumps(body, indent=2))
