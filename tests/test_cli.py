@@ -197,10 +197,23 @@ def test_deployments_and_invocations(server, pkg):
 
 def test_invoke_suggests_logs_only_for_recorded_calls(server, pkg):
     server.cli("deploy", str(pkg("echo", name="cli-noid", version="1")), "--wait")
-    for target in ("cli-noid-nothere/echo", "cli-noid/nope"):
-        refused = server.cli("invoke", target, "{}", check=False)
-        assert refused.returncode == 1 and "NotFound" in refused.stderr
-        assert "dockyard logs" not in refused.stderr and "inv_" not in refused.stderr
+    server.cli("deploy", str(pkg("broken_import", name="cli-noid-broken")), "--wait",
+               check=False)
+    refused = {
+        "NotFound": [server.cli("invoke", target, "{}", check=False)
+                     for target in ("cli-noid-nothere/echo", "cli-noid/nope")],
+        # 400: the CLI checks the JSON before sending it, so nothing reaches the server.
+        "not valid JSON": [server.cli("invoke", "cli-noid/echo", "{nope", check=False)],
+        "TooLarge": [server.cli("invoke", "cli-noid/echo", "-", check=False,
+                                input='"' + "x" * (6 * 1024 * 1024 + 10) + '"')],
+        # 503 before any worker was asked: the only version failed to start.
+        "Unavailable": [server.cli("invoke", "cli-noid-broken/echo", "{}", check=False)],
+    }
+    for what, answers in refused.items():
+        for done in answers:
+            assert done.returncode == 1 and what in done.stderr, (what, done.stderr)
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+            assert "dockyard logs" not in done.stderr and "inv_" not in done.stderr, done.stderr
     failed = server.cli("invoke", "cli-noid/boom", "{}", check=False)
     assert failed.returncode == 1 and "(dockyard logs inv_" in failed.stderr
     invocation = failed.stderr.split("(dockyard logs ")[1].split(")")[0]

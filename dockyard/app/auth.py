@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from functools import wraps
+from pathlib import Path
 
 from flask import current_app, request
 
@@ -19,15 +21,20 @@ def _kind_of(token: str, tokens: dict[str, str | None]) -> str | None:
     return None
 
 
-def check_header(header: str, tokens: dict[str, str | None], allowed: set[str]) -> None:
+def check_header(header: str, tokens: dict[str, str | None], allowed: set[str],
+                 data_root: Path | None = None) -> None:
     """Raise Unauthorized / Forbidden unless the Authorization header carries a token of an
-    allowed kind (shared by the Flask routes and the synchronous invoke route)."""
+    allowed kind (shared by the Flask routes and the synchronous invoke route). `data_root`:
+    the server's data dir, named in the message (given for local callers only)."""
+    where = (f"{data_root / 'tokens' / 'admin'}" if data_root is not None
+             else "tokens/admin in the server's data dir")
     if not header.startswith("Bearer "):
         raise Unauthorized("missing token: send 'Authorization: Bearer <token>' "
-                           "(the admin token is in <data>/tokens/admin)")
+                           f"(the admin token is in {where})")
     kind = _kind_of(header[7:].strip(), tokens)
     if kind is None:
-        raise Unauthorized("wrong token: check <data>/tokens/admin")
+        raise Unauthorized(f"wrong token: not a token of this server (its admin token is in "
+                           f"{where})")
     if kind not in allowed:
         raise Forbidden(f"a {kind} token cannot use this route")
 
@@ -46,7 +53,17 @@ def require(*kinds: str):
 
 
 def check(allowed: set[str]) -> None:
-    check_header(request.headers.get("Authorization", ""), extension()["tokens"], allowed)
+    ext = extension()
+    check_header(request.headers.get("Authorization", ""), ext["tokens"], allowed,
+                 ext["data"].root if _local_peer() else None)
+
+
+def _local_peer() -> bool:
+    """A caller on this host may learn where the data dir is; a remote one is not told."""
+    try:
+        return ipaddress.ip_address(request.remote_addr or "").is_loopback
+    except ValueError:
+        return False
 
 
 INVOKE_KINDS = {"admin", "invoke"}   # the tokens /invoke takes under --invoke-auth

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from dataclasses import dataclass
@@ -72,3 +73,63 @@ class DataDir:
             return self.token_path(kind).read_text().strip() or None
         except OSError:
             return None
+
+
+# -- where each running `serve` is --------------------------------------------------------
+# `<data>/server.json` tells a CLI that reads that data dir where its server listens. A CLI run
+# without --data in the folder where `serve --data DIR` was started reads ./.dockyard instead:
+# each running serve also leaves a note in a folder private to its user (no token in it, only
+# where it listens, its data dir, its pid and the folder it was started in), so that CLI finds it.
+
+def servers_dir() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "dockyard" / "servers"
+
+
+def record_server(url: str, data_root: Path, pid: int) -> Path | None:
+    folder = servers_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(folder, 0o700)
+        path = folder / f"{pid}.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"url": url, "data": str(data_root), "pid": pid,
+                       "cwd": os.getcwd()}, f)
+        return path
+    except OSError:
+        return None   # a read-only home: the CLI then needs --data or DOCKYARD_HOME
+
+
+def pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def running_servers(cwd: Path | None = None) -> list[dict]:
+    """The notes of running servers (started in `cwd`, when given), newest first; notes of
+    servers that are gone are removed."""
+    found = []
+    try:
+        paths = list(servers_dir().glob("*.json"))
+    except OSError:
+        return []
+    for path in paths:
+        try:
+            note = json.loads(path.read_text())
+            mtime = path.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if not isinstance(note, dict) or not pid_alive(note.get("pid")):
+            path.unlink(missing_ok=True)
+            continue
+        if cwd is None or note.get("cwd") == str(cwd):
+            found.append((mtime, note))
+    return [note for _, note in sorted(found, key=lambda x: x[0], reverse=True)]

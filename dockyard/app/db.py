@@ -163,7 +163,21 @@ def _m4_invocation_finishes(db: sqlite_utils.Database) -> None:
         "VALUES (NEW.id, NEW.container); END")
 
 
-MIGRATIONS = [_m1_initial, _m2_instance_id, _m3_jobs, _m4_invocation_finishes]
+def _m5_deployment_workers(db: sqlite_utils.Database) -> None:
+    """What each worker did for one deployment. A worker keeps one build log per version and
+    reports it whole, so a version deployed again (a rollback, a retry) would show its earlier
+    deployments' lines as its own: `log_base` is that worker's log as it stood when the
+    deployment began (its lines are not this deployment's), and `state`, `error` and `log`
+    keep what the worker had reported once a newer deployment of the version began."""
+    db["deployment_workers"].create(
+        {"deployment_id": str, "worker_id": str, "log_base": str, "state": str, "error": str,
+         "log": str},
+        pk=("deployment_id", "worker_id"),
+    )
+
+
+MIGRATIONS = [_m1_initial, _m2_instance_id, _m3_jobs, _m4_invocation_finishes,
+              _m5_deployment_workers]
 
 
 def migrate(path: str | Path) -> None:

@@ -15,7 +15,7 @@ from click.core import ParameterSource
 
 from ..errors import DockyardError
 from ..runner.server import UNIX_PATH_MAX, UNIX_PREFIX
-from .client import Client, discover, package_bytes
+from .client import Client, discover, package_bytes, token_hint
 from .templates import write_template
 
 
@@ -273,14 +273,17 @@ def init(name):
 @click.argument("path")
 @click.option("--wait", is_flag=True, help="Wait until the version serves (or fails).")
 @click.option("--no-activate", is_flag=True, help="Upload only; activate later.")
-@click.option("--timeout", default=600, show_default=True, type=float)
+@click.option("--timeout", default=600, show_default=True, type=float,
+              help="How long --wait waits, in seconds.")
 @pass_ctx
 def deploy(ctx, path, wait, no_activate, timeout):
     """Deploy a package (folder, .zip or .tar.gz)."""
     client = ctx.client()
     record = client.upload(package_bytes(path), activate=not no_activate)
+    what = f"{record['container']}@{record['version']}"
     if wait and record.get("deployment") and record.get("deployment_status") != "ready":
-        record["deployment"] = _wait_deployment(ctx, client, record["deployment"], timeout)
+        record["deployment"] = _wait_deployment(ctx, client, record["deployment"], timeout,
+                                                what, record["container"])
     elif record.get("deployment"):
         record["deployment"] = client.json("GET", f"/api/deployments/{record['deployment']}")
 
@@ -290,14 +293,52 @@ def deploy(ctx, path, wait, no_activate, timeout):
         dep = r.get("deployment")
         if isinstance(dep, dict):
             click.echo(f"deployment {dep['id']}: {dep['status']}")
-    ctx.emit(record, human)
     dep = record.get("deployment")
     if isinstance(dep, dict) and dep["status"] == "failed":
-        raise click.ClickException(f"deploy failed: {(dep.get('error') or '').splitlines()[0]}")
+        active, serving = _container_state(client, record["container"])
+        record["active"] = active == record["version"]
+        record["serving"] = serving == record["version"]
+    ctx.emit(record, human)
+    if isinstance(dep, dict) and dep["status"] == "failed":
+        raise click.ClickException(
+            f"{what} failed to deploy: {_failure(dep)}; "
+            f"{_left(client, record['container'], record['version'])} "
+            f"(the new version is stored; see dockyard deployments {record['container']})")
 
 
-def _wait_deployment(ctx, client, deployment_id: str, timeout: float) -> dict:
-    end = time.monotonic() + timeout
+def _failure(deployment: dict) -> str:
+    """Why a deployment failed, in one line: the workers' reason and the build log's cause."""
+    from ..app.deployclient import failure_reason
+    return failure_reason(deployment).rstrip(".")
+
+
+def _container_state(client, name: str) -> tuple[str | None, str | None]:
+    """(active version, serving version) of a container as the server has them now."""
+    try:
+        detail = client.json("GET", f"/api/containers/{name}")
+    except DockyardError:
+        return None, None
+    return detail.get("active_version"), detail.get("serving_version")
+
+
+def _left(client, name: str, failed: str) -> str:
+    """What serves `name` after a deployment of `failed` did not succeed."""
+    active, serving = _container_state(client, name)
+    if serving and serving != failed:
+        still = f"still serving {name}@{serving}"
+        return still if active == serving else (
+            f"{still}, and {name}@{active} is active" if active else still)
+    if serving == failed:
+        return f"{name}@{failed} serves on the workers where it is ready"
+    return f"nothing serves {name} (it has no version that started)"
+
+
+def _wait_deployment(ctx, client, deployment_id: str, timeout: float, what: str,
+                     name: str) -> dict:
+    """Follow a deployment to ready or failed, showing each worker's build log and state. A
+    deployment still under way after `timeout`, or that no worker takes, ends the command
+    with what it left: the version active, and the version that serves meanwhile."""
+    start = time.monotonic()
     shown: dict[str, int] = {}
     states: dict[str, str] = {}
     while True:
@@ -313,11 +354,18 @@ def _wait_deployment(ctx, client, deployment_id: str, timeout: float) -> dict:
             shown[w["worker"]] = len(lines)
         if dep["status"] in ("ready", "failed"):
             return dep
-        if not dep["workers"] and time.monotonic() > end - timeout + 10:
-            raise click.ClickException("no worker is connected to take the deploy; "
-                                       "start one with `dockyard worker`")
-        if time.monotonic() > end:
-            raise click.ClickException(f"deploy still {dep['status']} after {timeout:.0f}s")
+        waited = time.monotonic() - start
+        if (not dep["workers"] and waited > min(10, timeout)) or waited > timeout:
+            active, serving = _container_state(client, name)
+            why = ("no worker is connected to take it" if not dep["workers"]
+                   else f"it is still {dep['status']} after {timeout:g}s")
+            state = (f"{name}@{active} is active and takes over once a worker has it ready"
+                     if active else f"{name} has no active version")
+            if serving and serving != active:
+                state += f"; {name}@{serving} serves until then"
+            raise click.ClickException(
+                f"stopped waiting for {what} (deployment {deployment_id}): {why}; {state} "
+                f"(see dockyard deployments {name})")
         time.sleep(0.2)
 
 
@@ -346,8 +394,12 @@ def invoke(ctx, target, event, asynchronous):
         if ctx.as_json:
             click.echo(json.dumps(body, indent=2))
         error = body.get("error") or {}
-        inv = body.get("invocation_id")
-        raise click.ClickException(f"{error.get('type')}: {error.get('message')}"
+        inv = body.get("invocation_id")  # only an answer about a recorded call has one
+        message = str(error.get("message") or response.reason).splitlines()[0]
+        if response.status_code == 401:
+            sent = response.request.headers.get("Authorization", "")[len("Bearer "):] or None
+            message = f"{message.rstrip('.')}; {token_hint(sent)}"
+        raise click.ClickException(f"{error.get('type')}: {message}"
                                    + (f" (dockyard logs {inv})" if inv else ""))
     if ctx.as_json:
         click.echo(json.dumps(body, indent=2))
@@ -376,18 +428,41 @@ def list_containers(ctx):
 @cli.command()
 @click.argument("name")
 @click.argument("version")
-@click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until VERSION serves (or its deployment fails).")
+@click.option("--timeout", default=600, show_default=True, type=float,
+              help="How long --wait waits, in seconds.")
 @pass_ctx
-def rollback(ctx, name, version, wait):
-    """Make VERSION the active version of NAME again."""
+def rollback(ctx, name, version, wait, timeout):
+    """Make VERSION the active version of NAME again. Nothing changes if no worker is there to
+    deploy it, or if its deployment fails."""
     client = ctx.client()
     record = client.json("POST", f"/api/containers/{name}/activate", json={"version": version})
+    what = f"{name}@{version}"
     if wait and record.get("deployment") and record.get("deployment_status") != "ready":
-        record["deployment"] = _wait_deployment(ctx, client, record["deployment"], 600)
-    ctx.emit(record, lambda r: click.echo(f"{name} now serves {version}"
-                                          if not isinstance(r.get("deployment"), dict)
-                                          or r["deployment"]["status"] == "ready"
-                                          else f"{name}@{version}: {r['deployment']['status']}"))
+        record["deployment"] = _wait_deployment(ctx, client, record["deployment"], timeout,
+                                                what, name)
+    elif record.get("deployment"):
+        record["deployment"] = client.json("GET", f"/api/deployments/{record['deployment']}")
+    dep = record.get("deployment")
+
+    def human(r):
+        if not isinstance(dep, dict) or dep["status"] == "ready":
+            click.echo(f"{name} now serves {version}")
+        elif dep["status"] != "failed":
+            click.echo(f"{what} is active; deployment {dep['id']}: {dep['status']} "
+                       f"(it serves once a worker has it ready)")
+    ctx.emit(record, human)
+    if isinstance(dep, dict) and dep["status"] == "failed":
+        active, serving = _container_state(client, name)
+        if active != version:
+            left = f"nothing changed: {name}@{active} is still active" + (
+                " and serving" if serving == active else
+                f", and {name}@{serving} serves" if serving else "")
+        else:
+            left = f"{what} stays active ({_left(client, name, version)})"
+        raise click.ClickException(f"rollback to {what} failed: {_failure(dep)}; {left} "
+                                   f"(see dockyard deployments {name})")
 
 
 @cli.command(name="rm")

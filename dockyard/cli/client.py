@@ -9,7 +9,7 @@ from pathlib import Path
 
 import requests
 
-from ..app.datadir import DataDir
+from ..app.datadir import DataDir, pid_alive, running_servers
 from ..errors import DockyardError
 
 
@@ -17,22 +17,59 @@ class ClientError(DockyardError):
     type = "ClientError"
 
 
+# Where the token each Client of this process sends came from, for the message of a 401.
+_TOKEN_SOURCES: dict[str | None, str] = {}
+
+
 def discover(url: str | None, token: str | None, data: str | None) -> tuple[str, str | None]:
-    """--url/DOCKYARD_URL and --token/DOCKYARD_TOKEN, else what `serve` wrote in the data dir."""
+    """--url/DOCKYARD_URL and --token/DOCKYARD_TOKEN, else what `serve` wrote in the data dir.
+    With no data dir named (neither --data nor DOCKYARD_HOME) and no server running from the
+    default one, a server started in this folder with another data dir is found by the note
+    it left (datadir.running_servers): the URL and token come from its data dir."""
     data_dir = DataDir.at(data)
-    if not url:
-        try:
-            url = json.loads(data_dir.server_json.read_text())["url"]
-        except (OSError, ValueError, KeyError):
-            url = "http://127.0.0.1:8080"
-    if not token:
+    found = _server_url(data_dir)
+    if found is None and not (data or os.environ.get("DOCKYARD_HOME")):
+        for note in running_servers(Path.cwd()):
+            other = DataDir(Path(note["data"]))
+            if (other.root != data_dir.root and other.read_token("admin")
+                    and (not url or url.rstrip("/") == note["url"])):
+                data_dir, found = other, note["url"]
+                break
+    url = url or found or "http://127.0.0.1:8080"
+    if token:
+        _TOKEN_SOURCES[token] = "the token from --token or DOCKYARD_TOKEN"
+    else:
         token = data_dir.read_token("admin")
+        path = data_dir.token_path("admin")
+        _TOKEN_SOURCES[token] = (f"the token in {path}" if token else
+                                 f"no token ({path} does not exist)")
     return url.rstrip("/"), token
+
+
+def _server_url(data_dir: DataDir) -> str | None:
+    """The URL of the server running from `data_dir` (None if none is: no server.json, or
+    one left by a server that is gone)."""
+    try:
+        record = json.loads(data_dir.server_json.read_text())
+        url = record["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if "pid" in record and not pid_alive(record["pid"]):
+        return None
+    return url
+
+
+def token_hint(token: str | None) -> str:
+    """Which token the CLI sent and how to send another, for a 401."""
+    source = _TOKEN_SOURCES.get(token, "the token it was given" if token else "no token")
+    return (f"the CLI sent {source}; point it at the server's data dir with --data DIR or "
+            "DOCKYARD_HOME (or give the token in DOCKYARD_TOKEN)")
 
 
 class Client:
     def __init__(self, url: str, token: str | None, timeout: float = 60.0):
         self.url = url
+        self.token = token
         self.session = requests.Session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
@@ -48,11 +85,11 @@ class Client:
         except requests.Timeout:
             raise ClientError(f"dockyard at {self.url} did not answer in time") from None
         if response.status_code not in expect:
-            raise self._error(response)
+            raise self._error(response, self.token)
         return response
 
     @staticmethod
-    def _error(response) -> ClientError:
+    def _error(response, token: str | None = None) -> ClientError:
         try:
             body = response.json()
             error = body.get("error") or {}
@@ -60,6 +97,8 @@ class Client:
             kind = error.get("type") or "Error"
         except ValueError:
             body, message, kind = {}, response.text.strip()[:200] or response.reason, "Error"
+        if response.status_code == 401:
+            message = f"{message.rstrip('.')}; {token_hint(token)}"
         exc = ClientError(f"{kind}: {message}")
         exc.status = response.status_code
         exc.body = body

@@ -15,10 +15,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import requests
 
-from ..app.datadir import DataDir
+from ..app.datadir import DataDir, record_server
 from ..app.db import connect, migrate
 from ..app.store import workers as worker_store
 from ..app.dispatcher import Dispatcher
@@ -106,6 +107,7 @@ class Supervisor:
         self.deploy_watcher: WatcherProcess | None = None
         self.url = ""
         self.started_at = time.time()
+        self.server_note: Path | None = None   # where the CLI finds this server (datadir.py)
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self.signals.append(signum)
@@ -227,6 +229,7 @@ class Supervisor:
         self.data.server_json.write_text(json.dumps({
             "url": self.url, "pid": os.getpid(), "started_at": self.started_at,
             "retention": self.options.retention.describe()}))
+        self.server_note = record_server(self.url, self.data.root, os.getpid())
         self.dispatcher = Dispatcher(self.data.db_path, self.data.read_token("worker"))
         self.dispatcher.start()
         self.scheduler = SchedulerProcess(self.data, _die_with_parent, self.options.retention)
@@ -301,6 +304,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.server_note is not None:
+            self.server_note.unlink(missing_ok=True)
         try:
             current = json.loads(self.data.server_json.read_text())
             if current.get("pid") == os.getpid():

@@ -9,9 +9,9 @@ import sqlite_utils
 
 from ...common.protocol import Role, VersionState
 from ...common.manifest import Manifest
-from ...errors import BadRequest, Conflict, NotFound
+from ...errors import BadRequest, Conflict, NotFound, Unavailable
 from ..db import now, transaction
-from .workers import live_worker_ids
+from .workers import deployment_log_base, live_worker_ids, own_log
 
 # Versions a worker is told to keep running, besides the one serving traffic.
 ROLE_SERVE = Role.SERVE
@@ -91,28 +91,69 @@ def add_version(db: sqlite_utils.Database, manifest: Manifest, content_sha256: s
     return container, version, created
 
 
-def _activate(db: sqlite_utils.Database, container: dict, version: dict) -> dict:
+def _activate(db: sqlite_utils.Database, container: dict, version: dict,
+              require_worker: bool = False) -> dict:
+    latest = latest_deployment(db, version["id"])
+    retry = False
     if container["active_version_id"] == version["id"]:
-        latest = latest_deployment(db, version["id"])
         if latest is None or latest["status"] != "failed":
             return container
-        # Deployed again after it failed: a new deployment, and what the workers reported of
-        # the failed one is forgotten, so that it is judged on the new attempt alone.
-        db.conn.execute("DELETE FROM worker_versions WHERE version_id = ?", [version["id"]])
+        retry = True
+    if require_worker and not live_worker_ids(db):
+        active = _version_name(db, container["active_version_id"])
+        raise Unavailable(
+            f"no worker is connected to deploy {container['name']}@{version['version']}; "
+            "nothing changed" + (f" ({container['name']}@{active} stays active)" if active
+                                 else "") + "; start one with `dockyard worker` (or `dockyard "
+            "serve` without --no-local-worker) and try again", retry_after=5)
     t = now()
+    deployment_id = "dep_" + secrets.token_hex(8)
+    _begin_deployment_logs(db, version["id"], latest, deployment_id)
+    # A new deployment is judged on the workers' reports about it alone: a failure reported
+    # for an earlier one (the version deployed again after it failed, or a rollback to a
+    # version that once failed) is forgotten, and the workers build and start it once more.
+    # A worker where it is ready keeps it routable meanwhile.
+    db.conn.execute("DELETE FROM worker_versions WHERE version_id = ?" +
+                    ("" if retry else " AND state = 'failed'"), [version["id"]])
     db["containers"].update(container["id"], {"active_version_id": version["id"],
                                                "updated_at": t})
-    db["deployments"].insert({"id": "dep_" + secrets.token_hex(8),
+    db["deployments"].insert({"id": deployment_id,
                               "container_id": container["id"], "version_id": version["id"],
                               "status": "pending", "created_at": t})
     return db["containers"].get(container["id"])
 
 
+def _version_name(db: sqlite_utils.Database, version_id: int | None) -> str | None:
+    row = db.conn.execute("SELECT version FROM versions WHERE id = ?", [version_id]).fetchone()
+    return row[0] if row else None
+
+
+def _begin_deployment_logs(db: sqlite_utils.Database, version_id: int,
+                           previous: dict | None, deployment_id: str) -> None:
+    """A new deployment of a version that workers already hold: each worker's log so far
+    belongs to the earlier deployment (kept with it, as it ended), not to the new one."""
+    conn = db.conn
+    rows = conn.execute("SELECT worker_id, state, error, log FROM worker_versions "
+                        "WHERE version_id = ?", [version_id]).fetchall()
+    for worker_id, state, error, log in rows:
+        if previous is not None:
+            base = deployment_log_base(db, previous["id"], worker_id)
+            conn.execute(
+                "INSERT INTO deployment_workers (deployment_id, worker_id, state, error, log) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (deployment_id, worker_id) DO UPDATE SET "
+                "state = excluded.state, error = excluded.error, log = excluded.log",
+                [previous["id"], worker_id, state, error, own_log(log, base)])
+        conn.execute("INSERT OR REPLACE INTO deployment_workers (deployment_id, worker_id, "
+                     "log_base) VALUES (?, ?, ?)", [deployment_id, worker_id, log or ""])
+
+
 def activate(db: sqlite_utils.Database, name: str, version: str) -> tuple[dict, dict]:
+    """Make `version` the active version of `name` (a rollback); refused, with nothing
+    changed, while no worker is there to deploy it."""
     with transaction(db):
         container = get_container(db, name)
         row = get_version(db, container, version)
-        container = _activate(db, container, row)
+        container = _activate(db, container, row, require_worker=True)
     return container, row
 
 
@@ -215,6 +256,8 @@ def delete_container(db: sqlite_utils.Database, name: str) -> None:
                                           [container["id"]])]
         for vid in vids:
             conn.execute("DELETE FROM worker_versions WHERE version_id = ?", [vid])
+        conn.execute("DELETE FROM deployment_workers WHERE deployment_id IN (SELECT id FROM "
+                     "deployments WHERE container_id = ?)", [container["id"]])
         conn.execute("DELETE FROM deployments WHERE container_id = ?", [container["id"]])
         conn.execute("DELETE FROM versions WHERE container_id = ?", [container["id"]])
         conn.execute("DELETE FROM containers WHERE id = ?", [container["id"]])

@@ -154,6 +154,9 @@ def list_workers(db: sqlite_utils.Database) -> list[dict]:
 
 
 def deployment_detail(db: sqlite_utils.Database, deployment_id: str) -> dict:
+    """A deployment and what each live worker did for it: for the version's latest deployment
+    the workers' reports as they come in (only the log lines written since it began), for an
+    earlier one what they had reported when the next one began."""
     dep = db["deployments"].get(deployment_id) if db["deployments"].count_where(
         "id = ?", [deployment_id]) else None
     if dep is None:
@@ -163,14 +166,51 @@ def deployment_detail(db: sqlite_utils.Database, deployment_id: str) -> dict:
     live = set(live_worker_ids(db))
     workers = []
     seen = set()
-    for r in db.query("SELECT wv.*, w.name FROM worker_versions wv JOIN workers w "
-                      "ON w.id = wv.worker_id WHERE wv.version_id = ?", [dep["version_id"]]):
+    latest = _latest_deployment_id(db.conn, dep["version_id"]) == deployment_id
+    if latest:
+        rows = db.query(
+            "SELECT wv.worker_id, wv.state, wv.error, wv.log, dw.log_base, w.name "
+            "FROM worker_versions wv JOIN workers w ON w.id = wv.worker_id "
+            "LEFT JOIN deployment_workers dw ON dw.deployment_id = ? "
+            "AND dw.worker_id = wv.worker_id WHERE wv.version_id = ?",
+            [deployment_id, dep["version_id"]])
+    else:
+        rows = db.query(
+            "SELECT dw.worker_id, dw.state, dw.error, dw.log, '' AS log_base, w.name "
+            "FROM deployment_workers dw JOIN workers w ON w.id = dw.worker_id "
+            "WHERE dw.deployment_id = ? AND dw.state IS NOT NULL", [deployment_id])
+    for r in rows:
         seen.add(r["worker_id"])
-        if r["worker_id"] in live:
+        if r["worker_id"] in live or not latest:
             workers.append({"worker": r["worker_id"], "name": r["name"], "state": r["state"],
-                            "error": r["error"], "log": r["log"] or ""})
-    for wid in sorted(live - seen):
+                            "error": r["error"],
+                            "log": own_log(r["log"], r["log_base"] or "")})
+    for wid in sorted(live - seen if latest else ()):
         workers.append({"worker": wid, "state": "pending", "error": None, "log": ""})
     return {"id": dep["id"], "container": container["name"], "version": version["version"],
             "status": dep["status"], "error": dep["error"], "created_at": dep["created_at"],
             "finished_at": dep["finished_at"], "workers": workers}
+
+
+def deployment_log_base(db: sqlite_utils.Database, deployment_id: str,
+                        worker_id: str) -> str:
+    row = db.conn.execute("SELECT log_base FROM deployment_workers WHERE deployment_id = ? "
+                          "AND worker_id = ?", [deployment_id, worker_id]).fetchone()
+    return (row[0] or "") if row else ""
+
+
+def own_log(log: str | None, base: str) -> str:
+    """The lines of a worker's version log written after `base` (its log when a deployment
+    began). The worker caps its log from the front, so `base` may have lost its first lines
+    since: then the new lines are those after base's last line."""
+    log = log or ""
+    if not base:
+        return log
+    if log.startswith(base):
+        return log[len(base):].lstrip("\n")
+    last = base.rstrip("\n").rsplit("\n", 1)[-1]
+    lines = log.split("\n")
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i] == last:
+            return "\n".join(lines[i + 1:])
+    return log
