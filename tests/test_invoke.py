@@ -278,3 +278,22 @@ def test_a_failed_first_deploy_is_retried_when_the_same_package_comes_again(serv
     again = server.deploy(folder)
     assert again["deployment"] != failed["deployment"] and not again["created"]
     assert server.invoke("inv-retry/uselate:value", {}).json() == 42
+
+
+def test_an_async_call_waits_for_a_busy_instance_instead_of_failing(server, pkg):
+    """One instance, one call at a time, busy longer than the worker's queue wait (5 s): a
+    synchronous call then gets a 503, but a queued call is the dispatcher's to deliver, so it
+    runs once the instance is free."""
+    server.deploy(pkg("jobs", name="inv-busy",
+                      manifest_extra="[limits]\nconcurrency = 1\ninstances = 1\n"))
+    busy = threading.Thread(target=server.invoke, args=("inv-busy/slow", {"s": 7}))
+    busy.start()
+    try:
+        time.sleep(0.5)
+        queued = server.invoke("inv-busy/tick?async=1", {"n": 1})
+        assert queued.status_code == 202
+        inv = server.wait_invocation(queued.json()["invocation_id"], timeout=60)
+        assert inv["status"] == "succeeded", inv
+        assert inv["output"]["event"] == {"n": 1}
+    finally:
+        busy.join()

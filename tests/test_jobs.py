@@ -448,7 +448,9 @@ def test_restart_after_downtime_runs_one_catch_up_and_the_rest_is_missed(
         assert all(b - a == pytest.approx(2.0, abs=0.002) for a, b in zip(times, times[1:]))
         gap = runs[next(i for i, r in enumerate(runs) if r["status"] == "missed"):]
         missed = [r for r in gap if r["status"] == "missed"]
-        caught_up = [r for r in gap if r["status"] != "missed"]
+        # A regular fire that came while the catch-up still ran (a slow machine) is skipped,
+        # as the job's `forbid` policy says: not a second catch-up.
+        caught_up = [r for r in gap if r["status"] not in ("missed", "skipped")]
         assert len(missed) >= 2 and all("not running" in r["reason"] for r in missed)
         assert len(caught_up) == 1, caught_up
         assert caught_up[0]["status"] == "succeeded" and caught_up[0]["lateness_s"] > 0

@@ -577,3 +577,35 @@ def test_serve_falls_back_to_loopback_when_the_socket_path_is_too_long(tmp_path,
     with caplog.at_level(logging.WARNING, logger="dockyard.serve"):
         assert listen_for(tmp_path / ("x" * 100)) == "127.0.0.1:0"
     assert [r for r in caplog.records if "longer than the 107 bytes" in r.getMessage()]
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_pooled_connections_survive_a_worker_restart_without_a_lost_call(start_server,
+                                                                         tmp_path, kind):
+    """A worker that restarts closes every pooled connection. The next call on each must go
+    to the new worker on a fresh connection, not fail and not mark the worker lost: over a
+    Unix socket the send fails at once (EPIPE) and is dialled again; over TCP a closed
+    connection is seen before sending."""
+    if kind == "unix":
+        address = f"unix:{tmp_path / 'invoke.sock'}"
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{s.getsockname()[1]}"
+    first = start_server(address)
+    connections = WorkerConnections(TOKEN)
+    try:
+        # Several pooled connections, as concurrent web threads leave behind.
+        with ThreadPoolExecutor(4) as pool:
+            assert all(r["type"] == "echo" for r in pool.map(
+                lambda n: connections.request(first.address, {"n": n}, timeout=HANG_S),
+                range(16)))
+        assert len(connections._idle[first.address]) > 1
+        assert first.stop() == 0
+        second = start_server(address)
+        assert second.address == first.address
+        for n in range(8):
+            assert connections.request(second.address, {"n": n}, timeout=HANG_S) == {
+                "type": "echo", "frame": {"n": n}}
+    finally:
+        connections.close()

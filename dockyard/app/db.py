@@ -22,7 +22,9 @@ def connect(path: str | Path) -> sqlite_utils.Database:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
-    return sqlite_utils.Database(conn)
+    db = sqlite_utils.Database(conn)
+    db.path = str(path)  # which database, for what a process keeps in memory about it
+    return db
 
 
 def get_db(path: str | Path) -> sqlite_utils.Database:
@@ -176,8 +178,43 @@ def _m5_deployment_workers(db: sqlite_utils.Database) -> None:
     )
 
 
+# What a call's route is made of (see store/routing.py): a write that changes any of it bumps
+# the routing generation, so a web process can keep routes in memory and still see a deploy,
+# an activation or a worker's change of state on the very next call. A heartbeat that changes
+# nothing (last_seen, the same state again) leaves the generation alone.
+_ROUTING_TRIGGERS = {
+    "containers_insert": "AFTER INSERT ON containers",
+    "containers_delete": "AFTER DELETE ON containers",
+    "containers_update": "AFTER UPDATE OF name, active_version_id, serving_version_id "
+                         "ON containers",
+    "versions_insert": "AFTER INSERT ON versions",
+    "versions_delete": "AFTER DELETE ON versions",
+    "versions_update": "AFTER UPDATE ON versions",
+    "worker_versions_insert": "AFTER INSERT ON worker_versions",
+    "worker_versions_delete": "AFTER DELETE ON worker_versions",
+    "worker_versions_update": "AFTER UPDATE OF state, worker_id, version_id ON worker_versions "
+                              "WHEN OLD.state IS NOT NEW.state "
+                              "OR OLD.worker_id IS NOT NEW.worker_id "
+                              "OR OLD.version_id IS NOT NEW.version_id",
+    "workers_insert": "AFTER INSERT ON workers",
+    "workers_delete": "AFTER DELETE ON workers",
+    "workers_update": "AFTER UPDATE OF state, address ON workers "
+                      "WHEN OLD.state IS NOT NEW.state OR OLD.address IS NOT NEW.address",
+}
+
+
+def _m6_routing_generation(db: sqlite_utils.Database) -> None:
+    """A counter every change to routing bumps (by triggers, so no write path can forget)."""
+    db.execute("CREATE TABLE routing_generation (id INTEGER PRIMARY KEY CHECK (id = 1), "
+               "n INTEGER NOT NULL)")
+    db.execute("INSERT INTO routing_generation (id, n) VALUES (1, 0)")
+    for name, when in _ROUTING_TRIGGERS.items():
+        db.execute(f"CREATE TRIGGER routing_{name} {when} BEGIN "
+                   "UPDATE routing_generation SET n = n + 1 WHERE id = 1; END")
+
+
 MIGRATIONS = [_m1_initial, _m2_instance_id, _m3_jobs, _m4_invocation_finishes,
-              _m5_deployment_workers]
+              _m5_deployment_workers, _m6_routing_generation]
 
 
 def migrate(path: str | Path) -> None:

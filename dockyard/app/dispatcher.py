@@ -103,7 +103,17 @@ class Dispatcher:
                 try:
                     result = execute(db, self.connections, row["id"], row["container"],
                                      row["version"], row["function"], event, row["trigger"])
-                    break
+                    if result.get("status") != Status.UNAVAILABLE or time.monotonic() > give_up:
+                        break
+                    # Every instance stayed busy for the worker's queue wait, and nothing ran:
+                    # a queued call waits its turn (up to UNAVAILABLE_RETRY_S) instead of
+                    # failing, where a synchronous caller gets a 503 and retries itself.
+                    if self.stop_event.is_set():
+                        store.release(db, row["id"], self.holder)
+                        return
+                    log.info("%s: %s; trying again", row["id"],
+                             (result.get("error") or {}).get("message"))
+                    self.stop_event.wait(0.5)
                 except NotFound as exc:
                     result = {"status": Status.FAILED, "error": exc.to_dict()}
                     break

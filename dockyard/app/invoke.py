@@ -44,15 +44,39 @@ def _manifest(version_id: int, text: str) -> Manifest:
     return Manifest.from_dict(json.loads(text))
 
 
-def route(db: sqlite_utils.Database, container: str, version: str | None
-          ) -> tuple[Target, list[dict]]:
+# Routes this process has looked up: (database, container, version) -> (routing generation,
+# when, route). An entry is used while the generation is unchanged (any deploy, activation,
+# removal or change of a worker's state bumps it) and for at most ROUTE_MAX_AGE_S, so that a
+# worker whose heartbeats stopped drops out as the query would drop it.
+_routes: dict[tuple, tuple[int, float, tuple[Target, list[dict]]]] = {}
+ROUTE_MAX_AGE_S = 1.0
+ROUTES_KEPT = 4096
+
+
+def route(db: sqlite_utils.Database, container: str, version: str | None,
+          fresh: bool = False) -> tuple[Target, list[dict]]:
     """The serving (or pinned) version of a container and the live workers that have it
-    ready: this runs on every call, and a redeploy must be seen at once."""
+    ready: this runs on every call, and a redeploy must be seen at once. One primary-key read
+    of the routing generation when the route is in memory; `fresh` looks it up again."""
+    key = (db.path, container, version)
+    generation = routing.generation(db)
+    t = time.monotonic()
+    kept = _routes.get(key)
+    if kept is not None and not fresh and kept[0] == generation and t - kept[1] < ROUTE_MAX_AGE_S:
+        return kept[2]
     found = routing.route(db, container, version)
     if found is None:
+        _routes.pop(key, None)
         raise routing.missing(db, container, version)
     (vid, name, manifest), workers = found
-    return Target(container, vid, name, _manifest(vid, manifest), version is not None), workers
+    answer = (Target(container, vid, name, _manifest(vid, manifest), version is not None),
+              workers)
+    if len(_routes) >= ROUTES_KEPT:
+        _routes.clear()
+    # Read before the query: a change committed in between leaves a stale generation here,
+    # so the next call looks again rather than trusting it.
+    _routes[key] = (generation, t, answer)
+    return answer
 
 
 def _pick_worker(db: sqlite_utils.Database, target: Target, routable: list[dict],
@@ -85,7 +109,8 @@ def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocatio
     avoid: set[str] = set()
     last_error = None
     for attempt in range(ROUTE_ATTEMPTS):
-        target, routable = route(db, container, version)
+        # A retry follows a worker that was gone or no longer ran the version: look again.
+        target, routable = route(db, container, version, fresh=attempt > 0)
         target.manifest.resolve_function(function)
         worker = _pick_worker(db, target, routable, avoid)
         timeout = float(target.manifest.limits.timeout_s)

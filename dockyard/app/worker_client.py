@@ -72,18 +72,24 @@ class WorkerConnections:
         conn.set_send_timeout(SEND_TIMEOUT_S)
         return conn
 
-    def _checkout(self, address: str, timeout: float) -> FrameSocket:
+    def _checkout(self, address: str, timeout: float) -> tuple[FrameSocket, bool]:
+        """A connection to `address`, and whether it was pooled (it may have been closed by a
+        worker that restarted since)."""
         with self._lock:
             idle = self._idle.get(address)
             while idle:
                 conn = idle.pop()
-                # A pooled connection that is readable now was closed by the worker (it
-                # restarted): never send a call down it.
+                if address.startswith(UNIX_PREFIX):
+                    # A send on a Unix socket whose peer is gone fails at once (EPIPE) and
+                    # sends nothing: `request` dials again then, so no check here.
+                    return conn, True
+                # Over TCP the first send to a closed peer succeeds: a pooled connection that
+                # is readable now was closed by the worker; never send a call down it.
                 readable, _, _ = select.select([conn.sock], [], [], 0)
                 if not readable:
-                    return conn
+                    return conn, True
                 conn.close()
-        return self._connect(address, timeout)
+        return self._connect(address, timeout), False
 
     def _checkin(self, address: str, conn: FrameSocket) -> None:
         with self._lock:
@@ -92,13 +98,22 @@ class WorkerConnections:
     def request(self, address: str, frame: dict, timeout: float) -> dict:
         """Send one frame and wait for its reply. WorkerGone if the worker could not be
         reached (nothing ran) — `sent` in its args says whether the call may have started."""
-        conn = self._checkout(address, timeout)
+        conn, pooled = self._checkout(address, timeout)
         try:
             conn.set_recv_timeout(timeout)
             conn.send(frame)
         except OSError as exc:
             conn.close()
-            raise WorkerGone(f"worker at {address} went away: {exc}", False) from exc
+            if not pooled:
+                raise WorkerGone(f"worker at {address} went away: {exc}", False) from exc
+            # The worker closed this pooled connection (it restarted): dial it afresh.
+            conn = self._connect(address, timeout)
+            try:
+                conn.set_recv_timeout(timeout)
+                conn.send(frame)
+            except OSError as exc2:
+                conn.close()
+                raise WorkerGone(f"worker at {address} went away: {exc2}", False) from exc2
         try:
             reply = conn.recv()
         except (OSError, ValueError) as exc:

@@ -1,5 +1,7 @@
 """Where a call goes: the serving (or pinned) version of a container and the live workers that
-report it ready. Read on every call, so one indexed query answers both questions."""
+report it ready. Needed on every call: one indexed query answers both questions, and
+`generation` (a counter that every write changing a route bumps, by trigger) tells a process
+whether the answer it keeps in memory still holds."""
 
 from __future__ import annotations
 
@@ -35,6 +37,11 @@ def route(db: sqlite_utils.Database, container: str, version: str | None
     vid, name, manifest, _, _ = rows[0]
     return (vid, name, manifest), [{"id": r[3], "address": r[4]} for r in rows
                                    if r[3] is not None]
+
+
+def generation(db: sqlite_utils.Database) -> int:
+    """The routing generation: unchanged means no route changed since it was last read."""
+    return db.conn.execute("SELECT n FROM routing_generation WHERE id = 1").fetchone()[0]
 
 
 def missing(db: sqlite_utils.Database, container: str, version: str | None) -> NotFound:

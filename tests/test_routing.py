@@ -1,0 +1,110 @@
+"""Routes kept in memory by each web process: any write that changes where a call goes bumps
+the routing generation (by trigger), so a kept route is never used after a deploy, an
+activation, a removal or a worker's change of state; writes that change nothing about
+routing (heartbeats, records) leave it alone, so routes stay kept under load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dockyard.app import invoke
+from dockyard.app.db import connect, migrate
+from dockyard.app.store import routing
+from dockyard.errors import NotFound
+
+
+def _manifest(name: str) -> str:
+    return json.dumps({"name": name, "functions": {"f": "main:f"}})
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = tmp_path / "dockyard.db"
+    migrate(path)
+    database = connect(path)
+    conn = database.conn
+    conn.execute("INSERT INTO containers (id, name, active_version_id, serving_version_id) "
+                 "VALUES (1, 'app', 10, 10)")
+    for vid, version in ((10, "v1"), (11, "v2")):
+        conn.execute("INSERT INTO versions (id, container_id, version, manifest) "
+                     "VALUES (?, 1, ?, ?)", [vid, version, _manifest("app")])
+    conn.execute("INSERT INTO workers (id, address, state, last_seen) "
+                 "VALUES ('w1', 'unix:/w1', 'up', strftime('%s', 'now') + 0.0)")
+    conn.execute("INSERT INTO worker_versions (worker_id, version_id, state) "
+                 "VALUES ('w1', 10, 'ready'), ('w1', 11, 'ready')")
+    invoke._routes.clear()
+    yield database
+    invoke._routes.clear()
+    conn.close()
+
+
+def _queries(monkeypatch) -> list:
+    made = []
+    real = routing.route
+
+    def counting(*args):
+        made.append(args[1:])
+        return real(*args)
+    monkeypatch.setattr(routing, "route", counting)
+    return made
+
+
+def test_a_kept_route_is_used_until_something_about_routing_changes(db, monkeypatch):
+    queries = _queries(monkeypatch)
+    target, workers = invoke.route(db, "app", None)
+    assert (target.version, [w["id"] for w in workers]) == ("v1", ["w1"])
+    for _ in range(5):
+        assert invoke.route(db, "app", None)[0].version == "v1"
+    assert len(queries) == 1
+
+    # An activation that switches traffic is seen on the very next call.
+    db.conn.execute("UPDATE containers SET serving_version_id = 11 WHERE id = 1")
+    assert invoke.route(db, "app", None)[0].version == "v2"
+    assert len(queries) == 2
+
+    # The worker stops having the version ready: no worker for it any more.
+    db.conn.execute("UPDATE worker_versions SET state = 'stopping' WHERE version_id = 11")
+    assert invoke.route(db, "app", None)[1] == []
+
+    # The worker is marked lost: gone from the pinned version's route too.
+    assert [w["id"] for w in invoke.route(db, "app", "v1")[1]] == ["w1"]
+    db.conn.execute("UPDATE workers SET state = 'lost' WHERE id = 'w1'")
+    assert invoke.route(db, "app", "v1")[1] == []
+
+    # Removal: the container is gone at once.
+    db.conn.execute("DELETE FROM worker_versions")
+    db.conn.execute("DELETE FROM versions")
+    db.conn.execute("DELETE FROM containers")
+    with pytest.raises(NotFound):
+        invoke.route(db, "app", None)
+
+
+def test_heartbeats_and_records_leave_the_generation_alone(db):
+    before = routing.generation(db)
+    db.conn.execute("UPDATE workers SET last_seen = last_seen + 1, state = 'up'")
+    db.conn.execute("UPDATE worker_versions SET state = 'ready', updated_at = 5")
+    db.conn.execute("INSERT INTO invocations (id, container, status) VALUES ('inv_1', 'app', "
+                    "'succeeded')")
+    assert routing.generation(db) == before
+    db.conn.execute("UPDATE workers SET address = 'unix:/elsewhere'")
+    assert routing.generation(db) == before + 1
+
+
+def test_a_route_is_looked_up_again_once_it_is_a_second_old(db, monkeypatch):
+    """A worker whose heartbeats stopped drops out of the query's answer by time alone, with
+    no write: a kept route must not outlive that by more than ROUTE_MAX_AGE_S."""
+    queries = _queries(monkeypatch)
+    invoke.route(db, "app", None)
+    monkeypatch.setattr(invoke, "ROUTE_MAX_AGE_S", 0.0)
+    invoke.route(db, "app", None)
+    assert len(queries) == 2
+
+
+def test_a_fresh_lookup_is_forced_when_asked(db, monkeypatch):
+    """After a worker answered not_running or was gone, the retry looks again."""
+    queries = _queries(monkeypatch)
+    invoke.route(db, "app", None)
+    invoke.route(db, "app", None, fresh=True)
+    assert len(queries) == 2
