@@ -168,3 +168,23 @@ def test_scale_to_zero(server, pkg):
     inv = server.api("GET", f"/api/invocations/{first.headers['X-Dockyard-Invocation-Id']}")
     assert inv.json()["cold"] is True
     assert len(_pids(server, "rd-zero")) == 1
+
+
+def test_a_container_deleted_mid_call_and_deployed_again_keeps_its_code(server, pkg):
+    """Deleting a container stops its version once its calls are done, then removes the
+    version's folder. The same content deployed again meanwhile lives in that same folder:
+    the old removal must not take the new version's code with it."""
+    # Scaled to zero: the new version's process starts (and imports the code) on its first
+    # call, after the old version's removal.
+    folder = pkg("jobs", name="rd-again",
+                 manifest_extra="[limits]\nconcurrency = 1\ninstances = 0\n")
+    server.deploy(folder)
+    slow = threading.Thread(target=server.invoke, args=("rd-again/slow", {"s": 3}))
+    slow.start()
+    time.sleep(1.0)
+    assert server.api("DELETE", "/api/containers/rd-again").status_code == 200
+    server.deploy(folder)
+    slow.join()
+    time.sleep(2)   # the old version's removal runs once its call is done
+    response = server.invoke("rd-again/tick", {"n": 1})
+    assert response.status_code == 200, response.text

@@ -178,7 +178,10 @@ class Agent:
 
     def _remove(self, runtime: VersionRuntime) -> None:
         runtime.stop()
-        self.builder.remove(runtime.spec["container"], runtime.spec["version"])
+        container, version = runtime.spec["container"], runtime.spec["version"]
+        self.builder.remove(container, version, in_use=lambda: any(
+            r.spec["container"] == container and r.spec["version"] == version
+            for r in list(self.runtimes.values())))
 
     @staticmethod
     def _background(target, *args) -> None:

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -136,6 +137,14 @@ class Builder:
         self.artifacts = worker_dir / ".artifacts"
         self.uv = uv
         self.download = download
+        # One lock per version folder: a build into it and its removal never overlap.
+        self._folder_locks: dict[Path, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _folder_lock(self, container: str, version: str) -> threading.Lock:
+        root = version_paths(self.worker_dir, container, version).root
+        with self._guard:
+            return self._folder_locks.setdefault(root, threading.Lock())
 
     def artifact(self, sha256: str) -> Path:
         """The package file, downloaded once per sha256 and verified."""
@@ -157,6 +166,10 @@ class Builder:
         return path
 
     def build(self, spec: dict, say: Callable[[str], None]) -> VersionPaths:
+        with self._folder_lock(spec["container"], spec["version"]):
+            return self._build(spec, say)
+
+    def _build(self, spec: dict, say: Callable[[str], None]) -> VersionPaths:
         manifest = Manifest.from_dict(spec["manifest"])
         paths = version_paths(self.worker_dir, spec["container"], spec["version"])
         paths.root.mkdir(parents=True, exist_ok=True)
@@ -316,6 +329,11 @@ class Builder:
         if done.returncode != 0:
             raise BuildError(f"uv {args[0]} failed: {uv_reason(done.stderr)}")
 
-    def remove(self, container: str, version: str) -> None:
-        paths = version_paths(self.worker_dir, container, version)
-        shutil.rmtree(paths.root, ignore_errors=True)
+    def remove(self, container: str, version: str, in_use: Callable[[], bool]) -> None:
+        """Delete a version's folder, unless `in_use()` says a version held now lives there
+        (a container deleted and deployed again with the same content has the same folder,
+        and its build may already be under way)."""
+        with self._folder_lock(container, version):
+            if not in_use():
+                shutil.rmtree(version_paths(self.worker_dir, container, version).root,
+                              ignore_errors=True)
