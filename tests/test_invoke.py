@@ -297,3 +297,19 @@ def test_an_async_call_waits_for_a_busy_instance_instead_of_failing(server, pkg)
         assert inv["output"]["event"] == {"n": 1}
     finally:
         busy.join()
+
+
+def test_a_503_says_why_no_instance_is_ready(server, pkg):
+    """A container whose only version failed to build: the 503 names the version and the
+    build's reason, not a guess; it carries no invocation id (nothing ran)."""
+    server.deploy(pkg("echo", name="inv-broken",
+                      manifest_extra='dependencies = ["dockyard-no-such-distribution"]\n'),
+                  expect="failed")
+    response = server.invoke("inv-broken/echo", {})
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert "X-Dockyard-Invocation-Id" not in response.headers
+    message = response.json()["error"]["message"]
+    assert message.startswith("inv-broken@") and " failed to deploy: " in message, message
+    assert "dockyard-no-such-distribution" in message, message
+    assert "dockyard deployments inv-broken" in message

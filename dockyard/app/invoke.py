@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import sqlite_utils
 
-from ..common.protocol import Frame, Status
+from ..common.protocol import Frame, Status, VersionState
 from ..common.manifest import Manifest
 from ..errors import Unavailable
 from .store import routing
@@ -96,9 +96,27 @@ def _pick_worker(db: sqlite_utils.Database, target: Target, routable: list[dict]
                                   retry_after=2)
             raise Unavailable("no worker is connected; start one with `dockyard worker` "
                               "(or `dockyard serve` without --no-local-worker)", retry_after=5)
-        raise Unavailable(f"'{target.container}' has no ready instance yet (still deploying, "
-                          "or its version failed; see `dockyard ls`)", retry_after=2)
+        raise no_ready_instance(db, target)
     return random.choice(candidates)
+
+
+def no_ready_instance(db: sqlite_utils.Database, target: Target) -> Unavailable:
+    """The 503 for a version no live worker has ready, saying what the workers report."""
+    what = f"{target.container}@{target.version}"
+    states = routing.version_states(db, target.version_id)
+    failed = [s for s in states if s["state"] == VersionState.FAILED]
+    if states and len(failed) == len(states):
+        reason = (failed[0]["error"] or "its processes did not start").splitlines()[0]
+        return Unavailable(f"{what} failed to deploy: {reason} (see `dockyard deployments "
+                           f"{target.container}`)", retry_after=30)
+    if states:
+        counts: dict[str, int] = {}
+        for s in states:
+            counts[s["state"]] = counts.get(s["state"], 0) + 1
+        doing = ", ".join(f"{state} on {n} worker(s)" for state, n in sorted(counts.items()))
+        return Unavailable(f"{what} is not ready yet: {doing}", retry_after=2)
+    return Unavailable(f"{what} is not ready yet: no worker has taken it up (it does within a "
+                       "heartbeat; see `dockyard status`)", retry_after=2)
 
 
 def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocation_id: str,

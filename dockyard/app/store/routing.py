@@ -39,6 +39,15 @@ def route(db: sqlite_utils.Database, container: str, version: str | None
                                    if r[3] is not None]
 
 
+def version_states(db: sqlite_utils.Database, version_id: int) -> list[dict]:
+    """What each live worker reports about one version ({"worker", "state", "error"}): why a
+    call found no ready instance of it."""
+    return [{"worker": r[0], "state": r[1], "error": r[2]} for r in db.conn.execute(
+        "SELECT wv.worker_id, wv.state, wv.error FROM worker_versions wv JOIN workers w "
+        "ON w.id = wv.worker_id AND w.state = 'up' AND w.last_seen > ? "
+        "WHERE wv.version_id = ? ORDER BY wv.worker_id", [time.time() - WORKER_TTL_S, version_id])]
+
+
 def generation(db: sqlite_utils.Database) -> int:
     """The routing generation: unchanged means no route changed since it was last read."""
     return db.conn.execute("SELECT n FROM routing_generation WHERE id = 1").fetchone()[0]
