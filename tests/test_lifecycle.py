@@ -120,6 +120,8 @@ def test_invoke_auth(own_server, tmp_path):
     assert srv.invoke("lc-auth/echo", 1).status_code == 401
     wrong = srv.invoke("lc-auth/echo", 1, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "Unauthorized"
+    # A caller on this host is told where the token is (a remote one is not).
+    assert str(srv.data / "tokens" / "admin") in wrong.json()["error"]["message"]
     worker = srv.invoke("lc-auth/echo", 1, headers={"Authorization": f"Bearer {srv.worker_token}"})
     assert worker.status_code == 403
     invoke_token = (srv.data / "tokens" / "invoke").read_text().strip()

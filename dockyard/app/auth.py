@@ -55,13 +55,13 @@ def require(*kinds: str):
 def check(allowed: set[str]) -> None:
     ext = extension()
     check_header(request.headers.get("Authorization", ""), ext["tokens"], allowed,
-                 ext["data"].root if _local_peer() else None)
+                 ext["data"].root if is_local(request.remote_addr) else None)
 
 
-def _local_peer() -> bool:
+def is_local(address: str | None) -> bool:
     """A caller on this host may learn where the data dir is; a remote one is not told."""
     try:
-        return ipaddress.ip_address(request.remote_addr or "").is_loopback
+        return ipaddress.ip_address(address or "").is_loopback
     except ValueError:
         return False
 

@@ -13,7 +13,7 @@ from http import HTTPStatus
 from ..common.protocol import Status
 from ..common.frames import dumps, loads
 from ..errors import BadRequest, DockyardError, TooLarge, Unavailable
-from .auth import INVOKE_KINDS, check_header
+from .auth import INVOKE_KINDS, check_header, is_local
 from .errors import error_body
 from .db import get_db, now
 from .invoke import execute, http_status
@@ -31,6 +31,7 @@ class SyncInvoke:
         self.flask_wsgi = app.wsgi_app
         ext = app.extensions["dockyard"]
         self.db_path = ext["data"].db_path
+        self.data_root = ext["data"].root
         self.connections = ext["connections"]
         self.records = ext["records"]
         self.tokens = ext["tokens"]
@@ -71,7 +72,8 @@ class SyncInvoke:
 
     def _check_token(self, environ) -> None:
         if self.invoke_auth:
-            check_header(environ.get("HTTP_AUTHORIZATION", ""), self.tokens, INVOKE_KINDS)
+            check_header(environ.get("HTTP_AUTHORIZATION", ""), self.tokens, INVOKE_KINDS,
+                         self.data_root if is_local(environ.get("REMOTE_ADDR")) else None)
 
     def _read_event(self, environ) -> tuple[object, str | None]:
         return read_event(environ, self.max_event)
