@@ -49,6 +49,19 @@ def build_wheel(folder: Path, name: str, version: str, modules: dict[str, str]) 
     return wheel
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_home(tmp_path_factory):
+    """Where `serve` leaves its note for the CLI: a folder of this test session's, so that
+    the tests leave nothing in the home folder of whoever runs them."""
+    saved = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = saved
+
+
 @pytest.fixture(scope="session")
 def wheelhouse(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("wheelhouse")
