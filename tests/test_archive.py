@@ -364,3 +364,42 @@ def test_a_zip_symlink_target_is_read_only_up_to_4_kb(tmp_path):
         tracemalloc.stop()
     assert "points outside" in info.value.message and len(info.value.message) < 250
     assert peak < 8 << 20
+
+
+def _many_members(path: Path, count: int) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("dockyard.toml", 'name = "many"\n')
+        for i in range(count):
+            zf.writestr(f"f{i}", b"")
+    return path
+
+
+def _never_parsed(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the central directory was parsed")
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", refuse)
+
+
+def test_too_many_zip_members_are_refused_before_the_directory_is_parsed(tmp_path,
+                                                                          monkeypatch):
+    """zipfile makes an object per member while it opens an archive: a million empty members
+    in 100 MB cost seconds and hundreds of MB before a count could be checked. The end
+    record's count is checked first."""
+    path = _many_members(tmp_path / "many.zip", 500)
+    _never_parsed(monkeypatch)
+    with pytest.raises(TooLarge, match="501 members; the limit is 100"):
+        inspect_archive(path, ArchiveLimits(max_members=100))
+
+
+def test_a_zip_whose_end_record_understates_its_members_is_refused_by_directory_size(
+        tmp_path, monkeypatch):
+    """The count in the end record can lie (zipfile reads the directory by its size): the
+    directory's size is bounded too."""
+    path = _many_members(tmp_path / "liar.zip", 500)
+    data = bytearray(path.read_bytes())
+    end = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<HH", data, end + 8, 1, 1)   # "1 member" on this disk and in all
+    path.write_bytes(bytes(data))
+    _never_parsed(monkeypatch)
+    with pytest.raises(TooLarge, match="directory is .* bytes; at most 10,240 for 10 members"):
+        inspect_archive(path, ArchiveLimits(max_members=10))

@@ -25,6 +25,9 @@ ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 CHUNK = 1 << 16
 MAX_TAR_HEADER = 64 * 1024        # one pax or GNU long-name header
 MAX_TAR_HEADERS_IN_A_ROW = 8      # extended headers before one member (tarfile recurses)
+# Central-directory bytes allowed per member: a header is 46 bytes plus the name, extra field
+# and comment; real ones stay far below this.
+ZIP_DIRECTORY_BYTES_PER_MEMBER = 1024
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,24 @@ def _detect(path: Path) -> str:
         return "tar"
     raise BadPackage("not a zip or tar.gz archive: upload a .zip, .tar.gz or .tgz "
                      "(or deploy a folder with the CLI)")
+
+
+def _check_zip_directory(path: Path, limits: ArchiveLimits) -> None:
+    """Refuse a zip whose central directory is too big before it is parsed: zipfile builds an
+    object per member, so a 100 MB archive of a million empty members would cost seconds and
+    hundreds of MB before the member count could be checked. The end record states both the
+    count and the directory's size (the size bounds the parse even if the count lies)."""
+    with open(path, "rb") as f:
+        end = zipfile._EndRecData(f)  # the end-of-central-directory record, zip64 included
+    if end is None:
+        raise BadPackage("the archive is damaged: no end of central directory record")
+    count, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    if count > limits.max_members:
+        raise TooLarge(f"archive has {count} members; the limit is {limits.max_members}")
+    if size > limits.max_members * ZIP_DIRECTORY_BYTES_PER_MEMBER:
+        raise TooLarge(f"the archive's directory is {size:,} bytes; at most "
+                       f"{limits.max_members * ZIP_DIRECTORY_BYTES_PER_MEMBER:,} for "
+                       f"{limits.max_members} members")
 
 
 def _zip_entries(zf: zipfile.ZipFile, limits: ArchiveLimits) -> list[_Entry]:
@@ -268,6 +289,7 @@ def _open(path: Path, limits: ArchiveLimits):
     kind = _detect(path)
     try:
         if kind == "zip":
+            _check_zip_directory(path, limits)
             with zipfile.ZipFile(path) as zf:
                 entries = _zip_entries(zf, limits)
         else:
