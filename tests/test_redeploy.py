@@ -100,9 +100,13 @@ def test_same_content_is_a_noop_and_conflicting_version_is_refused(server, pkg):
     assert again["created"] is False and again["version"] == first["version"]
     changed = pkg("echo", name="rd-same", version="1.0", files={"extra.py": "X = 1\n"})
     from conftest import zip_folder
+    artifacts = server.data / "artifacts"
+    before = sorted(p.name for p in artifacts.iterdir())
     response = server.api("POST", "/api/containers", data=zip_folder(changed))
     assert response.status_code == 409
     assert "already exists" in response.json()["error"]["message"]
+    # A refused upload leaves no package file behind.
+    assert sorted(p.name for p in artifacts.iterdir()) == before
     # Without a version name the content hash is the version.
     unnamed = server.deploy(pkg("echo", name="rd-hash"))
     assert len(unnamed["version"]) == 12

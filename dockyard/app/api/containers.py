@@ -8,7 +8,7 @@ from flask import Blueprint, current_app, jsonify, request, send_file
 
 from ...common.archive import ArchiveLimits, inspect_archive
 from ...common.manifest import parse_manifest
-from ...errors import BadRequest, NotFound
+from ...errors import BadRequest, DockyardError, NotFound
 from ..auth import require
 from ..retention import prune_versions
 from ..state import artifacts, connections, database
@@ -65,10 +65,16 @@ def upload():
         info = inspect_archive(tmp, _archive_limits())
         manifest = parse_manifest(info.manifest_text)
         db = database()
-        with store_.lock():  # retention removes no artifact between these two steps
-            store_.keep(tmp, sha256)
-            container, version, created = store.add_version(db, manifest, info.content_sha256,
-                                                            sha256, size, activate)
+        try:
+            with store_.lock():  # retention removes no artifact between these two steps
+                store_.keep(tmp, sha256)
+                container, version, created = store.add_version(
+                    db, manifest, info.content_sha256, sha256, size, activate)
+        except DockyardError:
+            # Refused (a version name taken by other content, a bad manifest value): the
+            # package file goes too, unless a version (another upload's) uses the same bytes.
+            store_.remove_unused([sha256], lambda sha256s: store.artifacts_in_use(db, sha256s))
+            raise
     finally:
         tmp.unlink(missing_ok=True)
     log.info("package %s version %s (%s, %s)", manifest.name, version["version"],
