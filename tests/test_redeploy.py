@@ -192,3 +192,25 @@ def test_a_container_deleted_mid_call_and_deployed_again_keeps_its_code(server, 
     time.sleep(2)   # the old version's removal runs once its call is done
     response = server.invoke("rd-again/tick", {"n": 1})
     assert response.status_code == 200, response.text
+
+
+def test_a_container_deployed_again_with_other_code_under_the_same_version_runs_the_new_code(
+        server, pkg):
+    """Deleted while a call still runs (its version drains), then deployed again with other
+    code but the same version name: the new version must run its own code, not the folder
+    of the old one."""
+    def package(text):
+        return pkg("jobs", name="rd-renamed", version="1.0",
+                   manifest_extra="[limits]\nconcurrency = 1\n",
+                   files={"which.py": f"def f(event):\n    return {text!r}\n"})
+    server.deploy(package("old"))
+    assert server.invoke("rd-renamed/which:f", {}).json() == "old"
+    slow = threading.Thread(target=server.invoke, args=("rd-renamed/slow", {"s": 3}))
+    slow.start()
+    time.sleep(1.0)
+    assert server.api("DELETE", "/api/containers/rd-renamed").status_code == 200
+    server.deploy(package("new"))
+    assert server.invoke("rd-renamed/which:f", {}).json() == "new"
+    slow.join()
+    time.sleep(2)   # the old version's removal, once its call is done
+    assert server.invoke("rd-renamed/which:f", {}).json() == "new"

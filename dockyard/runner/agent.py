@@ -178,10 +178,8 @@ class Agent:
 
     def _remove(self, runtime: VersionRuntime) -> None:
         runtime.stop()
-        container, version = runtime.spec["container"], runtime.spec["version"]
-        self.builder.remove(container, version, in_use=lambda: any(
-            r.spec["container"] == container and r.spec["version"] == version
-            for r in list(self.runtimes.values())))
+        self.builder.remove(runtime.spec, in_use=lambda folder: any(
+            self.builder.folder(r.spec) == folder for r in list(self.runtimes.values())))
 
     @staticmethod
     def _background(target, *args) -> None:

@@ -61,8 +61,13 @@ class VersionPaths:
         return self.venv / "bin" / "python"
 
 
-def version_paths(worker_dir: Path, container: str, version: str) -> VersionPaths:
-    root = worker_dir / container / version
+def version_paths(worker_dir: Path, spec: dict) -> VersionPaths:
+    """A version's folder: named by its version and, unless the name is already its content
+    hash, by its content too. A container deleted and deployed again with other code under
+    the same version name must never find (or be removed with) the old code's folder."""
+    version, content = spec["version"], spec.get("content_sha256") or ""
+    name = version if content.startswith(version) else f"{version}-{content[:12]}"
+    root = worker_dir / spec["container"] / name
     return VersionPaths(root, root / "code", root / "venv", root / "tmp", root / "run")
 
 
@@ -141,8 +146,8 @@ class Builder:
         self._folder_locks: dict[Path, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def _folder_lock(self, container: str, version: str) -> threading.Lock:
-        root = version_paths(self.worker_dir, container, version).root
+    def _folder_lock(self, spec: dict) -> threading.Lock:
+        root = version_paths(self.worker_dir, spec).root
         with self._guard:
             return self._folder_locks.setdefault(root, threading.Lock())
 
@@ -166,12 +171,12 @@ class Builder:
         return path
 
     def build(self, spec: dict, say: Callable[[str], None]) -> VersionPaths:
-        with self._folder_lock(spec["container"], spec["version"]):
+        with self._folder_lock(spec):
             return self._build(spec, say)
 
     def _build(self, spec: dict, say: Callable[[str], None]) -> VersionPaths:
         manifest = Manifest.from_dict(spec["manifest"])
-        paths = version_paths(self.worker_dir, spec["container"], spec["version"])
+        paths = version_paths(self.worker_dir, spec)
         paths.root.mkdir(parents=True, exist_ok=True)
         container_dir = self.worker_dir / spec["container"]
         if self.private:
@@ -329,11 +334,14 @@ class Builder:
         if done.returncode != 0:
             raise BuildError(f"uv {args[0]} failed: {uv_reason(done.stderr)}")
 
-    def remove(self, container: str, version: str, in_use: Callable[[], bool]) -> None:
-        """Delete a version's folder, unless `in_use()` says a version held now lives there
-        (a container deleted and deployed again with the same content has the same folder,
-        and its build may already be under way)."""
-        with self._folder_lock(container, version):
-            if not in_use():
-                shutil.rmtree(version_paths(self.worker_dir, container, version).root,
-                              ignore_errors=True)
+    def folder(self, spec: dict) -> Path:
+        return version_paths(self.worker_dir, spec).root
+
+    def remove(self, spec: dict, in_use: Callable[[Path], bool]) -> None:
+        """Delete a version's folder, unless `in_use(folder)` says a version held now lives
+        there (a container deleted and deployed again with the same content has the same
+        folder, and its build may already be under way)."""
+        folder = self.folder(spec)
+        with self._folder_lock(spec):
+            if not in_use(folder):
+                shutil.rmtree(folder, ignore_errors=True)
