@@ -313,3 +313,28 @@ def test_a_503_says_why_no_instance_is_ready(server, pkg):
     assert message.startswith("inv-broken@") and " failed to deploy: " in message, message
     assert "dockyard-no-such-distribution" in message, message
     assert "dockyard deployments inv-broken" in message
+
+
+def test_queued_calls_for_a_busy_container_do_not_hold_up_other_containers(server, pkg):
+    """More queued calls for a container whose one instance is busy than the dispatcher has
+    threads: each is put back in the queue after a short wait instead of holding a thread,
+    so another container's queued call still runs at once, and the busy container's calls
+    all run once it is free."""
+    server.deploy(pkg("jobs", name="inv-hog",
+                      manifest_extra="[limits]\nconcurrency = 1\ninstances = 1\n"))
+    server.deploy(pkg("echo", name="inv-free"))
+    busy = threading.Thread(target=server.invoke, args=("inv-hog/slow", {"s": 10}))
+    busy.start()
+    try:
+        time.sleep(0.5)
+        hogs = [server.invoke("inv-hog/tick?async=1", {"n": n}).json()["invocation_id"]
+                for n in range(24)]
+        time.sleep(1.5)   # the dispatcher has claimed them (it has 16 threads)
+        free = server.invoke("inv-free/echo?async=1", {"ok": 1}).json()["invocation_id"]
+        assert server.wait_invocation(free, timeout=60)["status"] == "succeeded"
+        # Done while the busy container's only instance was still taken.
+        assert busy.is_alive()
+    finally:
+        busy.join()
+    for invocation_id in hogs:
+        assert server.wait_invocation(invocation_id, timeout=120)["status"] == "succeeded"

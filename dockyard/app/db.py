@@ -213,8 +213,16 @@ def _m6_routing_generation(db: sqlite_utils.Database) -> None:
                    "UPDATE routing_generation SET n = n + 1 WHERE id = 1; END")
 
 
+def _m7_deferred_calls(db: sqlite_utils.Database) -> None:
+    """A queued call no worker could take yet (every instance busy, no worker connected)
+    goes back to the queue until `not_before`, without holding a dispatcher thread;
+    `unavailable_since` is when it was first turned away (it fails after a while)."""
+    db["invocations"].add_column("not_before", float)
+    db["invocations"].add_column("unavailable_since", float)
+
+
 MIGRATIONS = [_m1_initial, _m2_instance_id, _m3_jobs, _m4_invocation_finishes,
-              _m5_deployment_workers, _m6_routing_generation]
+              _m5_deployment_workers, _m6_routing_generation, _m7_deferred_calls]
 
 
 def migrate(path: str | Path) -> None:

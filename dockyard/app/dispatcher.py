@@ -27,7 +27,12 @@ log = logging.getLogger("dockyard.dispatcher")
 LEASE_NAME = "dispatcher"
 LEASE_TTL_S = 10.0
 RUNNING_LEASE_S = 24 * 3600.0   # the dispatcher lease, not this, detects a dead runner
+# A queued call no worker can take yet goes back to the queue for RETRY_S, for up to
+# UNAVAILABLE_RETRY_S; each try waits at most QUEUE_WAIT_S for a free instance, so that a busy
+# container holds no dispatcher thread for long.
 UNAVAILABLE_RETRY_S = 120.0
+RETRY_S = 1.0
+QUEUE_WAIT_S = 1.0
 
 
 class Dispatcher:
@@ -45,6 +50,22 @@ class Dispatcher:
         self.freed = threading.Event()       # a thread finished its call
         self.thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
         self.fencing: int | None = None
+
+    def _defer(self, db, row: dict, result: dict) -> bool:
+        """Nothing ran: put the call back in the queue, to be claimed again in RETRY_S, and
+        free this thread for other containers' calls. False once it has been turned away for
+        UNAVAILABLE_RETRY_S: it fails then. When stopping, it is only given back."""
+        if self.stop_event.is_set():
+            store.release(db, row["id"], self.holder)
+            return True
+        t = time.time()
+        since = row.get("unavailable_since") or t
+        if t - since > UNAVAILABLE_RETRY_S:
+            return False
+        log.info("%s: %s; trying again in %gs", row["id"],
+                 (result.get("error") or {}).get("message"), RETRY_S)
+        store.defer(db, row["id"], self.holder, t + RETRY_S, since)
+        return True
 
     def start(self) -> None:
         self.thread.start()
@@ -98,35 +119,17 @@ class Dispatcher:
         try:
             db = get_db(self.db_path)
             event = json.loads(row["input"]) if row["input"] else None
-            give_up = time.monotonic() + UNAVAILABLE_RETRY_S
-            while True:
-                try:
-                    result = execute(db, self.connections, row["id"], row["container"],
-                                     row["version"], row["function"], event, row["trigger"])
-                    if result.get("status") != Status.UNAVAILABLE or time.monotonic() > give_up:
-                        break
-                    # Every instance stayed busy for the worker's queue wait, and nothing ran:
-                    # a queued call waits its turn (up to UNAVAILABLE_RETRY_S) instead of
-                    # failing, where a synchronous caller gets a 503 and retries itself.
-                    if self.stop_event.is_set():
-                        store.release(db, row["id"], self.holder)
-                        return
-                    log.info("%s: %s; trying again", row["id"],
-                             (result.get("error") or {}).get("message"))
-                    self.stop_event.wait(0.5)
-                except NotFound as exc:
-                    result = {"status": Status.FAILED, "error": exc.to_dict()}
-                    break
-                except DockyardError as exc:
-                    if self.stop_event.is_set():
-                        # Not delivered and we are stopping: back to the queue for the next
-                        # dispatcher, not failed.
-                        store.release(db, row["id"], self.holder)
-                        return
-                    if time.monotonic() > give_up:
-                        result = {"status": Status.FAILED, "error": exc.to_dict()}
-                        break
-                    self.stop_event.wait(1.0)
+            try:
+                result = execute(db, self.connections, row["id"], row["container"],
+                                 row["version"], row["function"], event, row["trigger"],
+                                 queue_wait=QUEUE_WAIT_S)
+            except NotFound as exc:
+                result = {"status": Status.FAILED, "error": exc.to_dict()}
+            except DockyardError as exc:
+                # No worker could take it (none connected, or each one turned it away).
+                result = {"status": Status.UNAVAILABLE, "error": exc.to_dict()}
+            if result.get("status") == Status.UNAVAILABLE and self._defer(db, row, result):
+                return
             if result.get("status") in (Status.UNAVAILABLE, Status.NOT_RUNNING):
                 result["status"] = Status.FAILED
             output = json.dumps(result.get("result")) if result["status"] == Status.SUCCEEDED else None

@@ -120,7 +120,8 @@ def no_ready_instance(db: sqlite_utils.Database, target: Target) -> Unavailable:
 
 
 def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocation_id: str,
-            container: str, version: str | None, function: str, event, trigger: str) -> dict:
+            container: str, version: str | None, function: str, event, trigger: str,
+            queue_wait: float | None = None) -> dict:
     """Run one call to completion and return the worker's outcome as a result dict with
     `status` and everything the invocation record needs. Raises NotFound / Unavailable
     before anything ran."""
@@ -136,6 +137,8 @@ def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocatio
                  "container": container, "version": target.version, "function": function,
                  "event": event, "timeout": timeout, "trigger": trigger,
                  "pinned": target.pinned}
+        if queue_wait is not None:
+            frame["queue_wait"] = queue_wait
         wait = timeout + (ON_DEMAND_GRACE_S if target.pinned else 15.0)
         try:
             reply = connections.request(worker["address"], frame, timeout=wait)

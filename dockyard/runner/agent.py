@@ -21,6 +21,7 @@ import requests
 from ..common.protocol import Frame, Role, Status
 from ..sandbox.isolation import Isolation
 from .diff import diff_versions
+from .pool import QUEUE_WAIT_S
 from .server import InvokeServer
 from .spares import spares
 from .tree import kill_strays
@@ -214,7 +215,8 @@ class Agent:
                                    "function": frame["function"], "event": frame.get("event"),
                                    "deadline": time.time() + timeout}
                     reply = runtime.invoke(child_frame, timeout,
-                                           pinned=bool(frame.get("pinned")))
+                                           pinned=bool(frame.get("pinned")),
+                                           queue_wait=_queue_wait(frame))
             finally:
                 self.calls.pop(call_id, None)
             if call_id in self.cancelled:
@@ -307,3 +309,14 @@ class Agent:
         self.server.server_close()
         log.info("stopped")
         return 0
+
+
+def _queue_wait(frame: dict) -> float:
+    """How long a call may wait for a free instance: the frame's `queue_wait` (a queued call
+    is put back in its queue sooner rather than hold a dispatcher thread), at most the
+    default."""
+    try:
+        asked = float(frame.get("queue_wait", QUEUE_WAIT_S))
+    except (TypeError, ValueError):
+        return QUEUE_WAIT_S
+    return min(max(asked, 0.0), QUEUE_WAIT_S)

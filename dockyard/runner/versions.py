@@ -15,7 +15,7 @@ from ..common.manifest import Manifest
 from ..sandbox.view import CODE as VIEW_CODE
 from ..sandbox.view import VENV as VIEW_VENV
 from ..sandbox.view import sandbox_spec
-from .pool import Pool
+from .pool import Pool, QUEUE_WAIT_S
 from .process import ChildSpec, LoadError
 from .states import VersionState, change_state
 from .venvs import Builder, VersionPaths
@@ -137,7 +137,8 @@ class VersionRuntime:
             self._set(VersionState.IDLE if self.role == Role.STANDBY else self.state)
             return self.pool
 
-    def invoke(self, frame: dict, timeout: float, pinned: bool = False) -> dict:
+    def invoke(self, frame: dict, timeout: float, pinned: bool = False,
+               queue_wait: float = QUEUE_WAIT_S) -> dict:
         pool = self.pool
         if pool is None:
             if not pinned and self.role != Role.SERVE:
@@ -156,7 +157,7 @@ class VersionRuntime:
             if pool is None:
                 return {"status": Status.FAILED, "error": {"type": "VersionFailed",
                         "message": f"{self.what} could not be built: {self.error}"}}
-        return pool.invoke(frame, timeout)
+        return pool.invoke(frame, timeout, queue_wait)
 
     def stop(self, final_state: VersionState = VersionState.STOPPED) -> None:
         """Drain in-flight calls, then stop every child (the whole tree)."""

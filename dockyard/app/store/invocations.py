@@ -58,11 +58,12 @@ def enqueue(db: sqlite_utils.Database, invocation_id: str, container: str, versi
 
 def claim_queued(db: sqlite_utils.Database, owner: str, limit: int, lease_s: float) -> list[dict]:
     with transaction(db) as conn:
-        rows = conn.execute(
-            "SELECT id FROM invocations WHERE status = 'queued' ORDER BY created_at LIMIT ?",
-            [limit]).fetchall()
-        claimed = []
         t = now()
+        rows = conn.execute(
+            "SELECT id FROM invocations WHERE status = 'queued' "
+            "AND (not_before IS NULL OR not_before <= ?) ORDER BY created_at LIMIT ?",
+            [t, limit]).fetchall()
+        claimed = []
         for (inv_id,) in rows:
             conn.execute("UPDATE invocations SET status = 'running', attempt = attempt + 1, "
                          "started_at = ?, owner = ?, lease_until = ? WHERE id = ?",
@@ -95,6 +96,17 @@ def release(db: sqlite_utils.Database, invocation_id: str, owner: str) -> None:
     db.conn.execute("UPDATE invocations SET status = 'queued', attempt = attempt - 1, "
                     "owner = NULL, lease_until = NULL, started_at = NULL "
                     "WHERE id = ? AND owner = ? AND status = 'running'", [invocation_id, owner])
+
+
+def defer(db: sqlite_utils.Database, invocation_id: str, owner: str, not_before: float,
+          unavailable_since: float) -> None:
+    """release(), to be claimed again no sooner than `not_before`: no worker could take the
+    call yet (nothing ran). Only while this owner still holds it running: a call cancelled
+    or taken over meanwhile is left as it is."""
+    db.conn.execute("UPDATE invocations SET status = 'queued', attempt = attempt - 1, "
+                    "owner = NULL, lease_until = NULL, started_at = NULL, not_before = ?, "
+                    "unavailable_since = ? WHERE id = ? AND owner = ? AND status = 'running'",
+                    [not_before, unavailable_since, invocation_id, owner])
 
 
 def stop(db: sqlite_utils.Database, invocation_id: str, status: str, error: dict) -> str | None:
