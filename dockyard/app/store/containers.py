@@ -109,12 +109,20 @@ def _activate(db: sqlite_utils.Database, container: dict, version: dict,
     t = now()
     deployment_id = "dep_" + secrets.token_hex(8)
     _begin_deployment_logs(db, version["id"], latest, deployment_id)
-    # A new deployment is judged on the workers' reports about it alone: a failure reported
-    # for an earlier one (the version deployed again after it failed, or a rollback to a
-    # version that once failed) is forgotten, and the workers build and start it once more.
-    # A worker where it is ready keeps it routable meanwhile.
+    # A new deployment is judged on the workers' reports about it alone: what they reported
+    # about an earlier one (a failure, or `idle` from a start on demand for a pinned call) is
+    # forgotten, and each worker's next report about the new deployment counts (heartbeats
+    # about an earlier deployment are ignored). Only the version serving now keeps its rows,
+    # so its traffic never loses its workers meanwhile (a failure is forgotten even there).
+    serving = container["serving_version_id"] == version["id"] and not retry
     db.conn.execute("DELETE FROM worker_versions WHERE version_id = ?" +
-                    ("" if retry else " AND state = 'failed'"), [version["id"]])
+                    (" AND state = 'failed'" if serving else ""), [version["id"]])
+    # A deployment of this container still under way is over: superseded by this one.
+    db.conn.execute(
+        "UPDATE deployments SET status = 'failed', finished_at = ?, error = ? "
+        "WHERE container_id = ? AND status IN ('pending', 'in_progress')",
+        [t, f"superseded: {container['name']}@{version['version']} was deployed "
+            f"({deployment_id}) before this deployment finished", container["id"]])
     db["containers"].update(container["id"], {"active_version_id": version["id"],
                                                "updated_at": t})
     db["deployments"].insert({"id": deployment_id,
