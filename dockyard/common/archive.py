@@ -10,6 +10,7 @@ import os
 import posixpath
 import shutil
 import stat
+import struct
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -25,9 +26,9 @@ ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 CHUNK = 1 << 16
 MAX_TAR_HEADER = 64 * 1024        # one pax or GNU long-name header
 MAX_TAR_HEADERS_IN_A_ROW = 8      # extended headers before one member (tarfile recurses)
-# Central-directory bytes allowed per member: a header is 46 bytes plus the name, extra field
-# and comment; real ones stay far below this.
-ZIP_DIRECTORY_BYTES_PER_MEMBER = 1024
+# A central-directory header: its signature, then (after fixed fields) the lengths of the
+# name, the extra field and the comment that follow it.
+ZIP_HEADER = struct.Struct("<4s24xHHH12x")
 
 
 @dataclass(frozen=True)
@@ -122,21 +123,38 @@ def _detect(path: Path) -> str:
 
 
 def _check_zip_directory(path: Path, limits: ArchiveLimits) -> None:
-    """Refuse a zip whose central directory is too big before it is parsed: zipfile builds an
-    object per member, so a 100 MB archive of a million empty members would cost seconds and
-    hundreds of MB before the member count could be checked. The end record states both the
-    count and the directory's size (the size bounds the parse even if the count lies)."""
+    """Refuse a zip with too many members before zipfile parses its central directory:
+    zipfile builds an object per member, so a 100 MB archive of a million empty members would
+    cost seconds and hundreds of MB before the member count could be checked. The end record
+    states the count, but zipfile reads the directory by its size and the count can lie: the
+    directory's headers are counted here (a walk over fixed-size fields, nothing kept), up to
+    one past the limit."""
     with open(path, "rb") as f:
         end = zipfile._EndRecData(f)  # the end-of-central-directory record, zip64 included
-    if end is None:
-        raise BadPackage("the archive is damaged: no end of central directory record")
-    count, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
-    if count > limits.max_members:
-        raise TooLarge(f"archive has {count} members; the limit is {limits.max_members}")
-    if size > limits.max_members * ZIP_DIRECTORY_BYTES_PER_MEMBER:
-        raise TooLarge(f"the archive's directory is {size:,} bytes; at most "
-                       f"{limits.max_members * ZIP_DIRECTORY_BYTES_PER_MEMBER:,} for "
-                       f"{limits.max_members} members")
+        if end is None:
+            raise BadPackage("the archive is damaged: no end of central directory record")
+        count = end[zipfile._ECD_ENTRIES_TOTAL]
+        if count > limits.max_members:
+            raise TooLarge(f"archive has {count} members; the limit is {limits.max_members}")
+        size, offset = end[zipfile._ECD_SIZE], end[zipfile._ECD_OFFSET]
+        # Where the directory really starts (as zipfile finds it: data may precede the zip).
+        start = end[zipfile._ECD_LOCATION] - size
+        if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+            start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+        if start < 0 or offset < 0:
+            return   # zipfile says what is wrong
+        f.seek(start)
+        directory = f.read(size)
+    headers, position = 0, 0
+    while position + ZIP_HEADER.size <= len(directory):
+        fields = ZIP_HEADER.unpack_from(directory, position)
+        if fields[0] != zipfile.stringCentralDir:
+            break
+        headers += 1
+        if headers > limits.max_members:
+            raise TooLarge(f"archive has more than {limits.max_members} members (its end "
+                           f"record says {count})")
+        position += ZIP_HEADER.size + fields[1] + fields[2] + fields[3]
 
 
 def _zip_entries(zf: zipfile.ZipFile, limits: ArchiveLimits) -> list[_Entry]:
