@@ -188,3 +188,24 @@ def test_a_401_names_the_token_files(lone_server):
     assert run(folder, env, "ls", "--url", url, "--data", "other").returncode == 0
     assert run(folder, dict(env, DOCKYARD_HOME="other"), "ls").returncode == 0
     assert run(folder, env, "ls").returncode == 0
+
+
+def test_a_note_is_trusted_only_for_the_very_process_that_left_it(tmp_path, monkeypatch):
+    """A note whose pid now belongs to another process (the server was killed and the pid
+    reused) names no server: the CLI must not send a data dir's token to whatever listens at
+    its URL now. Nor is a note trusted in a folder others can write to."""
+    from dockyard.app import datadir
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    folder = datadir.servers_dir()
+    folder.mkdir(parents=True, mode=0o700)
+    note = {"url": "http://127.0.0.1:1", "data": str(tmp_path / "data"), "pid": os.getpid(),
+            "cwd": str(tmp_path)}
+    (folder / "mine.json").write_text(json.dumps(dict(
+        note, pid_start=datadir.process_start(os.getpid()))))
+    (folder / "reused.json").write_text(json.dumps(dict(note, pid_start=1)))
+    assert [n["pid_start"] for n in datadir.running_servers(tmp_path)] == [
+        datadir.process_start(os.getpid())]
+    assert not (folder / "reused.json").exists()   # removed as stale
+    folder.chmod(0o777)
+    assert datadir.running_servers(tmp_path) == []
+    assert datadir.record_server("http://x", tmp_path, os.getpid()) is None

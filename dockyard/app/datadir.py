@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -90,33 +91,61 @@ def record_server(url: str, data_root: Path, pid: int) -> Path | None:
     folder = servers_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(folder, 0o700)
+        if not _private_folder(folder):
+            return None
         path = folder / f"{pid}.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"url": url, "data": str(data_root), "pid": pid,
-                       "cwd": os.getcwd()}, f)
+                       "pid_start": process_start(pid), "cwd": os.getcwd()}, f)
         return path
     except OSError:
         return None   # a read-only home: the CLI then needs --data or DOCKYARD_HOME
 
 
-def pid_alive(pid) -> bool:
+def _private_folder(folder: Path) -> bool:
+    """A folder of this user's that nobody else can write to (and not a link to one)."""
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+        st = os.lstat(folder)
+    except OSError:
         return False
-    except (PermissionError, OverflowError):
-        return True
-    except (TypeError, ValueError):
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, from /proc): with the pid, it names
+    one process, where a pid alone may since have been given to another."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            data = f.read()
+        # The command name (field 2) may hold spaces and parentheses: count after its end.
+        return int(data[data.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
+def server_alive(record: dict, this_users: bool = False) -> bool:
+    """Whether the `serve` a note (or server.json) describes still runs: its pid is alive and
+    is the same process (its start time matches, when recorded); with `this_users`, it also
+    runs as this user (a note only ever names this user's servers)."""
+    pid = record.get("pid")
+    try:
+        st = os.stat(f"/proc/{int(pid)}")
+    except (OSError, ValueError, TypeError):
         return False
-    return True
+    if this_users and st.st_uid != os.getuid():
+        return False
+    started = record.get("pid_start")
+    return started is None or process_start(pid) == started
 
 
 def running_servers(cwd: Path | None = None) -> list[dict]:
     """The notes of running servers (started in `cwd`, when given), newest first; notes of
     servers that are gone are removed."""
     found = []
+    if not _private_folder(servers_dir()):
+        return []
     try:
         paths = list(servers_dir().glob("*.json"))
     except OSError:
@@ -127,7 +156,7 @@ def running_servers(cwd: Path | None = None) -> list[dict]:
             mtime = path.stat().st_mtime
         except (OSError, ValueError):
             continue
-        if not isinstance(note, dict) or not pid_alive(note.get("pid")):
+        if not isinstance(note, dict) or not server_alive(note, this_users=True):
             path.unlink(missing_ok=True)
             continue
         if cwd is None or note.get("cwd") == str(cwd):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import requests
 
-from ..app.datadir import DataDir, pid_alive, running_servers
+from ..app.datadir import DataDir, running_servers, server_alive
 from ..errors import DockyardError
 
 
@@ -54,7 +54,7 @@ def _server_url(data_dir: DataDir) -> str | None:
         url = record["url"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if "pid" in record and not pid_alive(record["pid"]):
+    if "pid" in record and not server_alive(record):
         return None
     return url
 

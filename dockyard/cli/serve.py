@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from ..app.datadir import DataDir, record_server
+from ..app.datadir import DataDir, process_start, record_server
 from ..app.db import connect, migrate
 from ..app.store import workers as worker_store
 from ..app.dispatcher import Dispatcher
@@ -227,7 +227,8 @@ class Supervisor:
             raise
         sock.close()
         self.data.server_json.write_text(json.dumps({
-            "url": self.url, "pid": os.getpid(), "started_at": self.started_at,
+            "url": self.url, "pid": os.getpid(), "pid_start": process_start(os.getpid()),
+            "started_at": self.started_at,
             "retention": self.options.retention.describe()}))
         self.server_note = record_server(self.url, self.data.root, os.getpid())
         self.dispatcher = Dispatcher(self.data.db_path, self.data.read_token("worker"))
