@@ -155,10 +155,35 @@ def test_rm_undeploys(server, pkg):
     names = [c["name"] for c in json.loads(server.cli("ls", "--json").stdout)["containers"]]
     assert "cli-rm" not in names and "cli-rm2" in names
     assert server.invoke("cli-rm/echo", 1).status_code == 404
-    assert json.loads(server.cli("rm", "cli-rm2", "--json").stdout) == {"deleted": "cli-rm2"}
+    artifact = server.api("GET", "/api/containers/cli-rm2/versions").json()[
+        "versions"][0]["artifact_sha256"]
+    assert (server.data / "artifacts" / artifact).exists()
+    assert json.loads(server.cli("rm", "cli-rm2", "--json").stdout) == {
+        "deleted": "cli-rm2", "artifacts_removed": 1}
+    assert not (server.data / "artifacts" / artifact).exists()   # no version uses it now
     again = server.cli("rm", "cli-rm", check=False)
     assert again.returncode == 1 and "no container named 'cli-rm'" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
+
+
+def test_rm_keep_versions_takes_a_container_out_of_service_and_rollback_brings_it_back(
+        server, pkg):
+    server.cli("deploy", str(pkg("echo", name="cli-keep", version="1")), "--wait")
+    server.cli("deploy", str(pkg("echo", name="cli-keep", version="2",
+                                 files={"extra.py": "X = 2\n"})), "--wait")
+    out = server.cli("rm", "cli-keep", "--keep-versions")
+    assert "cli-keep undeployed; its 2 version(s) are kept" in out.stdout
+    listed = {c["name"]: c for c in json.loads(server.cli("ls", "--json").stdout)["containers"]}
+    assert listed["cli-keep"]["serving_version"] is None
+    assert listed["cli-keep"]["active_version"] is None
+    answer = server.invoke("cli-keep/echo", 1)
+    assert answer.status_code == 404 and "no active version" in answer.json()["error"]["message"]
+    versions = json.loads(server.cli("versions", "cli-keep", "--json").stdout)["versions"]
+    assert sorted(v["version"] for v in versions) == ["1", "2"]
+    assert all((server.data / "artifacts" / v["artifact_sha256"]).exists()
+               for v in server.api("GET", "/api/containers/cli-keep/versions").json()["versions"])
+    server.cli("rollback", "cli-keep", "1")
+    assert server.invoke("cli-keep/echo", 7).json() == 7
 
 
 def test_deployments_and_invocations(server, pkg):

@@ -467,12 +467,22 @@ def rollback(ctx, name, version, wait, timeout):
 
 @cli.command(name="rm")
 @click.argument("name")
+@click.option("--keep-versions", is_flag=True,
+              help="Only take it out of service: keep its versions and package files.")
 @pass_ctx
-def remove(ctx, name):
-    """Undeploy container NAME: its instances stop, and its versions are deleted."""
-    data = ctx.client().json("DELETE", f"/api/containers/{name}")
-    ctx.emit(data, lambda d: click.echo(f"{d['deleted']} removed: undeployed, and its "
-                                        "versions deleted"))
+def remove(ctx, name, keep_versions):
+    """Undeploy container NAME: its instances stop, and its versions and their package
+    files are deleted (with --keep-versions, kept for a later `dockyard rollback`)."""
+    data = ctx.client().json("DELETE", f"/api/containers/{name}",
+                             params={"keep_versions": "1"} if keep_versions else None)
+
+    def human(d):
+        if keep_versions:
+            click.echo(f"{name} undeployed; its {d['versions_kept']} version(s) are kept "
+                       f"(`dockyard rollback {name} VERSION` deploys one again)")
+        else:
+            click.echo(f"{name} removed: undeployed, and its versions deleted")
+    ctx.emit(data, human)
 
 
 @cli.command()

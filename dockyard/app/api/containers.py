@@ -133,10 +133,18 @@ def activate(name: str):
 @bp.delete("/api/containers/<name>")
 @require()
 def delete(name: str):
+    """Undeploy: delete the container, its versions and their package files; with
+    `?keep_versions=1` only take it out of service."""
     db = database()
-    store.delete_container(db, name)
+    if request.args.get("keep_versions", "0") not in ("0", "false", "no", ""):
+        kept = store.undeploy(db, name)
+        poke_workers(db)
+        return jsonify({"undeployed": name, "versions_kept": kept})
+    used = store.delete_container(db, name)
     poke_workers(db)
-    return jsonify({"deleted": name})
+    removed = artifacts().remove_unused(
+        used, lambda sha256s: store.artifacts_in_use(db, sha256s))
+    return jsonify({"deleted": name, "artifacts_removed": len(removed)})
 
 
 @bp.get("/api/deployments/<deployment_id>")

@@ -257,9 +257,32 @@ def list_versions(db: sqlite_utils.Database, name: str) -> list[dict]:
         [container["id"]])]
 
 
-def delete_container(db: sqlite_utils.Database, name: str) -> None:
+def undeploy(db: sqlite_utils.Database, name: str) -> int:
+    """Take a container out of service and keep its versions: no active or serving version
+    (its processes stop; a pinned call still starts one on demand, as for a version uploaded
+    without activating), a deployment under way ends. `rollback NAME VERSION` deploys one
+    again. Returns how many versions were kept."""
     with transaction(db) as conn:
         container = get_container(db, name)
+        t = now()
+        conn.execute("UPDATE deployments SET status = 'failed', finished_at = ?, error = ? "
+                     "WHERE container_id = ? AND status IN ('pending', 'in_progress')",
+                     [t, f"{name} was undeployed before this deployment finished",
+                      container["id"]])
+        conn.execute("UPDATE containers SET active_version_id = NULL, "
+                     "serving_version_id = NULL, updated_at = ? WHERE id = ?",
+                     [t, container["id"]])
+        return conn.execute("SELECT count(*) FROM versions WHERE container_id = ?",
+                            [container["id"]]).fetchone()[0]
+
+
+def delete_container(db: sqlite_utils.Database, name: str) -> list[str]:
+    """Delete a container and its versions; returns the package files (sha256) they used."""
+    with transaction(db) as conn:
+        container = get_container(db, name)
+        artifacts = [r[0] for r in conn.execute(
+            "SELECT DISTINCT artifact_sha256 FROM versions WHERE container_id = ?",
+            [container["id"]])]
         vids = [r["id"] for r in db.query("SELECT id FROM versions WHERE container_id = ?",
                                           [container["id"]])]
         for vid in vids:
@@ -269,6 +292,7 @@ def delete_container(db: sqlite_utils.Database, name: str) -> None:
         conn.execute("DELETE FROM deployments WHERE container_id = ?", [container["id"]])
         conn.execute("DELETE FROM versions WHERE container_id = ?", [container["id"]])
         conn.execute("DELETE FROM containers WHERE id = ?", [container["id"]])
+    return artifacts
 
 
 def prune_versions(db: sqlite_utils.Database, name: str, keep: int,
