@@ -107,6 +107,17 @@ def test_same_content_is_a_noop_and_conflicting_version_is_refused(server, pkg):
     assert "already exists" in response.json()["error"]["message"]
     # A refused upload leaves no package file behind.
     assert sorted(p.name for p in artifacts.iterdir()) == before
+    # Nor does the same content packed another way (a tar.gz instead of a zip): a no-op.
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                tf.add(path, arcname=path.relative_to(folder).as_posix())
+    repacked = server.api("POST", "/api/containers", data=buf.getvalue())
+    assert repacked.status_code == 200 and repacked.json()["created"] is False
+    assert sorted(p.name for p in artifacts.iterdir()) == before
     # Without a version name the content hash is the version.
     unnamed = server.deploy(pkg("echo", name="rd-hash"))
     assert len(unnamed["version"]) == 12

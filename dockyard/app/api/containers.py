@@ -77,6 +77,10 @@ def upload():
             raise
     finally:
         tmp.unlink(missing_ok=True)
+    if version["artifact_sha256"] != sha256:
+        # The same content packed again (another archive format or order): the version keeps
+        # its package file, and this one is not used by any.
+        store_.remove_unused([sha256], lambda sha256s: store.artifacts_in_use(db, sha256s))
     log.info("package %s version %s (%s, %s)", manifest.name, version["version"],
              "new" if created else "already known", "activating" if activate else "kept")
     if activate:
