@@ -91,3 +91,16 @@ def test_deploying_the_serving_version_again_keeps_its_workers_routable(db):
     containers.activate(db, "app", "v1")   # already active and serving: nothing to do
     assert db.conn.execute("SELECT count(*) FROM worker_versions WHERE version_id = ? AND "
                            "state = 'ready'", [v1["id"]]).fetchone()[0] == rows == 1
+
+
+@pytest.mark.parametrize("log, expected", [
+    # Nothing cut: everything after the earlier log.
+    ("09:00 built\n09:00 ready\n09:05 virtualenv already built\n09:05 ready\n",
+     "09:05 virtualenv already built\n09:05 ready\n"),
+    # The worker cut the log's first line: what is left of the earlier log, then the new lines
+    # (the same second), the last of them the very line the earlier log ends with.
+    ("09:00 ready\n09:00 again\n09:00 ready\n", "09:00 again\n09:00 ready\n"),
+])
+def test_a_deployment_s_own_log_lines_survive_a_cut_log_and_repeated_lines(log, expected):
+    from dockyard.app.store.workers import own_log
+    assert own_log(log, "09:00 built\n09:00 ready\n") == expected

@@ -206,11 +206,15 @@ def own_log(log: str | None, base: str) -> str:
     log = log or ""
     if not base:
         return log
-    if log.startswith(base):
-        return log[len(base):].lstrip("\n")
-    last = base.rstrip("\n").rsplit("\n", 1)[-1]
-    lines = log.split("\n")
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i] == last:
-            return "\n".join(lines[i + 1:])
+    # The log is what is left of base (its first lines perhaps cut), then the new lines:
+    # find the longest tail of base, from a line's start, that the log begins with.
+    start = 0
+    while start < len(base):
+        tail = base[start:]
+        if log.startswith(tail):
+            return log[len(tail):].lstrip("\n")
+        newline = base.find("\n", start)
+        if newline < 0:
+            break
+        start = newline + 1
     return log
