@@ -20,7 +20,7 @@ import requests
 
 from ..common.protocol import Frame, Role, Status
 from ..sandbox.isolation import Isolation
-from .diff import diff_versions
+from .diff import diff_versions, identity
 from .pool import QUEUE_WAIT_S
 from .server import InvokeServer
 from .spares import spares
@@ -157,8 +157,14 @@ class Agent:
     def reconcile(self, desired: list[dict]) -> None:
         held = {vid: r.role for vid, r in self.runtimes.items()}
         deployments = {vid: r.spec.get("deployment") for vid, r in self.runtimes.items()}
-        diff = diff_versions(desired, held, deployments)
-        for spec in diff.added:
+        identities = {vid: identity(r.spec) for vid, r in self.runtimes.items()}
+        diff = diff_versions(desired, held, deployments, identities)
+        for spec in diff.replaced:
+            # The id of a version deleted here now names another one: the old one drains and
+            # goes, the new one is started like any added version.
+            old = self.runtimes.pop(spec["version_id"])
+            self._background(self._remove, old)
+        for spec in [*diff.replaced, *diff.added]:
             runtime = VersionRuntime(spec, self.builder, self.make_child_spec, self.wake)
             self.runtimes[spec["version_id"]] = runtime
             if spec["role"] == Role.SERVE:
