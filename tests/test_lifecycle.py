@@ -245,3 +245,52 @@ def test_two_dockyards_on_one_host_never_share_a_uid(server, own_server, tmp_pat
     theirs = {other.invoke(f"{name}/boot", {}).json()["uid"] for name in ("lc-two", "lc-three")}
     assert len(theirs) == 2 and not mine & theirs
     assert not instance_uids(server.data) & instance_uids(other.data)
+
+
+def test_a_worker_sweeps_what_versions_removed_while_it_was_down_left(private_tmp, tmp_path):
+    """A container removed while no worker ran leaves its version folder and cached package
+    file on the worker: the worker removes them when it starts (and keeps what it holds);
+    a container removed while the worker runs loses its folder and cached file at once."""
+    data = private_tmp / "sweep" / "data"
+    data.parent.mkdir()
+    first = Server(data, [])
+    try:
+        first.deploy(make_package(tmp_path, "echo", name="sw-gone"))
+        first.deploy(make_package(tmp_path, "echo", name="sw-stay"))
+    finally:
+        assert first.stop() == 0
+    worker_dir = data / "worker"
+    cached = {p.name for p in (worker_dir / ".artifacts").iterdir()}
+    assert (worker_dir / "sw-gone").is_dir() and len(cached) == 2
+    # The control plane alone: the container goes while no worker runs.
+    alone = Server(data, ["--no-local-worker"], workers=0)
+    try:
+        gone = alone.api("GET", "/api/containers/sw-gone/versions").json()["versions"][0]
+        assert alone.api("DELETE", "/api/containers/sw-gone").status_code == 200
+    finally:
+        assert alone.stop() == 0
+    assert (worker_dir / "sw-gone").is_dir()
+    again = Server(data, [])
+    try:
+        wait_for(lambda: again.invoke("sw-stay/echo", 1).status_code == 200, 60,
+                 "sw-stay to serve again")
+        wait_for(lambda: not (worker_dir / "sw-gone").exists(), 30, "the sweep")
+        assert {p.name for p in (worker_dir / ".artifacts").iterdir()} == cached - {
+            gone["artifact_sha256"]}
+        assert (worker_dir / "sw-stay").is_dir()
+        stay = again.api("GET", "/api/containers/sw-stay/versions").json()["versions"][0]
+        assert again.api("DELETE", "/api/containers/sw-stay").status_code == 200
+        wait_for(lambda: not any((worker_dir / "sw-stay").glob("*/code")), 30,
+                 "the removal of sw-stay's version folder")
+        wait_for(lambda: not (worker_dir / ".artifacts" / stay["artifact_sha256"]).exists(),
+                 30, "the removal of sw-stay's cached package")
+    finally:
+        assert again.stop() == 0
+
+
+def wait_for(check, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)

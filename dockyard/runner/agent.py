@@ -62,6 +62,7 @@ class Agent:
         self.cancel_lock = threading.Lock()
         self.signals: list[int] = []
         self.stopping = False
+        self.swept = False      # the start's sweep of what removed versions left
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_read, False)
         os.set_blocking(self.wake_write, False)
@@ -187,6 +188,10 @@ class Agent:
         runtime.stop()
         self.builder.remove(runtime.spec, in_use=lambda folder: any(
             self.builder.folder(r.spec) == folder for r in list(self.runtimes.values())))
+        sha256 = runtime.spec.get("artifact_sha256")
+        if sha256:
+            self.builder.forget_artifact(sha256, in_use=lambda: any(
+                r.spec.get("artifact_sha256") == sha256 for r in list(self.runtimes.values())))
 
     @staticmethod
     def _background(target, *args) -> None:
@@ -276,6 +281,14 @@ class Agent:
                 desired = self.heartbeat()
                 if desired is not None:
                     self.reconcile(desired)
+                    if not self.swept:
+                        # Once, at start: what versions removed while this worker was down
+                        # (or before it was killed) left on disk.
+                        self.swept = True
+                        swept = self.builder.sweep([r.spec for r in self.runtimes.values()])
+                        if swept:
+                            log.info("removed %d folder(s) and file(s) of versions no longer "
+                                     "held", swept)
             except requests.RequestException as exc:
                 log.warning("control plane unreachable: %s", exc)
             for runtime in list(self.runtimes.values()):

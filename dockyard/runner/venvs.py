@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..common.archive import extract_archive
-from ..common.manifest import Manifest
+from ..common.manifest import NAME_RE, Manifest
 from ..sandbox.isolation import run_in_view
 from ..sandbox.view import CODE as VIEW_CODE
 from ..sandbox.view import VENV as VIEW_VENV
@@ -69,6 +69,20 @@ def version_paths(worker_dir: Path, spec: dict) -> VersionPaths:
     name = version if content.startswith(version) else f"{version}-{content[:12]}"
     root = worker_dir / spec["container"] / name
     return VersionPaths(root, root / "code", root / "venv", root / "tmp", root / "run")
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return []
+
+
+def _files(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if p.is_file()]
+    except OSError:
+        return []
 
 
 def _make_read_only(tree: Path) -> None:
@@ -147,7 +161,9 @@ class Builder:
         self._guard = threading.Lock()
 
     def _folder_lock(self, spec: dict) -> threading.Lock:
-        root = version_paths(self.worker_dir, spec).root
+        return self._folder_lock_at(version_paths(self.worker_dir, spec).root)
+
+    def _folder_lock_at(self, root: Path) -> threading.Lock:
         with self._guard:
             return self._folder_locks.setdefault(root, threading.Lock())
 
@@ -199,9 +215,10 @@ class Builder:
                   say: Callable[[str], None]) -> VersionPaths:
         if not (paths.root / ".code-ready").exists():
             say(f"fetching package {spec['artifact_sha256'][:12]}")
-            archive = self.artifact(spec["artifact_sha256"])
-            shutil.rmtree(paths.code, ignore_errors=True)
-            extract_archive(archive, paths.code)
+            with self._folder_lock_at(self.artifacts / spec["artifact_sha256"]):
+                archive = self.artifact(spec["artifact_sha256"])
+                shutil.rmtree(paths.code, ignore_errors=True)
+                extract_archive(archive, paths.code)
             _make_read_only(paths.code)
             (paths.root / ".code-ready").write_text(spec["content_sha256"])
         self._venv(manifest, paths, say, spec)
@@ -336,6 +353,40 @@ class Builder:
 
     def folder(self, spec: dict) -> Path:
         return version_paths(self.worker_dir, spec).root
+
+    def forget_artifact(self, sha256: str, in_use: Callable[[], bool]) -> None:
+        """Drop a cached package file, unless `in_use()` says a version held here uses it
+        (asked under the lock a build holds while it reads the file)."""
+        with self._folder_lock_at(self.artifacts / sha256):
+            if not in_use():
+                (self.artifacts / sha256).unlink(missing_ok=True)
+
+    def sweep(self, held: list[dict]) -> int:
+        """Remove what no held version needs: version folders (a container's whole folder when
+        none of its versions is held) and cached package files, left by versions removed
+        while this worker was down or before it was killed. Returns how many were removed."""
+        keep = {self.folder(spec) for spec in held}
+        containers = {spec["container"] for spec in held}
+        removed = 0
+        for container_dir in _subfolders(self.worker_dir):
+            if not NAME_RE.fullmatch(container_dir.name):
+                continue   # .artifacts, .view, the socket: not a container's
+            if container_dir.name not in containers:
+                shutil.rmtree(container_dir, ignore_errors=True)
+                removed += 1
+                continue
+            for folder in _subfolders(container_dir):
+                if folder.name.startswith(".") or folder in keep:
+                    continue   # .uv-cache, .build-links: the container's own
+                with self._folder_lock_at(folder):
+                    shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        wanted = {spec.get("artifact_sha256") for spec in held}
+        for path in _files(self.artifacts):
+            if path.name not in wanted:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def remove(self, spec: dict, in_use: Callable[[Path], bool]) -> None:
         """Delete a version's folder, unless `in_use(folder)` says a version held now lives
