@@ -562,15 +562,11 @@ def test_serve_keeps_the_tokens_off_every_command_line_and_its_worker_off_tcp(se
 
 
 def test_serve_falls_back_to_loopback_when_the_socket_path_is_too_long(tmp_path, caplog):
-    from dockyard.cli.serve import ServeOptions, Supervisor
+    from dockyard.app.datadir import DataDir
+    from dockyard.app.workerprocess import LocalWorkerProcess
 
     def listen_for(data: Path) -> str:
-        supervisor = Supervisor(ServeOptions(data=str(data)))
-        try:
-            return supervisor._local_worker_listen()
-        finally:
-            os.close(supervisor.wake_read)
-            os.close(supervisor.wake_write)
+        return LocalWorkerProcess(DataDir.at(data), "http://127.0.0.1:1", [], {}).listen
 
     short = tmp_path / "d"
     assert listen_for(short) == f"unix:{short / 'worker' / 'invoke.sock'}"

@@ -1,5 +1,6 @@
 """A helper process that `serve` runs beside gunicorn (the scheduler, the deploy-folder
-watcher): started, restarted with a growing delay if it dies, stopped on the way out. One
+watcher, the local worker): started, restarted with a growing delay if it dies, stopped on
+the way out. One
 shape for all of them, in the way of gunicorn's arbiter: serve's loop calls `check()`."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ MAX_DELAY_S = 30.0
 class SupervisedProcess:
     name = "helper process"
     first_delay_s = 0.5       # the wait before the first restart; it doubles each time
+    stop_grace_s = STOP_GRACE_S
 
     def __init__(self, preexec_fn=None):
         self.preexec_fn = preexec_fn
@@ -30,12 +32,24 @@ class SupervisedProcess:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def env(self) -> dict | None:
+        """The process's environment (None: serve's own)."""
+        return None
+
     def start(self) -> None:
         self.spawn()
 
     def spawn(self) -> None:
-        self.proc = subprocess.Popen(self.command(), preexec_fn=self.preexec_fn)
+        self.proc = subprocess.Popen(self.command(), preexec_fn=self.preexec_fn, env=self.env())
         self.started_at = time.monotonic()
+        self.spawned()
+
+    def spawned(self) -> None:
+        """Called after each start (the first and every restart)."""
+
+    def poll(self) -> int | None:
+        """The exit code once the process has exited (None while it runs or before it ran)."""
+        return None if self.proc is None else self.proc.poll()
 
     def exited(self, code: int) -> bool:
         """Called once when the process has exited; True means: do not restart it."""
@@ -62,11 +76,20 @@ class SupervisedProcess:
             self.spawn()
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        self.terminate()
+        self.wait_stopped()
+
+    def terminate(self) -> None:
+        """Ask the process to stop (SIGTERM); `wait_stopped` waits for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self) -> None:
+        """Wait up to stop_grace_s for the process to exit, then kill it."""
+        if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=STOP_GRACE_S)
+            self.proc.wait(timeout=self.stop_grace_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

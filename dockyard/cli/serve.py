@@ -20,14 +20,13 @@ from pathlib import Path
 import requests
 
 from ..app.datadir import DataDir, process_start, record_server
-from ..app.db import connect, migrate
-from ..app.store import workers as worker_store
+from ..app.db import migrate
 from ..app.dispatcher import Dispatcher
 from ..app.retention import Retention
 from ..app.schedulerprocess import SchedulerProcess
 from ..app.watcherprocess import WatcherProcess
-from ..runner.server import UNIX_PATH_MAX
-from .worker import WORKER_CONFIG_EXIT
+from ..app.workerprocess import LocalWorkerProcess
+from ..common.protocol import WORKER_CONFIG_EXIT
 
 log = logging.getLogger("dockyard.serve")
 
@@ -99,9 +98,7 @@ class Supervisor:
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_write, False)
         self.gunicorn: subprocess.Popen | None = None
-        self.worker: subprocess.Popen | None = None
-        self.worker_restarts = 0
-        self.worker_listen: str | None = None
+        self.worker: LocalWorkerProcess | None = None
         self.dispatcher: Dispatcher | None = None
         self.scheduler: SchedulerProcess | None = None
         self.deploy_watcher: WatcherProcess | None = None
@@ -149,32 +146,9 @@ class Supervisor:
                                          preexec_fn=_die_with_parent)
 
     def _start_worker(self) -> None:
-        env = self._env()
-        env["DOCKYARD_TOKEN"] = self.data.read_token("worker")
-        if self.worker_listen is None:
-            self.worker_listen = self._local_worker_listen()
-        cmd = [sys.executable, "-m", "dockyard", "--data", str(self.data.root), "worker",
-               "--server", self.url, "--listen", self.worker_listen,
-               *self.options.worker_args]
-        self.worker = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
-        self._worker_state("running")
-
-    def _local_worker_listen(self) -> str:
-        """A Unix socket inside the data dir: sandboxed functions never see the data dir,
-        while a loopback port is open to every function that has network access."""
-        path = self.data.worker / "invoke.sock"
-        if len(os.fsencode(path)) > UNIX_PATH_MAX:
-            log.warning("the local worker listens on 127.0.0.1, not on a Unix socket: %s is "
-                        "longer than the %d bytes a socket path may have", path, UNIX_PATH_MAX)
-            return "127.0.0.1:0"
-        return f"unix:{path}"
-
-    def _worker_state(self, state: str, reason: str = "") -> None:
-        db = connect(self.data.db_path)
-        try:
-            worker_store.set_local_worker_state(db, state, reason)
-        finally:
-            db.conn.close()
+        self.worker = LocalWorkerProcess(self.data, self.url, self.options.worker_args,
+                                         self._env(), _die_with_parent)
+        self.worker.start()
 
     def _wait_worker(self, timeout: float = 60.0) -> None:
         """Until the local worker registered: a worker that cannot run on this host stops serve
@@ -253,7 +227,6 @@ class Supervisor:
         return code
 
     def _supervise(self) -> int:
-        next_worker_start = 0.0
         while not self.signals:
             ready, _, _ = select.select([self.wake_read], [], [], 0.5)
             if ready:
@@ -265,24 +238,12 @@ class Supervisor:
                 self.deploy_watcher.check()
             if self.scheduler is not None and not self.signals:
                 self.scheduler.check()
-            if self.worker is not None and self.worker.poll() is not None and not self.signals:
-                now = time.monotonic()
-                code = self.worker.returncode
-                if code == WORKER_CONFIG_EXIT:
+            if self.worker is not None and not self.signals:
+                self.worker.check()
+                if self.worker.cannot_run:
                     log.error("the local worker cannot run on this host (its reason is above); "
                               "stopping")
-                    self._worker_state("stopped", "cannot run on this host (see serve's log)")
                     return 1
-                if next_worker_start == 0.0:
-                    delay = min(30.0, 0.5 * 2 ** min(self.worker_restarts, 6))
-                    log.warning("the local worker exited (code %s); restarting in %.1fs",
-                                code, delay)
-                    self._worker_state("exited", f"exited (code {code}) and is restarting")
-                    next_worker_start = now + delay
-                elif now >= next_worker_start:
-                    self.worker_restarts += 1
-                    next_worker_start = 0.0
-                    self._start_worker()
         return 0
 
     def _stop(self) -> None:
@@ -294,17 +255,19 @@ class Supervisor:
             self.scheduler.stop()
         if self.dispatcher:
             self.dispatcher.stop(wait=True)
-        for proc in (self.worker, self.gunicorn):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, grace in ((self.worker, 90), (self.gunicorn, 70)):
-            if proc is None:
-                continue
+        # The worker drains while the web server finishes what it has under way.
+        if self.worker is not None:
+            self.worker.terminate()
+        if self.gunicorn is not None and self.gunicorn.poll() is None:
+            self.gunicorn.send_signal(signal.SIGTERM)
+        if self.worker is not None:
+            self.worker.wait_stopped()
+        if self.gunicorn is not None:
             try:
-                proc.wait(timeout=grace)
+                self.gunicorn.wait(timeout=70)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                self.gunicorn.kill()
+                self.gunicorn.wait()
         if self.server_note is not None:
             self.server_note.unlink(missing_ok=True)
         try:

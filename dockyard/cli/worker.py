@@ -11,15 +11,13 @@ import click
 import uv
 
 from ..app.datadir import DataDir
+from ..common.protocol import WORKER_CONFIG_EXIT
 from ..runner.agent import Agent, WorkerConfig, WorkerRefused
 from ..runner.server import UNIX_PREFIX
 from ..runner.venvs import UvOptions
 from ..sandbox.cgroups import remove_root, sweep_stale
 from ..sandbox.isolation import (DEFAULT_UID_BASE, NOBODY, Isolation, choose_python,
                                  unreachable_ancestor)
-
-
-WORKER_CONFIG_EXIT = 78   # this worker's configuration cannot work here: do not restart it
 
 
 class WorkerConfigError(click.ClickException):

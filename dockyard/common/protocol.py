@@ -68,3 +68,7 @@ class VersionState:
 
 # The states in which a worker takes calls for a version.
 ROUTABLE_STATES = (VersionState.READY, VersionState.IDLE)
+
+# A worker's exit code when its configuration cannot work on this host (EX_CONFIG): `serve`
+# does not restart it, and stops with the worker's reason.
+WORKER_CONFIG_EXIT = 78

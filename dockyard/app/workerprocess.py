@@ -1,0 +1,66 @@
+"""serve's handle on its local worker: started once the control plane answers, restarted with
+a growing delay if it dies (what it ran is started again from the venvs on disk), stopped
+after the scheduler and the dispatcher, with time to drain. A worker that cannot run on this
+host (exit 78) is not restarted: serve stops with the worker's reason. What happens to it is
+recorded for the 503s that say why no worker is there."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..common.protocol import WORKER_CONFIG_EXIT
+from ..runner.server import UNIX_PATH_MAX
+from .datadir import DataDir
+from .db import connect
+from .store import workers as worker_store
+from .supervised import SupervisedProcess, log
+
+class LocalWorkerProcess(SupervisedProcess):
+    name = "local worker"
+    stop_grace_s = 90.0          # the worker drains its calls first
+
+    def __init__(self, data: DataDir, url: str, worker_args: list[str], env: dict,
+                 preexec_fn=None):
+        super().__init__(preexec_fn)
+        self.data = data
+        self.url = url
+        self.worker_args = worker_args
+        self.base_env = env
+        self.listen = self._listen()
+        self.cannot_run = False      # it exited 78: serve stops
+
+    def _listen(self) -> str:
+        """A Unix socket inside the data dir: sandboxed functions never see the data dir,
+        while a loopback port is open to every function that has network access."""
+        path = self.data.worker / "invoke.sock"
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            log.warning("the local worker listens on 127.0.0.1, not on a Unix socket: %s is "
+                        "longer than the %d bytes a socket path may have", path, UNIX_PATH_MAX)
+            return "127.0.0.1:0"
+        return f"unix:{path}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "dockyard", "--data", str(self.data.root), "worker",
+                "--server", self.url, "--listen", self.listen, *self.worker_args]
+
+    def env(self) -> dict:
+        return dict(self.base_env, DOCKYARD_TOKEN=self.data.read_token("worker") or "")
+
+    def spawned(self) -> None:
+        self._state("running")
+
+    def exited(self, code: int) -> bool:
+        if code == WORKER_CONFIG_EXIT:
+            self.cannot_run = True
+            self._state("stopped", "cannot run on this host (see serve's log)")
+            return True
+        self._state("exited", f"exited (code {code}) and is restarting")
+        return False
+
+    def _state(self, state: str, reason: str = "") -> None:
+        db = connect(self.data.db_path)
+        try:
+            worker_store.set_local_worker_state(db, state, reason)
+        finally:
+            db.conn.close()
