@@ -21,9 +21,8 @@ from pathlib import Path
 import psutil
 
 from .load import concurrent, latencies, percentile
-from .servers import BareFlask, Dockyard, package, tiny_wheelhouse
+from .servers import NOOP, BareFlask, Dockyard, package, tiny_wheelhouse
 
-NOOP = "def f(event):\n    return event\n"
 BURN = ("def f(event):\n    total = 0\n    for i in range(400_000):\n        total += i * i\n"
         "    return total\n")
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable

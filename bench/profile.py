@@ -18,9 +18,8 @@ from pathlib import Path
 import psutil
 
 from .load import concurrent
-from .servers import BareFlask, Dockyard, package
+from .servers import NOOP, BareFlask, Dockyard, package
 
-NOOP = "def f(event):\n    return event\n"
 
 
 def processes(dockyard: Dockyard) -> dict[str, list[psutil.Process]]:

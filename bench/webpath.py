@@ -14,9 +14,8 @@ import statistics
 import sys
 import time
 
-from .servers import Dockyard, package
+from .servers import NOOP, Dockyard, package
 
-NOOP = "def f(event):\n    return event\n"
 BODY = b'{"a": 1}'
 
 

@@ -294,15 +294,16 @@ def deploy(ctx, path, wait, no_activate, timeout):
         if isinstance(dep, dict):
             click.echo(f"deployment {dep['id']}: {dep['status']}")
     dep = record.get("deployment")
-    if isinstance(dep, dict) and dep["status"] == "failed":
+    failed = isinstance(dep, dict) and dep["status"] == "failed"
+    if failed:
         active, serving = _container_state(client, record["container"])
         record["active"] = active == record["version"]
         record["serving"] = serving == record["version"]
     ctx.emit(record, human)
-    if isinstance(dep, dict) and dep["status"] == "failed":
+    if failed:
         raise click.ClickException(
             f"{what} failed to deploy: {_failure(dep)}; "
-            f"{_left(client, record['container'], record['version'])} "
+            f"{_left(record['container'], record['version'], active, serving)} "
             f"(the new version is stored; see dockyard deployments {record['container']})")
 
 
@@ -321,9 +322,9 @@ def _container_state(client, name: str) -> tuple[str | None, str | None]:
     return detail.get("active_version"), detail.get("serving_version")
 
 
-def _left(client, name: str, failed: str) -> str:
-    """What serves `name` after a deployment of `failed` did not succeed."""
-    active, serving = _container_state(client, name)
+def _left(name: str, failed: str, active: str | None, serving: str | None) -> str:
+    """What serves `name` (its `active` and `serving` versions) after a deployment of `failed`
+    did not succeed."""
     if serving and serving != failed:
         still = f"still serving {name}@{serving}"
         return still if active == serving else (
@@ -385,7 +386,8 @@ def invoke(ctx, target, event, asynchronous):
             json.loads(event)
         except ValueError as exc:
             raise click.ClickException(f"the event is not valid JSON: {exc}") from None
-    response = ctx.client().invoke(target, event, asynchronous)
+    client = ctx.client()
+    response = client.invoke(target, event, asynchronous)
     try:
         body = response.json()
     except ValueError:
@@ -397,8 +399,7 @@ def invoke(ctx, target, event, asynchronous):
         inv = body.get("invocation_id")  # only an answer about a recorded call has one
         message = str(error.get("message") or response.reason).splitlines()[0]
         if response.status_code == 401:
-            sent = response.request.headers.get("Authorization", "")[len("Bearer "):] or None
-            message = f"{message.rstrip('.')}; {token_hint(sent)}"
+            message = f"{message.rstrip('.')}; {token_hint(client.token)}"
         raise click.ClickException(f"{error.get('type')}: {message}"
                                    + (f" (dockyard logs {inv})" if inv else ""))
     if ctx.as_json:
@@ -460,7 +461,7 @@ def rollback(ctx, name, version, wait, timeout):
                 " and serving" if serving == active else
                 f", and {name}@{serving} serves" if serving else "")
         else:
-            left = f"{what} stays active ({_left(client, name, version)})"
+            left = f"{what} stays active ({_left(name, version, active, serving)})"
         raise click.ClickException(f"rollback to {what} failed: {_failure(dep)}; {left} "
                                    f"(see dockyard deployments {name})")
 

@@ -9,13 +9,12 @@ import time
 
 import click
 
-from . import Command, Context, _age, _table
+from . import Command, pass_ctx, _age, _table
 from .client import ClientError
 from .jobs import _duration
 
 DEPLOYMENT_ID_RE = re.compile(r"dep_[0-9a-f]+")  # container names have no "_"
 
-pass_ctx = click.make_pass_decorator(Context)
 
 
 @click.command(cls=Command)

@@ -9,12 +9,11 @@ from datetime import datetime
 import click
 
 from ..common.schedule import ScheduleError, zone
-from . import Context, Group, _table
+from ..common.protocol import FINISHED_STATUSES
+from . import Group, pass_ctx, _table
 
-FINAL = ("succeeded", "failed", "timed_out", "crashed", "cancelled")
 
 
-pass_ctx = click.make_pass_decorator(Context)
 
 
 def _when(ts, timezone_name: str = "UTC") -> str:
@@ -142,7 +141,7 @@ def run(ctx, name, wait):
     if wait:
         while True:
             inv = client.json("GET", f"/api/invocations/{invocation}")
-            if inv["status"] in FINAL:
+            if inv["status"] in FINISHED_STATUSES:
                 started = dict(started, status=inv["status"], duration_ms=inv["duration_ms"],
                                output=inv.get("output"), error=inv.get("error"))
                 break

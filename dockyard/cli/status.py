@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import click
 
-from . import Command, Context, _age, _table
+from . import Command, pass_ctx, _age, _table
 from .history import show_deployment
 
-pass_ctx = click.make_pass_decorator(Context)
 
 
 @click.command(cls=Command)

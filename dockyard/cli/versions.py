@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import click
 
-from . import Context, Group, _age, _table
+from . import Group, pass_ctx, _age, _table
 
-pass_ctx = click.make_pass_decorator(Context)
 
 
 class VersionsGroup(Group):
