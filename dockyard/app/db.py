@@ -42,13 +42,15 @@ def get_db(path: str | Path) -> sqlite_utils.Database:
 
 class transaction:
     """`with transaction(db):` runs a BEGIN IMMEDIATE … COMMIT block (ROLLBACK on error), so
-    read-then-write sequences are atomic across processes."""
+    read-then-write sequences are atomic across processes. `mode="DEFERRED"`: a read
+    transaction, whose queries all see the database as of one moment."""
 
-    def __init__(self, db: sqlite_utils.Database):
+    def __init__(self, db: sqlite_utils.Database, mode: str = "IMMEDIATE"):
         self.conn = db.conn
+        self.mode = mode
 
     def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute(f"BEGIN {self.mode}")
         return self.conn
 
     def __exit__(self, exc_type, exc, tb):

@@ -145,10 +145,11 @@ class Watcher:
             path = self.events.get(timeout=timeout)
         except queue.Empty:
             return
+        changed: dict[str, None] = {}   # each entry looked at once per batch of events
         while path is not None:
             found = entry_of(self.folder, path)
             if found is not None and found[1] is None:
-                self._changed(found[0])
+                changed[found[0]] = None
             elif found is not None and found[1] in (Marker.DEPLOYED, Marker.UNDEPLOYED,
                                                     Marker.SKIPDEPLOY):
                 # A user removed a marker, or asked to skip. Not at once: when the whole
@@ -157,7 +158,10 @@ class Watcher:
             try:
                 path = self.events.get_nowait()
             except queue.Empty:
-                return
+                path = None
+        # A folder package's signature walks its whole tree: once, not once per event.
+        for name in changed:
+            self._changed(name)
 
     def _changed(self, name: str) -> None:
         """Debounce: every change starts the entry's settle window again."""

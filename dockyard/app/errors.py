@@ -12,16 +12,13 @@ from ..errors import DockyardError, Unavailable
 log = logging.getLogger("dockyard.api")
 
 
-def error_body(exc: DockyardError, invocation_id: str | None = None) -> dict:
-    """The one JSON error shape."""
-    body = {"error": exc.to_dict()}
-    if invocation_id:
-        body["invocation_id"] = invocation_id
-    return body
+def error_body(exc: DockyardError) -> dict:
+    """The one JSON error shape (an error raised before anything ran names no invocation)."""
+    return {"error": exc.to_dict()}
 
 
-def error_response(exc: DockyardError, invocation_id: str | None = None):
-    response = jsonify(error_body(exc, invocation_id))
+def error_response(exc: DockyardError):
+    response = jsonify(error_body(exc))
     response.status_code = exc.status
     if isinstance(exc, Unavailable):
         response.headers["Retry-After"] = str(exc.retry_after)

@@ -70,13 +70,18 @@ def _object(body) -> dict:
     return body
 
 
+def _only(body: dict, allowed, refusal: str, label: str) -> dict:
+    """`body` if it has no field outside `allowed`; else a 400 naming one and the allowed."""
+    unknown = set(body) - set(allowed)
+    if unknown:
+        raise BadRequest(f"{refusal} '{clipped(sorted(unknown)[0])}'; {label}: "
+                         f"{', '.join(sorted(allowed))}")
+    return body
+
+
 def definition_from(db: sqlite_utils.Database, body) -> tuple[str, dict]:
     """(name, definition) from a POST /api/jobs body."""
-    body = _object(body)
-    unknown = set(body) - FIELDS
-    if unknown:
-        raise BadRequest(f"unknown field '{clipped(sorted(unknown)[0])}'; known: "
-                         f"{', '.join(sorted(FIELDS))}")
+    body = _only(_object(body), FIELDS, "unknown field", "known")
     try:
         name = job_rules.check_name(body.get("name"))
         settings = job_rules.check_settings(body)
@@ -91,11 +96,7 @@ def definition_from(db: sqlite_utils.Database, body) -> tuple[str, dict]:
 
 def changes_from(db: sqlite_utils.Database, row: dict, body) -> dict:
     """The checked changes of a PATCH /api/jobs/<name> body."""
-    body = _object(body)
-    unknown = set(body) - EDITABLE
-    if unknown:
-        raise BadRequest(f"cannot change '{clipped(sorted(unknown)[0])}'; changeable: "
-                         f"{', '.join(sorted(EDITABLE))}")
+    body = _only(_object(body), EDITABLE, "cannot change", "changeable")
     try:
         changes = job_rules.check_settings(body, partial=True)
         if "schedule" in body or "timezone" in body:

@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prune-every", default="60s",
                         help="how often retention runs (90s, 10m, …)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import LOG_FORMAT
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     data = DataDir.at(args.data)
     data.ensure()
     migrate(data.db_path)

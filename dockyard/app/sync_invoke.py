@@ -27,7 +27,6 @@ JSON = ("Content-Type", "application/json")
 
 class SyncInvoke:
     def __init__(self, app):
-        self.app = app
         self.flask_wsgi = app.wsgi_app
         ext = app.extensions["dockyard"]
         self.db_path = ext["data"].db_path
@@ -52,7 +51,7 @@ class SyncInvoke:
         invocation_id = None
         try:
             self._check_token(environ)
-            event, event_text = self._read_event(environ)
+            event, event_text = read_event(environ, self.max_event)
             container, _, version = target.partition("@")
             invocation_id = store.new_id()
             status, headers, body = self._call(invocation_id, container, version or None,
@@ -61,11 +60,11 @@ class SyncInvoke:
         # unknown container or function, no worker to take the call), so its answer names no
         # invocation id: only an answer built from a worker's reply, recorded, carries one.
         except DockyardError as exc:
-            status, headers, body = error_answer(exc, None)
+            status, headers, body = error_answer(exc)
         except Exception as exc:  # noqa: BLE001 - one JSON error shape, whatever happened
             log.exception("%s unhandled error", invocation_id or "invoke")
             status, headers, body = error_answer(DockyardError(
-                f"internal error: {type(exc).__name__}: {exc}"), None)
+                f"internal error: {type(exc).__name__}: {exc}"))
         headers.append(("Content-Length", str(len(body))))
         start_response(status, headers)
         return [body]
@@ -74,9 +73,6 @@ class SyncInvoke:
         if self.invoke_auth:
             check_header(environ.get("HTTP_AUTHORIZATION", ""), self.tokens, INVOKE_KINDS,
                          self.data_root if is_local(environ.get("REMOTE_ADDR")) else None)
-
-    def _read_event(self, environ) -> tuple[object, str | None]:
-        return read_event(environ, self.max_event)
 
     def _call(self, invocation_id, container, version, function, event, event_text):
         started = now()
@@ -144,8 +140,8 @@ def too_large(limit: int) -> TooLarge:
                     "(a URL or a path) instead of the data")
 
 
-def error_answer(exc: DockyardError, invocation_id: str | None):
-    body = error_body(exc, invocation_id)
+def error_answer(exc: DockyardError):
+    body = error_body(exc)
     headers = [JSON]
     if isinstance(exc, Unavailable):
         headers.append(("Retry-After", str(exc.retry_after)))

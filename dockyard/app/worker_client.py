@@ -99,21 +99,17 @@ class WorkerConnections:
         """Send one frame and wait for its reply. WorkerGone if the worker could not be
         reached (nothing ran) — `sent` in its args says whether the call may have started."""
         conn, pooled = self._checkout(address, timeout)
-        try:
-            conn.set_recv_timeout(timeout)
-            conn.send(frame)
-        except OSError as exc:
-            conn.close()
-            if not pooled:
-                raise WorkerGone(f"worker at {address} went away: {exc}", False) from exc
-            # The worker closed this pooled connection (it restarted): dial it afresh.
-            conn = self._connect(address, timeout)
+        while True:
             try:
                 conn.set_recv_timeout(timeout)
                 conn.send(frame)
-            except OSError as exc2:
+                break
+            except OSError as exc:
                 conn.close()
-                raise WorkerGone(f"worker at {address} went away: {exc2}", False) from exc2
+                if not pooled:
+                    raise WorkerGone(f"worker at {address} went away: {exc}", False) from exc
+            # The worker closed this pooled connection (it restarted): dial it afresh, once.
+            conn, pooled = self._connect(address, timeout), False
         try:
             reply = conn.recv()
         except (OSError, ValueError) as exc:

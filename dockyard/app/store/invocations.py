@@ -93,9 +93,7 @@ def finish(db: sqlite_utils.Database, invocation_id: str, owner: str, result: di
 def release(db: sqlite_utils.Database, invocation_id: str, owner: str) -> None:
     """Give back a claimed call that never reached a worker: queued again, its attempt not
     counted."""
-    db.conn.execute("UPDATE invocations SET status = 'queued', attempt = attempt - 1, "
-                    "owner = NULL, lease_until = NULL, started_at = NULL "
-                    "WHERE id = ? AND owner = ? AND status = 'running'", [invocation_id, owner])
+    _requeue(db, invocation_id, owner)
 
 
 def defer(db: sqlite_utils.Database, invocation_id: str, owner: str, not_before: float,
@@ -103,10 +101,16 @@ def defer(db: sqlite_utils.Database, invocation_id: str, owner: str, not_before:
     """release(), to be claimed again no sooner than `not_before`: no worker could take the
     call yet (nothing ran). Only while this owner still holds it running: a call cancelled
     or taken over meanwhile is left as it is."""
+    _requeue(db, invocation_id, owner, not_before=not_before,
+             unavailable_since=unavailable_since)
+
+
+def _requeue(db: sqlite_utils.Database, invocation_id: str, owner: str, **also) -> None:
+    sets = "".join(f", {column} = ?" for column in also)
     db.conn.execute("UPDATE invocations SET status = 'queued', attempt = attempt - 1, "
-                    "owner = NULL, lease_until = NULL, started_at = NULL, not_before = ?, "
-                    "unavailable_since = ? WHERE id = ? AND owner = ? AND status = 'running'",
-                    [not_before, unavailable_since, invocation_id, owner])
+                    f"owner = NULL, lease_until = NULL, started_at = NULL{sets} "
+                    "WHERE id = ? AND owner = ? AND status = 'running'",
+                    [*also.values(), invocation_id, owner])
 
 
 def stop(db: sqlite_utils.Database, invocation_id: str, status: str, error: dict) -> str | None:
@@ -216,7 +220,7 @@ def list_recent(db: sqlite_utils.Database, container: str | None, status: str | 
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY created_at DESC LIMIT ?"
     args.append(_limit(limit))
-    with _snapshot(db):
+    with transaction(db, "DEFERRED"):
         rows = [public(r, full=full) for r in db.query(sql, args)]
         cursor = _last_finish(db)
     return rows, cursor
@@ -243,7 +247,7 @@ def finished_after(db: sqlite_utils.Database, cursor: int, container: str | None
         args.append(status)
     sql += " ORDER BY f.seq LIMIT ?"
     args.append(limit)
-    with _snapshot(db):
+    with transaction(db, "DEFERRED"):
         found = list(db.query(sql, args))
         # A full page: go on from its last row. Otherwise everything up to the newest finish
         # has been seen (also the other containers' finishes, not scanned again).
@@ -264,20 +268,6 @@ def _last_finish(db: sqlite_utils.Database) -> int:
     row = db.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = "
                           "'invocation_finishes'").fetchone()
     return row[0] if row else 0
-
-
-class _snapshot:
-    """A read transaction: every query in it sees the database as of one moment."""
-
-    def __init__(self, db: sqlite_utils.Database):
-        self.conn = db.conn
-
-    def __enter__(self):
-        self.conn.execute("BEGIN")
-
-    def __exit__(self, *exc):
-        self.conn.execute("COMMIT")
-        return False
 
 
 def prune(db: sqlite_utils.Database, created_before: float, batch: int = 1000) -> int:

@@ -180,6 +180,11 @@ def list_for(db: sqlite_utils.Database, job_id: str, limit: int = 50,
     return [public(r) for r in db.query(sql, args)]
 
 
+def _quoted(statuses: tuple[str, ...]) -> str:
+    """Constant statuses as an SQL list: 'a', 'b'."""
+    return ", ".join(f"'{status}'" for status in statuses)
+
+
 def prune(db: sqlite_utils.Database, t: float, batch: int = 5000) -> int:
     """History retention: drop finished runs scheduled longer than their job's history_days
     ago, always keeping the last 3 successes and the last failure of each job. One job at a
@@ -195,13 +200,13 @@ def prune(db: sqlite_utils.Database, t: float, batch: int = 5000) -> int:
                 keep = [row[0] for row in conn.execute(
                     "SELECT id FROM (SELECT id FROM job_runs WHERE job_id = ? AND status = "
                     "'succeeded' ORDER BY id DESC LIMIT ?) UNION ALL SELECT id FROM (SELECT id "
-                    "FROM job_runs WHERE job_id = ? AND status IN ('failed', 'timed_out', "
-                    "'crashed') ORDER BY id DESC LIMIT 1)",
+                    f"FROM job_runs WHERE job_id = ? AND status IN ({_quoted(FAILURES)}) "
+                    "ORDER BY id DESC LIMIT 1)",
                     [job_id, KEEP_SUCCESSES, job_id]).fetchall()]
                 marks = ", ".join("?" * len(keep)) or "NULL"
                 cursor = conn.execute(
                     "DELETE FROM job_runs WHERE id IN (SELECT id FROM job_runs WHERE job_id = ? "
-                    "AND scheduled_at < ? AND status NOT IN ('waiting', 'queued', 'running') "
+                    f"AND scheduled_at < ? AND status NOT IN ({_quoted(ACTIVE)}) "
                     f"AND id NOT IN ({marks}) LIMIT ?)", [job_id, cutoff, *keep, batch])
                 deleted += cursor.rowcount
             if cursor.rowcount < batch:
