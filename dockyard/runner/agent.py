@@ -207,7 +207,8 @@ class Agent:
         if kind == Frame.CANCEL:
             return self.cancel(str(frame.get("id")))
         if kind != Frame.INVOKE:
-            return {"type": "error", "error": {"type": "BadFrame", "message": f"unknown {kind}"}}
+            return {"type": Frame.ERROR,
+                    "error": {"type": "BadFrame", "message": f"unknown {kind}"}}
         runtime = self.runtimes.get(frame.get("version_id"))
         call_id = frame.get("id")
         if runtime is None or self.stopping:

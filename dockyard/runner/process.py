@@ -87,7 +87,6 @@ class Child:
         self.exit_reason: str | None = None
         self.oom = False
         self.cgroup = None
-        self.server_pid = 0         # the bootstrap's pid on the host (inside a view: pid 2)
         self.cpu_budget: CpuBudget | None = None
         self._dead: dict | None = None
         self._pending: dict[str, _Pending] = {}
@@ -148,11 +147,13 @@ class Child:
         if first.get("type") != Frame.READY:
             self._abort()
             raise StartError(f"unexpected first frame from the child: {first}")
-        self.server_pid = find_server(self.pid) if view else self.pid
-        if self.spec.cpu_budget_s and self.server_pid and view:
+        # The bootstrap's pid on the host (pid 2 of the view's namespace): read from /proc
+        # only for the CPU budget, which is all that needs it.
+        server = find_server(self.pid) if view and self.spec.cpu_budget_s else 0
+        if server:
             try:
                 self.cpu_budget = CpuBudget(
-                    self.server_pid, self.spec.cpu_budget_s, self.spec.cpu_by_kernel,
+                    server, self.spec.cpu_budget_s, self.spec.cpu_by_kernel,
                     self.cgroup.cpu_reader() if self.cgroup is not None else None)
             except OSError as exc:
                 log.warning("%s: cannot watch its CPU time: %s", self.what, exc)

@@ -219,7 +219,7 @@ class _Connection(socketserver.BaseRequestHandler):
                 if frame is None:
                     return
                 reply = server.handle_frame(frame)
-                conn.send(reply if reply is not None else {"type": "ok"})
+                conn.send(reply if reply is not None else {"type": Frame.OK})
         except (OSError, ValueError) as exc:
             log.debug("connection from %s ended: %s", self.client_address, exc)
         finally:
@@ -270,6 +270,7 @@ class _Connection(socketserver.BaseRequestHandler):
     def _reply_refusal(conn: FrameSocket, message: str) -> None:
         try:
             conn.sock.settimeout(1.0)
-            conn.send({"type": "error", "error": {"type": "Unauthorized", "message": message}})
+            conn.send({"type": Frame.ERROR,
+                       "error": {"type": "Unauthorized", "message": message}})
         except OSError:
             pass

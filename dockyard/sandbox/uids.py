@@ -43,7 +43,8 @@ class UidRegistry:
             if uid is not None:
                 return uid
             uid = max(self.base, data["next"])
-            while _taken(uid):
+            delegated = _delegated()   # read once, not once per uid tried
+            while _taken(uid, delegated):
                 uid += 1
             if uid > UID_LIMIT:
                 raise RuntimeError(f"no uid left to give a container (registry {self.path})")
@@ -81,15 +82,16 @@ class UidRegistry:
         return {k: v for k, v in data["uids"].items() if k.startswith(prefix)}
 
 
-def _taken(uid: int) -> bool:
+def _taken(uid: int, delegated: list[tuple[int, int]]) -> bool:
     """A uid that belongs to a real account on this host, or to a range delegated to a user
-    for their own user namespaces (/etc/subuid, /etc/subgid), is never handed out."""
+    for their own user namespaces (`delegated`: /etc/subuid, /etc/subgid), is never handed
+    out."""
     try:
         pwd.getpwuid(uid)
         return True
     except KeyError:
         pass
-    return any(start <= uid < start + count for start, count in _delegated())
+    return any(start <= uid < start + count for start, count in delegated)
 
 
 def _delegated() -> list[tuple[int, int]]:

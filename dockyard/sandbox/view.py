@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..common.protocol import Frame
+
 LAUNCHER = Path(__file__).resolve().parent / "launch.py"
 
 CODE = "/dockyard/code"
@@ -117,7 +119,7 @@ def sandbox_spec(layout: HostLayout, *, root: Path, code: Path, venv: Path, boot
     binds = [*layout.binds, (str(code), CODE, "ro"), (str(venv), VENV, "ro"),
              (str(bootstrap), BOOTSTRAP, "ro")]
     return {
-        "type": "sandbox", "root": str(root), "binds": binds, "symlinks": layout.symlinks,
+        "type": Frame.SANDBOX, "root": str(root), "binds": binds, "symlinks": layout.symlinks,
         "files": passwd(uid, gid), "tmp_mb": int(tmp_mb), "uid": uid, "gid": gid,
         "network": bool(network), "hostname": HOSTNAME, "rlimits": rlimits, "cwd": CODE,
         "env": dict(env, HOME="/tmp", TMPDIR="/tmp"),
