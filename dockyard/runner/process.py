@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -20,7 +21,7 @@ from ..common.protocol import Frame, Status
 from ..common.frames import FrameReader, encode_frame, write_frame
 from ..sandbox.isolation import encode_spec
 from .cpu_budget import CpuBudget, find_server
-from .spares import spares
+from .spares import request_socket, spares
 from .states import ProcessState, change_state
 from .tree import kill_tree
 
@@ -70,6 +71,25 @@ class _Pending:
 
 
 _numbers = itertools.count(1)
+
+
+class _Control:
+    """The worker's end of a child's request socket: frames, and descriptors with them."""
+
+    def __init__(self, fd: int):
+        self.sock = socket.socket(fileno=fd)
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def flush(self) -> None:
+        pass
+
+    def send_fd(self, data: bytes, fd: int) -> None:
+        socket.send_fds(self.sock, [data], [fd])
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Child:
@@ -168,7 +188,7 @@ class Child:
 
     def _launch_directly(self) -> None:
         """Without a view: the venv's interpreter runs the bootstrap as a direct child."""
-        req_read, req_write = os.pipe()
+        req_write, req_read = request_socket()
         rep_read, rep_write = os.pipe()
         out_fd, err_fd = self._output_files()
         env = dict(self.spec.env, HOME=str(self.tmp_dir), TMPDIR=str(self.tmp_dir))
@@ -187,7 +207,7 @@ class Child:
             for fd in (req_read, rep_write, out_fd, err_fd):
                 os.close(fd)
         self.pid = self.popen.pid
-        self._requests = os.fdopen(req_write, "wb", buffering=0)
+        self._requests = _Control(req_write)
         self._replies = FrameReader(rep_read, REPLY_MAX_BYTES)
 
     def _launch_in_view(self) -> None:
@@ -206,7 +226,7 @@ class Child:
             raise
         self.popen = launcher.popen
         self.pid = launcher.popen.pid
-        self._requests = os.fdopen(launcher.request_fd, "wb", buffering=0)
+        self._requests = _Control(launcher.request_fd)
         self._replies = FrameReader(launcher.reply_fd, REPLY_MAX_BYTES)
         try:
             self._requests.write(encode_spec(dict(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ log = logging.getLogger("dockyard.spares")
 @dataclass
 class Launcher:
     popen: subprocess.Popen
-    request_fd: int     # the write end of the launcher's request pipe (the spec goes first)
+    request_fd: int     # the worker's end of the launcher's request socket (the spec goes first)
     reply_fd: int       # the read end of its reply pipe
     fds: tuple[str, str]  # the launcher's own ends, as the bootstrap's argv names them
 
@@ -35,7 +36,9 @@ class Launcher:
 
 
 def start_launcher() -> Launcher:
-    req_read, req_write = os.pipe()
+    # Requests go over a socket (it can carry a direct channel's descriptor), replies over a
+    # pipe.
+    req_write, req_read = request_socket()
     rep_read, rep_write = os.pipe()
     try:
         popen = subprocess.Popen(
@@ -51,6 +54,14 @@ def start_launcher() -> Launcher:
         os.close(req_read)
         os.close(rep_write)
     return Launcher(popen, req_write, rep_read, (str(req_read), str(rep_write)))
+
+
+def request_socket() -> tuple[int, int]:
+    """(the worker's end, the child's end) of a child's request socket, as plain descriptors
+    (the worker's closed on exec, the child's inherited where passed)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.set_inheritable(True)
+    return ours.detach(), theirs.detach()
 
 
 class Spares:

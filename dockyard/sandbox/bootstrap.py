@@ -1,6 +1,9 @@
 """The program inside every child: runs in the user's venv (standard library only, no
 dockyard import), imports the declared functions, says ready, then serves length-prefixed JSON
-frames: invoke requests on one pipe, results on the other.
+frames: invoke requests on the request socket (or pipe), results on the reply pipe. A
+one-at-a-time process also serves *direct channels*: sockets the worker hands over the request
+socket (a `channel` frame with the descriptor attached), each connected to one web process; a
+call that arrives on a channel is answered on that channel.
 
 Usage: python -I -B bootstrap.py REQUEST_FD REPLY_FD
 """
@@ -11,7 +14,9 @@ import json
 import logging
 import os
 import resource
+import select
 import signal
+import socket
 import stat
 import struct
 import sys
@@ -22,8 +27,8 @@ import traceback
 LOAD_ERROR_EXIT = 3
 # Frame types: copies of dockyard.common.protocol.Frame (this file cannot import dockyard);
 # a test checks that they match.
-INIT, READY, LOAD_ERROR, INVOKE, RESULT, SHUTDOWN = (
-    "init", "ready", "load_error", "invoke", "result", "shutdown")
+INIT, READY, LOAD_ERROR, INVOKE, RESULT, SHUTDOWN, CHANNEL = (
+    "init", "ready", "load_error", "invoke", "result", "shutdown", "channel")
 HEADER = struct.Struct(">I")
 # Made once: json.dumps with arguments builds a new encoder on every call, twice per call here.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -42,6 +47,23 @@ def read_frame(stream):
     if len(body) < size:
         return None
     return _decode(body.decode("utf-8"))
+
+
+class _Exact:
+    """read(n) on a socket: exactly n bytes, or fewer only at its end (what read_frame needs,
+    with nothing read past the frame)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def read(self, size):
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
 
 
 class Context:
@@ -161,18 +183,22 @@ class Child:
                     threading.Thread(target=self.loop.run_forever, daemon=True).start()
             return self.loop
 
-    def send(self, obj, result_json=None):
-        """Write one frame; a result already encoded (to check it is JSON) is spliced in
-        rather than encoded twice."""
+    def send(self, obj, result_json=None, channel=None):
+        """Write one frame (to the reply pipe, or to the direct channel the call came on); a
+        result already encoded (to check it is JSON) is spliced in rather than encoded
+        twice."""
         text = _encode(obj)
         if result_json is not None:
             text = text[:-1] + ',"result":' + result_json + "}"
         body = text.encode("utf-8")
+        if channel is not None:
+            write_all(channel, HEADER.pack(len(body)) + body)
+            return
         with self.write_lock:
             self.replies.write(HEADER.pack(len(body)) + body)
             self.replies.flush()
 
-    def run_call(self, request):
+    def run_call(self, request, channel=None):
         started = time.perf_counter()
         function = request.get("function", "")
         reply = {"type": RESULT, "id": request.get("id")}
@@ -218,12 +244,14 @@ class Child:
         reply["max_rss_kb"] = peak_rss_kb()
         reply["cold"], self.cold = self.cold, False
         try:
-            self.send(reply, encoded)
+            self.send(reply, encoded, channel)
         except (TypeError, ValueError) as exc:
             self.send({"type": RESULT, "id": reply["id"], "ok": False,
                        "error": describe(exc, function), "stdout": reply["stdout"],
                        "stderr": reply["stderr"], "duration_ms": reply["duration_ms"],
-                       "max_rss_kb": reply["max_rss_kb"], "cold": reply["cold"]})
+                       "max_rss_kb": reply["max_rss_kb"], "cold": reply["cold"]}, None, channel)
+        except OSError:
+            pass  # the web process that asked is gone: nobody waits for this reply
 
     def _threaded(self, request):
         try:
@@ -257,6 +285,79 @@ class Child:
             while self.in_flight:
                 self.idle.wait()
 
+    def serve_channels(self, control):
+        """One call at a time from the request socket and every direct channel: poll them all,
+        answer each call where it came from. The request socket also brings new channels; a
+        channel whose web process closed it is dropped."""
+        buffers = {control.fileno(): bytearray()}
+        channels = []           # descriptors received, not yet claimed by a channel frame
+        poller = select.poll()
+        poller.register(control.fileno(), select.POLLIN)
+        while not self.stopping:
+            try:
+                events = poller.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == control.fileno():
+                    data, ancillary, _, _ = control.recvmsg(1 << 16, socket.CMSG_SPACE(64),
+                                                             socket.MSG_CMSG_CLOEXEC)
+                    for level, kind, raw in ancillary:
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                            count = len(raw) // 4
+                            channels.extend(struct.unpack(f"{count}i", raw[:count * 4]))
+                else:
+                    try:
+                        data = os.read(fd, 1 << 16)
+                    except OSError:
+                        data = b""
+                if not data:
+                    if fd == control.fileno():
+                        return      # the worker is gone
+                    poller.unregister(fd)
+                    del buffers[fd]
+                    os.close(fd)
+                    continue
+                buffer = buffers[fd]
+                buffer += data
+                for request in cut_frames(buffer):
+                    kind = request.get("type") if isinstance(request, dict) else None
+                    if fd != control.fileno():
+                        if kind == INVOKE:
+                            self.in_flight = 1
+                            self.run_call(request, fd)
+                            self.in_flight = 0
+                    elif kind == INVOKE:
+                        self.in_flight = 1
+                        self.run_call(request)
+                        self.in_flight = 0
+                    elif kind == CHANNEL and channels:
+                        channel = channels.pop(0)
+                        buffers[channel] = bytearray()
+                        poller.register(channel, select.POLLIN)
+                    elif kind == SHUTDOWN:
+                        return
+
+
+def cut_frames(buffer):
+    """The whole frames at the front of `buffer`, removed from it."""
+    frames = []
+    while len(buffer) >= 4:
+        (size,) = HEADER.unpack_from(buffer)
+        if size > MAX_FRAME:
+            raise ValueError("frame too large")
+        if len(buffer) < 4 + size:
+            break
+        frames.append(_decode(bytes(buffer[4:4 + size]).decode("utf-8")))
+        del buffer[:4 + size]
+    return frames
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
 
 class ResultNotSerializable(Exception):
     pass
@@ -283,9 +384,15 @@ def main():
     # When the worker dies, the request pipe ends and this process leaves (after the call in
     # hand); a worker that starts again on the same dir kills whatever is still running.
     request_fd, reply_fd = int(sys.argv[1]), int(sys.argv[2])
-    requests = os.fdopen(request_fd, "rb", buffering=1 << 16)
+    control = None
+    if stat.S_ISSOCK(os.fstat(request_fd).st_mode):
+        control = socket.socket(fileno=request_fd)
+        requests = _Exact(control)
+        init = read_frame(requests)
+    else:
+        requests = os.fdopen(request_fd, "rb", buffering=1 << 16)
+        init = read_frame(requests)
     replies = os.fdopen(reply_fd, "wb", buffering=0)
-    init = read_frame(requests)
     if not init or init.get("type") != INIT:
         sys.exit(LOAD_ERROR_EXIT)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -313,7 +420,10 @@ def main():
         sys.stderr.flush()
         os._exit(LOAD_ERROR_EXIT)
     child.send({"type": READY, "pid": os.getpid()})
-    child.serve()
+    if control is not None and child.concurrency == 1:
+        child.serve_channels(control)
+    else:
+        child.serve()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
