@@ -241,10 +241,14 @@ def test_the_bootstraps_words_are_the_protocols():
     from dockyard.common.protocol import Frame
     from dockyard.runner import process
     from dockyard.sandbox import bootstrap
+    from dockyard.common import direct
     assert (bootstrap.INIT, bootstrap.READY, bootstrap.LOAD_ERROR, bootstrap.INVOKE,
-            bootstrap.RESULT, bootstrap.SHUTDOWN) == (
-        Frame.INIT, Frame.READY, Frame.LOAD_ERROR, Frame.INVOKE, Frame.RESULT, Frame.SHUTDOWN)
+            bootstrap.RESULT, bootstrap.SHUTDOWN, bootstrap.CHANNEL, bootstrap.SLOT) == (
+        Frame.INIT, Frame.READY, Frame.LOAD_ERROR, Frame.INVOKE, Frame.RESULT, Frame.SHUTDOWN,
+        Frame.CHANNEL, Frame.SLOT)
     assert bootstrap.LOAD_ERROR_EXIT == process.LOAD_ERROR_EXIT
+    # The slot page the process writes and the worker reads.
+    assert bootstrap.Slot.LAYOUT.format == direct._SLOT.format
 
 
 def test_every_status_a_record_holds_can_be_listed():

@@ -55,6 +55,10 @@ class DummyChild:
         self.plan = plan
         self.events = events
         self.pid = next(_pids)
+        self.number = self.pid
+        self.slot = None            # no direct channel: every call comes through the pool
+        self.cpu_budget = None
+        self.settled_served = 0
         self.state = None
         self.in_flight = 0
         self.served = 0
@@ -64,6 +68,17 @@ class DummyChild:
         self.exited_unnoticed = False
         self._exited = False
         self._lock = threading.Lock()
+
+    def direct_state(self):
+        return False, 0, 0.0, 0.0, ""
+
+    @property
+    def served_total(self) -> int:
+        return self.served
+
+    @property
+    def last_active(self) -> float:
+        return self.last_used
 
     def start(self) -> None:
         self.state = ProcessState.STARTING

@@ -11,6 +11,7 @@ from . import auth, db, errors
 from .artifacts import ArtifactStore
 from .datadir import DataDir
 from .records import RecordWriter
+from .direct_calls import DirectCalls
 from .sync_invoke import SyncInvoke
 from .worker_client import WorkerConnections
 
@@ -27,6 +28,9 @@ def create_app(test_config: dict | None = None) -> Flask:
         MAX_MEMBERS=10_000,
         INVOKE_AUTH=False,
         HEARTBEAT_INTERVAL_S=2.0,
+        # Warm calls to a worker on this host go straight to the function process
+        # (DOCKYARD_DIRECT_CALLS=false relays every call through the worker agent).
+        DIRECT_CALLS=True,
     )
     app.config.from_prefixed_env("DOCKYARD")
     if test_config:
@@ -34,10 +38,12 @@ def create_app(test_config: dict | None = None) -> Flask:
     data = DataDir.at(app.config["DATA_DIR"])
     data.ensure()
     db.migrate(data.db_path)
+    connections = WorkerConnections(data.read_token("worker"))
     app.extensions["dockyard"] = {
         "data": data,
         "artifacts": ArtifactStore(data.artifacts, data.uploads),
-        "connections": WorkerConnections(data.read_token("worker")),
+        "connections": connections,
+        "direct": DirectCalls(connections) if app.config["DIRECT_CALLS"] else None,
         "records": RecordWriter(data.db_path),
         "tokens": {kind: data.read_token(kind) for kind in ("admin", "worker", "invoke")},
     }

@@ -32,6 +32,7 @@ class SyncInvoke:
         self.db_path = ext["data"].db_path
         self.data_root = ext["data"].root
         self.connections = ext["connections"]
+        self.direct = ext["direct"]
         self.records = ext["records"]
         self.tokens = ext["tokens"]
         self.invoke_auth = bool(app.config["INVOKE_AUTH"])
@@ -77,7 +78,7 @@ class SyncInvoke:
     def _call(self, invocation_id, container, version, function, event, event_text):
         started = now()
         result = execute(get_db(self.db_path), self.connections, invocation_id, container,
-                         version, function, event, "http")
+                         version, function, event, "http", direct=self.direct)
         finished = now()
         ok = result["status"] == Status.SUCCEEDED
         output = dumps(result.get("result")) if ok else None

@@ -98,6 +98,14 @@ class WorkerConnections:
     def request(self, address: str, frame: dict, timeout: float) -> dict:
         """Send one frame and wait for its reply. WorkerGone if the worker could not be
         reached (nothing ran) — `sent` in its args says whether the call may have started."""
+        return self._exchange(address, frame, timeout, FrameSocket.recv)
+
+    def request_fds(self, address: str, frame: dict, timeout: float) -> tuple[dict, list[int]]:
+        """request() for a reply that brings descriptors (a Unix socket only): the reply and
+        the descriptors, which the caller owns."""
+        return self._exchange(address, frame, timeout, FrameSocket.recv_fds)
+
+    def _exchange(self, address: str, frame: dict, timeout: float, receive):
         conn, pooled = self._checkout(address, timeout)
         while True:
             try:
@@ -111,15 +119,16 @@ class WorkerConnections:
             # The worker closed this pooled connection (it restarted): dial it afresh, once.
             conn, pooled = self._connect(address, timeout), False
         try:
-            reply = conn.recv()
+            answer = receive(conn)
         except (OSError, ValueError) as exc:
             conn.close()
             raise WorkerGone(f"worker at {address} went away mid-call: {exc}", True) from exc
+        reply = answer[0] if isinstance(answer, tuple) else answer
         if reply is None:
             conn.close()
             raise WorkerGone(f"worker at {address} closed the connection mid-call", True)
         self._checkin(address, conn)
-        return reply
+        return answer
 
     def poke(self, address: str) -> None:
         """Tell a worker its desired set changed, so it reconciles now instead of on its next

@@ -17,6 +17,7 @@ except ImportError:  # pragma: no cover - a declared dependency; the stdlib stil
     orjson = None
 
 MAX_FRAME = 64 * 1024 * 1024
+MAX_FDS = 253       # SCM_MAX_FD: the most descriptors one message can carry
 _HEADER = struct.Struct(">I")
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -106,10 +107,11 @@ class _Buffered:
     def _more(self) -> bytes:
         raise NotImplementedError
 
-    def _next_frame(self, max_size: int = MAX_FRAME):
+    def _next_frame(self, max_size: int = MAX_FRAME, more=None):
         """Cut the next frame from the buffer, reading more until one is whole. None at a
         clean end of stream; FrameError as soon as a header announces over `max_size`."""
         buffer = self.buffer
+        more = more or self._more
         while True:
             if len(buffer) >= 4:
                 (size,) = _HEADER.unpack_from(buffer)
@@ -119,7 +121,7 @@ class _Buffered:
                     body = bytes(buffer[4:4 + size])
                     del buffer[:4 + size]
                     return loads(body)
-            chunk = self._more()
+            chunk = more()
             if not chunk:
                 if buffer:
                     raise FrameError("stream ended inside a frame")
@@ -168,6 +170,37 @@ class FrameSocket(_Buffered):
 
     def send(self, obj) -> None:
         self.sock.sendall(encode_frame(obj))
+
+    def send_fds(self, obj, fds: list[int]) -> None:
+        """One frame with descriptors attached (a Unix socket only)."""
+        data = encode_frame(obj)
+        sent = socket.send_fds(self.sock, [data], fds)
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+
+    def recv_fds(self, max_size: int = MAX_FRAME, max_fds: int = MAX_FDS):
+        """The next frame and the descriptors sent with it (close-on-exec)."""
+        fds: list[int] = []
+
+        def more() -> bytes:
+            data, ancillary, flags, _ = self.sock.recvmsg(
+                1 << 16, socket.CMSG_SPACE(max_fds * 4), socket.MSG_CMSG_CLOEXEC)
+            for level, kind, raw in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    count = len(raw) // 4
+                    fds.extend(struct.unpack(f"{count}i", raw[:count * 4]))
+            if flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    os.close(fd)
+                raise FrameError("more descriptors than expected came with a frame")
+            return data
+
+        try:
+            return self._next_frame(max_size, more), fds
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
 
     def recv(self, max_size: int = MAX_FRAME):
         """The next frame; None when the peer closed; TimeoutError past the receive timeout;

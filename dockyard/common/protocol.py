@@ -18,6 +18,11 @@ class Frame:
     CANCEL = "cancel"            # control plane -> worker: kill the process running a call
     HELLO = "hello"              # the first frame on a worker connection (with the token)
     POKE = "poke"                # control plane -> worker: reconcile now
+    # Direct channels (a local worker's one-at-a-time processes; see common/direct.py):
+    CHANNEL = "channel"          # worker -> child: serve the socket attached to this frame
+    SLOT = "slot"                # worker -> child: show your call in hand on this page
+    CHANNELS = "channels"        # web -> worker: the channels to a version's processes
+    LOST = "lost"                # web -> worker: what became of a call sent down a channel
     OK = "ok"
     ERROR = "error"
 

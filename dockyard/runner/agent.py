@@ -32,6 +32,7 @@ from .versions import VersionRuntime, child_spec_factory
 log = logging.getLogger("dockyard.worker")
 
 CANCEL_MEMORY_S = 600.0
+WATCH_S = 0.025
 BOOTSTRAP = Path(__file__).resolve().parent.parent / "sandbox" / "bootstrap.py"
 
 
@@ -206,6 +207,10 @@ class Agent:
             return None
         if kind == Frame.CANCEL:
             return self.cancel(str(frame.get("id")))
+        if kind == Frame.CHANNELS:
+            return self.channels(frame)
+        if kind == Frame.LOST:
+            return self.lost(frame)
         if kind != Frame.INVOKE:
             return {"type": Frame.ERROR,
                     "error": {"type": "BadFrame", "message": f"unknown {kind}"}}
@@ -238,6 +243,49 @@ class Agent:
         reply["id"] = call_id
         return reply
 
+    # -- direct channels (a web process on this host calls a process straight) ------------
+
+    def channels(self, frame: dict) -> dict:
+        """The pool page and a new channel to each running one-at-a-time process of a
+        version, for one web thread: descriptors passed with the reply (only over a Unix
+        socket: the caller is on this host). None while the version does not take calls
+        here."""
+        runtime = self.runtimes.get(frame.get("version_id"))
+        pool = runtime.pool if runtime is not None and not self.stopping else None
+        reply = {"type": Frame.CHANNELS, "epoch": 0, "children": []}
+        if pool is None or self.server.unix_path is None:
+            return reply
+        page, epoch, channels = pool.channels()
+        if page is None or not channels:
+            for _, channel in channels:
+                channel.close()
+            return reply
+        fds, close = [page.fd], []
+        for child, channel in channels:
+            reply["children"].append({"number": child.number})
+            fds.append(channel.fileno())
+            close.append(channel)
+        reply["epoch"] = epoch
+        reply["_fds"], reply["_close"] = fds, close
+        return reply
+
+    def lost(self, frame: dict) -> dict:
+        call_id = str(frame.get("id"))
+        runtime = self.runtimes.get(frame.get("version_id"))
+        pool = runtime.pool if runtime is not None else None
+        if pool is None:
+            reply = {"status": Status.CRASHED, "error": {
+                "type": "Crashed", "message": "the process running the call is gone"}}
+        else:
+            reply = pool.lost(int(frame.get("number") or 0), call_id, str(frame.get("why")),
+                              float(frame.get("timeout") or runtime.manifest.limits.timeout_s))
+        if call_id in self.cancelled:
+            reply = dict(reply, status=Status.CANCELLED, error={
+                "type": "Cancelled", "message": "cancelled; its process tree was killed"})
+        reply["type"] = Frame.RESULT
+        reply["id"] = call_id
+        return reply
+
     def cancel(self, call_id: str) -> dict:
         """Stop a call: kill the process running it (or, while it still waits for a free
         process, as soon as one has it). The id is remembered a while, so a call that reaches
@@ -249,7 +297,10 @@ class Agent:
                 del self.cancelled[stale]
         runtime = self.calls.get(call_id)
         if runtime is None:
-            return {"type": Frame.CANCEL, "id": call_id, "found": False}
+            # Perhaps a call a web process sent straight to a process.
+            found = any(r.pool is not None and r.pool.cancel(call_id)
+                        for r in list(self.runtimes.values()))
+            return {"type": Frame.CANCEL, "id": call_id, "found": found}
         pool = runtime.pool
         if pool is None or not pool.cancel(call_id):
             self._background(self._cancel_when_started, call_id)
@@ -265,11 +316,25 @@ class Agent:
 
     # -- main loop ------------------------------------------------------------------------
 
+    def _watchdog(self) -> None:
+        """Calls that reach a process without passing through here (direct channels) are
+        timed from the process's slot: a look every WATCH_S."""
+        while not self.stopping:
+            for runtime in list(self.runtimes.values()):
+                pool = runtime.pool
+                if pool is not None:
+                    try:
+                        pool.watch(float(runtime.manifest.limits.timeout_s))
+                    except Exception:  # noqa: BLE001 - the watchdog must keep watching
+                        log.exception("%s: the watchdog's look failed", runtime.what)
+            time.sleep(WATCH_S)
+
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                          daemon=True).start()
+        threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
         self._connect()
         next_beat = 0.0
         while not self.stopping:

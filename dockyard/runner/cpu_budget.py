@@ -35,6 +35,19 @@ def find_server(monitor_pid: int) -> int:
     return 0
 
 
+def process_clock(pid: int) -> int:
+    """The process's CPU-time clock (clock_getcpuclockid): one system call per reading, where
+    /proc/<pid>/stat costs a read and a parse."""
+    return ((~pid) << 3) | CPUCLOCK_SCHED
+
+
+def arm(pid: int, seconds: float) -> None:
+    """RLIMIT_CPU on `pid`, soft and hard: `seconds` on top of what it used so far (OSError
+    where this process may not set it)."""
+    budget = int(time.clock_gettime(process_clock(pid)) + seconds) + 1
+    resource.prlimit(pid, resource.RLIMIT_CPU, (budget, budget + 1))
+
+
 class CpuBudget:
     """The checks count `tree_used()` — the CPU of the whole process tree (its cgroup) where
     the host has CPU accounting — so a process the function forked and left burning counts
@@ -47,9 +60,7 @@ class CpuBudget:
         self.seconds = seconds
         self.by_kernel = by_kernel
         self.allowed = 0.0          # CPU seconds the tree may have used by the next check
-        # The process's CPU-time clock (clock_getcpuclockid): one system call per reading,
-        # where /proc/<pid>/stat costs a read and a parse on every call.
-        self._clock = ((~pid) << 3) | CPUCLOCK_SCHED
+        self._clock = process_clock(pid)
         self.used()   # fails now (OSError) if the process cannot be watched
         self.tree_used = tree_used or self.used
         self.settle()  # from its start (imports included) until its first call
@@ -64,8 +75,7 @@ class CpuBudget:
         if not self.by_kernel:
             return
         try:
-            budget = int(self.used() + self.seconds) + 1
-            resource.prlimit(self.pid, resource.RLIMIT_CPU, (budget, budget + 1))
+            arm(self.pid, self.seconds)
         except (OSError, ValueError) as exc:
             log.warning("pid %s: cannot arm the CPU budget: %s", self.pid, exc)
 

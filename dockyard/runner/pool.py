@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Callable
 
+from ..common.direct import PoolPage
 from ..common.protocol import Status
 from ..sandbox.isolation import IsolationError
 from .process import Child, ChildSpec, LoadError, StartError
@@ -24,6 +25,8 @@ MAX_START_FAILURES = 5
 # a failed start: otherwise a process that dies right after its ready frame restarts forever.
 MIN_UPTIME_S = 1.0
 STOP_GRACE_S = 5.0
+# Processes that left the pool, kept a while for a web process asking what became of its call.
+GONE_KEPT = 32
 
 
 class PoolFailed(Exception):
@@ -32,6 +35,12 @@ class PoolFailed(Exception):
 
 def _reply(status: str, message: str, error_type: str) -> dict:
     return {"status": status, "error": {"type": error_type, "message": message}}
+
+
+def _direct_call(child: Child) -> str | None:
+    """The id of the call a web process sent this process directly, if it has one."""
+    busy, _, _, _, call_id = child.direct_state()
+    return call_id if busy else None
 
 
 def _spawn(target: Callable, *args) -> RuntimeError | None:
@@ -61,6 +70,27 @@ class Pool:
         self.start_failures = 0     # failed starts in a row (early deaths included)
         self.retry_at = 0.0         # no new start before this (monotonic), after a failure
         self.cond = threading.Condition()
+        # One-at-a-time processes take calls straight from web processes too (direct
+        # channels): the page tells those when the set of processes changes.
+        self.page = PoolPage() if self.concurrency == 1 else None
+        self.direct_open = True     # web threads may call straight (closed when it drains)
+        self.epoch = 0
+        self.gone: dict[int, Child] = {}
+
+    def _changed(self) -> None:
+        """The set of processes (or whether the pool takes calls) changed; lock held."""
+        self.epoch += 1
+        if self.page is not None:
+            self.page.set(self.epoch, self.accepting and self.direct_open and not self.failed)
+
+    def _forget(self, child: Child) -> None:
+        """Take a process out of the pool; lock held."""
+        if child in self.children:
+            self.children.remove(child)
+            self.gone[child.number] = child
+            while len(self.gone) > GONE_KEPT:
+                self.gone.pop(next(iter(self.gone)))
+            self._changed()
 
     # -- starting -------------------------------------------------------------------------
 
@@ -117,6 +147,7 @@ class Pool:
                     elif self.accepting and not self.failed:
                         self.children.append(child)
                         self.ready_at[child] = time.monotonic()
+                        self._changed()
                         kept = True
                 if not kept and failure is None:
                     # Stopped (or given up) while this one was booting: do not keep it. Still
@@ -131,6 +162,7 @@ class Pool:
                     reason = self._judge_start_failure(failure, prepared)
                     if reason:
                         self.failed = reason
+                        self._changed()
                 self.cond.notify_all()
         if failure is not None:
             log.warning("%s: a process failed to start: %s", self.what, failure)
@@ -175,15 +207,15 @@ class Pool:
         with self.cond:
             ready_at = self.ready_at.pop(child, None)
             ours = child in self.children
-            if ours:
-                self.children.remove(child)
+            self._forget(child)
             early = (ready_at is not None and now - ready_at < MIN_UPTIME_S
-                     and child.served == 0 and child.in_flight == 0)
+                     and child.served_total == 0 and child.in_flight == 0)
             if early and ours and self.accepting and not self.failed:
                 self._count_start_failure()
                 if self.start_failures >= MAX_START_FAILURES:
                     reason = self.failed = (f"its processes keep dying on start "
                                             f"({self.start_failures} times in a row)")
+                    self._changed()
             elif ready_at is not None and not early:
                 self.start_failures = 0  # it lived: earlier failures are history
             self.cond.notify_all()
@@ -245,8 +277,7 @@ class Pool:
                             best = child
                 if best is not None:
                     if not best.alive():  # died while idle: replaced; look again
-                        if best in self.children:
-                            self.children.remove(best)
+                        self._forget(best)
                         continue
                     best.in_flight += 1
                     return best
@@ -276,7 +307,8 @@ class Pool:
     def cancel(self, call_id: str) -> bool:
         """Kill the process running the call `call_id`; False if no process has it (yet)."""
         with self.cond:
-            child = next((c for c in self.children if call_id in c.calls), None)
+            child = next((c for c in self.children if call_id in c.calls
+                          or _direct_call(c) == call_id), None)
         if child is None:
             return False
         child.cancel(call_id)
@@ -286,11 +318,16 @@ class Pool:
 
     def busy(self) -> int:
         with self.cond:
-            return sum(c.in_flight for c in self.children)
+            return sum(c.in_flight + c.direct_state()[0] for c in self.children)
 
     def drain_and_stop(self, grace: float, quiet: float = 0.3) -> None:
         """Keep serving what arrives until nothing is in flight and nothing arrived for
         `quiet` seconds (or `grace` runs out), then stop accepting and stop every child."""
+        with self.cond:
+            # Straight calls stop first: a web thread then asks the worker again, which
+            # relays a call still routed here (or sends it where its version id now leads).
+            self.direct_open = False
+            self._changed()
         end = time.monotonic() + grace
         last_busy = time.monotonic()
         while time.monotonic() < end:
@@ -306,6 +343,7 @@ class Pool:
         which stop the child they were booting instead of keeping it."""
         with self.cond:
             self.accepting = False
+            self._changed()
             children = list(self.children)
             self.cond.notify_all()
         threads = []
@@ -327,8 +365,28 @@ class Pool:
         with self.cond:
             idle = [c for c in self.children if c.in_flight == 0]
         for child in idle:
-            child.over_cpu_budget()
+            busy, served, _, _, _ = child.direct_state()
+            if busy:
+                continue
+            if served != child.settled_served:
+                # Calls came straight from web processes since the last look: what the tree
+                # burns is held to the budget from now on.
+                child.settled_served = served
+                if child.cpu_budget is not None:
+                    child.cpu_budget.settle()
+            else:
+                child.over_cpu_budget()
             child.alive()
+
+    def watch(self, timeout: float) -> None:
+        """The watchdog's look at the one-at-a-time processes (see Child.watch)."""
+        if self.page is None:
+            return
+        now = time.monotonic()
+        with self.cond:
+            children = [c for c in self.children if c.slot is not None]
+        for child in children:
+            child.watch(now, timeout)
 
     def stop_idle(self, idle_ttl: float) -> None:
         """Scale to zero: stop children of an on-demand pool that served nothing lately."""
@@ -338,11 +396,42 @@ class Pool:
             for child in list(self.children):
                 if len(self.children) <= self.instances:
                     break
-                if child.in_flight == 0 and now - child.last_used > idle_ttl:
-                    self.children.remove(child)
+                if (child.in_flight == 0 and not child.direct_state()[0]
+                        and now - child.last_active > idle_ttl):
+                    self._forget(child)
                     idle.append(child)
         for child in idle:
             child.stop(grace=1.0)
+
+    # -- direct channels ------------------------------------------------------------------
+
+    def channels(self) -> tuple[PoolPage | None, int, list[tuple[Child, object]]]:
+        """For a web process: the page, its epoch, and a new direct channel to each running
+        one-at-a-time process (none while the pool does not take calls)."""
+        with self.cond:
+            if self.page is None or not self.accepting or not self.direct_open or self.failed:
+                return None, 0, []
+            epoch = self.epoch
+            children = [c for c in self.children
+                        if c.state is ProcessState.RUNNING and c.slot is not None]
+        out = []
+        for child in children:
+            try:
+                out.append((child, child.channel()))
+            except OSError as exc:
+                log.info("%s: no direct channel: %s", child.what, exc)
+        return self.page, epoch, out
+
+    def lost(self, number: int, call_id: str, why: str, timeout: float) -> dict:
+        """What became of a call a web process sent down a direct channel and got no proper
+        reply to (see Child.lost)."""
+        with self.cond:
+            child = next((c for c in self.children if c.number == number), None) \
+                or self.gone.get(number)
+        if child is None:
+            return _reply(Status.CRASHED, f"{self.what}: the process running the call is gone",
+                          "Crashed")
+        return child.lost(why, call_id, timeout)
 
     def pids(self) -> list[int]:
         with self.cond:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..common.direct import Slot
 from ..common.protocol import Frame, Status
 from ..common.frames import FrameReader, encode_frame, write_frame
 from ..sandbox.isolation import encode_spec
@@ -34,6 +35,11 @@ OUTPUT_CAP = 64 * 1024
 # A reply holds a result and the call's output: a child that announces more is broken or
 # hostile, and the worker never reads it into memory.
 REPLY_MAX_BYTES = 16 * 1024 * 1024
+# A call sent to a one-at-a-time process is answered `not_started` if the process reaches it
+# later than this (it waited behind others in the process's sockets).
+QUEUE_WAIT_S = 5.0
+# The watchdog kills a call this long past its timeout (seen on two looks in a row).
+TIMEOUT_GRACE_S = 0.05
 
 
 class LoadError(Exception):
@@ -112,6 +118,14 @@ class Child:
         self._pending: dict[str, _Pending] = {}
         self.calls: set[str] = set()    # ids of the calls in flight here (for cancel)
         self._write_lock = threading.Lock()
+        # One-at-a-time processes serve direct channels too, and show their call in hand in
+        # this slot (see common/direct.py).
+        self.slot: Slot | None = None
+        self.last_slot = (False, 0, 0.0, 0.0, "")   # what it showed when it died
+        self._overdue: tuple | None = None  # a call the watchdog saw past its timeout
+        self._armed = (0, "")               # the call the CPU budget was last armed for
+        self.settled_served = 0             # calls counted at the last budget check
+        self.timeout_s = 0.0                # the timeout it was killed for
         self._requests = None
         self._replies = None
         self.tmp_dir = spec.tmp_root / f"p{self.number}"
@@ -177,6 +191,15 @@ class Child:
                     self.cgroup.cpu_reader() if self.cgroup is not None else None)
             except OSError as exc:
                 log.warning("%s: cannot watch its CPU time: %s", self.what, exc)
+        if self.direct:
+            slot = Slot()
+            try:
+                with self._write_lock:
+                    self._requests.send_fd(encode_frame({"type": Frame.SLOT}), slot.fd)
+                self.slot = slot
+            except OSError as exc:
+                slot.close()
+                log.warning("%s: no slot page, so no direct channels: %s", self.what, exc)
         change_state(self, ProcessState.RUNNING, self.what)
         if not self.direct:
             threading.Thread(target=self._read_replies, name=f"child-{self.pid}",
@@ -295,10 +318,16 @@ class Child:
     def _invoke(self, frame: dict, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         if self.direct:
+            if self.slot is not None:
+                # Calls from web processes may be ahead of it: the timeout counts from its
+                # start, which the watchdog sees; this wait is the backstop.
+                frame = dict(frame, start_by=time.monotonic() + QUEUE_WAIT_S, timeout=timeout)
+                deadline += QUEUE_WAIT_S + 1.0
             if self.cpu_budget is not None:
                 self.cpu_budget.arm()
             try:
-                self._requests.write(encode_frame(frame))
+                with self._write_lock:  # a channel may be handed over meanwhile
+                    self._requests.write(encode_frame(frame))
                 reply = self._replies.read(deadline)
             except TimeoutError:
                 return self._timed_out(frame, timeout)
@@ -311,11 +340,11 @@ class Child:
             self.last_used = time.monotonic()
             if reply is None:
                 return self._died()
-            if not _is_reply(reply, frame["id"]):
+            if not is_reply(reply, frame["id"]):
                 return self._broke_protocol(ValueError(f"not a reply to {frame['id']}"))
             if self.cpu_budget is not None:
                 self.cpu_budget.settle()
-            return self._finish(_translate(reply))
+            return self._finish(translate(reply))
         pending = _Pending()
         call_id = frame["id"]
         self._pending[call_id] = pending
@@ -333,6 +362,92 @@ class Child:
             self._pending.pop(call_id, None)
             self.served += 1
             self.last_used = time.monotonic()
+
+    # -- the direct channel -----------------------------------------------------------------
+
+    def channel(self) -> socket.socket:
+        """A new direct channel: one end goes to the process over its request socket, the
+        other is returned (for a web process)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with self._write_lock:
+                if self._requests is None:
+                    raise OSError("the process is gone")
+                self._requests.send_fd(encode_frame({"type": Frame.CHANNEL}), theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return ours
+
+    def direct_state(self) -> tuple[bool, int, float, float, str]:
+        """What the slot shows: (a call in hand, calls served, when it started, when the last
+        ended, its id)."""
+        slot = self.slot
+        if slot is None:
+            return self.last_slot
+        try:
+            return slot.read()
+        except ValueError:   # closed meanwhile: the process is gone
+            return self.last_slot
+
+    @property
+    def served_total(self) -> int:
+        return self.served + self.direct_state()[1]
+
+    @property
+    def last_active(self) -> float:
+        return max(self.last_used, self.direct_state()[3])
+
+    def watch(self, now: float, timeout: float) -> None:
+        """The watchdog's look (every few tens of ms): kill a call past its timeout (seen so
+        on two looks in a row: a look may catch the slot half written), and arm the CPU
+        budget for each new call where the kernel holds it."""
+        busy, served, started, _, call_id = self.direct_state()
+        budget = self.cpu_budget
+        if budget is not None and budget.by_kernel and (served, call_id) != self._armed:
+            self._armed = (served, call_id)
+            budget.arm()
+        if not busy or started + timeout + TIMEOUT_GRACE_S > now:
+            self._overdue = None
+            return
+        if self._overdue != (call_id, started):
+            self._overdue = (call_id, started)
+            return
+        self.exit_reason = "timed out"
+        self.timeout_s = timeout
+        log.warning("%s %s timed out after %.1fs; killing the process tree", call_id,
+                    self.what, timeout)
+        self.kill()
+
+    def lost(self, why: str, call_id: str, timeout: float) -> dict:
+        """A web thread got no proper reply to a call it sent down a direct channel: it waited
+        past the call's queue time and timeout (the tree is killed, as for a relayed call),
+        the channel closed (the process died: a call it had started crashed with it, a call
+        it never reached is not_running and goes elsewhere), the reply broke the protocol,
+        or the process must go after its reply (out of memory)."""
+        if why == "timeout" and self._dead is None:
+            return self._timed_out({"id": call_id}, timeout)
+        if why == "protocol":
+            return self._broke_protocol(ValueError("a direct channel's reply is not one"))
+        if why == "recycle":
+            self.exit_reason = "out of memory"
+            self.kill()
+        elif self._dead is None:
+            # The channel ended: the process is dying, or closed it on purpose.
+            try:
+                self.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.exit_reason = self.exit_reason or "closed a direct channel mid-call"
+                self.kill()
+        reply = dict(self._died())
+        busy, _, _, _, running = self.last_slot
+        if why == "closed" and not (busy and running == call_id):
+            return {"status": Status.NOT_RUNNING, "error": {
+                "type": "NotRunning", "message": f"{self.spec.what}: the process left "
+                                                 "before it reached the call"}}
+        return reply
 
     def _broke_protocol(self, exc: BaseException) -> dict:
         """The child wrote something that is not a reply frame (too large, not JSON, not the
@@ -354,6 +469,7 @@ class Child:
 
     def _timed_out(self, frame: dict, timeout: float) -> dict:
         self.exit_reason = "timed out"
+        self.timeout_s = timeout
         log.warning("%s %s timed out after %.1fs; killing the process tree",
                     frame.get("invocation_id", frame.get("id")), self.what, timeout)
         stdout, stderr = self.read_output()
@@ -376,7 +492,7 @@ class Child:
                     raise ValueError("not a reply frame")
                 pending = self._pending.get(frame.get("id"))
                 if pending is not None:
-                    pending.reply = _translate(frame)
+                    pending.reply = translate(frame)
                     pending.done.set()
         except Exception as exc:  # noqa: BLE001 - a broken pipe is a dead child
             if self.popen is not None and self.popen.poll() is None:
@@ -397,7 +513,13 @@ class Child:
                 self.oom = True
             reason = "out of memory" if self.oom else (self.exit_reason or self._describe(code))
             stdout, stderr = self.read_output()
+            self.last_slot = self.direct_state()
             reply = _crashed(f"the process died mid-call ({reason})", out_of_memory=self.oom)
+            if reason == "timed out":
+                # The watchdog stopped it (see watch()).
+                reply.update(status=Status.TIMED_OUT, duration_ms=self.timeout_s * 1000.0,
+                             error={"type": "Timeout", "message": f"the function ran past its "
+                                    f"{self.timeout_s:g}s timeout and was stopped"})
             reply["stdout"], reply["stderr"] = stdout, stderr
             self._dead = reply
         for pending in list(self._pending.values()):
@@ -458,13 +580,14 @@ class Child:
             return
         change_state(self, ProcessState.STOPPING, self.what)
         self.exit_reason = self.exit_reason or "stopped"
+        end = time.monotonic() + grace
         try:
             with self._write_lock:
                 write_frame(self._requests, {"type": Frame.SHUTDOWN})
         except OSError:
             pass
         try:
-            self.popen.wait(timeout=grace)
+            self.popen.wait(timeout=max(0.1, end - time.monotonic()))
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(self.pid, signal.SIGTERM)
@@ -491,6 +614,10 @@ class Child:
         self._requests = self._replies = None
         if self.cpu_budget is not None:
             self.cpu_budget.close()
+        with self._write_lock:
+            if self.slot is not None:
+                self.slot.close()
+                self.slot = None
         if self.cgroup is not None:
             self.cgroup.remove()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
@@ -508,13 +635,17 @@ def _crashed(message: str, out_of_memory: bool = False) -> dict:
     return {"status": Status.CRASHED, "error": error}
 
 
-def _is_reply(frame, call_id: str) -> bool:
+def is_reply(frame, call_id: str) -> bool:
     return isinstance(frame, dict) and frame.get("type") == Frame.RESULT and \
         frame.get("id") == call_id
 
 
-def _translate(frame: dict) -> dict:
+def translate(frame: dict) -> dict:
     """A bootstrap result frame as the worker's reply to the control plane."""
+    if frame.get("not_started"):
+        return {"status": Status.UNAVAILABLE, "error": {
+            "type": "Unavailable", "message": "all instances are busy; retry shortly or raise "
+                                              "`instances`/`concurrency`"}}
     reply = {
         "status": Status.SUCCEEDED if frame.get("ok") else Status.FAILED,
         "stdout": frame.get("stdout", ""), "stderr": frame.get("stderr", ""),

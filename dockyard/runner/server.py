@@ -219,6 +219,16 @@ class _Connection(socketserver.BaseRequestHandler):
                 if frame is None:
                     return
                 reply = server.handle_frame(frame)
+                if reply is not None and "_fds" in reply:
+                    # Descriptors go with the reply (a Unix socket only); our copies of
+                    # what was made for the caller are closed once sent.
+                    fds, close = reply.pop("_fds"), reply.pop("_close", ())
+                    try:
+                        conn.send_fds(reply, fds)
+                    finally:
+                        for item in close:
+                            item.close()
+                    continue
                 conn.send(reply if reply is not None else {"type": Frame.OK})
         except (OSError, ValueError) as exc:
             log.debug("connection from %s ended: %s", self.client_address, exc)

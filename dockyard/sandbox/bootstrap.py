@@ -27,8 +27,8 @@ import traceback
 LOAD_ERROR_EXIT = 3
 # Frame types: copies of dockyard.common.protocol.Frame (this file cannot import dockyard);
 # a test checks that they match.
-INIT, READY, LOAD_ERROR, INVOKE, RESULT, SHUTDOWN, CHANNEL = (
-    "init", "ready", "load_error", "invoke", "result", "shutdown", "channel")
+INIT, READY, LOAD_ERROR, INVOKE, RESULT, SHUTDOWN, CHANNEL, SLOT = (
+    "init", "ready", "load_error", "invoke", "result", "shutdown", "channel", "slot")
 HEADER = struct.Struct(">I")
 # Made once: json.dumps with arguments builds a new encoder on every call, twice per call here.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -144,6 +144,7 @@ class Child:
         self.stopping = False
         self.in_flight = 0
         self.idle = threading.Condition()
+        self.slot = None
 
     def load(self, name):
         if name in self.handlers:
@@ -217,8 +218,11 @@ class Child:
                                   f"{type(exc).__name__}: {exc}") from None
             args = [request.get("event")]
             if wants_context:
+                deadline = float(request.get("deadline", 0))
+                if request.get("timeout"):
+                    deadline = time.time() + float(request["timeout"])
                 args.append(Context(request.get("invocation_id", ""), self.container,
-                                    self.version, function, float(request.get("deadline", 0))))
+                                    self.version, function, deadline))
             if is_async:
                 if self.concurrency > 1:
                     import asyncio
@@ -286,57 +290,142 @@ class Child:
                 self.idle.wait()
 
     def serve_channels(self, control):
-        """One call at a time from the request socket and every direct channel: poll them all,
-        answer each call where it came from. The request socket also brings new channels; a
-        channel whose web process closed it is dropped."""
-        buffers = {control.fileno(): bytearray()}
-        channels = []           # descriptors received, not yet claimed by a channel frame
-        poller = select.poll()
-        poller.register(control.fileno(), select.POLLIN)
+        """One call at a time from the request socket and every direct channel, in the order
+        they come; each answered where it came from. The request socket also brings the slot
+        page and new channels; a channel its web thread closed is dropped. On shutdown, every
+        whole call already in a channel is answered first: a call this process never read, it
+        never ran."""
+        self.control = control.fileno()
+        self.buffers = {self.control: bytearray()}
+        self.received = []      # descriptors received, not yet claimed by their frame
+        self.poller = select.poll()
+        self.poller.register(self.control, select.POLLIN)
         while not self.stopping:
             try:
-                events = poller.poll()
+                events = self.poller.poll()
             except InterruptedError:
                 continue
             for fd, _ in events:
-                if fd == control.fileno():
-                    data, ancillary, _, _ = control.recvmsg(1 << 16, socket.CMSG_SPACE(64),
-                                                             socket.MSG_CMSG_CLOEXEC)
-                    for level, kind, raw in ancillary:
-                        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                            count = len(raw) // 4
-                            channels.extend(struct.unpack(f"{count}i", raw[:count * 4]))
-                else:
-                    try:
-                        data = os.read(fd, 1 << 16)
-                    except OSError:
-                        data = b""
-                if not data:
-                    if fd == control.fileno():
-                        return      # the worker is gone
-                    poller.unregister(fd)
-                    del buffers[fd]
-                    os.close(fd)
+                if fd not in self.buffers:
                     continue
-                buffer = buffers[fd]
-                buffer += data
-                for request in cut_frames(buffer):
-                    kind = request.get("type") if isinstance(request, dict) else None
-                    if fd != control.fileno():
-                        if kind == INVOKE:
-                            self.in_flight = 1
-                            self.run_call(request, fd)
-                            self.in_flight = 0
-                    elif kind == INVOKE:
-                        self.in_flight = 1
-                        self.run_call(request)
-                        self.in_flight = 0
-                    elif kind == CHANNEL and channels:
-                        channel = channels.pop(0)
-                        buffers[channel] = bytearray()
-                        poller.register(channel, select.POLLIN)
-                    elif kind == SHUTDOWN:
-                        return
+                if not self._read(fd):
+                    if fd == self.control:
+                        return      # the worker is gone
+                    continue
+                if self._serve(fd):
+                    self._finish()
+                    return
+
+    def _read(self, fd):
+        """Read what is there (never blocks: after poll, or on a non-blocking channel); False
+        at the end of the stream (a channel is then dropped)."""
+        try:
+            if fd == self.control:
+                data, ancillary, _, _ = socket.socket.recvmsg(
+                    self.control_sock, 1 << 16, socket.CMSG_SPACE(64), socket.MSG_CMSG_CLOEXEC)
+                for level, kind, raw in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        count = len(raw) // 4
+                        self.received.extend(struct.unpack(f"{count}i", raw[:count * 4]))
+            else:
+                data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            if fd != self.control:
+                self.poller.unregister(fd)
+                del self.buffers[fd]
+                os.close(fd)
+            return False
+        self.buffers[fd] += data
+        return True
+
+    def _serve(self, fd):
+        """Serve the whole frames read from `fd`; True once told to shut down."""
+        buffer = self.buffers.get(fd)
+        if buffer is None:
+            return False
+        for request in cut_frames(buffer):
+            kind = request.get("type") if isinstance(request, dict) else None
+            if kind == INVOKE:
+                self.serve_one(request, None if fd == self.control else fd)
+            elif fd != self.control:
+                continue
+            elif kind == CHANNEL and self.received:
+                channel = self.received.pop(0)
+                self.buffers[channel] = bytearray()
+                self.poller.register(channel, select.POLLIN)
+            elif kind == SLOT and self.received:
+                self.slot = Slot(self.received.pop(0))
+            elif kind == SHUTDOWN:
+                return True
+        return False
+
+    def serve_one(self, request, channel):
+        start_by = request.get("start_by")
+        if start_by is not None and time.monotonic() > float(start_by):
+            # Its caller's queue time is over: answered, not run.
+            try:
+                self.send({"type": RESULT, "id": request.get("id"), "ok": False,
+                           "not_started": True}, None, channel)
+            except OSError:
+                pass
+            return
+        self.in_flight = 1
+        if self.slot is not None:
+            self.slot.begin(str(request.get("id")), time.monotonic())
+        try:
+            self.run_call(request, channel)
+        finally:
+            if self.slot is not None:
+                self.slot.end(time.monotonic())
+            self.in_flight = 0
+
+    def _finish(self):
+        """After shutdown: answer every whole call already waiting in a channel (until a
+        pass over them all finds nothing new)."""
+        channels = [fd for fd in self.buffers if fd != self.control]
+        for fd in channels:
+            try:
+                os.set_blocking(fd, False)
+            except OSError:
+                pass
+        while True:
+            progress = False
+            for fd in [fd for fd in self.buffers if fd != self.control]:
+                before = len(self.buffers[fd])
+                if self._read(fd) and len(self.buffers[fd]) != before:
+                    progress = True
+                    self._serve(fd)
+            if not progress:
+                return
+
+
+class Slot:
+    """The page where this process shows the worker its call in hand (the layout of
+    dockyard.common.direct.Slot)."""
+
+    LAYOUT = struct.Struct("=IIQddI")
+
+    def __init__(self, fd):
+        import mmap
+        self.map = mmap.mmap(fd, mmap.PAGESIZE)
+        os.close(fd)
+        self.served = 0
+        self.ended = 0.0
+
+    def begin(self, call_id, started):
+        raw = call_id.encode("utf-8")[:128]
+        at = self.LAYOUT.size
+        self.map[at:at + len(raw)] = raw
+        self.LAYOUT.pack_into(self.map, 0, 1, 0, self.served, started, self.ended, len(raw))
+
+    def end(self, ended):
+        self.served += 1
+        self.ended = ended
+        self.LAYOUT.pack_into(self.map, 0, 0, 0, self.served, 0.0, ended, 0)
 
 
 def cut_frames(buffer):
@@ -421,6 +510,7 @@ def main():
         os._exit(LOAD_ERROR_EXIT)
     child.send({"type": READY, "pid": os.getpid()})
     if control is not None and child.concurrency == 1:
+        child.control_sock = control
         child.serve_channels(control)
     else:
         child.serve()

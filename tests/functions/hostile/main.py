@@ -217,16 +217,31 @@ def fork_burn(event):
 
 
 def bad_reply(event):
-    """Write straight to the reply pipe (its fd is on the bootstrap's command line): a header
-    announcing a huge frame, or a frame that is JSON but not a reply."""
+    """Write straight to the reply pipe (its fd is on the bootstrap's command line) and to
+    every direct channel (the other sockets it holds): a header announcing a huge frame, or a
+    frame that is JSON but not a reply."""
     import struct
     with open("/proc/self/cmdline", "rb") as f:
-        reply_fd = int(f.read().split(b"\0")[-2])
+        args = f.read().split(b"\0")
+    request_fd, reply_fd = int(args[-3]), int(args[-2])
     if event.get("mode") == "huge":
-        os.write(reply_fd, struct.pack(">I", 64 * 1024 * 1024) + b"[" + b"0," * 1000)
+        data = struct.pack(">I", 64 * 1024 * 1024) + b"[" + b"0," * 1000
     else:
         body = b"[1,2,3]"
-        os.write(reply_fd, struct.pack(">I", len(body)) + body)
+        data = struct.pack(">I", len(body)) + body
+    targets = [reply_fd]
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:") and \
+                    int(name) != request_fd:
+                targets.append(int(name))
+        except OSError:
+            pass
+    for fd in targets:
+        try:
+            os.write(fd, data)
+        except OSError:
+            pass
     return "after"
 
 

@@ -1,0 +1,159 @@
+"""A web thread's direct calls to the one-at-a-time processes of a worker on this host: the call
+goes down the thread's own socket straight to the function process, and the reply comes
+straight back, with no hop through the worker agent (a warm call's cheapest path; see
+common/direct.py).
+
+The worker keeps everything but the call itself: it starts, replaces and drains the processes,
+times each call from the process's slot and kills one past its timeout. A web thread asks it
+for channels to a version once (and again whenever the pool's epoch moves), and tells it when a
+call went wrong: no answer by the call's queue time plus its timeout, the channel closed (the
+process died: the worker says whether the call had started), or the reply broke the protocol.
+A call that cannot go direct (no channel yet, the version draining) is not sent: the caller
+relays it through the worker, which queues, starts processes on demand and answers
+`not_running`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from ..common.direct import PoolPage
+from ..common.frames import FrameError, FrameSocket
+from ..common.protocol import Frame, Status
+from ..runner.process import QUEUE_WAIT_S, REPLY_MAX_BYTES, is_reply, translate
+from .worker_client import UNIX_PREFIX, WorkerConnections, WorkerGone
+
+log = logging.getLogger("dockyard.direct")
+
+# After the worker had no channels for a version (scaled to zero, still starting, draining),
+# calls are relayed this long before it is asked again.
+NONE_FOR_S = 1.0
+# A reply later than the call's queue time plus its timeout plus this is given up on (the
+# worker's watchdog has stopped the call by then, unless the process is stuck).
+REPLY_GRACE_S = 2.0
+LOST_TIMEOUT_S = 30.0
+FETCH_TIMEOUT_S = 5.0
+
+
+@dataclass(eq=False)
+class _Channels:
+    """One web thread's channels to a version's processes."""
+
+    page: PoolPage
+    epoch: int
+    processes: list[tuple[int, FrameSocket]]    # (process number, channel)
+    turn: int = 0
+
+    def current(self) -> bool:
+        page = self.page
+        return page.epoch == self.epoch and page.accepting
+
+    def close(self) -> None:
+        for _, channel in self.processes:
+            channel.close()
+        self.page.close()
+
+
+class DirectCalls:
+    def __init__(self, connections: WorkerConnections):
+        self.connections = connections
+        self.local = threading.local()
+
+    def _mine(self) -> dict:
+        """This thread's channels, by (address, version id): a float is "none until"."""
+        local = self.local
+        if getattr(local, "pid", None) != os.getpid():
+            local.pid, local.versions = os.getpid(), {}
+        return local.versions
+
+    def call(self, address: str, version_id: int, frame: dict, timeout: float) -> dict | None:
+        """Run the call `frame` on a process of the version, straight; its reply (as the
+        worker would have answered it), or None if it was not sent (relay it)."""
+        if not address.startswith(UNIX_PREFIX):
+            return None
+        versions = self._mine()
+        key = (address, version_id)
+        channels = versions.get(key)
+        if isinstance(channels, _Channels) and not channels.current():
+            channels.close()
+            channels = None
+        if channels is None or (isinstance(channels, float) and channels <= time.monotonic()):
+            channels = self._fetch(address, version_id)
+            versions[key] = channels if channels is not None else time.monotonic() + NONE_FOR_S
+        if not isinstance(channels, _Channels):
+            return None
+        channels.turn += 1
+        number, channel = channels.processes[channels.turn % len(channels.processes)]
+        call_id = frame["id"]
+        frame = dict(frame, start_by=time.monotonic() + QUEUE_WAIT_S, timeout=timeout)
+        try:
+            channel.set_recv_timeout(QUEUE_WAIT_S + timeout + REPLY_GRACE_S)
+            channel.send(frame)
+        except OSError:
+            # The process is gone and the call never reached it: the worker runs it.
+            self._drop(key)
+            return None
+        why = None
+        try:
+            answer = channel.recv(REPLY_MAX_BYTES)
+        except TimeoutError:
+            why = "timeout"
+        except (FrameError, ValueError, RecursionError):
+            why = "protocol"
+        except OSError:
+            why = "closed"
+        else:
+            if answer is None:
+                why = "closed"
+            elif not is_reply(answer, call_id):
+                why = "protocol"
+        if why is not None:
+            self._drop(key)
+            return self._lost(address, version_id, number, call_id, why, timeout)
+        reply = translate(answer)
+        if reply.get("recycle"):
+            # Out of memory: the worker replaces the process; this reply stands.
+            self._drop(key)
+            self._lost(address, version_id, number, call_id, "recycle", timeout)
+        reply["type"] = Frame.RESULT
+        reply["id"] = call_id
+        return reply
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        channels = self._mine().pop(key, None)
+        if isinstance(channels, _Channels):
+            channels.close()
+
+    def _lost(self, address: str, version_id: int, number: int, call_id: str, why: str,
+              timeout: float) -> dict:
+        """Ask the worker what became of a call that got no proper reply."""
+        frame = {"type": Frame.LOST, "version_id": version_id, "number": number,
+                 "id": call_id, "why": why, "timeout": timeout}
+        try:
+            return self.connections.request(address, frame, LOST_TIMEOUT_S)
+        except WorkerGone as exc:
+            log.warning("%s: the worker cannot say what became of it: %s", call_id, exc)
+            return {"type": Frame.RESULT, "id": call_id, "status": Status.CRASHED,
+                    "error": {"type": "WorkerDied",
+                              "message": "the worker running this call went away mid-call"}}
+
+    def _fetch(self, address: str, version_id: int) -> _Channels | None:
+        try:
+            reply, fds = self.connections.request_fds(
+                address, {"type": Frame.CHANNELS, "version_id": version_id}, FETCH_TIMEOUT_S)
+        except WorkerGone as exc:
+            log.info("no direct channels to version %s at %s: %s", version_id, address, exc)
+            return None
+        children = reply.get("children") or []
+        if reply.get("type") != Frame.CHANNELS or not children or \
+                len(fds) != 1 + len(children):
+            for fd in fds:
+                os.close(fd)
+            return None
+        processes = [(int(child["number"]), FrameSocket(socket.socket(fileno=fd)))
+                     for child, fd in zip(children, fds[1:])]
+        return _Channels(PoolPage(fds[0]), int(reply.get("epoch") or 0), processes)
