@@ -138,6 +138,19 @@ def test_a_channel_closed_by_its_web_thread_is_dropped(process):
     assert kept.recv()["result"] == "still here"
 
 
+def test_the_shared_pages_cannot_be_shrunk_or_grown():
+    """A function process that got hold of its slot's descriptor and shrank it would kill the
+    worker reading the page (SIGBUS): the pages are sealed at their size."""
+    from dockyard.common.direct import PoolPage
+    for page in (Slot(), PoolPage()):
+        try:
+            for size in (0, 2 * 4096):
+                with pytest.raises(PermissionError):
+                    os.ftruncate(page.fd, size)
+        finally:
+            page.close()
+
+
 # -- through a real serve -----------------------------------------------------------------
 
 
@@ -241,3 +254,15 @@ def _quietly(server, target: str) -> None:
         server.invoke(target, {"s": 60})
     except requests.RequestException:
         pass
+
+
+def test_a_function_cannot_shrink_the_page_the_worker_reads(server, pkg):
+    server.deploy(pkg("hostile", name="direct-shrink"))
+    before = server.invoke("direct-shrink/boot", {}).json()
+    _, agent = _web_and_agent(server)
+    answer = server.invoke("direct-shrink/shrink_pages", {})
+    assert answer.status_code == 200, answer.text
+    assert "shrunk" not in answer.json()["outcomes"].values(), answer.json()
+    time.sleep(0.3)     # the watchdog has read the slot several times since
+    assert agent.is_running() and agent.status() != psutil.STATUS_ZOMBIE
+    assert server.invoke("direct-shrink/boot", {}).json() == before

@@ -36,6 +36,8 @@ NONE_FOR_S = 1.0
 # worker's watchdog has stopped the call by then, unless the process is stuck).
 REPLY_GRACE_S = 2.0
 LOST_TIMEOUT_S = 30.0
+# Versions a web thread keeps channels to (a socket per process each).
+VERSIONS_KEPT = 32
 FETCH_TIMEOUT_S = 5.0
 
 
@@ -49,8 +51,7 @@ class _Channels:
     turn: int = 0
 
     def current(self) -> bool:
-        page = self.page
-        return page.epoch == self.epoch and page.accepting
+        return self.page.read() == (self.epoch, True)
 
     def close(self) -> None:
         for _, channel in self.processes:
@@ -62,13 +63,20 @@ class DirectCalls:
     def __init__(self, connections: WorkerConnections):
         self.connections = connections
         self.local = threading.local()
+        # A forked copy (gunicorn forks its web processes) starts with none: the parent's
+        # descriptors are the parent's business.
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self.local = threading.local()
 
     def _mine(self) -> dict:
         """This thread's channels, by (address, version id): a float is "none until"."""
-        local = self.local
-        if getattr(local, "pid", None) != os.getpid():
-            local.pid, local.versions = os.getpid(), {}
-        return local.versions
+        try:
+            return self.local.versions
+        except AttributeError:
+            self.local.versions = {}
+            return self.local.versions
 
     def call(self, address: str, version_id: int, frame: dict, timeout: float) -> dict | None:
         """Run the call `frame` on a process of the version, straight; its reply (as the
@@ -83,6 +91,12 @@ class DirectCalls:
             channels = None
         if channels is None or (isinstance(channels, float) and channels <= time.monotonic()):
             channels = self._fetch(address, version_id)
+            versions.pop(key, None)
+            while len(versions) >= VERSIONS_KEPT:
+                # Each costs descriptors: the thread keeps the versions it called last.
+                oldest = versions.pop(next(iter(versions)))
+                if isinstance(oldest, _Channels):
+                    oldest.close()
             versions[key] = channels if channels is not None else time.monotonic() + NONE_FOR_S
         if not isinstance(channels, _Channels):
             return None
@@ -154,6 +168,11 @@ class DirectCalls:
             for fd in fds:
                 os.close(fd)
             return None
-        processes = [(int(child["number"]), FrameSocket(socket.socket(fileno=fd)))
-                     for child, fd in zip(children, fds[1:])]
+        processes = []
+        for child, fd in zip(children, fds[1:]):
+            channel = FrameSocket(socket.socket(fileno=fd))
+            # A process that stops reading its calls cannot hold this thread: a call it has
+            # not taken within its queue time would be answered not_started anyway.
+            channel.set_send_timeout(QUEUE_WAIT_S + 1.0)
+            processes.append((int(child["number"]), channel))
         return _Channels(PoolPage(fds[0]), int(reply.get("epoch") or 0), processes)

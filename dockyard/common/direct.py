@@ -20,6 +20,7 @@ Standard library only; sandbox/bootstrap.py keeps a copy of the slot's layout.""
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
@@ -34,8 +35,16 @@ CALL_ID_MAX = 128
 
 
 def _memfd(name: str) -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    os.ftruncate(fd, PAGE)
+    """A page of shared memory whose size nobody can change: a function process that got
+    hold of its slot's descriptor and shrank it would crash whoever reads the page (SIGBUS)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, PAGE)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -44,13 +53,10 @@ class PoolPage:
         self.fd = _memfd("dockyard-pool") if fd is None else fd
         self.map = mmap.mmap(self.fd, PAGE)
 
-    @property
-    def epoch(self) -> int:
-        return _POOL.unpack_from(self.map)[0]
-
-    @property
-    def accepting(self) -> bool:
-        return bool(_POOL.unpack_from(self.map)[1])
+    def read(self) -> tuple[int, bool]:
+        """(epoch, whether the version takes direct calls)."""
+        epoch, accepting = _POOL.unpack_from(self.map)
+        return epoch, bool(accepting)
 
     def set(self, epoch: int, accepting: bool) -> None:
         _POOL.pack_into(self.map, 0, epoch, int(accepting))

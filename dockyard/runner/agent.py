@@ -255,18 +255,18 @@ class Agent:
         reply = {"type": Frame.CHANNELS, "epoch": 0, "children": []}
         if pool is None or self.server.unix_path is None:
             return reply
-        page, epoch, channels = pool.channels()
-        if page is None or not channels:
-            for _, channel in channels:
-                channel.close()
+        page_fd, epoch, channels = pool.channels()
+        close = [channel for _, channel in channels]
+        if page_fd >= 0:
+            close.append(_Fd(page_fd))
+        if page_fd < 0 or not channels:
+            for item in close:
+                item.close()
             return reply
-        fds, close = [page.fd], []
-        for child, channel in channels:
-            reply["children"].append({"number": child.number})
-            fds.append(channel.fileno())
-            close.append(channel)
+        reply["children"] = [{"number": child.number} for child, _ in channels]
         reply["epoch"] = epoch
-        reply["_fds"], reply["_close"] = fds, close
+        reply["_fds"] = [page_fd, *(channel.fileno() for _, channel in channels)]
+        reply["_close"] = close
         return reply
 
     def lost(self, frame: dict) -> dict:
@@ -324,7 +324,7 @@ class Agent:
                 pool = runtime.pool
                 if pool is not None:
                     try:
-                        pool.watch(float(runtime.manifest.limits.timeout_s))
+                        pool.watch(float(runtime.manifest.limits.timeout_s), self.cancelled)
                     except Exception:  # noqa: BLE001 - the watchdog must keep watching
                         log.exception("%s: the watchdog's look failed", runtime.what)
             time.sleep(WATCH_S)
@@ -394,6 +394,16 @@ class Agent:
         self.server.server_close()
         log.info("stopped")
         return 0
+
+
+class _Fd:
+    """A bare descriptor, closed like a socket once it has been sent."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _queue_wait(frame: dict) -> float:

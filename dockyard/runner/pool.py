@@ -5,6 +5,7 @@ up when they keep dying on start), and drains then stops them all on redeploy.""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable
@@ -359,6 +360,9 @@ class Pool:
             thread.join()
         with self.cond:
             self.cond.wait_for(lambda: self.starting == 0, timeout=grace)
+            page, self.page = self.page, None
+        if page is not None:
+            page.close()   # web processes keep their own mapping of it, which says "closed"
 
     def check(self) -> None:
         """Notice children that died while idle, so they are replaced before the next call."""
@@ -378,14 +382,19 @@ class Pool:
                 child.over_cpu_budget()
             child.alive()
 
-    def watch(self, timeout: float) -> None:
-        """The watchdog's look at the one-at-a-time processes (see Child.watch)."""
+    def watch(self, timeout: float, cancelled: dict) -> None:
+        """The watchdog's look at the one-at-a-time processes (see Child.watch); a call that
+        was cancelled while it waited in a process's sockets is stopped as it starts."""
         if self.page is None:
             return
         now = time.monotonic()
         with self.cond:
             children = [c for c in self.children if c.slot is not None]
         for child in children:
+            call_id = _direct_call(child)
+            if call_id is not None and call_id in cancelled:
+                child.cancel(call_id)
+                continue
             child.watch(now, timeout)
 
     def stop_idle(self, idle_ttl: float) -> None:
@@ -405,12 +414,14 @@ class Pool:
 
     # -- direct channels ------------------------------------------------------------------
 
-    def channels(self) -> tuple[PoolPage | None, int, list[tuple[Child, object]]]:
-        """For a web process: the page, its epoch, and a new direct channel to each running
-        one-at-a-time process (none while the pool does not take calls)."""
+    def channels(self) -> tuple[int, int, list[tuple[Child, object]]]:
+        """For a web thread: a descriptor of the pool page (a copy the caller closes; -1 when
+        the pool takes no direct calls), its epoch, and a new direct channel to each running
+        one-at-a-time process."""
         with self.cond:
             if self.page is None or not self.accepting or not self.direct_open or self.failed:
-                return None, 0, []
+                return -1, 0, []
+            page_fd = os.dup(self.page.fd)
             epoch = self.epoch
             children = [c for c in self.children
                         if c.state is ProcessState.RUNNING and c.slot is not None]
@@ -420,7 +431,7 @@ class Pool:
                 out.append((child, child.channel()))
             except OSError as exc:
                 log.info("%s: no direct channel: %s", child.what, exc)
-        return self.page, epoch, out
+        return page_fd, epoch, out
 
     def lost(self, number: int, call_id: str, why: str, timeout: float) -> dict:
         """What became of a call a web process sent down a direct channel and got no proper

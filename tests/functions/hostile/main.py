@@ -259,3 +259,40 @@ def kernel_escape(event):
     return {"unshare": outcome(libc.unshare(0x10000000)),               # CLONE_NEWUSER
             "add_key": outcome(libc.syscall(ctypes.c_long(add_key), b"user", b"dockyard-escape",
                                             b"x", ctypes.c_size_t(1), ctypes.c_int(-4)))}
+
+
+def shrink_pages(event):
+    """Find the shared pages this process can reach (its slot, through its descriptors or its
+    memory map) and try to shrink and grow them: whoever reads a shrunk page dies of SIGBUS.
+    What each attempt gave."""
+    outcomes = {}
+    candidates = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if "memfd:" in os.readlink(f"/proc/self/fd/{name}"):
+                candidates.append(f"/proc/self/fd/{name}")
+        except OSError:
+            pass
+    try:
+        for name in os.listdir("/proc/self/map_files"):
+            try:
+                if "memfd:" in os.readlink(f"/proc/self/map_files/{name}"):
+                    candidates.append(f"/proc/self/map_files/{name}")
+            except OSError as exc:
+                outcomes.setdefault("readlink map_files", type(exc).__name__)
+    except OSError as exc:
+        outcomes["list map_files"] = type(exc).__name__
+    for path in candidates:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            outcomes[path] = f"open: {type(exc).__name__}"
+            continue
+        try:
+            os.ftruncate(fd, 0)
+            outcomes[path] = "shrunk"
+        except OSError as exc:
+            outcomes[path] = f"ftruncate: {type(exc).__name__}"
+        finally:
+            os.close(fd)
+    return {"candidates": len(candidates), "outcomes": outcomes}
