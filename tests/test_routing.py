@@ -1,7 +1,9 @@
 """Routes kept in memory by each web process: any write that changes where a call goes bumps
-the routing generation (by trigger), so a kept route is never used after a deploy, an
+the routing generation (by trigger), and the transaction that made it raises the routing hint
+(a page beside the database) once committed, so a kept route is never used after a deploy, an
 activation, a removal or a worker's change of state; writes that change nothing about
-routing (heartbeats, records) leave it alone, so routes stay kept under load."""
+routing (heartbeats, records) leave both alone, so routes stay kept under load. A write made
+outside dockyard's transactions (by hand, in another tool) is seen within a second."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import json
 import pytest
 
 from dockyard.app import invoke
-from dockyard.app.db import connect, migrate
+from dockyard.app.db import connect, migrate, transaction
+from dockyard.app.routing_hint import routing_hint
 from dockyard.app.store import routing
 from dockyard.errors import NotFound
 
@@ -40,6 +43,12 @@ def db(tmp_path):
     conn.close()
 
 
+def _write(db, sql: str) -> None:
+    """As dockyard's own store functions write: in a transaction."""
+    with transaction(db) as conn:
+        conn.execute(sql)
+
+
 def _queries(monkeypatch) -> list:
     made = []
     real = routing.route
@@ -60,25 +69,52 @@ def test_a_kept_route_is_used_until_something_about_routing_changes(db, monkeypa
     assert len(queries) == 1
 
     # An activation that switches traffic is seen on the very next call.
-    db.conn.execute("UPDATE containers SET serving_version_id = 11 WHERE id = 1")
+    _write(db, "UPDATE containers SET serving_version_id = 11 WHERE id = 1")
     assert invoke.route(db, "app", None)[0].version == "v2"
     assert len(queries) == 2
 
     # The worker stops having the version ready: no worker for it any more.
-    db.conn.execute("UPDATE worker_versions SET state = 'stopping' WHERE version_id = 11")
+    _write(db, "UPDATE worker_versions SET state = 'stopping' WHERE version_id = 11")
     assert invoke.route(db, "app", None)[1] == []
 
     # The worker is marked lost: gone from the pinned version's route too.
     assert [w["id"] for w in invoke.route(db, "app", "v1")[1]] == ["w1"]
-    db.conn.execute("UPDATE workers SET state = 'lost' WHERE id = 'w1'")
+    _write(db, "UPDATE workers SET state = 'lost' WHERE id = 'w1'")
     assert invoke.route(db, "app", "v1")[1] == []
 
     # Removal: the container is gone at once.
-    db.conn.execute("DELETE FROM worker_versions")
-    db.conn.execute("DELETE FROM versions")
-    db.conn.execute("DELETE FROM containers")
+    with transaction(db) as conn:
+        conn.execute("DELETE FROM worker_versions")
+        conn.execute("DELETE FROM versions")
+        conn.execute("DELETE FROM containers")
     with pytest.raises(NotFound):
         invoke.route(db, "app", None)
+
+
+def test_the_hint_moves_only_with_a_route_and_only_up(db):
+    hint = routing_hint(db.path)
+    before = hint.value()
+    _write(db, "UPDATE workers SET last_seen = last_seen + 1")   # a heartbeat
+    assert hint.value() == before
+    _write(db, "UPDATE containers SET serving_version_id = 11 WHERE id = 1")
+    raised = hint.value()
+    assert raised > before
+    hint.raise_to(raised - 1)      # a slower writer's older generation never lowers it
+    assert hint.value() == raised
+    with pytest.raises(RuntimeError):
+        with transaction(db) as conn:
+            conn.execute("UPDATE containers SET serving_version_id = 10 WHERE id = 1")
+            raise RuntimeError("rolled back")
+    assert hint.value() == raised
+
+
+def test_a_write_made_outside_dockyard_is_seen_within_a_second(db, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(invoke.time, "monotonic", lambda: clock[0])
+    assert invoke.route(db, "app", None)[0].version == "v1"
+    db.conn.execute("UPDATE containers SET serving_version_id = 11 WHERE id = 1")
+    clock[0] += invoke.ROUTE_MAX_AGE_S + 0.01
+    assert invoke.route(db, "app", None)[0].version == "v2"
 
 
 def test_heartbeats_and_records_leave_the_generation_alone(db):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import sqlite_utils
 
+from .routing_hint import routing_hint
+
 _local = threading.local()
 
 
@@ -48,14 +50,34 @@ class transaction:
     def __init__(self, db: sqlite_utils.Database, mode: str = "IMMEDIATE"):
         self.conn = db.conn
         self.mode = mode
+        self.path = getattr(db, "path", None)
+        self.generation: int | None = None
 
     def __enter__(self):
         self.conn.execute(f"BEGIN {self.mode}")
+        if self.mode != "DEFERRED":
+            self.generation = _routing_generation(self.conn)
         return self.conn
 
     def __exit__(self, exc_type, exc, tb):
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type:
+            self.conn.execute("ROLLBACK")
+            return False
+        after = _routing_generation(self.conn) if self.mode != "DEFERRED" else None
+        self.conn.execute("COMMIT")
+        if after is not None and after != self.generation and self.path:
+            # A route changed: say so to every process before anyone is told it is done.
+            routing_hint(self.path).raise_to(after)
         return False
+
+
+def _routing_generation(conn: sqlite3.Connection) -> int | None:
+    """The counter the routing triggers bump (None before the migration that made it)."""
+    try:
+        row = conn.execute("SELECT n FROM routing_generation WHERE id = 1").fetchone()
+    except sqlite3.OperationalError:
+        return None
+    return row[0] if row else None
 
 
 def now() -> float:

@@ -15,6 +15,7 @@ import sqlite_utils
 from ..common.protocol import Frame, Status, VersionState
 from ..common.manifest import Manifest
 from ..errors import Unavailable
+from .routing_hint import routing_hint
 from .store import routing
 from .store import workers as worker_store
 from .direct_calls import DirectCalls
@@ -45,10 +46,10 @@ def _manifest(version_id: int, text: str) -> Manifest:
     return Manifest.from_dict(json.loads(text))
 
 
-# Routes this process has looked up: (database, container, version) -> (routing generation,
-# when, route). An entry is used while the generation is unchanged (any deploy, activation,
-# removal or change of a worker's state bumps it) and for at most ROUTE_MAX_AGE_S, so that a
-# worker whose heartbeats stopped drops out as the query would drop it.
+# Routes this process has looked up: (database, container, version) -> (routing hint, when,
+# route). An entry is used while the hint is unchanged (any deploy, activation, removal or
+# change of a worker's state raises it: see routing_hint.py) and for at most ROUTE_MAX_AGE_S,
+# so that a worker whose heartbeats stopped drops out as the query would drop it.
 _routes: dict[tuple, tuple[int, float, tuple[Target, list[dict]]]] = {}
 ROUTE_MAX_AGE_S = 1.0
 ROUTES_KEPT = 4096
@@ -57,13 +58,15 @@ ROUTES_KEPT = 4096
 def route(db: sqlite_utils.Database, container: str, version: str | None,
           fresh: bool = False) -> tuple[Target, list[dict]]:
     """The serving (or pinned) version of a container and the live workers that have it
-    ready: this runs on every call, and a redeploy must be seen at once. One primary-key read
-    of the routing generation when the route is in memory; `fresh` looks it up again."""
+    ready: this runs on every call, and a redeploy must be seen at once. One read of the
+    routing hint when the route is in memory; `fresh` looks it up again."""
     key = (db.path, container, version)
-    generation = routing.generation(db)
+    # Read before the query: a change committed in between raises the hint past this value,
+    # so the next call looks again rather than trusting what this one found.
+    hint = routing_hint(db.path).value()
     t = time.monotonic()
     kept = _routes.get(key)
-    if kept is not None and not fresh and kept[0] == generation and t - kept[1] < ROUTE_MAX_AGE_S:
+    if kept is not None and not fresh and kept[0] == hint and t - kept[1] < ROUTE_MAX_AGE_S:
         return kept[2]
     found = routing.route(db, container, version)
     if found is None:
@@ -74,9 +77,7 @@ def route(db: sqlite_utils.Database, container: str, version: str | None,
               workers)
     if len(_routes) >= ROUTES_KEPT:
         _routes.clear()
-    # Read before the query: a change committed in between leaves a stale generation here,
-    # so the next call looks again rather than trusting it.
-    _routes[key] = (generation, t, answer)
+    _routes[key] = (hint, t, answer)
     return answer
 
 

@@ -19,11 +19,13 @@ ROUTABLE = ROUTABLE_STATES
 def register(db: sqlite_utils.Database, info: dict) -> dict:
     worker_id = "wrk_" + secrets.token_hex(6)
     t = now()
-    db["workers"].insert({
-        "id": worker_id, "name": str(info.get("name") or worker_id),
-        "address": str(info.get("address") or ""), "hostname": str(info.get("hostname") or ""),
-        "pid": int(info.get("pid") or 0), "isolation": json.dumps(info.get("isolation") or {}),
-        "registered_at": t, "last_seen": t, "state": "up"})
+    with transaction(db):   # a route may change: see routing_hint.py
+        db["workers"].insert({
+            "id": worker_id, "name": str(info.get("name") or worker_id),
+            "address": str(info.get("address") or ""),
+            "hostname": str(info.get("hostname") or ""), "pid": int(info.get("pid") or 0),
+            "isolation": json.dumps(info.get("isolation") or {}),
+            "registered_at": t, "last_seen": t, "state": "up"})
     return db["workers"].get(worker_id)
 
 
@@ -107,8 +109,9 @@ def advance_deployments(db: sqlite_utils.Database) -> None:
 def mark_lost(db: sqlite_utils.Database, worker_id: str) -> None:
     """A worker we could not reach takes no more calls until its next heartbeat says it is
     up (instead of until its heartbeat goes stale)."""
-    db.conn.execute("UPDATE workers SET state = 'lost' WHERE id = ? AND state = 'up'",
-                    [worker_id])
+    with transaction(db) as conn:   # a route changes: see routing_hint.py
+        conn.execute("UPDATE workers SET state = 'lost' WHERE id = ? AND state = 'up'",
+                     [worker_id])
 
 
 def set_local_worker_state(db: sqlite_utils.Database, state: str, reason: str = "") -> None:
