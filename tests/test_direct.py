@@ -92,7 +92,9 @@ def test_each_call_is_answered_on_the_channel_it_came_on(process):
     assert a.recv()["result"] == {"from": "a"}
     assert process.replies.read(time.monotonic() + 10)["result"] == {"from": "worker"}
     busy, served, _, ended, call_id = process.slot.read()
-    assert not busy and served == 3 and ended > 0 and call_id == ""
+    # The last call started stays named: the worker tells a call that ran from one never
+    # reached when a channel closes.
+    assert not busy and served == 3 and ended > 0 and call_id in ("a1", "b1", "w1")
 
 
 def test_the_slot_shows_the_call_in_hand(process):
@@ -195,14 +197,16 @@ def test_warm_calls_are_answered_while_the_worker_agent_is_frozen(server, pkg):
     server.deploy(pkg("echo", name="direct-frozen"))
     # Every web thread opens its channels on its first call (through the agent).
     warm = _parallel(server, "direct-frozen/echo", {"warm": True}, 400, 8)
-    assert all(r.status_code == 200 for r in warm)
+    assert all(r.status_code == 200 for r in warm), [r.text for r in warm
+                                                     if r.status_code != 200][:3]
     _, agent = _web_and_agent(server)
     agent.suspend()
     try:
         answers = _parallel(server, "direct-frozen/echo", {"n": 1}, 40, 4)
     finally:
         agent.resume()
-    assert [r.status_code for r in answers] == [200] * 40
+    assert [r.status_code for r in answers] == [200] * 40, [r.text for r in answers
+                                                            if r.status_code != 200][:3]
     assert all(r.json() == {"n": 1} for r in answers)
     record = server.api("GET", "/api/invocations/"
                         + answers[-1].headers["X-Dockyard-Invocation-Id"]).json()

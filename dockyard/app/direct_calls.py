@@ -48,6 +48,7 @@ class _Channels:
     page: PoolPage
     epoch: int
     processes: list[tuple[int, FrameSocket]]    # (process number, channel)
+    agent: str                                  # which run of the worker made them
     turn: int = 0
 
     def current(self) -> bool:
@@ -103,17 +104,25 @@ class DirectCalls:
         channels.turn += 1
         number, channel = channels.processes[channels.turn % len(channels.processes)]
         call_id = frame["id"]
-        frame = dict(frame, start_by=time.monotonic() + QUEUE_WAIT_S, timeout=timeout)
+        sent = time.monotonic()
+        frame = dict(frame, start_by=sent + QUEUE_WAIT_S, timeout=timeout)
+        # The whole call is bounded, whatever the process does with its end of the socket.
+        budget = QUEUE_WAIT_S + timeout + REPLY_GRACE_S
         try:
-            channel.set_recv_timeout(QUEUE_WAIT_S + timeout + REPLY_GRACE_S)
-            channel.send(frame)
+            channel.set_recv_timeout(budget)
+            channel.send_by(frame, sent + QUEUE_WAIT_S + 1.0)
+        except TimeoutError:
+            # It did not take the call within its queue time (perhaps part of it): it is
+            # stuck or hostile, and the call, never whole there, never ran.
+            self._drop(key)
+            return self._lost(address, channels.agent, number, call_id, "unread", timeout)
         except OSError:
             # The process is gone and the call never reached it: the worker runs it.
             self._drop(key)
             return None
         why = None
         try:
-            answer = channel.recv(REPLY_MAX_BYTES)
+            answer = channel.recv_until(sent + budget, REPLY_MAX_BYTES)
         except TimeoutError:
             why = "timeout"
         except (FrameError, ValueError, RecursionError):
@@ -127,12 +136,12 @@ class DirectCalls:
                 why = "protocol"
         if why is not None:
             self._drop(key)
-            return self._lost(address, version_id, number, call_id, why, timeout)
+            return self._lost(address, channels.agent, number, call_id, why, timeout)
         reply = translate(answer)
         if reply.get("recycle"):
             # Out of memory: the worker replaces the process; this reply stands.
             self._drop(key)
-            self._lost(address, version_id, number, call_id, "recycle", timeout)
+            self._lost(address, channels.agent, number, call_id, "recycle", timeout)
         reply["type"] = Frame.RESULT
         reply["id"] = call_id
         return reply
@@ -142,11 +151,11 @@ class DirectCalls:
         if isinstance(channels, _Channels):
             channels.close()
 
-    def _lost(self, address: str, version_id: int, number: int, call_id: str, why: str,
+    def _lost(self, address: str, agent: str, number: int, call_id: str, why: str,
               timeout: float) -> dict:
         """Ask the worker what became of a call that got no proper reply."""
-        frame = {"type": Frame.LOST, "version_id": version_id, "number": number,
-                 "id": call_id, "why": why, "timeout": timeout}
+        frame = {"type": Frame.LOST, "agent": agent, "number": number, "id": call_id,
+                 "why": why, "timeout": timeout}
         try:
             return self.connections.request(address, frame, LOST_TIMEOUT_S)
         except WorkerGone as exc:
@@ -175,4 +184,5 @@ class DirectCalls:
             # not taken within its queue time would be answered not_started anyway.
             channel.set_send_timeout(QUEUE_WAIT_S + 1.0)
             processes.append((int(child["number"]), channel))
-        return _Channels(PoolPage(fds[0]), int(reply.get("epoch") or 0), processes)
+        return _Channels(PoolPage(fds[0]), int(reply.get("epoch") or 0), processes,
+                         str(reply.get("agent") or ""))

@@ -8,6 +8,7 @@ import ctypes
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -31,6 +32,19 @@ from ..common.protocol import WORKER_CONFIG_EXIT
 log = logging.getLogger("dockyard.serve")
 
 PR_SET_PDEATHSIG = 1
+
+
+def _raise_open_files(wanted: int = 65536) -> None:
+    """Web threads keep a socket per function process they call (direct channels): lift the
+    soft limit on open files (1024 by default) towards the hard one, for serve and all it
+    starts. Function processes get their own limit from the sandbox."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            pass
 
 
 def _die_with_parent() -> None:
@@ -185,6 +199,7 @@ class Supervisor:
         # Everything serve and gunicorn write (the database and its WAL, uploads) is private;
         # what sandboxed children must read is opened up explicitly.
         os.umask(0o077)
+        _raise_open_files()
         self.data.ensure()
         migrate(self.data.db_path)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -166,10 +166,45 @@ class FrameSocket(_Buffered):
         super().__init__()
         self.sock = sock
         self._recv_timeout: float | None = None
+        self._send_timeout: float | None = None
         self._deadline: float | None = None
 
     def send(self, obj) -> None:
         self.sock.sendall(encode_frame(obj))
+
+    def send_by(self, obj, deadline: float) -> None:
+        """One frame, whole by `deadline` (monotonic) or TimeoutError: a peer that reads a
+        byte now and then cannot stretch it. The common case is one send()."""
+        data = memoryview(encode_frame(obj))
+        while data:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:     # SO_SNDTIMEO ran out on this send
+                sent = 0
+            data = data[sent:]
+            if data:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("the frame could not be sent in time")
+                self.set_send_timeout(max(remaining, 0.001))   # 0 would mean no limit
+
+    def recv_until(self, deadline: float, max_size: int = MAX_FRAME):
+        """recv() with the whole frame due by `deadline` (monotonic): the first read waits
+        under the receive timeout already set (no system call to change it); each further
+        read only as long as is left."""
+        first = True
+
+        def more() -> bytes:
+            nonlocal first
+            if not first:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("the frame did not arrive whole in time")
+                self.set_recv_timeout(max(remaining, 0.001))   # 0 would mean no limit
+            first = False
+            return self._more()
+
+        return self._next_frame(max_size, more)
 
     def send_fds(self, obj, fds: list[int]) -> None:
         """One frame with descriptors attached (a Unix socket only)."""
@@ -190,8 +225,8 @@ class FrameSocket(_Buffered):
                     count = len(raw) // 4
                     fds.extend(struct.unpack(f"{count}i", raw[:count * 4]))
             if flags & socket.MSG_CTRUNC:
-                for fd in fds:
-                    os.close(fd)
+                # Some did not fit (or this process is out of descriptors): the frame is no
+                # use; those that came are closed below, once.
                 raise FrameError("more descriptors than expected came with a frame")
             return data
 
@@ -200,6 +235,7 @@ class FrameSocket(_Buffered):
         except BaseException:
             for fd in fds:
                 os.close(fd)
+            fds.clear()
             raise
 
     def recv(self, max_size: int = MAX_FRAME):
@@ -239,7 +275,10 @@ class FrameSocket(_Buffered):
         self._recv_timeout = seconds
 
     def set_send_timeout(self, seconds: float) -> None:
+        if seconds == self._send_timeout:
+            return
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+        self._send_timeout = seconds
 
     def close(self) -> None:
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -21,7 +22,7 @@ import requests
 from ..common.protocol import Frame, Role, Status
 from ..sandbox.isolation import Isolation
 from .diff import diff_versions, identity
-from .pool import QUEUE_WAIT_S
+from .pool import QUEUE_WAIT_S, live_pools
 from .server import InvokeServer
 from .spares import spares
 from .tree import kill_strays
@@ -61,6 +62,8 @@ class Agent:
         self.calls: dict[str, VersionRuntime] = {}     # calls in flight, by id (for cancel)
         self.cancelled: dict[str, float] = {}          # cancelled call ids, until (monotonic)
         self.cancel_lock = threading.Lock()
+        # Names this run of the worker to web threads (process numbers start again at 1).
+        self.nonce = secrets.token_hex(8)
         self.signals: list[int] = []
         self.stopping = False
         self.swept = False      # the start's sweep of what removed versions left
@@ -265,21 +268,28 @@ class Agent:
             return reply
         reply["children"] = [{"number": child.number} for child, _ in channels]
         reply["epoch"] = epoch
+        reply["agent"] = self.nonce
         reply["_fds"] = [page_fd, *(channel.fileno() for _, channel in channels)]
         reply["_close"] = close
         return reply
 
     def lost(self, frame: dict) -> dict:
+        """What became of a call a web thread sent down a direct channel and got no proper
+        reply to (see Child.lost). The process is looked for in every pool not yet stopped:
+        a draining version's too."""
         call_id = str(frame.get("id"))
-        runtime = self.runtimes.get(frame.get("version_id"))
-        pool = runtime.pool if runtime is not None else None
-        if pool is None:
+        child = None
+        if frame.get("agent") == self.nonce:     # not a process of an earlier worker run
+            number = int(frame.get("number") or 0)
+            child = next((c for pool in live_pools() if (c := pool.find(number))), None)
+        if child is None:
             reply = {"status": Status.CRASHED, "error": {
-                "type": "Crashed", "message": "the process running the call is gone"}}
+                "type": "Crashed", "message": "the process running the call is gone (the "
+                                              "worker restarted, or it ended long ago)"}}
         else:
-            reply = pool.lost(int(frame.get("number") or 0), call_id, str(frame.get("why")),
-                              float(frame.get("timeout") or runtime.manifest.limits.timeout_s))
-        if call_id in self.cancelled:
+            reply = child.lost(str(frame.get("why")), call_id,
+                               float(frame.get("timeout") or child.timeout_s or 0))
+        if call_id in self.cancelled and reply.get("status") != Status.NOT_RUNNING:
             reply = dict(reply, status=Status.CANCELLED, error={
                 "type": "Cancelled", "message": "cancelled; its process tree was killed"})
         reply["type"] = Frame.RESULT
@@ -297,9 +307,9 @@ class Agent:
                 del self.cancelled[stale]
         runtime = self.calls.get(call_id)
         if runtime is None:
-            # Perhaps a call a web process sent straight to a process.
-            found = any(r.pool is not None and r.pool.cancel(call_id)
-                        for r in list(self.runtimes.values()))
+            # Perhaps a call a web thread sent straight to a process (of any pool not yet
+            # stopped: a draining version's too).
+            found = any(pool.cancel(call_id) for pool in live_pools())
             return {"type": Frame.CANCEL, "id": call_id, "found": found}
         pool = runtime.pool
         if pool is None or not pool.cancel(call_id):
@@ -318,15 +328,14 @@ class Agent:
 
     def _watchdog(self) -> None:
         """Calls that reach a process without passing through here (direct channels) are
-        timed from the process's slot: a look every WATCH_S."""
-        while not self.stopping:
-            for runtime in list(self.runtimes.values()):
-                pool = runtime.pool
-                if pool is not None:
-                    try:
-                        pool.watch(float(runtime.manifest.limits.timeout_s), self.cancelled)
-                    except Exception:  # noqa: BLE001 - the watchdog must keep watching
-                        log.exception("%s: the watchdog's look failed", runtime.what)
+        timed from the process's slot: a look every WATCH_S at every pool not yet stopped,
+        until this process exits (a shutdown drains too)."""
+        while True:
+            for pool in live_pools():
+                try:
+                    pool.watch(self.cancelled)
+                except Exception:  # noqa: BLE001 - the watchdog must keep watching
+                    log.exception("%s: the watchdog's look failed", pool.what)
             time.sleep(WATCH_S)
 
     def run(self) -> int:

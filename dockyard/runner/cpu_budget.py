@@ -41,13 +41,6 @@ def process_clock(pid: int) -> int:
     return ((~pid) << 3) | CPUCLOCK_SCHED
 
 
-def arm(pid: int, seconds: float) -> None:
-    """RLIMIT_CPU on `pid`, soft and hard: `seconds` on top of what it used so far (OSError
-    where this process may not set it)."""
-    budget = int(time.clock_gettime(process_clock(pid)) + seconds) + 1
-    resource.prlimit(pid, resource.RLIMIT_CPU, (budget, budget + 1))
-
-
 class CpuBudget:
     """The checks count `tree_used()` — the CPU of the whole process tree (its cgroup) where
     the host has CPU accounting — so a process the function forked and left burning counts
@@ -61,6 +54,8 @@ class CpuBudget:
         self.by_kernel = by_kernel
         self.allowed = 0.0          # CPU seconds the tree may have used by the next check
         self._clock = process_clock(pid)
+        self._limit: float | None = None    # the RLIMIT_CPU last set, and when
+        self._armed_at = 0.0
         self.used()   # fails now (OSError) if the process cannot be watched
         self.tree_used = tree_used or self.used
         self.settle()  # from its start (imports included) until its first call
@@ -68,14 +63,22 @@ class CpuBudget:
     def used(self) -> float:
         return time.clock_gettime(self._clock)
 
-    def arm(self) -> None:
+    def arm(self, now: float | None = None) -> None:
         """Before a call, where the kernel can hold it: RLIMIT_CPU of `seconds` on top of
         what the process used so far. (The between-call allowance is set by `settle()`: the
-        check runs only on processes with no call in flight.)"""
+        check runs only on processes with no call in flight.) `now` (monotonic) when armed on
+        the process's own word that a call started (its slot, see common/direct.py): the
+        limit then grows no faster than one CPU-second per second after the first call's
+        budget, so a process that fakes calls cannot lift it."""
         if not self.by_kernel:
             return
         try:
-            arm(self.pid, self.seconds)
+            limit = self.used() + self.seconds
+            if now is not None and self._limit is not None:
+                limit = min(limit, self._limit + max(0.0, now - self._armed_at))
+            budget = int(limit) + 1
+            resource.prlimit(self.pid, resource.RLIMIT_CPU, (budget, budget + 1))
+            self._limit, self._armed_at = limit, now if now is not None else time.monotonic()
         except (OSError, ValueError) as exc:
             log.warning("pid %s: cannot arm the CPU budget: %s", self.pid, exc)
 

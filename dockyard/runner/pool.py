@@ -34,6 +34,18 @@ class PoolFailed(Exception):
     pass
 
 
+# Every pool not yet stopped, draining ones included: the watchdog times their direct calls,
+# and a web thread's `lost` or a cancel finds their processes, whatever version now holds
+# their version id.
+_live: set["Pool"] = set()
+_live_lock = threading.Lock()
+
+
+def live_pools() -> list["Pool"]:
+    with _live_lock:
+        return list(_live)
+
+
 def _reply(status: str, message: str, error_type: str) -> dict:
     return {"status": status, "error": {"type": error_type, "message": message}}
 
@@ -77,6 +89,9 @@ class Pool:
         self.direct_open = True     # web threads may call straight (closed when it drains)
         self.epoch = 0
         self.gone: dict[int, Child] = {}
+        self.call_timeout: float | None = None     # the version's timeout_s (the watchdog's)
+        with _live_lock:
+            _live.add(self)
 
     def _changed(self) -> None:
         """The set of processes (or whether the pool takes calls) changed; lock held."""
@@ -308,8 +323,9 @@ class Pool:
     def cancel(self, call_id: str) -> bool:
         """Kill the process running the call `call_id`; False if no process has it (yet)."""
         with self.cond:
-            child = next((c for c in self.children if call_id in c.calls
-                          or _direct_call(c) == call_id), None)
+            child = next((c for c in [*self.children, *self.gone.values()]
+                          if c.state is not ProcessState.EXITED
+                          and (call_id in c.calls or _direct_call(c) == call_id)), None)
         if child is None:
             return False
         child.cancel(call_id)
@@ -363,6 +379,8 @@ class Pool:
             page, self.page = self.page, None
         if page is not None:
             page.close()   # web processes keep their own mapping of it, which says "closed"
+        with _live_lock:
+            _live.discard(self)
 
     def check(self) -> None:
         """Notice children that died while idle, so they are replaced before the next call."""
@@ -382,20 +400,28 @@ class Pool:
                 child.over_cpu_budget()
             child.alive()
 
-    def watch(self, timeout: float, cancelled: dict) -> None:
-        """The watchdog's look at the one-at-a-time processes (see Child.watch); a call that
-        was cancelled while it waited in a process's sockets is stopped as it starts."""
-        if self.page is None:
+    def watch(self, cancelled: dict) -> None:
+        """The watchdog's look at the one-at-a-time processes, those that left the pool but
+        still finish their calls included (see Child.watch); a call that was cancelled while
+        it waited in a process's sockets is stopped as it starts."""
+        if self.call_timeout is None:
             return
         now = time.monotonic()
         with self.cond:
-            children = [c for c in self.children if c.slot is not None]
+            children = [c for c in [*self.children, *self.gone.values()]
+                        if c.slot is not None and c.state is not ProcessState.EXITED]
         for child in children:
             call_id = _direct_call(child)
             if call_id is not None and call_id in cancelled:
                 child.cancel(call_id)
                 continue
-            child.watch(now, timeout)
+            child.watch(now, self.call_timeout)
+
+    def find(self, number: int) -> Child | None:
+        """The process numbered `number`, in the pool or recently gone from it."""
+        with self.cond:
+            return next((c for c in self.children if c.number == number), None) \
+                or self.gone.get(number)
 
     def stop_idle(self, idle_ttl: float) -> None:
         """Scale to zero: stop children of an on-demand pool that served nothing lately."""
@@ -410,7 +436,8 @@ class Pool:
                     self._forget(child)
                     idle.append(child)
         for child in idle:
-            child.stop(grace=1.0)
+            # A call sent straight to it just before it left is finished first.
+            child.stop(grace=1.0 if child.slot is None else (self.call_timeout or 0) + 5.0)
 
     # -- direct channels ------------------------------------------------------------------
 
@@ -432,17 +459,6 @@ class Pool:
             except OSError as exc:
                 log.info("%s: no direct channel: %s", child.what, exc)
         return page_fd, epoch, out
-
-    def lost(self, number: int, call_id: str, why: str, timeout: float) -> dict:
-        """What became of a call a web process sent down a direct channel and got no proper
-        reply to (see Child.lost)."""
-        with self.cond:
-            child = next((c for c in self.children if c.number == number), None) \
-                or self.gone.get(number)
-        if child is None:
-            return _reply(Status.CRASHED, f"{self.what}: the process running the call is gone",
-                          "Crashed")
-        return child.lost(why, call_id, timeout)
 
     def pids(self) -> list[int]:
         with self.cond:

@@ -38,6 +38,8 @@ REPLY_MAX_BYTES = 16 * 1024 * 1024
 # A call sent to a one-at-a-time process is answered `not_started` if the process reaches it
 # later than this (it waited behind others in the process's sockets).
 QUEUE_WAIT_S = 5.0
+# How long the worker waits to write a small frame to a child's request socket.
+CONTROL_WAIT_S = 0.5
 # The watchdog kills a call this long past its timeout (seen on two looks in a row).
 TIMEOUT_GRACE_S = 0.05
 
@@ -94,6 +96,16 @@ class _Control:
     def send_fd(self, data: bytes, fd: int) -> None:
         socket.send_fds(self.sock, [data], [fd])
 
+    def send_nowait(self, data: bytes, fd: int | None = None) -> None:
+        """Send a small frame now or not at all (OSError): a process that does not read its
+        request socket (busy with a long call, or hostile) never holds the thread."""
+        if fd is None:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        else:
+            sent = socket.send_fds(self.sock, [data], [fd], socket.MSG_DONTWAIT)
+        if sent < len(data):    # a frame of a few bytes is not split in practice
+            self.sock.sendall(data[sent:])
+
     def close(self) -> None:
         self.sock.close()
 
@@ -126,6 +138,7 @@ class Child:
         self._armed = (0, "")               # the call the CPU budget was last armed for
         self.settled_served = 0             # calls counted at the last budget check
         self.timeout_s = 0.0                # the timeout it was killed for
+        self.timed_out_call = ""            # and the call that ran past it
         self._requests = None
         self._replies = None
         self.tmp_dir = spec.tmp_root / f"p{self.number}"
@@ -339,7 +352,7 @@ class Child:
             self.served += 1
             self.last_used = time.monotonic()
             if reply is None:
-                return self._died()
+                return self._for_call(self._died(), frame["id"])
             if not is_reply(reply, frame["id"]):
                 return self._broke_protocol(ValueError(f"not a reply to {frame['id']}"))
             if self.cpu_budget is not None:
@@ -368,17 +381,19 @@ class Child:
     def channel(self) -> socket.socket:
         """A new direct channel: one end goes to the process over its request socket, the
         other is returned (for a web process)."""
+        if not self._write_lock.acquire(timeout=CONTROL_WAIT_S):
+            raise OSError("its request socket is busy")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with self._write_lock:
-                if self._requests is None:
-                    raise OSError("the process is gone")
-                self._requests.send_fd(encode_frame({"type": Frame.CHANNEL}), theirs.fileno())
+            if self._requests is None:
+                raise OSError("the process is gone")
+            self._requests.send_nowait(encode_frame({"type": Frame.CHANNEL}), theirs.fileno())
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
+            self._write_lock.release()
         return ours
 
     def direct_state(self) -> tuple[bool, int, float, float, str]:
@@ -403,12 +418,13 @@ class Child:
     def watch(self, now: float, timeout: float) -> None:
         """The watchdog's look (every few tens of ms): kill a call past its timeout (seen so
         on two looks in a row: a look may catch the slot half written), and arm the CPU
-        budget for each new call where the kernel holds it."""
+        budget for each new call where the kernel holds it (no faster than the budget
+        allows: the slot is the process's word, see CpuBudget.arm)."""
         busy, served, started, _, call_id = self.direct_state()
         budget = self.cpu_budget
         if budget is not None and budget.by_kernel and (served, call_id) != self._armed:
             self._armed = (served, call_id)
-            budget.arm()
+            budget.arm(now)
         if not busy or started + timeout + TIMEOUT_GRACE_S > now:
             self._overdue = None
             return
@@ -417,6 +433,7 @@ class Child:
             return
         self.exit_reason = "timed out"
         self.timeout_s = timeout
+        self.timed_out_call = call_id
         log.warning("%s %s timed out after %.1fs; killing the process tree", call_id,
                     self.what, timeout)
         self.kill()
@@ -427,27 +444,66 @@ class Child:
         the channel closed (the process died: a call it had started crashed with it, a call
         it never reached is not_running and goes elsewhere), the reply broke the protocol,
         or the process must go after its reply (out of memory)."""
-        if why == "timeout" and self._dead is None:
-            return self._timed_out({"id": call_id}, timeout)
-        if why == "protocol":
-            return self._broke_protocol(ValueError("a direct channel's reply is not one"))
-        if why == "recycle":
-            self.exit_reason = "out of memory"
-            self.kill()
-        elif self._dead is None:
-            # The channel ended: the process is dying, or closed it on purpose.
-            try:
-                self.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.exit_reason = self.exit_reason or "closed a direct channel mid-call"
+        started = self._started(call_id)
+        if why == "unread":
+            # The call could not be sent whole within its queue time: never run. A process
+            # busy with a call of its own is left alone; one that stopped reading goes.
+            busy, _, since, _, _ = self.direct_state()
+            if self._dead is None and not (busy and since + timeout > time.monotonic()):
+                self.exit_reason = "stopped reading its calls"
+                log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
                 self.kill()
-        reply = dict(self._died())
-        busy, _, _, _, running = self.last_slot
-        if why == "closed" and not (busy and running == call_id):
-            return {"status": Status.NOT_RUNNING, "error": {
-                "type": "NotRunning", "message": f"{self.spec.what}: the process left "
-                                                 "before it reached the call"}}
-        return reply
+                self._dead_reply()
+            return translate({"not_started": True})
+        if why == "closed" and self._dead is None and self.popen.poll() is None:
+            # The channel ended but the process lives: it may be on its way out; give it a
+            # moment. A call it never started goes elsewhere and the process stays (the
+            # kernel drops a channel a process has no room for).
+            try:
+                self.popen.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                if not self._started(call_id):
+                    return _not_running(self.spec.what)
+                self.exit_reason = self.exit_reason or "closed a direct channel mid-call"
+        if why == "timeout" and self._dead is None:
+            self.exit_reason = "timed out"
+            self.timeout_s = timeout
+            self.timed_out_call = call_id
+            log.warning("%s %s timed out after %.1fs; killing the process tree", call_id,
+                        self.what, timeout)
+        elif why == "protocol":
+            self.exit_reason = "broke the reply protocol (a direct channel's reply is not one)"
+            log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
+        elif why == "recycle":
+            self.exit_reason = "out of memory"
+        self.kill()
+        reply = self._dead_reply()
+        if why == "closed" and not (started or self._started(call_id)):
+            return _not_running(self.spec.what)
+        return self._for_call(reply, call_id)
+
+    def _for_call(self, reply: dict, call_id: str) -> dict:
+        """The death's reply as the answer to `call_id`: timed out only for the call that ran
+        past its timeout; another call the kill caught crashed."""
+        if reply.get("status") != Status.TIMED_OUT or self.timed_out_call in ("", call_id):
+            return reply
+        return dict(reply, status=Status.CRASHED, error={
+            "type": "Crashed", "message": "the process was stopped mid-call: the call before "
+                                          "this one ran past its timeout"})
+
+    def _started(self, call_id: str) -> bool:
+        """Whether the process took up `call_id`: its slot shows it in hand, or as the last
+        call it started."""
+        return self.direct_state()[4] == call_id
+
+    def _dead_reply(self) -> dict:
+        """The process's death, handled once: by this thread, or (while a relayed call reads
+        its replies) by the thread of that call, which sees the end and handles it."""
+        if self.in_flight and self._dead is None:
+            end = time.monotonic() + 15
+            while self._dead is None and time.monotonic() < end:
+                time.sleep(0.01)
+        return self._dead if self._dead is not None else self._died()
 
     def _broke_protocol(self, exc: BaseException) -> dict:
         """The child wrote something that is not a reply frame (too large, not JSON, not the
@@ -470,6 +526,7 @@ class Child:
     def _timed_out(self, frame: dict, timeout: float) -> dict:
         self.exit_reason = "timed out"
         self.timeout_s = timeout
+        self.timed_out_call = str(frame.get("id") or "")
         log.warning("%s %s timed out after %.1fs; killing the process tree",
                     frame.get("invocation_id", frame.get("id")), self.what, timeout)
         stdout, stderr = self.read_output()
@@ -581,11 +638,13 @@ class Child:
         change_state(self, ProcessState.STOPPING, self.what)
         self.exit_reason = self.exit_reason or "stopped"
         end = time.monotonic() + grace
-        try:
-            with self._write_lock:
-                write_frame(self._requests, {"type": Frame.SHUTDOWN})
-        except OSError:
-            pass
+        if self._write_lock.acquire(timeout=CONTROL_WAIT_S):
+            try:
+                self._requests.send_nowait(encode_frame({"type": Frame.SHUTDOWN}))
+            except (OSError, AttributeError):
+                pass    # gone, or not reading: the grace below runs out and it is killed
+            finally:
+                self._write_lock.release()
         try:
             self.popen.wait(timeout=max(0.1, end - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -626,6 +685,11 @@ class Child:
                 path.unlink()
             except OSError:
                 pass
+
+
+def _not_running(what: str) -> dict:
+    return {"status": Status.NOT_RUNNING, "error": {
+        "type": "NotRunning", "message": f"{what}: the process left before it reached the call"}}
 
 
 def _crashed(message: str, out_of_memory: bool = False) -> dict:

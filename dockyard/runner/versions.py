@@ -81,8 +81,10 @@ class VersionRuntime:
 
     def _new_pool(self, instances: int) -> Pool:
         limits = self.manifest.limits
-        return Pool(self.what, lambda: self.make_child_spec(self), instances,
+        pool = Pool(self.what, lambda: self.make_child_spec(self), instances,
                     limits.concurrency, self._pool_failed)
+        pool.call_timeout = float(limits.timeout_s)
+        return pool
 
     def _pool_failed(self, reason: str) -> None:
         self.say(f"failed: {reason}")

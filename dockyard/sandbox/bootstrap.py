@@ -385,22 +385,16 @@ class Child:
 
     def _finish(self):
         """After shutdown: answer every whole call already waiting in a channel (until a
-        pass over them all finds nothing new)."""
-        channels = [fd for fd in self.buffers if fd != self.control]
-        for fd in channels:
-            try:
-                os.set_blocking(fd, False)
-            except OSError:
-                pass
+        look at them all finds nothing new). The channels stay blocking, so a large reply is
+        written whole."""
         while True:
-            progress = False
-            for fd in [fd for fd in self.buffers if fd != self.control]:
-                before = len(self.buffers[fd])
-                if self._read(fd) and len(self.buffers[fd]) != before:
-                    progress = True
-                    self._serve(fd)
-            if not progress:
+            channels = [fd for fd in self.buffers if fd != self.control]
+            ready = select.select(channels, [], [], 0)[0] if channels else []
+            if not ready:
                 return
+            for fd in ready:
+                if self._read(fd):
+                    self._serve(fd)
 
 
 class Slot:
@@ -414,18 +408,21 @@ class Slot:
         self.map = mmap.mmap(fd, mmap.PAGESIZE)
         os.close(fd)
         self.served = 0
-        self.ended = 0.0
+        self.ended = self.started = 0.0
+        self.size = 0
 
     def begin(self, call_id, started):
         raw = call_id.encode("utf-8")[:128]
         at = self.LAYOUT.size
         self.map[at:at + len(raw)] = raw
+        self.started, self.size = started, len(raw)
         self.LAYOUT.pack_into(self.map, 0, 1, 0, self.served, started, self.ended, len(raw))
 
     def end(self, ended):
+        # The call's id stays: the worker tells a call that ran from one never reached.
         self.served += 1
         self.ended = ended
-        self.LAYOUT.pack_into(self.map, 0, 0, 0, self.served, 0.0, ended, 0)
+        self.LAYOUT.pack_into(self.map, 0, 0, 0, self.served, self.started, ended, self.size)
 
 
 def cut_frames(buffer):
