@@ -270,3 +270,34 @@ def test_a_function_cannot_shrink_the_page_the_worker_reads(server, pkg):
     time.sleep(0.3)     # the watchdog has read the slot several times since
     assert agent.is_running() and agent.status() != psutil.STATUS_ZOMBIE
     assert server.invoke("direct-shrink/boot", {}).json() == before
+
+
+def test_a_free_process_takes_the_calls_while_another_is_busy(server, pkg):
+    server.deploy(pkg("echo", name="direct-spread", manifest_extra="[limits]\ninstances = 2\n"))
+    # Every web thread has its channels (a thread's first call goes through the worker).
+    _parallel(server, "direct-spread/echo", 1, 200, 8)
+    slow = threading.Thread(target=lambda: server.invoke("direct-spread/sleep", {"s": 5}))
+    slow.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not any(_busy(server.data, "direct-spread")):
+            assert time.monotonic() < deadline, "the slow call never started"
+            time.sleep(0.02)
+        answered = {server.invoke("direct-spread/ident").json() for _ in range(20)}
+        # Each went to the process with no call in hand, not behind the slow call.
+        assert slow.is_alive() and len(answered) == 1
+    finally:
+        slow.join()
+
+
+def _busy(data: Path, container: str) -> list[bool]:
+    """Whether each function process of the container is in the `sleep` function's call (the
+    kernel says where it waits: a timer for the call, poll() between calls)."""
+    out = []
+    for pid in container_processes(data, container):
+        try:
+            with open(f"/proc/{pid}/wchan") as f:
+                out.append("nanosleep" in f.read())
+        except OSError:
+            out.append(False)
+    return out

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..common.direct import PoolPage
+from ..common.direct import PoolPage, Slot
 from ..common.frames import FrameError, FrameSocket
 from ..common.protocol import Frame, Status
 from ..runner.process import QUEUE_WAIT_S, REPLY_MAX_BYTES, is_reply, translate
@@ -47,16 +47,31 @@ class _Channels:
 
     page: PoolPage
     epoch: int
-    processes: list[tuple[int, FrameSocket]]    # (process number, channel)
+    processes: list[tuple[int, FrameSocket, Slot]]  # (process number, channel, its slot)
     agent: str                                  # which run of the worker made them
     turn: int = 0
 
     def current(self) -> bool:
         return self.page.read() == (self.epoch, True)
 
+    def pick(self) -> tuple[int, FrameSocket, Slot]:
+        """A process with no call in hand if there is one (its slot says), taking turns;
+        else the next in turn (the call waits in its socket)."""
+        processes = self.processes
+        count = len(processes)
+        self.turn += 1
+        if count == 1:
+            return processes[0]
+        for i in range(count):
+            chosen = processes[(self.turn + i) % count]
+            if not chosen[2].busy:
+                return chosen
+        return processes[self.turn % count]
+
     def close(self) -> None:
-        for _, channel in self.processes:
+        for _, channel, slot in self.processes:
             channel.close()
+            slot.close()
         self.page.close()
 
 
@@ -101,8 +116,7 @@ class DirectCalls:
             versions[key] = channels if channels is not None else time.monotonic() + NONE_FOR_S
         if not isinstance(channels, _Channels):
             return None
-        channels.turn += 1
-        number, channel = channels.processes[channels.turn % len(channels.processes)]
+        number, channel, _ = channels.pick()
         call_id = frame["id"]
         sent = time.monotonic()
         frame = dict(frame, start_by=sent + QUEUE_WAIT_S, timeout=timeout)
@@ -173,16 +187,17 @@ class DirectCalls:
             return None
         children = reply.get("children") or []
         if reply.get("type") != Frame.CHANNELS or not children or \
-                len(fds) != 1 + len(children):
+                len(fds) != 1 + 2 * len(children):
             for fd in fds:
                 os.close(fd)
             return None
         processes = []
-        for child, fd in zip(children, fds[1:]):
+        for i, child in enumerate(children):
+            fd, slot_fd = fds[1 + 2 * i], fds[2 + 2 * i]
             channel = FrameSocket(socket.socket(fileno=fd))
             # A process that stops reading its calls cannot hold this thread: a call it has
             # not taken within its queue time would be answered not_started anyway.
             channel.set_send_timeout(QUEUE_WAIT_S + 1.0)
-            processes.append((int(child["number"]), channel))
+            processes.append((int(child["number"]), channel, Slot(slot_fd, readonly=True)))
         return _Channels(PoolPage(fds[0]), int(reply.get("epoch") or 0), processes,
                          str(reply.get("agent") or ""))

@@ -66,11 +66,17 @@ class PoolPage:
 
 
 class Slot:
-    """One process's page: the process writes it (sandbox/bootstrap.py), the agent reads it."""
+    """One process's page: the process writes it (sandbox/bootstrap.py), the agent reads it,
+    and web threads read whether it is busy to pick a free process."""
 
-    def __init__(self, fd: int | None = None):
+    def __init__(self, fd: int | None = None, readonly: bool = False):
         self.fd = _memfd("dockyard-slot") if fd is None else fd
-        self.map = mmap.mmap(self.fd, PAGE)
+        self.map = mmap.mmap(self.fd, PAGE, prot=mmap.PROT_READ if readonly else
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+
+    @property
+    def busy(self) -> bool:
+        return bool(_SLOT.unpack_from(self.map)[0])
 
     def read(self) -> tuple[bool, int, float, float, str]:
         """(busy, served, started, last ended, call id)."""

@@ -259,7 +259,8 @@ class Agent:
         if pool is None or self.server.unix_path is None:
             return reply
         page_fd, epoch, channels = pool.channels()
-        close = [channel for _, channel in channels]
+        close = [item for _, (channel, slot_fd) in channels
+                 for item in (channel, _Fd(slot_fd))]
         if page_fd >= 0:
             close.append(_Fd(page_fd))
         if page_fd < 0 or not channels:
@@ -269,7 +270,8 @@ class Agent:
         reply["children"] = [{"number": child.number} for child, _ in channels]
         reply["epoch"] = epoch
         reply["agent"] = self.nonce
-        reply["_fds"] = [page_fd, *(channel.fileno() for _, channel in channels)]
+        reply["_fds"] = [page_fd, *(fd for _, (channel, slot_fd) in channels
+                                    for fd in (channel.fileno(), slot_fd))]
         reply["_close"] = close
         return reply
 

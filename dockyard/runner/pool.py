@@ -289,8 +289,11 @@ class Pool:
                 best = None
                 for child in self.children:
                     if child.state is ProcessState.RUNNING and child.in_flight < self.concurrency:
-                        if best is None or child.in_flight < best.in_flight:
-                            best = child
+                        # A process busy with a call sent straight to it counts as one more.
+                        load = child.in_flight + (child.slot is not None and
+                                                  child.direct_state()[0])
+                        if best is None or load < best_load:
+                            best, best_load = child, load
                 if best is not None:
                     if not best.alive():  # died while idle: replaced; look again
                         self._forget(best)

@@ -378,23 +378,25 @@ class Child:
 
     # -- the direct channel -----------------------------------------------------------------
 
-    def channel(self) -> socket.socket:
+    def channel(self) -> tuple[socket.socket, int]:
         """A new direct channel: one end goes to the process over its request socket, the
-        other is returned (for a web process)."""
+        other is returned (for a web thread), with a copy of the slot's descriptor (which
+        the caller closes once sent)."""
         if not self._write_lock.acquire(timeout=CONTROL_WAIT_S):
             raise OSError("its request socket is busy")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if self._requests is None:
+            if self._requests is None or self.slot is None:
                 raise OSError("the process is gone")
             self._requests.send_nowait(encode_frame({"type": Frame.CHANNEL}), theirs.fileno())
+            slot_fd = os.dup(self.slot.fd)
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
             self._write_lock.release()
-        return ours
+        return ours, slot_fd
 
     def direct_state(self) -> tuple[bool, int, float, float, str]:
         """What the slot shows: (a call in hand, calls served, when it started, when the last
