@@ -286,7 +286,7 @@ class Pool:
                 if not self.accepting:
                     return _reply(Status.NOT_RUNNING, f"{self.what} is not running here",
                                   "NotRunning")
-                best = None
+                best, best_load = None, 0
                 for child in self.children:
                     if child.state is ProcessState.RUNNING and child.in_flight < self.concurrency:
                         # A process busy with a call sent straight to it counts as one more.
