@@ -301,3 +301,18 @@ def _busy(data: Path, container: str) -> list[bool]:
         except OSError:
             out.append(False)
     return out
+
+
+def test_a_call_stopped_at_its_timeout_keeps_what_it_printed(server, pkg):
+    server.deploy(pkg("echo", name="direct-lastwords", manifest_extra="[limits]\ntimeout_s = 1\n"))
+    answer = server.invoke("direct-lastwords/print_then_sleep", {"s": 30})
+    assert answer.status_code == 504, answer.text
+    record = server.api("GET", "/api/invocations/"
+                        + answer.json()["invocation_id"]).json()
+    assert record["status"] == "timed_out"
+    assert "before the sleep" in record["stdout"]
+    # The function's own exit code is its own, whatever the bootstrap uses its codes for.
+    crashed = server.invoke("direct-lastwords/exit_code", {"code": 3})
+    assert crashed.status_code == 502, crashed.text
+    assert "exit code 3" in crashed.json()["error"]["message"]
+    assert server.invoke("direct-lastwords/echo", "fine").json() == "fine"

@@ -570,7 +570,8 @@ class Child:
             code = self._reap()
             if self.cgroup is not None and self.cgroup.oom_killed():
                 self.oom = True
-            reason = "out of memory" if self.oom else (self.exit_reason or self._describe(code))
+            reason = "out of memory" if self.oom else (self.exit_reason or
+                                                       self._describe(code, started=True))
             stdout, stderr = self.read_output()
             self.last_slot = self.direct_state()
             reply = _crashed(f"the process died mid-call ({reason})", out_of_memory=self.oom)
@@ -603,7 +604,9 @@ class Child:
         return code
 
     @staticmethod
-    def _describe(code: int | None) -> str:
+    def _describe(code: int | None, started: bool = False) -> str:
+        """How the process ended; `started`: it had been serving (its exit codes are then
+        the function's own, not the bootstrap's)."""
         if code is None:
             return "unknown exit"
         if code == -signal.SIGXCPU:
@@ -613,9 +616,9 @@ class Child:
                 return f"killed by {signal.Signals(-code).name}"
             except ValueError:
                 return f"killed by signal {-code}"
-        if code == LOAD_ERROR_EXIT:
+        if code == LOAD_ERROR_EXIT and not started:
             return "could not load the code"
-        if code == SANDBOX_FAILED_EXIT:
+        if code == SANDBOX_FAILED_EXIT and not started:
             return "the sandbox could not be built"
         return f"exit code {code}"
 

@@ -481,6 +481,13 @@ def main():
     replies = os.fdopen(reply_fd, "wb", buffering=0)
     if not init or init.get("type") != INIT:
         sys.exit(LOAD_ERROR_EXIT)
+    # A line printed reaches its file at once: a call killed for its timeout (or a crash)
+    # still shows what it printed before.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError):
+            pass
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     child = Child(requests, replies, init)

@@ -79,3 +79,12 @@ IDENT = os.urandom(8).hex()
 def ident(event):
     """Which process answered (a token drawn when it imported this module)."""
     return IDENT
+
+
+def print_then_sleep(event):
+    print("before the sleep")
+    time.sleep(float((event or {}).get("s", 60)))
+
+
+def exit_code(event):
+    os._exit(int(event["code"]))
