@@ -439,8 +439,14 @@ class Pool:
                     self._forget(child)
                     idle.append(child)
         for child in idle:
-            # A call sent straight to it just before it left is finished first.
-            child.stop(grace=1.0 if child.slot is None else (self.call_timeout or 0) + 5.0)
+            if child.slot is None:
+                child.stop(grace=1.0)
+                continue
+            # A call sent straight to it just before it left is finished first, in its own
+            # thread: this runs in the worker's main loop, whose heartbeats must go on.
+            grace = (self.call_timeout or 0) + 5.0
+            if _spawn(child.stop, grace) is not None:
+                child.stop(grace=1.0)
 
     # -- direct channels ------------------------------------------------------------------
 
