@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import sqlite3
 import threading
@@ -56,18 +57,31 @@ class transaction:
     def __enter__(self):
         self.conn.execute(f"BEGIN {self.mode}")
         if self.mode != "DEFERRED":
-            self.generation = _routing_generation(self.conn)
+            try:
+                self.generation = _routing_generation(self.conn)
+            except BaseException:
+                self.conn.execute("ROLLBACK")   # never leave the write lock taken
+                raise
         return self.conn
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type:
             self.conn.execute("ROLLBACK")
             return False
-        after = _routing_generation(self.conn) if self.mode != "DEFERRED" else None
+        try:
+            after = _routing_generation(self.conn) if self.mode != "DEFERRED" else None
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
         self.conn.execute("COMMIT")
         if after is not None and after != self.generation and self.path:
             # A route changed: say so to every process before anyone is told it is done.
-            routing_hint(self.path).raise_to(after)
+            try:
+                routing_hint(self.path).bump()
+            except OSError as error:
+                # Committed all the same: kept routes then expire within a second.
+                logging.getLogger("dockyard.db").warning(
+                    "could not raise the routing hint beside %s: %s", self.path, error)
         return False
 
 

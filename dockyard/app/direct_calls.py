@@ -101,10 +101,12 @@ class DirectCalls:
             return None
         versions = self._mine()
         key = (address, version_id)
-        channels = versions.get(key)
+        channels = versions.pop(key, None)
         if isinstance(channels, _Channels) and not channels.current():
             channels.close()
             channels = None
+        elif channels is not None:
+            versions[key] = channels    # to the end: the versions called last are kept
         if channels is None or (isinstance(channels, float) and channels <= time.monotonic()):
             channels = self._fetch(address, version_id)
             versions.pop(key, None)
@@ -139,7 +141,10 @@ class DirectCalls:
             answer = channel.recv_until(sent + budget, REPLY_MAX_BYTES)
         except TimeoutError:
             why = "timeout"
-        except (FrameError, ValueError, RecursionError):
+        except FrameError as exc:
+            # A reply cut short: the process died while writing it (it was killed).
+            why = "closed" if "ended inside" in str(exc) else "protocol"
+        except (ValueError, RecursionError):
             why = "protocol"
         except OSError:
             why = "closed"

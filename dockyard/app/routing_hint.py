@@ -1,14 +1,14 @@
 """A page in the data dir that says, without a database query, whether a route may have
 changed: every write transaction that changes the routing generation (SQLite triggers count
-each deploy, activation, removal and change of a worker's state; see db.py) raises it to the
-new generation once it has committed, and a web process compares it on every call (an 8-byte
-read of shared memory, where even a primary-key read of SQLite costs a read transaction that
-contends with the record writers of every web process: ~40 µs of CPU per call under load).
+each deploy, activation, removal and change of a worker's state; see db.py) bumps it once it
+has committed, and a web process compares it on every call (an 8-byte read of shared memory,
+where even a primary-key read of SQLite costs a read transaction that contends with the
+record writers of every web process: ~40 µs of CPU per call under load).
 
-It only ever grows (raised under a lock to the largest generation committed), so a process
-that kept a route with the value it read before looking the route up sees any change
-committed since. SQLite stays the truth: a route is looked up there whenever the hint moved,
-and at least once a second anyway."""
+A counter bumped under a lock: a process that kept a route with the value it read before
+looking the route up sees any change committed since (whatever happens to the database: a
+restored one does not stall it). SQLite stays the truth: a route is looked up there whenever
+the hint moved, and at least once a second anyway."""
 
 from __future__ import annotations
 
@@ -26,23 +26,27 @@ _lock = threading.Lock()
 
 class RoutingHint:
     def __init__(self, path: Path):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            if os.fstat(fd).st_size < mmap.PAGESIZE:
-                os.ftruncate(fd, mmap.PAGESIZE)
-            self.map = mmap.mmap(fd, mmap.PAGESIZE)
-        finally:
-            os.close(fd)
+            if os.fstat(self.fd).st_size < mmap.PAGESIZE:
+                os.ftruncate(self.fd, mmap.PAGESIZE)
+            self.map = mmap.mmap(self.fd, mmap.PAGESIZE)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.path = path
+        self.lock = threading.Lock()     # flock excludes other processes, not threads
 
     def value(self) -> int:
         return _VALUE.unpack_from(self.map)[0]
 
-    def raise_to(self, generation: int) -> None:
-        with open(self.path, "rb") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if generation > self.value():
-                _VALUE.pack_into(self.map, 0, generation)
+    def bump(self) -> None:
+        with self.lock:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)   # against the other processes
+            try:
+                _VALUE.pack_into(self.map, 0, (self.value() + 1) % (1 << 64))
+            finally:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 def routing_hint(db_path: str) -> RoutingHint:
@@ -57,10 +61,11 @@ def routing_hint(db_path: str) -> RoutingHint:
 
 
 def _forget_after_fork() -> None:
-    # A mapping made before a fork is shared with the parent, which is what is wanted; the
-    # lock is fresh in the child.
+    # A forked process opens the file again: an inherited descriptor shares its flock with
+    # the parent, which would then not exclude it.
     global _lock
     _lock = threading.Lock()
+    _hints.clear()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

@@ -85,8 +85,9 @@ class WorkerConnections:
                     return conn, True
                 # Over TCP the first send to a closed peer succeeds: a pooled connection that
                 # is readable now was closed by the worker; never send a call down it.
-                readable, _, _ = select.select([conn.sock], [], [], 0)
-                if not readable:
+                poller = select.poll()     # not select(): descriptors may be over 1024
+                poller.register(conn.sock, select.POLLIN)
+                if not poller.poll(0):
                     return conn, True
                 conn.close()
         return self._connect(address, timeout), False

@@ -92,6 +92,14 @@ def write_frame(stream, obj) -> None:
     stream.flush()
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """poll(), not select(): select() cannot watch a descriptor numbered 1024 or more, which
+    a worker holding many processes' pipes has."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(1, int(timeout * 1000 + 0.999))))
+
+
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
@@ -130,7 +138,7 @@ class _Buffered:
 
 
 class FrameReader(_Buffered):
-    """Frames from a raw fd with an optional deadline (select + os.read into one buffer), so
+    """Frames from a raw fd with an optional deadline (poll + os.read into one buffer), so
     the thread that sent a request can read its reply itself."""
 
     def __init__(self, fd: int, max_frame: int = MAX_FRAME):
@@ -147,7 +155,7 @@ class FrameReader(_Buffered):
     def _more(self) -> bytes:
         if self._deadline is not None:
             remaining = self._deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
+            if remaining <= 0 or not _readable(self.fd, remaining):
                 raise TimeoutError
         return os.read(self.fd, 1 << 16)
 

@@ -22,7 +22,7 @@ import requests
 from ..common.protocol import Frame, Role, Status
 from ..sandbox.isolation import Isolation
 from .diff import diff_versions, identity
-from .pool import QUEUE_WAIT_S, live_pools
+from .pool import QUEUE_WAIT_S, find_child, live_pools
 from .server import InvokeServer
 from .spares import spares
 from .tree import kill_strays
@@ -282,8 +282,7 @@ class Agent:
         call_id = str(frame.get("id"))
         child = None
         if frame.get("agent") == self.nonce:     # not a process of an earlier worker run
-            number = int(frame.get("number") or 0)
-            child = next((c for pool in live_pools() if (c := pool.find(number))), None)
+            child = find_child(int(frame.get("number") or 0))
         if child is None:
             reply = {"status": Status.CRASHED, "error": {
                 "type": "Crashed", "message": "the process running the call is gone (the "

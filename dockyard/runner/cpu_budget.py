@@ -8,6 +8,7 @@ running)."""
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
 from typing import Callable
@@ -56,6 +57,10 @@ class CpuBudget:
         self._clock = process_clock(pid)
         self._limit: float | None = None    # the RLIMIT_CPU last set, and when
         self._armed_at = 0.0
+        try:
+            self.cpus = max(1, len(os.sched_getaffinity(pid)))
+        except OSError:
+            self.cpus = os.cpu_count() or 1
         self.used()   # fails now (OSError) if the process cannot be watched
         self.tree_used = tree_used or self.used
         self.settle()  # from its start (imports included) until its first call
@@ -68,14 +73,15 @@ class CpuBudget:
         what the process used so far. (The between-call allowance is set by `settle()`: the
         check runs only on processes with no call in flight.) `now` (monotonic) when armed on
         the process's own word that a call started (its slot, see common/direct.py): the
-        limit then grows no faster than one CPU-second per second after the first call's
-        budget, so a process that fakes calls cannot lift it."""
+        limit then grows no faster than the CPUs the process may run on allow (its cgroup's
+        `cpus` quota binds it further), so a process that fakes calls gains nothing a real
+        call could not use."""
         if not self.by_kernel:
             return
         try:
             limit = self.used() + self.seconds
             if now is not None and self._limit is not None:
-                limit = min(limit, self._limit + max(0.0, now - self._armed_at))
+                limit = min(limit, self._limit + self.cpus * max(0.0, now - self._armed_at))
             budget = int(limit) + 1
             resource.prlimit(self.pid, resource.RLIMIT_CPU, (budget, budget + 1))
             self._limit, self._armed_at = limit, now if now is not None else time.monotonic()

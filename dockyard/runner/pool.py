@@ -41,9 +41,34 @@ _live: set["Pool"] = set()
 _live_lock = threading.Lock()
 
 
+# Processes that left their pool (or whose pool stopped), kept a while by number: a web
+# thread's `lost` about one may come after its pool is gone.
+_recent: dict[int, Child] = {}
+RECENT_KEPT = 256
+
+
 def live_pools() -> list["Pool"]:
     with _live_lock:
         return list(_live)
+
+
+def _remember(children) -> None:
+    with _live_lock:
+        for child in children:
+            _recent[child.number] = child
+        while len(_recent) > RECENT_KEPT:
+            _recent.pop(next(iter(_recent)))
+
+
+def find_child(number: int) -> Child | None:
+    """The process numbered `number` (numbers are unique in this worker's run): in a pool not
+    yet stopped, or recently gone."""
+    for pool in live_pools():
+        child = pool.find(number)
+        if child is not None:
+            return child
+    with _live_lock:
+        return _recent.get(number)
 
 
 def _reply(status: str, message: str, error_type: str) -> dict:
@@ -382,6 +407,7 @@ class Pool:
             page, self.page = self.page, None
         if page is not None:
             page.close()   # web processes keep their own mapping of it, which says "closed"
+        _remember([*children, *self.gone.values()])
         with _live_lock:
             _live.discard(self)
 

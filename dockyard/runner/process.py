@@ -352,7 +352,10 @@ class Child:
             self.served += 1
             self.last_used = time.monotonic()
             if reply is None:
-                return self._for_call(self._died(), frame["id"])
+                dead = self._died()
+                if self.slot is not None and not self._started(frame["id"]):
+                    return _not_running(self.spec.what)   # it waited behind another call
+                return self._for_call(dead, frame["id"])
             if not is_reply(reply, frame["id"]):
                 return self._broke_protocol(ValueError(f"not a reply to {frame['id']}"))
             if self.cpu_budget is not None:
@@ -422,6 +425,14 @@ class Child:
         on two looks in a row: a look may catch the slot half written), and arm the CPU
         budget for each new call where the kernel holds it (no faster than the budget
         allows: the slot is the process's word, see CpuBudget.arm)."""
+        if self._dead is not None:
+            return
+        if self.popen.poll() is not None:
+            # Dead (killed, or it died) with nobody asking: its death is handled here, unless
+            # a relayed call reading its replies handles it.
+            if not self.in_flight:
+                self._died()
+            return
         busy, served, started, _, call_id = self.direct_state()
         budget = self.cpu_budget
         if budget is not None and budget.by_kernel and (served, call_id) != self._armed:
@@ -450,8 +461,10 @@ class Child:
         if why == "unread":
             # The call could not be sent whole within its queue time: never run. A process
             # busy with a call of its own is left alone; one that stopped reading goes.
-            busy, _, since, _, _ = self.direct_state()
-            if self._dead is None and not (busy and since + timeout > time.monotonic()):
+            busy, _, since, ended, _ = self.direct_state()
+            now = time.monotonic()
+            working = (busy and since + timeout > now) or ended > now - QUEUE_WAIT_S - 1.0
+            if self._dead is None and not working:
                 self.exit_reason = "stopped reading its calls"
                 log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
                 self.kill()
@@ -467,21 +480,27 @@ class Child:
                 if not self._started(call_id):
                     return _not_running(self.spec.what)
                 self.exit_reason = self.exit_reason or "closed a direct channel mid-call"
-        if why == "timeout" and self._dead is None:
+        if why == "timeout" and self._dead is None and self.exit_reason is None:
+            # The call in hand is the one past its timeout (the caller's wait also covered
+            # its queue time): blamed on it, whichever call asked.
+            busy, _, _, _, running = self.direct_state()
             self.exit_reason = "timed out"
             self.timeout_s = timeout
-            self.timed_out_call = call_id
-            log.warning("%s %s timed out after %.1fs; killing the process tree", call_id,
-                        self.what, timeout)
-        elif why == "protocol":
+            self.timed_out_call = running if busy else call_id
+            log.warning("%s %s timed out after %.1fs; killing the process tree",
+                        self.timed_out_call, self.what, timeout)
+        elif why == "protocol" and self.exit_reason is None:
             self.exit_reason = "broke the reply protocol (a direct channel's reply is not one)"
             log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
         elif why == "recycle":
             self.exit_reason = "out of memory"
         self.kill()
         reply = self._dead_reply()
-        if why == "closed" and not (started or self._started(call_id)):
+        started = started or self._started(call_id)
+        if why == "closed" and not started:
             return _not_running(self.spec.what)
+        if why == "timeout" and not started:
+            return translate({"not_started": True})   # it waited behind a stuck call
         return self._for_call(reply, call_id)
 
     def _for_call(self, reply: dict, call_id: str) -> dict:
@@ -501,10 +520,9 @@ class Child:
     def _dead_reply(self) -> dict:
         """The process's death, handled once: by this thread, or (while a relayed call reads
         its replies) by the thread of that call, which sees the end and handles it."""
-        if self.in_flight and self._dead is None:
-            end = time.monotonic() + 15
-            while self._dead is None and time.monotonic() < end:
-                time.sleep(0.01)
+        end = time.monotonic() + 15
+        while self.in_flight and self._dead is None and time.monotonic() < end:
+            time.sleep(0.01)
         return self._dead if self._dead is not None else self._died()
 
     def _broke_protocol(self, exc: BaseException) -> dict:
@@ -638,7 +656,11 @@ class Child:
 
     def stop(self, grace: float) -> None:
         """Ask the child to exit after its in-flight calls; kill the tree after `grace`."""
-        if self.popen is None or self.popen.poll() is not None:
+        if self.popen is None:
+            return
+        if self.popen.poll() is not None:
+            if self.direct and not self.in_flight:
+                self._died()    # dead meanwhile with nobody to handle it
             return
         change_state(self, ProcessState.STOPPING, self.what)
         self.exit_reason = self.exit_reason or "stopped"

@@ -388,8 +388,11 @@ class Child:
         look at them all finds nothing new). The channels stay blocking, so a large reply is
         written whole."""
         while True:
-            channels = [fd for fd in self.buffers if fd != self.control]
-            ready = select.select(channels, [], [], 0)[0] if channels else []
+            poller = select.poll()
+            for fd in self.buffers:
+                if fd != self.control:
+                    poller.register(fd, select.POLLIN)
+            ready = [fd for fd, _ in poller.poll(0)]
             if not ready:
                 return
             for fd in ready:
