@@ -58,7 +58,7 @@ class transaction:
         self.conn.execute(f"BEGIN {self.mode}")
         if self.mode != "DEFERRED":
             try:
-                self.generation = _routing_generation(self.conn)
+                self.generation = routing_generation(self.conn)
             except BaseException:
                 self.conn.execute("ROLLBACK")   # never leave the write lock taken
                 raise
@@ -69,7 +69,7 @@ class transaction:
             self.conn.execute("ROLLBACK")
             return False
         try:
-            after = _routing_generation(self.conn) if self.mode != "DEFERRED" else None
+            after = routing_generation(self.conn) if self.mode != "DEFERRED" else None
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
@@ -85,7 +85,7 @@ class transaction:
         return False
 
 
-def _routing_generation(conn: sqlite3.Connection) -> int | None:
+def routing_generation(conn: sqlite3.Connection) -> int | None:
     """The counter the routing triggers bump (None before the migration that made it)."""
     try:
         row = conn.execute("SELECT n FROM routing_generation WHERE id = 1").fetchone()
@@ -241,7 +241,7 @@ _ROUTING_TRIGGERS = {
 }
 
 
-def _m6_routing_generation(db: sqlite_utils.Database) -> None:
+def _m6routing_generation(db: sqlite_utils.Database) -> None:
     """A counter every change to routing bumps (by triggers, so no write path can forget)."""
     db.execute("CREATE TABLE routing_generation (id INTEGER PRIMARY KEY CHECK (id = 1), "
                "n INTEGER NOT NULL)")
@@ -260,7 +260,7 @@ def _m7_deferred_calls(db: sqlite_utils.Database) -> None:
 
 
 MIGRATIONS = [_m1_initial, _m2_instance_id, _m3_jobs, _m4_invocation_finishes,
-              _m5_deployment_workers, _m6_routing_generation, _m7_deferred_calls]
+              _m5_deployment_workers, _m6routing_generation, _m7_deferred_calls]
 
 
 def migrate(path: str | Path) -> None:

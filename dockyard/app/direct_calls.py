@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass
 
 from ..common.direct import PoolPage, Slot
-from ..common.frames import FrameError, FrameSocket
+from ..common.frames import FrameCut, FrameSocket
 from ..common.protocol import Frame, Status
-from ..runner.process import QUEUE_WAIT_S, REPLY_MAX_BYTES, is_reply, translate
-from .worker_client import UNIX_PREFIX, WorkerConnections, WorkerGone
+from ..runner.process import QUEUE_WAIT_S, REPLY_MAX_BYTES, SEND_WAIT_S, is_reply, translate
+from .worker_client import UNIX_PREFIX, WORKER_DIED, WorkerConnections, WorkerGone
 
 log = logging.getLogger("dockyard.direct")
 
@@ -94,9 +94,10 @@ class DirectCalls:
             self.local.versions = {}
             return self.local.versions
 
-    def call(self, address: str, version_id: int, frame: dict, timeout: float) -> dict | None:
-        """Run the call `frame` on a process of the version, straight; its reply (as the
-        worker would have answered it), or None if it was not sent (relay it)."""
+    def call(self, address: str, version_id: int, call_id: str, function: str, event,
+             timeout: float) -> dict | None:
+        """Run the call on a process of the version, straight; its reply (as the worker
+        would have answered it), or None if it was not sent (relay it)."""
         if not address.startswith(UNIX_PREFIX):
             return None
         versions = self._mine()
@@ -105,28 +106,26 @@ class DirectCalls:
         if isinstance(channels, _Channels) and not channels.current():
             channels.close()
             channels = None
-        elif channels is not None:
-            versions[key] = channels    # to the end: the versions called last are kept
         if channels is None or (isinstance(channels, float) and channels <= time.monotonic()):
-            channels = self._fetch(address, version_id)
-            versions.pop(key, None)
+            channels = self._fetch(address, version_id) or time.monotonic() + NONE_FOR_S
             while len(versions) >= VERSIONS_KEPT:
                 # Each costs descriptors: the thread keeps the versions it called last.
                 oldest = versions.pop(next(iter(versions)))
                 if isinstance(oldest, _Channels):
                     oldest.close()
-            versions[key] = channels if channels is not None else time.monotonic() + NONE_FOR_S
+        versions[key] = channels    # to the end: the versions called last are kept
         if not isinstance(channels, _Channels):
             return None
         number, channel, _ = channels.pick()
-        call_id = frame["id"]
         sent = time.monotonic()
-        frame = dict(frame, start_by=sent + QUEUE_WAIT_S, timeout=timeout)
+        frame = {"type": Frame.INVOKE, "id": call_id, "invocation_id": call_id,
+                 "function": function, "event": event, "start_by": sent + QUEUE_WAIT_S,
+                 "timeout": timeout}
         # The whole call is bounded, whatever the process does with its end of the socket.
         budget = QUEUE_WAIT_S + timeout + REPLY_GRACE_S
         try:
             channel.set_recv_timeout(budget)
-            channel.send_by(frame, sent + QUEUE_WAIT_S + 1.0)
+            channel.send_by(frame, sent + SEND_WAIT_S)
         except TimeoutError:
             # It did not take the call within its queue time (perhaps part of it): it is
             # stuck or hostile, and the call, never whole there, never ran.
@@ -141,10 +140,9 @@ class DirectCalls:
             answer = channel.recv_until(sent + budget, REPLY_MAX_BYTES)
         except TimeoutError:
             why = "timeout"
-        except FrameError as exc:
-            # A reply cut short: the process died while writing it (it was killed).
-            why = "closed" if "ended inside" in str(exc) else "protocol"
-        except (ValueError, RecursionError):
+        except FrameCut:
+            why = "closed"      # a reply cut short: the process died while writing it
+        except (ValueError, RecursionError):    # FrameError included
             why = "protocol"
         except OSError:
             why = "closed"
@@ -180,8 +178,7 @@ class DirectCalls:
         except WorkerGone as exc:
             log.warning("%s: the worker cannot say what became of it: %s", call_id, exc)
             return {"type": Frame.RESULT, "id": call_id, "status": Status.CRASHED,
-                    "error": {"type": "WorkerDied",
-                              "message": "the worker running this call went away mid-call"}}
+                    "error": dict(WORKER_DIED)}
 
     def _fetch(self, address: str, version_id: int) -> _Channels | None:
         try:
@@ -202,7 +199,7 @@ class DirectCalls:
             channel = FrameSocket(socket.socket(fileno=fd))
             # A process that stops reading its calls cannot hold this thread: a call it has
             # not taken within its queue time would be answered not_started anyway.
-            channel.set_send_timeout(QUEUE_WAIT_S + 1.0)
+            channel.set_send_timeout(SEND_WAIT_S)
             processes.append((int(child["number"]), channel, Slot(slot_fd, readonly=True)))
         return _Channels(PoolPage(fds[0]), int(reply.get("epoch") or 0), processes,
                          str(reply.get("agent") or ""))

@@ -19,7 +19,7 @@ from .routing_hint import routing_hint
 from .store import routing
 from .store import workers as worker_store
 from .direct_calls import DirectCalls
-from .worker_client import WorkerConnections, WorkerGone
+from .worker_client import WORKER_DIED, WorkerConnections, WorkerGone
 
 log = logging.getLogger("dockyard.invoke")
 
@@ -136,19 +136,19 @@ def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocatio
         target.manifest.resolve_function(function)
         worker = _pick_worker(db, target, routable, avoid)
         timeout = float(target.manifest.limits.timeout_s)
-        frame = {"type": Frame.INVOKE, "id": invocation_id, "version_id": target.version_id,
-                 "container": container, "version": target.version, "function": function,
-                 "event": event, "timeout": timeout, "trigger": trigger,
-                 "pinned": target.pinned}
-        if queue_wait is not None:
-            frame["queue_wait"] = queue_wait
-        wait = timeout + (ON_DEMAND_GRACE_S if target.pinned else 15.0)
         reply = None
         if direct is not None:
-            reply = direct.call(worker["address"], target.version_id, {
-                "type": Frame.INVOKE, "id": invocation_id, "invocation_id": invocation_id,
-                "function": function, "event": event}, timeout)
+            reply = direct.call(worker["address"], target.version_id, invocation_id, function,
+                                event, timeout)
         if reply is None:
+            # Relayed through the worker (which queues, and starts processes on demand).
+            frame = {"type": Frame.INVOKE, "id": invocation_id,
+                     "version_id": target.version_id, "container": container,
+                     "version": target.version, "function": function, "event": event,
+                     "timeout": timeout, "trigger": trigger, "pinned": target.pinned}
+            if queue_wait is not None:
+                frame["queue_wait"] = queue_wait
+            wait = timeout + (ON_DEMAND_GRACE_S if target.pinned else 15.0)
             try:
                 reply = connections.request(worker["address"], frame, timeout=wait)
             except WorkerGone as exc:
@@ -156,10 +156,7 @@ def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocatio
                 log.warning("%s worker %s: %s", invocation_id, worker["id"], exc)
                 if started:
                     return {"status": Status.CRASHED, "version": target.version,
-                            "worker_id": worker["id"],
-                            "error": {"type": "WorkerDied",
-                                      "message": "the worker running this call went away "
-                                                 "mid-call"}}
+                            "worker_id": worker["id"], "error": dict(WORKER_DIED)}
                 avoid.add(worker["id"])
                 worker_store.mark_lost(db, worker["id"])
                 last_error = str(exc)

@@ -34,7 +34,6 @@ class RoutingHint:
         except BaseException:
             os.close(self.fd)
             raise
-        self.path = path
         self.lock = threading.Lock()     # flock excludes other processes, not threads
 
     def value(self) -> int:

@@ -19,6 +19,11 @@ SEND_TIMEOUT_S = 30
 UNIX_PREFIX = "unix:"
 
 
+# The error of a call whose worker went away while it ran.
+WORKER_DIED = {"type": "WorkerDied", "message": "the worker running this call went away "
+                                                "mid-call"}
+
+
 class WorkerGone(Exception):
     """The worker closed the connection or could not be reached."""
 

@@ -49,6 +49,10 @@ class FrameError(ValueError):
     pass
 
 
+class FrameCut(FrameError):
+    """The stream ended inside a frame."""
+
+
 def encode_frame(obj) -> bytes:
     body = dumps(obj)
     if len(body) > MAX_FRAME:
@@ -77,27 +81,19 @@ def read_frame(stream):
     if not header:
         return None
     if len(header) < 4:
-        raise FrameError("stream ended inside a frame header")
+        raise FrameCut("stream ended inside a frame header")
     (size,) = _HEADER.unpack(header)
     if size > MAX_FRAME:
         raise FrameError(f"frame of {size} bytes is over the {MAX_FRAME} byte limit")
     body = _read_exact(stream, size)
     if len(body) < size:
-        raise FrameError("stream ended inside a frame")
+        raise FrameCut("stream ended inside a frame")
     return loads(body)
 
 
 def write_frame(stream, obj) -> None:
     stream.write(encode_frame(obj))
     stream.flush()
-
-
-def _readable(fd: int, timeout: float) -> bool:
-    """poll(), not select(): select() cannot watch a descriptor numbered 1024 or more, which
-    a worker holding many processes' pipes has."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(max(1, int(timeout * 1000 + 0.999))))
 
 
 def _timeval(seconds: float) -> bytes:
@@ -132,7 +128,7 @@ class _Buffered:
             chunk = more()
             if not chunk:
                 if buffer:
-                    raise FrameError("stream ended inside a frame")
+                    raise FrameCut("stream ended inside a frame")
                 return None
             buffer += chunk
 
@@ -146,6 +142,10 @@ class FrameReader(_Buffered):
         self.fd = fd
         self.max_frame = max_frame
         self._deadline: float | None = None
+        # poll(), not select(): select() cannot watch a descriptor numbered 1024 or more,
+        # which a worker holding many processes' pipes has.
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
 
     def read(self, deadline: float | None):
         """The next frame; None at end of stream; TimeoutError past `deadline` (monotonic)."""
@@ -155,7 +155,7 @@ class FrameReader(_Buffered):
     def _more(self) -> bytes:
         if self._deadline is not None:
             remaining = self._deadline - time.monotonic()
-            if remaining <= 0 or not _readable(self.fd, remaining):
+            if remaining <= 0 or not self._poller.poll(max(1, int(remaining * 1000 + 0.999))):
                 raise TimeoutError
         return os.read(self.fd, 1 << 16)
 

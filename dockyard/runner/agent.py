@@ -23,6 +23,7 @@ from ..common.protocol import Frame, Role, Status
 from ..sandbox.isolation import Isolation
 from .diff import diff_versions, identity
 from .pool import QUEUE_WAIT_S, find_child, live_pools
+from .process import crashed
 from .server import InvokeServer
 from .spares import spares
 from .tree import kill_strays
@@ -240,8 +241,7 @@ class Agent:
             finally:
                 self.calls.pop(call_id, None)
             if call_id in self.cancelled:
-                reply = dict(reply, status=Status.CANCELLED, error={
-                    "type": "Cancelled", "message": "cancelled; its process tree was killed"})
+                reply = _cancelled(reply)
         reply["type"] = Frame.RESULT
         reply["id"] = call_id
         return reply
@@ -284,15 +284,13 @@ class Agent:
         if frame.get("agent") == self.nonce:     # not a process of an earlier worker run
             child = find_child(int(frame.get("number") or 0))
         if child is None:
-            reply = {"status": Status.CRASHED, "error": {
-                "type": "Crashed", "message": "the process running the call is gone (the "
-                                              "worker restarted, or it ended long ago)"}}
+            reply = crashed("the process running the call is gone (the worker restarted, or "
+                            "it ended long ago)")
         else:
             reply = child.lost(str(frame.get("why")), call_id,
                                float(frame.get("timeout") or child.timeout_s or 0))
         if call_id in self.cancelled and reply.get("status") != Status.NOT_RUNNING:
-            reply = dict(reply, status=Status.CANCELLED, error={
-                "type": "Cancelled", "message": "cancelled; its process tree was killed"})
+            reply = _cancelled(reply)
         reply["type"] = Frame.RESULT
         reply["id"] = call_id
         return reply
@@ -404,6 +402,11 @@ class Agent:
         self.server.server_close()
         log.info("stopped")
         return 0
+
+
+def _cancelled(reply: dict) -> dict:
+    return dict(reply, status=Status.CANCELLED, error={
+        "type": "Cancelled", "message": "cancelled; its process tree was killed"})
 
 
 class _Fd:

@@ -13,12 +13,11 @@ from typing import Callable
 from ..common.direct import PoolPage
 from ..common.protocol import Status
 from ..sandbox.isolation import IsolationError
-from .process import Child, ChildSpec, LoadError, StartError
+from .process import QUEUE_WAIT_S, Child, ChildSpec, LoadError, StartError
 from .states import ProcessState
 
 log = logging.getLogger("dockyard.pool")
 
-QUEUE_WAIT_S = 5.0
 COLD_START_WAIT_S = 60.0
 BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 MAX_START_FAILURES = 5
@@ -122,7 +121,12 @@ class Pool:
         """The set of processes (or whether the pool takes calls) changed; lock held."""
         self.epoch += 1
         if self.page is not None:
-            self.page.set(self.epoch, self.accepting and self.direct_open and not self.failed)
+            self.page.set(self.epoch, self._takes_direct)
+
+    @property
+    def _takes_direct(self) -> bool:
+        """Whether web threads may send calls straight to the processes."""
+        return self.accepting and self.direct_open and not self.failed
 
     def _forget(self, child: Child) -> None:
         """Take a process out of the pool; lock held."""
@@ -316,7 +320,7 @@ class Pool:
                     if child.state is ProcessState.RUNNING and child.in_flight < self.concurrency:
                         # A process busy with a call sent straight to it counts as one more.
                         load = child.in_flight + (child.slot is not None and
-                                                  child.direct_state()[0])
+                                                  child.direct_busy())
                         if best is None or load < best_load:
                             best, best_load = child, load
                 if best is not None:
@@ -481,7 +485,7 @@ class Pool:
         the pool takes no direct calls), its epoch, and a new direct channel to each running
         one-at-a-time process."""
         with self.cond:
-            if self.page is None or not self.accepting or not self.direct_open or self.failed:
+            if self.page is None or not self._takes_direct:
                 return -1, 0, []
             page_fd = os.dup(self.page.fd)
             epoch = self.epoch

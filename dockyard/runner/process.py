@@ -35,9 +35,11 @@ OUTPUT_CAP = 64 * 1024
 # A reply holds a result and the call's output: a child that announces more is broken or
 # hostile, and the worker never reads it into memory.
 REPLY_MAX_BYTES = 16 * 1024 * 1024
-# A call sent to a one-at-a-time process is answered `not_started` if the process reaches it
-# later than this (it waited behind others in the process's sockets).
+# How long a call may wait for a free process: in the pool (relayed calls), or in a
+# one-at-a-time process's sockets, after which the process answers it `not_started`.
 QUEUE_WAIT_S = 5.0
+# A call is sent whole to a one-at-a-time process within this, or the process is not reading.
+SEND_WAIT_S = QUEUE_WAIT_S + 1.0
 # How long the worker waits to write a small frame to a child's request socket.
 CONTROL_WAIT_S = 0.5
 # The watchdog kills a call this long past its timeout (seen on two looks in a row).
@@ -335,7 +337,7 @@ class Child:
                 # Calls from web processes may be ahead of it: the timeout counts from its
                 # start, which the watchdog sees; this wait is the backstop.
                 frame = dict(frame, start_by=time.monotonic() + QUEUE_WAIT_S, timeout=timeout)
-                deadline += QUEUE_WAIT_S + 1.0
+                deadline += SEND_WAIT_S
             if self.cpu_budget is not None:
                 self.cpu_budget.arm()
             try:
@@ -370,7 +372,7 @@ class Child:
                     self._requests.write(encode_frame(frame))
             except OSError:
                 pending.done.wait(5)  # the reader thread reports how it died
-                return pending.reply or _crashed("the process died before the call reached it")
+                return pending.reply or crashed("the process died before the call reached it")
             if not pending.done.wait(timeout):
                 return self._timed_out(frame, timeout)
             return self._finish(pending.reply)
@@ -412,6 +414,16 @@ class Child:
         except ValueError:   # closed meanwhile: the process is gone
             return self.last_slot
 
+    def direct_busy(self) -> bool:
+        """Whether the slot shows a call in hand (the header alone: on every pick)."""
+        slot = self.slot
+        if slot is None:
+            return self.last_slot[0]
+        try:
+            return slot.busy
+        except ValueError:
+            return self.last_slot[0]
+
     @property
     def served_total(self) -> int:
         return self.served + self.direct_state()[1]
@@ -444,12 +456,16 @@ class Child:
         if self._overdue != (call_id, started):
             self._overdue = (call_id, started)
             return
+        self._mark_timed_out(call_id, timeout)
+        self.kill()
+
+    def _mark_timed_out(self, call_id: str, timeout: float, label: str | None = None) -> None:
+        """`call_id` ran past its timeout: its process is about to be killed for it."""
         self.exit_reason = "timed out"
         self.timeout_s = timeout
         self.timed_out_call = call_id
-        log.warning("%s %s timed out after %.1fs; killing the process tree", call_id,
-                    self.what, timeout)
-        self.kill()
+        log.warning("%s %s timed out after %.1fs; killing the process tree",
+                    label or call_id, self.what, timeout)
 
     def lost(self, why: str, call_id: str, timeout: float) -> dict:
         """A web thread got no proper reply to a call it sent down a direct channel: it waited
@@ -463,13 +479,13 @@ class Child:
             # busy with a call of its own is left alone; one that stopped reading goes.
             busy, _, since, ended, _ = self.direct_state()
             now = time.monotonic()
-            working = (busy and since + timeout > now) or ended > now - QUEUE_WAIT_S - 1.0
+            working = (busy and since + timeout > now) or ended > now - SEND_WAIT_S
             if self._dead is None and not working:
                 self.exit_reason = "stopped reading its calls"
                 log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
                 self.kill()
                 self._dead_reply()
-            return translate({"not_started": True})
+            return not_started()
         if why == "closed" and self._dead is None and self.popen.poll() is None:
             # The channel ended but the process lives: it may be on its way out; give it a
             # moment. A call it never started goes elsewhere and the process stays (the
@@ -484,11 +500,7 @@ class Child:
             # The call in hand is the one past its timeout (the caller's wait also covered
             # its queue time): blamed on it, whichever call asked.
             busy, _, _, _, running = self.direct_state()
-            self.exit_reason = "timed out"
-            self.timeout_s = timeout
-            self.timed_out_call = running if busy else call_id
-            log.warning("%s %s timed out after %.1fs; killing the process tree",
-                        self.timed_out_call, self.what, timeout)
+            self._mark_timed_out(running if busy else call_id, timeout)
         elif why == "protocol" and self.exit_reason is None:
             self.exit_reason = "broke the reply protocol (a direct channel's reply is not one)"
             log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
@@ -500,7 +512,7 @@ class Child:
         if why == "closed" and not started:
             return _not_running(self.spec.what)
         if why == "timeout" and not started:
-            return translate({"not_started": True})   # it waited behind a stuck call
+            return not_started()   # it waited behind a stuck call
         return self._for_call(reply, call_id)
 
     def _for_call(self, reply: dict, call_id: str) -> dict:
@@ -532,7 +544,7 @@ class Child:
         self.exit_reason = f"broke the reply protocol ({type(exc).__name__}: {exc})"[:300]
         log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
         self.kill()
-        return self._died() if self.direct else _crashed(self.exit_reason)
+        return self._died() if self.direct else crashed(self.exit_reason)
 
     def _finish(self, reply: dict) -> dict:
         if reply.get("recycle"):
@@ -544,20 +556,13 @@ class Child:
         return reply
 
     def _timed_out(self, frame: dict, timeout: float) -> dict:
-        self.exit_reason = "timed out"
-        self.timeout_s = timeout
-        self.timed_out_call = str(frame.get("id") or "")
-        log.warning("%s %s timed out after %.1fs; killing the process tree",
-                    frame.get("invocation_id", frame.get("id")), self.what, timeout)
+        self._mark_timed_out(str(frame.get("id") or ""), timeout,
+                             label=frame.get("invocation_id", frame.get("id")))
         stdout, stderr = self.read_output()
         self.kill()
         if self.direct:
             self._died()
-        return {"status": Status.TIMED_OUT, "stdout": stdout, "stderr": stderr,
-                "duration_ms": timeout * 1000.0,
-                "error": {"type": "Timeout",
-                          "message": f"the function ran past its {timeout:g}s timeout "
-                                     "and was stopped"}}
+        return dict(_timed_out_reply(timeout), stdout=stdout, stderr=stderr)
 
     def _read_replies(self) -> None:
         try:
@@ -592,12 +597,10 @@ class Child:
                                                        self._describe(code, started=True))
             stdout, stderr = self.read_output()
             self.last_slot = self.direct_state()
-            reply = _crashed(f"the process died mid-call ({reason})", out_of_memory=self.oom)
+            reply = crashed(f"the process died mid-call ({reason})", out_of_memory=self.oom)
             if reason == "timed out":
                 # The watchdog stopped it (see watch()).
-                reply.update(status=Status.TIMED_OUT, duration_ms=self.timeout_s * 1000.0,
-                             error={"type": "Timeout", "message": f"the function ran past its "
-                                    f"{self.timeout_s:g}s timeout and was stopped"})
+                reply.update(_timed_out_reply(self.timeout_s))
             reply["stdout"], reply["stderr"] = stdout, stderr
             self._dead = reply
         for pending in list(self._pending.values()):
@@ -714,12 +717,26 @@ class Child:
                 pass
 
 
+def _timed_out_reply(timeout: float) -> dict:
+    return {"status": Status.TIMED_OUT, "duration_ms": timeout * 1000.0,
+            "error": {"type": "Timeout",
+                      "message": f"the function ran past its {timeout:g}s timeout and was "
+                                 "stopped"}}
+
+
+def not_started() -> dict:
+    """The answer to a call no process took within its queue time: it did not run."""
+    return {"status": Status.UNAVAILABLE, "error": {
+        "type": "Unavailable", "message": "all instances are busy; retry shortly or raise "
+                                          "`instances`/`concurrency`"}}
+
+
 def _not_running(what: str) -> dict:
     return {"status": Status.NOT_RUNNING, "error": {
         "type": "NotRunning", "message": f"{what}: the process left before it reached the call"}}
 
 
-def _crashed(message: str, out_of_memory: bool = False) -> dict:
+def crashed(message: str, out_of_memory: bool = False) -> dict:
     error = {"type": "OutOfMemory" if out_of_memory else "Crashed", "message": message}
     if out_of_memory:
         error["reason"] = "out of memory"
@@ -734,9 +751,7 @@ def is_reply(frame, call_id: str) -> bool:
 def translate(frame: dict) -> dict:
     """A bootstrap result frame as the worker's reply to the control plane."""
     if frame.get("not_started"):
-        return {"status": Status.UNAVAILABLE, "error": {
-            "type": "Unavailable", "message": "all instances are busy; retry shortly or raise "
-                                              "`instances`/`concurrency`"}}
+        return not_started()
     reply = {
         "status": Status.SUCCEEDED if frame.get("ok") else Status.FAILED,
         "stdout": frame.get("stdout", ""), "stderr": frame.get("stderr", ""),

@@ -295,6 +295,7 @@ class Child:
         page and new channels; a channel its web thread closed is dropped. On shutdown, every
         whole call already in a channel is answered first: a call this process never read, it
         never ran."""
+        self.control_sock = control
         self.control = control.fileno()
         self.buffers = {self.control: bytearray()}
         self.received = []      # descriptors received, not yet claimed by their frame
@@ -321,8 +322,8 @@ class Child:
         at the end of the stream (a channel is then dropped)."""
         try:
             if fd == self.control:
-                data, ancillary, _, _ = socket.socket.recvmsg(
-                    self.control_sock, 1 << 16, socket.CMSG_SPACE(64), socket.MSG_CMSG_CLOEXEC)
+                data, ancillary, _, _ = self.control_sock.recvmsg(
+                    1 << 16, socket.CMSG_SPACE(64), socket.MSG_CMSG_CLOEXEC)
                 for level, kind, raw in ancillary:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         count = len(raw) // 4
@@ -387,12 +388,9 @@ class Child:
         """After shutdown: answer every whole call already waiting in a channel (until a
         look at them all finds nothing new). The channels stay blocking, so a large reply is
         written whole."""
+        self.poller.unregister(self.control)    # the channels alone (dropped ones go)
         while True:
-            poller = select.poll()
-            for fd in self.buffers:
-                if fd != self.control:
-                    poller.register(fd, select.POLLIN)
-            ready = [fd for fd, _ in poller.poll(0)]
+            ready = [fd for fd, _ in self.poller.poll(0)]
             if not ready:
                 return
             for fd in ready:
@@ -477,10 +475,9 @@ def main():
     if stat.S_ISSOCK(os.fstat(request_fd).st_mode):
         control = socket.socket(fileno=request_fd)
         requests = _Exact(control)
-        init = read_frame(requests)
     else:
         requests = os.fdopen(request_fd, "rb", buffering=1 << 16)
-        init = read_frame(requests)
+    init = read_frame(requests)
     replies = os.fdopen(reply_fd, "wb", buffering=0)
     if not init or init.get("type") != INIT:
         sys.exit(LOAD_ERROR_EXIT)
@@ -517,7 +514,6 @@ def main():
         os._exit(LOAD_ERROR_EXIT)
     child.send({"type": READY, "pid": os.getpid()})
     if control is not None and child.concurrency == 1:
-        child.control_sock = control
         child.serve_channels(control)
     else:
         child.serve()

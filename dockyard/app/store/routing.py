@@ -1,7 +1,6 @@
 """Where a call goes: the serving (or pinned) version of a container and the live workers that
-report it ready. Needed on every call: one indexed query answers both questions, and
-`generation` (a counter that every write changing a route bumps, by trigger) tells a process
-whether the answer it keeps in memory still holds."""
+report it ready: one indexed query answers both questions. Each process keeps the answer in
+memory until the routing hint moves (see routing_hint.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ import time
 import sqlite_utils
 
 from ...errors import NotFound
+from ..db import routing_generation
 from .workers import ROUTABLE, WORKER_TTL_S
 
 _ROUTE_SQL = (
@@ -49,8 +49,9 @@ def version_states(db: sqlite_utils.Database, version_id: int) -> list[dict]:
 
 
 def generation(db: sqlite_utils.Database) -> int:
-    """The routing generation: unchanged means no route changed since it was last read."""
-    return db.conn.execute("SELECT n FROM routing_generation WHERE id = 1").fetchone()[0]
+    """The routing generation: the counter the triggers bump on every route change (what
+    transaction() compares to bump the routing hint)."""
+    return routing_generation(db.conn)
 
 
 def missing(db: sqlite_utils.Database, container: str, version: str | None) -> NotFound:
