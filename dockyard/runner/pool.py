@@ -444,11 +444,7 @@ class Pool:
             children = [c for c in [*self.children, *self.gone.values()]
                         if c.slot is not None and c.state is not ProcessState.EXITED]
         for child in children:
-            call_id = _direct_call(child)
-            if call_id is not None and call_id in cancelled:
-                child.cancel(call_id)
-                continue
-            child.watch(now, self.call_timeout)
+            child.watch(now, self.call_timeout, cancelled)
 
     def find(self, number: int) -> Child | None:
         """The process numbered `number`, in the pool or recently gone from it."""

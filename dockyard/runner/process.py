@@ -432,11 +432,13 @@ class Child:
     def last_active(self) -> float:
         return max(self.last_used, self.direct_state()[3])
 
-    def watch(self, now: float, timeout: float) -> None:
-        """The watchdog's look (every few tens of ms): kill a call past its timeout (seen so
-        on two looks in a row: a look may catch the slot half written), and arm the CPU
-        budget for each new call where the kernel holds it (no faster than the budget
-        allows: the slot is the process's word, see CpuBudget.arm)."""
+    def watch(self, now: float, timeout: float, cancelled: dict) -> None:
+        """The watchdog's look (every few tens of ms), one read of the slot: handle the death
+        of a process nobody asks about, stop a call cancelled while it waited as it starts,
+        kill a call past its timeout (seen so on two looks in a row: a look may catch the
+        slot half written), and arm the CPU budget for each new call where the kernel holds
+        it (no faster than the budget allows: the slot is the process's word, see
+        CpuBudget.arm)."""
         if self._dead is not None:
             return
         if self.popen.poll() is not None:
@@ -446,6 +448,10 @@ class Child:
                 self._died()
             return
         busy, served, started, _, call_id = self.direct_state()
+        if busy and call_id in cancelled:
+            if self.exit_reason != "cancelled":
+                self.cancel(call_id)
+            return
         budget = self.cpu_budget
         if budget is not None and budget.by_kernel and (served, call_id) != self._armed:
             self._armed = (served, call_id)
