@@ -5,6 +5,7 @@ web process died, stopped by the worker's watchdog at its timeout."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -172,7 +173,8 @@ def _web_and_agent(server) -> tuple[list[psutil.Process], psutil.Process]:
     return web, agent
 
 
-def _parallel(server, target: str, event, count: int, clients: int) -> list[requests.Response]:
+def _parallel(server, target: str, event, count: int, clients: int,
+              timeout: float = 60) -> list[requests.Response]:
     results: list = []
     lock = threading.Lock()
 
@@ -180,8 +182,8 @@ def _parallel(server, target: str, event, count: int, clients: int) -> list[requ
         with requests.Session() as http:
             for _ in range(n):
                 response = http.post(f"{server.url}/invoke/{target}",
-                                     data=None if event is None else __import__("json").dumps(event),
-                                     timeout=60)
+                                     data=None if event is None else json.dumps(event),
+                                     timeout=timeout)
                 with lock:
                     results.append(response)
 
@@ -194,15 +196,17 @@ def _parallel(server, target: str, event, count: int, clients: int) -> list[requ
 
 
 def test_warm_calls_are_answered_while_the_worker_agent_is_frozen(server, pkg):
-    server.deploy(pkg("echo", name="direct-frozen"))
-    # Every web thread opens its channels on its first call (through the agent).
-    warm = _parallel(server, "direct-frozen/echo", {"warm": True}, 400, 8)
+    server.deploy(pkg("echo", name="direct-frozen", manifest_extra="[limits]\ninstances = 2\n"))
+    # A web thread opens its channels on its first call (through the agent), and gunicorn
+    # starts a thread only when every one it has is busy: after this warm-up, one call at a
+    # time is always taken by a thread that has its channels.
+    warm = _parallel(server, "direct-frozen/sleep", {"s": 0.1}, 64, 32)
     assert all(r.status_code == 200 for r in warm), [r.text for r in warm
                                                      if r.status_code != 200][:3]
     _, agent = _web_and_agent(server)
     agent.suspend()
     try:
-        answers = _parallel(server, "direct-frozen/echo", {"n": 1}, 40, 4)
+        answers = _parallel(server, "direct-frozen/echo", {"n": 1}, 40, 1, timeout=10)
     finally:
         agent.resume()
     assert [r.status_code for r in answers] == [200] * 40, [r.text for r in answers
