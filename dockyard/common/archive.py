@@ -47,6 +47,9 @@ class PackageInfo:
     content_sha256: str
     total_size: int
     member_count: int
+    # The package's own importable modules ("main", "pkg", "pkg.sub"): what a call may name
+    # as "module:callable" besides the declared functions.
+    modules: frozenset = frozenset()
 
 
 @dataclass
@@ -376,7 +379,23 @@ def _walk(path: Path, limits: ArchiveLimits, sink=None) -> PackageInfo:
     except UnicodeDecodeError:
         raise BadPackage(f"{MANIFEST} is not UTF-8 text") from None
     content = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
-    return PackageInfo(kind, prefix, manifest_text, content, total, len(entries))
+    modules = package_modules(e.name for e in entries if e.kind in ("file", "hardlink"))
+    return PackageInfo(kind, prefix, manifest_text, content, total, len(entries), modules)
+
+
+def package_modules(files) -> frozenset:
+    """The dotted module names of the package's own `.py` files (`pkg/__init__.py` is
+    `pkg`); a path with a part that is not an identifier cannot be imported by name."""
+    found = set()
+    for name in files:
+        if not name.endswith(".py"):
+            continue
+        parts = name[:-3].split("/")
+        if parts[-1] == "__init__":
+            parts.pop()
+        if parts and all(part.isidentifier() for part in parts):
+            found.add(".".join(parts))
+    return frozenset(found)
 
 
 def zlib_error():

@@ -24,6 +24,10 @@ VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 SHORT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 TARGET_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
                        r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+# What a caller may name besides a declared function: a module of the package and one
+# callable defined in it (no attribute chain, no dunder).
+CALL_TARGET_RE = re.compile(r"(?P<module>[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)"
+                            r":(?!__)[A-Za-z_][A-Za-z0-9_]*")
 TOP_KEYS = {"name", "version", "dependencies", "requirements", "env", "functions", "limits",
             "jobs"}
 # key: (type, minimum, maximum); bool is checked apart because bool is an int in Python.
@@ -99,6 +103,9 @@ class Manifest:
     functions: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     jobs: list[JobSpec] = field(default_factory=list)
+    # Not from dockyard.toml: the package's own module names, found in the package when it
+    # was uploaded (None for a manifest read on its own).
+    modules: list[str] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,18 +118,25 @@ class Manifest:
         return cls(**data)
 
     def resolve_function(self, name: str) -> str:
-        """A short name from [functions] → its "module:callable"; an explicit
-        "module:callable" is taken as is (the child says if it does not exist)."""
+        """A short name from [functions] → its "module:callable"; otherwise "module:callable"
+        of one of the package's own modules. Anything else (the standard library, the venv's
+        packages, an attribute chain such as "main:os.getenv") is a 404 before anything runs;
+        the child checks the same again against its files."""
         if name in self.functions:
             return self.functions[name]
-        if TARGET_RE.fullmatch(name):
+        match = CALL_TARGET_RE.fullmatch(name)
+        if match and self.modules is not None and match["module"] in self.modules:
             return name
+        if match and self.modules is None and match["module"].split(".")[0] not in \
+                sys.stdlib_module_names:
+            return name     # a version stored before its modules were listed: the child decides
         names = sorted(self.functions)
         declared = ", ".join(clipped(n) for n in names[:10]) or "none"
         if len(names) > 10:
             declared += f" and {len(names) - 10} more"
-        raise NotFound(f"container '{self.name}' has no function '{clipped(name)}'; declared: "
-                       f"{declared} (or call any 'module:callable')")
+        raise NotFound(f"container '{self.name}' has no function '{clipped(name)}' "
+                       f"(declared: {declared}); declare it in [functions] of dockyard.toml, "
+                       "or call 'module:callable' of a module of the package's own code")
 
 
 def quoted(value) -> str:

@@ -134,6 +134,7 @@ class Child:
         self.version = init.get("version", "")
         self.concurrency = max(1, int(init.get("concurrency", 1)))
         self.declared = dict(init.get("functions") or {})
+        self.code_dir = init.get("code_dir") or "."
         self.output = Output(int(init.get("output_cap", 65536)))
         self.cpu_s = float(init.get("cpu_s") or 0)
         self.handlers = {}      # name -> (callable, wants_context, is_async)
@@ -149,14 +150,10 @@ class Child:
     def load(self, name):
         if name in self.handlers:
             return self.handlers[name]
-        target = self.declared.get(name, name)
-        module_name, _, attr = target.partition(":")
-        if not module_name or not attr:
-            raise LookupError(f"no function '{name}' (declare it in [functions] or call "
-                              "'module:callable')")
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        if name in self.declared:
+            obj, target = self._declared(self.declared[name]), self.declared[name]
+        else:
+            obj, target = self._own(name), name
         if not callable(obj):
             raise TypeError(f"{target} is not callable")
         try:
@@ -172,6 +169,39 @@ class Child:
         entry = (obj, wants_context, is_async)
         self.handlers[name] = entry
         return entry
+
+    @staticmethod
+    def _declared(target):
+        """A function the manifest names: whatever its author pointed at."""
+        module_name, _, attr = target.partition(":")
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def _own(self, name):
+        """A caller's "module:callable": only a callable defined in a module that is a file of
+        the package's code. The file is looked for before anything is imported, so naming
+        the standard library or the venv's packages imports nothing and runs nothing."""
+        module_name, _, attr = name.partition(":")
+        parts = module_name.split(".")
+        if (not attr or not all(p.isidentifier() for p in parts) or not attr.isidentifier()
+                or attr.startswith("__")):
+            raise FunctionNotFound(NOT_DECLARED.format(name=name))
+        code = os.path.realpath(self.code_dir)
+        base = os.path.join(code, *parts)
+        files = [base + ".py", os.path.join(base, "__init__.py")]
+        if not any(_inside(f, code) and os.path.isfile(f) for f in files):
+            raise FunctionNotFound(NOT_DECLARED.format(name=name))
+        module = importlib.import_module(module_name)
+        origin = getattr(module, "__file__", None)
+        if not origin or not _inside(os.path.realpath(origin), code):
+            raise FunctionNotFound(NOT_DECLARED.format(name=name))
+        obj = module.__dict__.get(attr)
+        if obj is None or getattr(obj, "__module__", None) != module.__name__:
+            raise FunctionNotFound(f"'{attr}' is not defined in {module_name}: "
+                                   + NOT_DECLARED.format(name=name))
+        return obj
 
     def event_loop(self):
         """The loop async handlers run on; with concurrency > 1 it runs in its own thread and
@@ -213,6 +243,8 @@ class Child:
         try:
             try:
                 handler, wants_context, is_async = self.load(function)
+            except FunctionNotFound:
+                raise
             except Exception as exc:  # noqa: BLE001 - any import problem is "not found"
                 raise FunctionNotFound(f"function '{function}' cannot be loaded: "
                                   f"{type(exc).__name__}: {exc}") from None
@@ -444,6 +476,14 @@ def write_all(fd, data):
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+NOT_DECLARED = ("no function '{name}': declare it in [functions] of dockyard.toml, or call "
+                "'module:callable' of a module of the package's own code")
+
+
+def _inside(path, folder):
+    return path == folder or path.startswith(folder + os.sep)
 
 
 class ResultNotSerializable(Exception):

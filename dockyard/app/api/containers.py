@@ -64,6 +64,7 @@ def upload():
             raise BadRequest("empty upload: send a .zip or .tar.gz package as the body")
         info = inspect_archive(tmp, _archive_limits())
         manifest = parse_manifest(info.manifest_text)
+        manifest.modules = sorted(info.modules)
         db = database()
         try:
             with store_.lock():  # retention removes no artifact between these two steps

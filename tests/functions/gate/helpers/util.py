@@ -1,0 +1,2 @@
+def twice(event):
+    return [event, event]
