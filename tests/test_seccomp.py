@@ -125,6 +125,15 @@ def test_the_program_refuses_what_it_lists_and_allows_the_rest(arch):
     personality = table["personality"][0]
     for value, verdict in ((0, allow), (0xFFFFFFFF, allow), (0x0040000, eperm), (8, eperm)):
         assert run_filter(code, audit, personality, (value, 0, 0, 0, 0, 0)) == verdict, value
+    eafnosupport = seccomp.SECCOMP_RET_ERRNO | errno.EAFNOSUPPORT
+    for name in ("socket", "socketpair"):
+        number = table[name][0]
+        for family in (1, 2, 10, 16):       # unix, inet, inet6, netlink
+            assert run_filter(code, audit, number, (family, 1, 0, 0, 0, 0)) == allow, family
+        for family in (40, 17, 31, 38, 0, 0xFFFF):  # vsock, packet, bluetooth, alg, ...
+            assert run_filter(code, audit, number, (family, 1, 0, 0, 0, 0)) == eafnosupport
+        # The family is an int: high bits of the register do not change it.
+        assert run_filter(code, audit, number, ((1 << 40) | 40, 1, 0, 0, 0, 0)) == eafnosupport
     for number in (0, 1, 3, 39, 59, 60, 63, 231, 500):   # read, write, close, execve, ...
         if number not in {n for n, _ in table.values()}:
             assert run_filter(code, audit, number) == allow, number
@@ -338,6 +347,9 @@ def test_a_function_process_cannot_reach_what_the_filter_denies(layout, network)
         expect("perf_event_open", errno.EPERM, 0, 0, -1, -1, 0)
         expect("setns", errno.EPERM, 0, 0)
         expect("clone3", errno.ENOSYS, 0, 0)
+        expect("socket", errno.EAFNOSUPPORT, 40, 1, 0)              # AF_VSOCK: the host's vsock
+        expect("socket", errno.EAFNOSUPPORT, 17, 3, 0)              # AF_PACKET
+        expect("socketpair", errno.EAFNOSUPPORT, 40, 1, 0, bytes(8))
         pid = os.fork()
         if pid == 0:
             os._exit(call("ptrace", 0)[1])                          # PTRACE_TRACEME
@@ -387,6 +399,8 @@ for family, kind in ((socket.AF_INET, socket.SOCK_STREAM), (socket.AF_INET6, soc
     except OSError as exc:
         if exc.errno != errno.EAFNOSUPPORT:
             raise
+# The resolver's family is allowed.
+socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close()
 a, b = socket.socketpair()
 a.sendall(b"ping")
 assert b.recv(4) == b"ping"

@@ -36,7 +36,7 @@ SECCOMP_RET_ERRNO = 0x00050000
 SECCOMP_RET_ALLOW = 0x7FFF0000
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
-EPERM, ENOSYS = 1, 38
+EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
 
 # struct seccomp_data {int nr; u32 arch; u64 instruction_pointer; u64 args[6];}
 NR, ARCH, ARG0 = 0, 4, 16     # ARG0: the low 32 bits of args[0] (little-endian only)
@@ -48,6 +48,11 @@ X32_SYSCALL_BIT = 0x40000000
 CLONE_NEW = (0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000
              | 0x40000000)  # NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
 PERSONALITY_QUERY = 0xFFFFFFFF   # personality(0xffffffff) reads it; personality(0) is PER_LINUX
+# The socket families a function may open (linux/socket.h): AF_UNIX, AF_INET, AF_INET6, and
+# AF_NETLINK (the resolver's getaddrinfo asks the interfaces through it). Every other family
+# (AF_VSOCK to the host, AF_PACKET, AF_BLUETOOTH, AF_ALG, ...) fails with EAFNOSUPPORT, as on
+# a kernel built without it.
+SOCKET_FAMILIES = (1, 2, 10, 16)
 
 # What the filter does with each call it knows, and the call's number per architecture
 # (x86_64: asm/unistd_64.h; aarch64: asm-generic/unistd.h). Kept as text: a launcher compiles
@@ -60,6 +65,8 @@ ARCHES = ("x86_64", "aarch64")
 SYSCALLS = """
 clone               56  220  clone: EPERM with a CLONE_NEW* flag
 personality        135   92  personality: EPERM unless 0 (PER_LINUX) or 0xffffffff (a query)
+socket              41  198  socket: EAFNOSUPPORT unless a family of SOCKET_FAMILIES
+socketpair          53  199  socket: likewise
 clone3             435  435  ENOSYS
 unshare            272   97  EPERM
 setns              308  268  EPERM
@@ -108,7 +115,8 @@ nfsservctl         180   42  EPERM
 
 
 def table(arch):
-    """{name: (number, what)} on `arch`; what is "clone", "personality", "ENOSYS" or "EPERM"."""
+    """{name: (number, what)} on `arch`; what is "clone", "personality", "socket", "ENOSYS" or
+    "EPERM"."""
     column = 1 + ARCHES.index(arch)
     out = {}
     for line in SYSCALLS.splitlines():
@@ -158,10 +166,10 @@ def _assemble(source):
 def program(arch):
     """The filter for `arch` (one of ARCHES), as the bytes of a sock_filter array.
 
-    Every path that does not concern clone or personality reads only the architecture and the
+    Every path that does not concern clone, personality or socket reads only the architecture and the
     number, so the kernel can prove those calls allowed once and skip the filter for them."""
-    labels = {"clone": "clone", "personality": "personality", "ENOSYS": "enosys",
-              "EPERM": "eperm"}
+    labels = {"clone": "clone", "personality": "personality", "socket": "socket",
+              "ENOSYS": "enosys", "EPERM": "eperm"}
     source = [
         (LD_W_ABS, 0, 0, ARCH),
         (JEQ, 0, "kill", AUDIT_ARCH[arch]),
@@ -179,6 +187,10 @@ def program(arch):
         (LD_W_ABS, 0, 0, ARG0),                 # the kernel takes an unsigned int
         (JEQ, "allow", 0, 0),
         (JEQ, "allow", "eperm", PERSONALITY_QUERY),
+        "socket",
+        (LD_W_ABS, 0, 0, ARG0),                 # the family (an int)
+        *[(JEQ, "allow", 0, family) for family in SOCKET_FAMILIES],
+        (RET, 0, 0, SECCOMP_RET_ERRNO | EAFNOSUPPORT),
         "allow",
         (RET, 0, 0, SECCOMP_RET_ALLOW),
         "eperm",
@@ -214,6 +226,7 @@ def describe(arch):
             "exec and never lifted: EPERM for new namespaces (unshare, setns, clone with "
             "CLONE_NEW*), mounts, io_uring, keyrings, bpf, perf_event_open, ptrace, "
             "process_vm_*, userfaultfd, modules, kexec, reboot, swap, syslog, personality "
-            "changes; ENOSYS for clone3 (glibc falls back to clone); a call through another "
+            "changes; EAFNOSUPPORT for sockets other than unix, inet, inet6 and netlink "
+            "(vsock, packet, ...); ENOSYS for clone3 (glibc falls back to clone); a call through another "
             "ABI" + (" (i386, x32)" if arch == "x86_64" else " (32-bit ARM)")
             + " kills the process")
