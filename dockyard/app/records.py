@@ -1,7 +1,12 @@
 """Writes finished synchronous invocation records in batches, off the request path: one
 transaction per batch instead of one per call (with several gunicorn processes, per-call
 commits contend for SQLite's write lock and cost more CPU than the call itself). A record
-lands a millisecond or so after its answer was sent; a graceful stop flushes what is queued."""
+lands a millisecond or so after its answer was sent; a graceful stop flushes what is queued.
+
+One call's record never costs another's: every field is checked before it is bound (see
+store.invocations.checked), a batch that still fails is written again record by record, and
+a record that fails on its own is stored with only the control plane's own fields and an
+error that says so."""
 
 from __future__ import annotations
 
@@ -10,11 +15,12 @@ import logging
 import os
 import queue
 import threading
+import sqlite3
 import time
 from pathlib import Path
 
 from .db import get_db, transaction
-from .store.invocations import record_finished
+from .store.invocations import bare, record_finished
 
 log = logging.getLogger("dockyard.records")
 
@@ -63,9 +69,49 @@ class RecordWriter:
             with transaction(db):
                 for record in batch:
                     record_finished(db, record)
-        except Exception:  # noqa: BLE001 - never lose the thread; say what was lost
-            log.exception("could not store %d invocation record(s): %s", len(batch),
-                          ", ".join(r["id"] for r in batch[:5]))
+            return
+        except Exception as exc:  # noqa: BLE001 - never lose the thread, nor the batch
+            if len(batch) == 1:
+                self._write_alone(db, batch[0], exc)
+                return
+            log.warning("a batch of %d invocation records failed (%s: %s); storing them one "
+                        "by one", len(batch), type(exc).__name__, exc)
+        for i, record in enumerate(batch):
+            if not self._write_one(db, record):
+                # The database itself fails (locked, full, unwritable), not this record: the
+                # others would fail the same way, each after the busy timeout.
+                rest = batch[i + 1:]
+                if rest:
+                    log.error("could not store %d more invocation record(s): %s", len(rest),
+                              ", ".join(str(r.get("id")) for r in rest[:5]))
+                return
+
+    def _write_one(self, db, record: dict) -> bool:
+        """Store one record; False if the database failed rather than the record."""
+        try:
+            with transaction(db):
+                record_finished(db, record)
+            return True
+        except Exception as exc:  # noqa: BLE001 - see _write_alone
+            return self._write_alone(db, record, exc)
+
+    def _write_alone(self, db, record: dict, failure: Exception) -> bool:
+        """A record that failed on its own: store what the control plane knows of the call
+        (its identity, status and times) with an error that says why the rest is missing."""
+        if isinstance(failure, sqlite3.OperationalError):
+            log.error("could not store invocation record %s: %s", record.get("id"), failure)
+            return False
+        reason = f"{type(failure).__name__}: {failure}"
+        try:
+            with transaction(db):
+                record_finished(db, bare(record, reason))
+        except Exception as exc:  # noqa: BLE001 - say what was lost
+            log.error("could not store invocation record %s (%s; then %s: %s)",
+                      record.get("id"), reason, type(exc).__name__, exc)
+            return not isinstance(exc, sqlite3.OperationalError)
+        log.warning("invocation record %s stored without its report: %s", record.get("id"),
+                    reason)
+        return True
 
     def flush(self) -> None:
         batch = []

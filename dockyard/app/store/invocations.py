@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 
@@ -31,21 +32,201 @@ def cap(text: str | None, limit: int = TEXT_CAP) -> str | None:
     return text[:limit] + f"\n… [{len(text) - limit} more characters not kept]"
 
 
+# -- what a record may hold ----------------------------------------------------------------
+#
+# A record's report fields (duration, memory, cold start, output, error) come from a worker's
+# reply, and a function can forge its reply frame: every field is checked against the type
+# its column takes before it is bound, so that one bad value is dropped from its own record
+# instead of failing the transaction that carries other calls' records too.
+
+NAME_CAP = 1024                     # ids, names, versions, statuses
+ERROR_CAP = TEXT_CAP                # an error as stored (JSON)
+SQL_INT_MAX = (1 << 63) - 1
+# The key of a record's error that says which fields were not stored as sent.
+NOTE_KEY = "record_note"
+
+
+def _name(value):
+    if isinstance(value, str):
+        return _utf8(value[:NAME_CAP])
+    raise TypeError("not a string")
+
+
+def _text(value):
+    if isinstance(value, str):
+        return _utf8(cap(value))
+    raise TypeError("not a string")
+
+
+def _utf8(text: str) -> str:
+    """Text SQLite can store: a lone surrogate (which JSON can carry) is replaced."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Coerced(text.encode("utf-8", "replace").decode("utf-8"),
+                       "not valid UTF-8 (replaced)") from None
+    return text
+
+
+def _number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("not a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise TypeError("out of range") from None
+    if not math.isfinite(number) or number < 0:
+        raise TypeError("not a finite number of at least 0")
+    return number
+
+
+def _count(value):
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("not an integer")
+    if not 0 <= value <= SQL_INT_MAX:
+        raise TypeError("out of range")
+    return value
+
+
+def _flag(value):
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) and value in (0, 1):
+        return value
+    raise TypeError("not true or false")
+
+
+class _Coerced(Exception):
+    """A value stored changed (the reason is noted in the record)."""
+
+    def __init__(self, value, why: str):
+        super().__init__(why)
+        self.value = value
+
+
+# Each column a record may set, and the check that gives the value bound for it.
+_CHECKS = {
+    "id": _name, "container": _name, "version": _name, "function": _name, "trigger": _name,
+    "worker_id": _name, "input": _text, "output": _text, "stdout": _text, "stderr": _text,
+    "created_at": _number, "started_at": _number, "finished_at": _number,
+    "duration_ms": _number, "max_rss_kb": _count, "cold": _flag,
+}
+
+
+def checked(row: dict) -> dict:
+    """The columns of a record (or of a finished call's report) as they are bound: each field
+    of the type its column takes, text capped, `error` as JSON, `status` one of STATUSES. A
+    field that does not fit is dropped (NULL), or coerced where that keeps its meaning, and
+    named in the error's `record_note`."""
+    out: dict = {}
+    notes: list[str] = []
+    for key, check in _CHECKS.items():
+        if key not in row:
+            continue
+        value = row[key]
+        if value is None:
+            out[key] = None
+            continue
+        try:
+            out[key] = check(value)
+        except _Coerced as coerced:
+            out[key] = coerced.value
+            notes.append(f"{key} ({coerced})")
+        except TypeError as exc:
+            out[key] = None
+            notes.append(f"{key} ({_a(value)}: {exc}; dropped)")
+    if "status" in row:
+        status = row["status"]
+        if status not in STATUSES:
+            notes.append(f"status (not a status: {_describe(status)}; stored as failed)")
+            status = "failed"
+        out["status"] = status
+    if "error" in row:
+        out["error"] = _error_json(row["error"], notes)
+    elif notes:
+        out["error"] = _error_json(None, notes)
+    return out
+
+
+def _a(value) -> str:
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _describe(value) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 80 else text[:80] + "…"
+
+
+def _error_json(error, notes: list[str]) -> str | None:
+    """The error as stored: a JSON object with a string `type` and `message`, at most
+    ERROR_CAP long; what had to change is noted under NOTE_KEY (a call that succeeded gets an
+    error that says only that)."""
+    if error is not None and not isinstance(error, dict):
+        notes.append(f"error ({_a(error)}, not an object; kept as its message)")
+        error = {"type": "Error", "message": _describe(error)}
+    elif isinstance(error, dict):
+        error = dict(error)
+        for key in ("type", "message", "traceback"):
+            if key in error and not isinstance(error[key], str):
+                notes.append(f"error.{key} ({_a(error[key])}, not a string)")
+                error[key] = _describe(error[key])
+    text = _json(error) if error else None
+    if error and (text is None or len(text) > ERROR_CAP):
+        notes.append(f"error (over {ERROR_CAP} characters as JSON; cut to its type, message "
+                     "and traceback)")
+        # Each part small enough that even escaped (6 characters a character) all fit.
+        error = {key: cap(str(error[key]), limit) for key, limit in _ERROR_PARTS
+                 if error.get(key) is not None}
+    if not notes:
+        return text
+    note = cap("not stored as sent: " + "; ".join(notes), 2048)
+    error = dict(error or {"type": "BadReport", "message": note})
+    error[NOTE_KEY] = note
+    return _json(error)
+
+
+_ERROR_PARTS = (("type", 200), ("message", 4096), ("traceback", 4096))
+
+
+def _json(value) -> str | None:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def bare(row: dict, reason: str) -> dict:
+    """What is stored of a record whose report could not be stored at all: the control
+    plane's own fields, and an error that says why the rest is missing."""
+    kept = {key: row.get(key) for key in ("id", "container", "version", "function", "trigger",
+                                          "status", "worker_id", "created_at", "started_at",
+                                          "finished_at")}
+    kept["error"] = {"type": "BadReport", "message": f"the call's report could not be "
+                     f"stored ({reason[:300]}); only its identity and status were kept",
+                     NOTE_KEY: "report fields dropped"}
+    return kept
+
+
 def record_finished(db: sqlite_utils.Database, row: dict) -> None:
     """Store a finished synchronous call in one write (nothing to recover if the caller's
-    process dies mid-call: the caller got no answer and sees the failure)."""
+    process dies mid-call: the caller got no answer and sees the failure). Every field is
+    checked first (see checked())."""
+    row = checked(row)
     db.conn.execute(
         "INSERT INTO invocations (id, container, version, function, trigger, status, attempt, "
         "input, output, error, stdout, stderr, worker_id, created_at, started_at, finished_at, "
         "duration_ms, max_rss_kb, cold) VALUES "
         "(?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [row["id"], row["container"], row["version"], row["function"], row["trigger"],
-         row["status"], cap(row.get("input")), cap(row.get("output")),
-         json.dumps(row["error"]) if row.get("error") else None,
-         cap(row.get("stdout")), cap(row.get("stderr")), row.get("worker_id"),
-         row["created_at"], row["started_at"], row["finished_at"], row.get("duration_ms"),
-         row.get("max_rss_kb"), int(bool(row.get("cold"))) if row.get("cold") is not None
-         else None])
+        [row.get(key) for key in ("id", "container", "version", "function", "trigger",
+                                  "status", "input", "output", "error", "stdout", "stderr",
+                                  "worker_id", "created_at", "started_at", "finished_at",
+                                  "duration_ms", "max_rss_kb", "cold")])
 
 
 def enqueue(db: sqlite_utils.Database, invocation_id: str, container: str, version: str | None,
@@ -74,7 +255,11 @@ def claim_queued(db: sqlite_utils.Database, owner: str, limit: int, lease_s: flo
 
 def finish(db: sqlite_utils.Database, invocation_id: str, owner: str, result: dict) -> None:
     # A call stopped from outside (cancelled, or past its job's timeout) keeps the status and
-    # the reason it was given; the rest of the worker's report is still stored.
+    # the reason it was given; the rest of the worker's report is still stored. Every field
+    # is checked first (see checked()): a forged one is dropped, never the whole report.
+    result = checked({key: result.get(key) for key in (
+        "status", "error", "version", "output", "stdout", "stderr", "worker_id",
+        "duration_ms", "max_rss_kb", "cold")})
     db.conn.execute(
         "UPDATE invocations SET "
         "status = CASE WHEN status IN ('queued', 'running') THEN ? ELSE status END, "
@@ -82,12 +267,9 @@ def finish(db: sqlite_utils.Database, invocation_id: str, owner: str, result: di
         "version = coalesce(?, version), output = ?, stdout = ?, stderr = ?, worker_id = ?, "
         "finished_at = ?, duration_ms = ?, max_rss_kb = ?, cold = ?, lease_until = NULL "
         "WHERE id = ? AND owner = ?",
-        [result["status"], json.dumps(result["error"]) if result.get("error") else None,
-         result.get("version"), cap(result.get("output")),
-         cap(result.get("stdout")), cap(result.get("stderr")), result.get("worker_id"),
-         now(), result.get("duration_ms"), result.get("max_rss_kb"),
-         int(bool(result.get("cold"))) if result.get("cold") is not None else None,
-         invocation_id, owner])
+        [result["status"], result["error"], result["version"], result["output"],
+         result["stdout"], result["stderr"], result["worker_id"], now(),
+         result["duration_ms"], result["max_rss_kb"], result["cold"], invocation_id, owner])
 
 
 def release(db: sqlite_utils.Database, invocation_id: str, owner: str) -> None:
