@@ -111,8 +111,13 @@ def test_network_false_cannot_connect(server, pkg, summary):
     port = listener.getsockname()[1]
     try:
         server.deploy(pkg("hostile", name="sb-net-on"))
-        assert server.invoke("sb-net-on/connect",
-                             {"host": "127.0.0.1", "port": port}).json() == "connected"
+        reached = server.invoke("sb-net-on/connect", {"host": "127.0.0.1", "port": port}).json()
+        # network = true has a namespace of its own where pasta is installed (the host's
+        # loopback is out of reach, see test_network.py); else it shares the host's.
+        if summary["network_true"]["on"]:
+            assert reached != "connected" and "Error" in reached
+        else:
+            assert reached == "connected"
         if not summary["network"]["on"]:
             record = server.deploy(pkg("hostile", name="sb-net-off",
                                        manifest_extra="[limits]\nnetwork = false\n"),

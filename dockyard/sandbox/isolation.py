@@ -51,6 +51,7 @@ class Isolation:
     setpriv: str | None = None             # the fallback without namespaces
     netns: list[str] | None = None         # the fallback's command prefix for no network
     netns_note: str = "not probed"
+    nat_note: str = "not probed"
 
     def detect(self, tag: str) -> None:
         """Probe the host once at start: cgroups, namespaces (the private view), and the
@@ -62,6 +63,7 @@ class Isolation:
         self.cpu_by_kernel = self.view is not None and _has_capability(CAP_SYS_RESOURCE)
         if self.view is not None:
             self.netns_note = "a new network namespace per child (no interface but loopback)"
+            self.nat_note = self._probe_nat(self.view)
             return
         self.setpriv = shutil.which("setpriv", path=SAFE_PATH)
         unshare = shutil.which("unshare", path=SAFE_PATH)
@@ -95,6 +97,27 @@ class Isolation:
         return layout, ("a private root per child: read-only system folders, code and venv; "
                         "its own /tmp, /dev/shm, /proc (pid namespace) and IPC namespace; the "
                         "data dir, other containers and the host's /tmp do not exist in it")
+
+    @staticmethod
+    def _probe_nat(layout: HostLayout) -> str:
+        """Set layout.nat when pasta can give a child's own network namespace a way out;
+        say how network = true works either way."""
+        pasta = shutil.which("pasta", path=SAFE_PATH)
+        if pasta is None:
+            log.warning("network = true shares the host's network: pasta is not installed "
+                        "(apt-get install passt)")
+            return ("host: a function with network = true shares the host's network, its "
+                    "loopback and abstract sockets (pasta is not installed; `apt-get install "
+                    "passt` adds it)")
+        layout.nat = {"pasta": pasta}
+        reason = run_sandboxed(layout, ["/bin/true"], network=True)
+        if reason is not None:
+            layout.nat = None
+            log.warning("network = true shares the host's network: pasta failed (%s)", reason)
+            return f"host: pasta could not give a child its own network ({reason})"
+        return ("a network namespace per child with outbound NAT through pasta: the internet "
+                "(TCP, UDP, DNS) is reachable; the host's loopback, its own addresses and "
+                "abstract sockets are not")
 
     def runnable(self, python: str, uid: int | None) -> str | None:
         """None if the children's uid can run `python` in their view, else why not."""
@@ -228,6 +251,8 @@ class Isolation:
             "network": item(view or self.netns is not None, self.netns_note + (
                 "; versions with network = false are refused"
                 if not view and self.netns is None else "")),
+            "network_true": item(view and self.view.nat is not None,
+                                 self.nat_note if view else "host: " + self.view_note),
             "rlimits": item(True, "open files, file size, core dumps"
                             + ("" if self.cgroups else ", address space")
                             + (", soft and hard, set before the uid drop" if view else

@@ -57,7 +57,7 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 CAPABILITY_VERSION_3 = 0x20080522
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 
-SIGHUP, SIGINT, SIGKILL, SIGTERM = 1, 2, 9, 15
+SIGHUP, SIGINT, SIGKILL, SIGPIPE, SIGTERM = 1, 2, 9, 13, 15
 STOP_SIGNALS = (19, 20, 21, 22)   # SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU: not a way to end
 SETUP_FAILED_EXIT = 125     # the sandbox could not be built: the reason is on stderr
 HEADER = struct.Struct(">I")
@@ -160,10 +160,138 @@ def loopback_up():
         fcntl.ioctl(sock, siocsifflags, struct.pack("16sH14s", b"lo", flags | iff_up, b""))
 
 
+# -- network = true without the host ----------------------------------------------------------
+
+NAT_READY_S = 5.0
+
+
+def _route_tables():
+    """The namespace's route tables, opened now: the init's pivot into the view (a mount
+    namespace this process shares) takes this process's /proc away, and a proc file read
+    again from its start shows the table as it is then."""
+    return [os.open(path, os.O_RDONLY) for path in ("/proc/net/route", "/proc/net/ipv6_route")]
+
+
+def _has_default_route(tables):
+    """True once the namespace has a default route (pasta --config-net adds it last)."""
+    ipv4 = os.pread(tables[0], 1 << 16, 0).decode().splitlines()[1:]
+    for line in ipv4:
+        fields = line.split()    # Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+        if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
+            return True
+    for line in os.pread(tables[1], 1 << 16, 0).decode().splitlines():
+        fields = line.split()    # destination, its length, ..., the interface last
+        if len(fields) == 10 and fields[0] == "0" * 32 and fields[1] == "00" and \
+                fields[9] != "lo":
+            return True
+    return False
+
+
+def start_nat(nat, host_net):
+    """Give the new network namespace (this process's, made just before) a way out: pasta,
+    started in the host's namespace, splices the namespace's TCP and UDP onto sockets of its
+    own, and maps nothing back (no gateway mapped to the host, no port forwarded either way),
+    so the host's loopback and abstract sockets are not reachable. Routes to the host's own
+    addresses are made unreachable inside (finish_nat). Returns pasta's pid and the read end
+    of its stderr: it dies with this process (parent-death signal) and is killed when the
+    child ends."""
+    inner = os.open("/proc/self/ns/net", os.O_RDONLY)
+    errors_r, errors_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            prctl(PR_SET_PDEATHSIG, SIGKILL)
+            # Python ignores SIGPIPE, and pasta takes an inherited SIG_IGN for an error.
+            signal.signal(SIGPIPE, signal.SIG_DFL)
+            _check(libc.setns(host_net, CLONE_NEWNET), "setns to the host's network")
+            null = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1):
+                os.dup2(null, fd)
+            os.dup2(errors_w, 2)
+            os.dup2(inner, 3)
+            keep = {0, 1, 2, 3}
+            for name in os.listdir("/proc/self/fd"):
+                if int(name) not in keep:
+                    try:
+                        os.close(int(name))
+                    except OSError:
+                        pass
+            os.set_inheritable(3, True)
+            # --runas 0: pasta joins a namespace owned by the host's user namespace, which
+            # needs CAP_SYS_ADMIN there; it then drops every other capability, sandboxes
+            # itself (its own mount, user-visible nothing) and runs under its seccomp filter.
+            os.execv(nat["pasta"], [nat["pasta"], "--foreground", "--quiet", "--config-net",
+                                    "--no-map-gw", "-t", "none", "-u", "none", "-T", "none",
+                                    "-U", "none", "--runas", "0", "--netns-only",
+                                    "--netns", "/proc/self/fd/3"])
+        except BaseException as exc:  # noqa: BLE001 - the reason goes to the monitor
+            os.write(2, f"{exc}\n".encode())
+        os._exit(SETUP_FAILED_EXIT)
+    os.close(inner)
+    os.close(errors_w)
+    return pid, errors_r
+
+
+def finish_nat(nat, pid, errors_r, tables):
+    """Wait until pasta has configured the namespace (while the init builds the view), then
+    close the routes to the host's own addresses."""
+    deadline = _monotonic() + NAT_READY_S
+    while not _has_default_route(tables):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done or _monotonic() > deadline:
+            if not done:
+                os.kill(pid, SIGKILL)
+                os.waitpid(pid, 0)
+            os.set_blocking(errors_r, False)
+            try:
+                said = os.read(errors_r, 4096).decode("utf-8", "replace").strip()
+            except OSError:
+                said = ""
+            lines = [ln for ln in said.splitlines() if "syslog" not in ln]
+            raise SandboxError("pasta did not set up the network: " +
+                               (lines[-1] if lines else "no default route after "
+                                f"{NAT_READY_S:.0f}s"))
+        select.select([], [], [], 0.001)
+    os.close(errors_r)
+    for fd in tables:
+        os.close(fd)
+    block = nat.get("block") or []
+    if block:
+        _block_routes(block)
+
+
+def _block_routes(addresses):
+    """An unreachable route to each of the host's own addresses, over rtnetlink (the route
+    netlink socket of this namespace; no program to run: the view may already hide it).
+    socket is imported before the init pivots (main): after it, no module can be found."""
+    import socket
+    rtm_newroute, nlmsg_error = 24, 2
+    flags = 0x1 | 0x4 | 0x400 | 0x200      # NLM_F_REQUEST, ACK, CREATE, EXCL
+    rt_table_main, rtprot_static, rt_scope_universe, rtn_unreachable, rta_dst = 254, 4, 0, 7, 1
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as sock:   # NETLINK_ROUTE
+        for seq, address in enumerate(addresses, 1):
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            raw = socket.inet_pton(family, address)
+            body = struct.pack("=BBBBBBBBI", family, len(raw) * 8, 0, 0, rt_table_main,
+                               rtprot_static, rt_scope_universe, rtn_unreachable, 0)
+            body += struct.pack("=HH", 4 + len(raw), rta_dst) + raw
+            sock.send(struct.pack("=IHHII", 16 + len(body), rtm_newroute, flags, seq, 0) + body)
+            reply = sock.recv(4096)
+            kind, = struct.unpack_from("=H", reply, 4)
+            error, = struct.unpack_from("=i", reply, 16) if kind == nlmsg_error else (0,)
+            if error not in (0, -17):      # EEXIST: closed already
+                raise SandboxError(f"could not close the route to {address}: "
+                                   f"{os.strerror(-error)}")
+
+
+def _monotonic():
+    return os.times().elapsed
+
+
 def build_view(spec):
     """Mount the child's root under spec['root'] and pivot into it."""
     os.umask(0o022)  # the folders made for binds must be traversable by the child's uid
-    if not spec.get("network", True):
+    if not spec.get("network", True) or spec.get("nat"):
         loopback_up()
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     root = spec["root"]
@@ -353,19 +481,35 @@ def main():
     # The worker's SIGTERM to the process group is for the bootstrap (a graceful stop).
     for signum in (SIGTERM, SIGINT, SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    nat_pid = None
     try:
         spec = read_spec(fds[0])
         take_over(spec)
+        flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
+        nat = spec.get("nat") if spec.get("network", True) else None
+        if nat:
+            # Its own network namespace first, with pasta as the way out. pasta is started
+            # before this process joins the child's cgroups (its ~30 MB of packet buffers are
+            # not the function's to pay; it dies with this process) and before the pid
+            # namespace (it is never the namespace's init).
+            host_net = os.open("/proc/self/ns/net", os.O_RDONLY)
+            _check(libc.unshare(ctypes.c_int(CLONE_NEWNET)), "unshare the network")
+            nat_pid, nat_errors = start_nat(nat, host_net)
+            nat_tables = _route_tables()
+            import socket  # noqa: F401 - for _block_routes, while the modules are in reach
+            os.close(host_net)
         for folder in spec.get("cgroups", []):
             with open(os.path.join(folder, "cgroup.procs"), "w") as f:
                 f.write("0")
-        flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
-        if not spec.get("network", True):
+        if not nat and not spec.get("network", True):
             flags |= CLONE_NEWNET
         _check(libc.unshare(ctypes.c_int(flags)), "unshare")
     except (OSError, SandboxError, ValueError) as exc:
         os.write(2, f"dockyard sandbox: {exc}\n".encode())
         os._exit(SETUP_FAILED_EXIT)
+    # With pasta, the init builds the view while pasta sets up the network, and starts the
+    # function only once the monitor says the network is ready (a byte on this pipe).
+    go_read, go_write = os.pipe() if nat_pid else (None, None)
     init = os.fork()
     if init == 0:
         try:
@@ -373,13 +517,37 @@ def main():
             prctl(PR_SET_PDEATHSIG, SIGKILL)
             if lifeline is not None:
                 os.close(lifeline)
+            if go_write is not None:
+                os.close(go_write)
+            if nat_pid:
+                for fd in (nat_errors, *nat_tables):
+                    os.close(fd)
             build_view(spec)
+            if go_read is not None:
+                if os.read(go_read, 1) != b"1":
+                    os._exit(SETUP_FAILED_EXIT)     # the monitor said why
+                os.close(go_read)
         except (OSError, SandboxError) as exc:
             os.write(2, f"dockyard sandbox: cannot build the view: {exc}\n".encode())
             os._exit(SETUP_FAILED_EXIT)
         run_init(spec, fds)
     _close(fds)
-    exit_like(watch(init, lifeline))
+    if nat_pid:
+        os.close(go_read)
+        try:
+            finish_nat(nat, nat_pid, nat_errors, nat_tables)
+            os.write(go_write, b"1")
+        except (OSError, SandboxError) as exc:
+            os.write(2, f"dockyard sandbox: {exc}\n".encode())
+        os.close(go_write)
+    status = watch(init, lifeline)
+    if nat_pid:
+        try:
+            os.kill(nat_pid, SIGKILL)
+            os.waitpid(nat_pid, 0)
+        except OSError:
+            pass
+    exit_like(status)
 
 
 if __name__ == "__main__":

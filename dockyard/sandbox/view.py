@@ -7,7 +7,9 @@ container, not the host's /tmp."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -37,6 +39,9 @@ class HostLayout:
 
     binds: list[tuple[str, str, str]] = field(default_factory=list)
     symlinks: list[tuple[str, str]] = field(default_factory=list)
+    # network = true through a namespace of its own: {"pasta": path}, or None
+    # (the child shares the host's network).
+    nat: dict | None = None
 
     @classmethod
     def probe(cls, interpreters: list[str] = ()) -> "HostLayout":
@@ -125,4 +130,25 @@ def sandbox_spec(layout: HostLayout, *, root: Path, code: Path, venv: Path, boot
         "env": dict(env, HOME="/tmp", TMPDIR="/tmp"),
         "argv": argv or [f"{VENV}/bin/python", "-I", "-B", BOOTSTRAP],
         "cgroups": [],
+        "nat": dict(layout.nat, block=host_addresses()) if network and layout.nat else None,
     }
+
+
+def host_addresses() -> list[str]:
+    """The host's own addresses (loopback aside, which the namespace has its own of): the
+    routes to them are closed inside a function's namespace, so pasta never carries a
+    function's connection to a service of the host."""
+    import psutil
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            text = address.address.split("%", 1)[0]
+            try:
+                ip = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            if not ip.is_loopback and not ip.is_link_local:
+                found.append(text)
+    return sorted(set(found))
