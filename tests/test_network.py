@@ -15,10 +15,12 @@ from urllib.parse import urlparse
 
 import pytest
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
+
 
 
 def _needs_pasta():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces and veth pairs need root")
     if shutil.which("pasta") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("pasta is not installed (apt-get install passt): the network "
@@ -135,3 +137,31 @@ def _host_addresses() -> list[str]:
     import psutil
     return sorted({a.address for addresses in psutil.net_if_addrs().values() for a in addresses
                    if a.family == socket.AF_INET})
+
+
+def test_without_pasta_the_summary_says_the_host_network_is_shared(monkeypatch, caplog):
+    from dockyard.sandbox import isolation as isolation_module
+    from dockyard.sandbox.isolation import Isolation
+    from dockyard.sandbox.view import HostLayout, sandbox_spec
+
+    real_which = shutil.which
+    monkeypatch.setattr(isolation_module.shutil, "which",
+                        lambda name, path=None: None if name == "pasta"
+                        else real_which(name, path=path))
+    layout = HostLayout()
+    with caplog.at_level("WARNING", logger="dockyard.isolation"):
+        note = Isolation._probe_nat(layout)
+    assert layout.nat is None
+    assert note.startswith("host:") and "apt-get install passt" in note
+    assert [r for r in caplog.records if "pasta is not installed" in r.getMessage()]
+    spec = sandbox_spec(layout, root="/r", code="/c", venv="/v", bootstrap="/b", uid=None,
+                        gid=None, tmp_mb=16, network=True, rlimits={}, env={})
+    assert spec["nat"] is None
+    # With pasta, a spec for network = true carries it and the host's addresses to close.
+    layout.nat = {"pasta": "/usr/bin/pasta"}
+    spec = sandbox_spec(layout, root="/r", code="/c", venv="/v", bootstrap="/b", uid=None,
+                        gid=None, tmp_mb=16, network=True, rlimits={}, env={})
+    assert spec["nat"]["pasta"] == "/usr/bin/pasta" and "127.0.0.1" not in spec["nat"]["block"]
+    off = sandbox_spec(layout, root="/r", code="/c", venv="/v", bootstrap="/b", uid=None,
+                       gid=None, tmp_mb=16, network=False, rlimits={}, env={})
+    assert off["nat"] is None

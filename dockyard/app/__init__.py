@@ -38,7 +38,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     data = DataDir.at(app.config["DATA_DIR"])
     data.ensure()
     db.migrate(data.db_path)
-    connections = WorkerConnections(data.read_token("worker"))
+    # Replies keep their results as received: the invoke route passes them on as bytes.
+    connections = WorkerConnections(data.read_token("worker"), raw_results=True)
     app.extensions["dockyard"] = {
         "data": data,
         "artifacts": ArtifactStore(data.artifacts, data.uploads),

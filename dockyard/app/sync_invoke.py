@@ -3,7 +3,10 @@ plain WSGI route in front of the Flask app. A profile of a web process under loa
 its Python time in Flask's request and response machinery (request context, URL matching,
 sessions, response objects) around a view that needs none of it; this route reads the WSGI
 environ and writes the answer itself, with the same contract: the same errors, headers and
-records. Everything else (async calls included) goes on to Flask."""
+records. Everything else (async calls included) goes on to Flask.
+
+The web processes are shared by every container, so the result of a call goes out as the bytes
+the function process encoded (never parsed here: a 15 MB result parsed is hundreds of MB)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import logging
 from http import HTTPStatus
 
 from ..common.protocol import Status
-from ..common.frames import dumps, loads
+from ..common.frames import dumps, loads, result_bytes
 from ..errors import BadRequest, DockyardError, TooLarge, Unavailable
 from .auth import INVOKE_KINDS, check_header, is_local
 from .errors import error_body
@@ -80,12 +83,12 @@ class SyncInvoke:
         result = execute(get_db(self.db_path), self.connections, invocation_id, container,
                          version, function, event, "http", direct=self.direct)
         finished = now()
-        ok = result["status"] == Status.SUCCEEDED
-        output = dumps(result.get("result")) if ok else None
+        output, text = answer(result)
+        ok = output is not None
         self.records.put({
             "id": invocation_id, "container": container, "version": result.get("version"),
             "function": function, "trigger": "http", "status": result["status"],
-            "input": event_text, "output": output.decode("utf-8") if ok else None,
+            "input": event_text, "output": text,
             "error": result.get("error"),
             "stdout": result.get("stdout"), "stderr": result.get("stderr"),
             "worker_id": result.get("worker_id"), "created_at": started,
@@ -104,6 +107,24 @@ class SyncInvoke:
         body = dumps({"error": result.get("error") or {"type": result["status"]},
                       "invocation_id": invocation_id})
         return status_line(code), headers, body
+
+
+def answer(result: dict) -> tuple[bytes | None, str | None]:
+    """A successful call's answer, the result as the function process encoded it (checked in
+    the process to be strict JSON within the reply cap, and passed on as is), and its text for
+    the record; (None, None) for a call that did not succeed. A result that is not UTF-8 (only
+    a process that broke its bootstrap sends one) fails the call here."""
+    if result["status"] != Status.SUCCEEDED:
+        return None, None
+    output = result_bytes(result.get("result"))
+    try:
+        return output, output.decode("utf-8")
+    except UnicodeDecodeError:
+        result["status"] = Status.FAILED
+        result["error"] = {"type": "ResultNotSerializable",
+                           "message": "the function's reply carries a result that is not "
+                                      "UTF-8 JSON text"}
+        return None, None
 
 
 def read_event(environ, limit: int) -> tuple[object, str | None]:

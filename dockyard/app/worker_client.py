@@ -51,8 +51,11 @@ def _dial(address: str, timeout: float) -> socket.socket:
 
 
 class WorkerConnections:
-    def __init__(self, token: str):
+    def __init__(self, token: str, raw_results: bool = False):
+        """`raw_results`: a reply's result comes back as the bytes the function process encoded
+        (RawJSON, see common/frames.py) instead of parsed."""
         self.token = token
+        self.raw_results = raw_results
         self._idle: dict[str, list[FrameSocket]] = {}
         self._lock = threading.Lock()
 
@@ -61,7 +64,7 @@ class WorkerConnections:
             sock = _dial(address, min(timeout, 5.0))
         except OSError as exc:
             raise WorkerGone(f"cannot reach worker at {address}: {exc}") from exc
-        conn = FrameSocket(sock)
+        conn = FrameSocket(sock, raw_results=self.raw_results)
         try:
             conn.send({"type": Frame.HELLO, "token": self.token})
             reply = conn.recv()

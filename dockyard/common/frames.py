@@ -1,11 +1,18 @@
 """Length-prefixed JSON frames: a 4-byte big-endian length, then that many bytes of UTF-8
 JSON. Spoken on the pipes to every child and on the worker's invoke endpoint; a hot path, so
-one write per frame."""
+one write per frame.
+
+A frame with a `result` (a call's reply) puts it last and says its size first:
+`{"result_bytes":N,…,"result":<N bytes>}`. It is still one JSON object for whoever parses it
+whole; a reader made with `raw_results` parses only the rest and keeps the result as the bytes
+the function process encoded (RawJSON), so a web process passes a reply on without parsing or
+encoding it again (a 15 MB result parsed is hundreds of MB of Python objects)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import socket
 import struct
@@ -20,29 +27,102 @@ MAX_FRAME = 64 * 1024 * 1024
 MAX_FDS = 253       # SCM_MAX_FD: the most descriptors one message can carry
 _HEADER = struct.Struct(">I")
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# orjson reads an integer beyond 64 bits as a float (2**70 would come back 1.1805916207174113e+21):
+# text with a run of 19 digits or more (no float's repr has one) is left to the standard
+# library, which keeps integers of any size exact.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_LONG_DIGITS_TEXT = re.compile(r"[0-9]{19}")
+_RESULT_HEAD = b'{"result_bytes":'
+_RESULT_KEY = b',"result":'
+
+
+class RawJSON:
+    """A JSON value kept as the UTF-8 bytes it was encoded to (a reply's result), passed on as
+    is; `value()` parses it for whoever needs the object."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def value(self):
+        return loads(self.data)
+
+    def __repr__(self) -> str:
+        return f"RawJSON({len(self.data)} bytes)"
 
 
 def dumps(obj) -> bytes:
     """JSON as UTF-8 bytes: orjson on this per-call path (several times faster than the
     standard library), which takes over for what orjson refuses (integers over 64 bits,
-    keys that are not strings)."""
+    keys that are not strings; text with a lone surrogate, not Unicode, which becomes "?" so
+    that the frame stays UTF-8)."""
     if orjson is not None:
         try:
             return orjson.dumps(obj)
         except (TypeError, orjson.JSONEncodeError):
             pass
-    return _dumps(obj).encode("utf-8")
+    return _dumps(obj).encode("utf-8", "replace")
 
 
-def loads(data: bytes | str):
+def loads(data: bytes | bytearray | str):
     """The inverse of dumps(), accepting everything the standard library accepts (NaN,
-    integers of any size)."""
+    integers of any size, which stay exact)."""
     if orjson is not None:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
+        long_digits = _LONG_DIGITS_TEXT if isinstance(data, str) else _LONG_DIGITS
+        if long_digits.search(data) is None:
+            try:
+                return orjson.loads(data)
+            except orjson.JSONDecodeError:
+                pass
     return json.loads(data)
+
+
+def result_bytes(result) -> bytes:
+    """A reply's result as JSON bytes: as received when it was kept raw, else encoded."""
+    return result.data if isinstance(result, RawJSON) else dumps(result)
+
+
+def _body_parts(obj) -> list[bytes]:
+    """The pieces of a frame's body: one, or for a frame with a result, the rest and then the
+    result with its size first (see the module's docstring)."""
+    if not isinstance(obj, dict) or "result" not in obj:
+        return [dumps(obj)]
+    result = result_bytes(obj["result"])
+    rest = dumps({key: value for key, value in obj.items() if key != "result"})
+    head = b"%s%d" % (_RESULT_HEAD, len(result))
+    if len(rest) > 2:
+        head += b"," + rest[1:-1]
+    return [head, _RESULT_KEY, result, b"}"]
+
+
+def split_result(body: bytes | bytearray, start: int = 0, end: int | None = None) -> dict:
+    """A frame's body (body[start:end]) with its result kept raw: the rest is parsed, the
+    result sliced out as RawJSON. A body without the result layout is parsed whole. The sizes
+    are the sender's word: a body whose layout does not hold together is a FrameError."""
+    end = len(body) if end is None else end
+    if not body.startswith(_RESULT_HEAD, start, end):
+        with memoryview(body) as view:
+            return loads(bytes(view[start:end]))
+    at = start + len(_RESULT_HEAD)
+    digits_end = at
+    while digits_end < end and digits_end - at < 12 and 48 <= body[digits_end] <= 57:
+        digits_end += 1
+    result_end = end - 1
+    size = int(body[at:digits_end]) if digits_end > at else -1
+    result_at = result_end - size
+    key_at = result_at - len(_RESULT_KEY)
+    if size < 0 or key_at < digits_end or body[result_end] != 0x7D or \
+            body[key_at:result_at] != _RESULT_KEY or \
+            (key_at > digits_end and body[digits_end] != 0x2C):
+        raise FrameError("a reply frame whose result does not lie where its size says")
+    with memoryview(body) as view:
+        rest = loads(b"{" + bytes(view[digits_end + 1:key_at]) + b"}") \
+            if key_at > digits_end else {}
+        if not isinstance(rest, dict):
+            raise FrameError("a reply frame that is not an object")
+        rest["result"] = RawJSON(bytes(view[result_at:result_end]))
+    return rest
 
 
 class FrameError(ValueError):
@@ -54,10 +134,11 @@ class FrameCut(FrameError):
 
 
 def encode_frame(obj) -> bytes:
-    body = dumps(obj)
-    if len(body) > MAX_FRAME:
-        raise FrameError(f"frame of {len(body)} bytes is over the {MAX_FRAME} byte limit")
-    return _HEADER.pack(len(body)) + body
+    parts = _body_parts(obj)
+    size = sum(len(part) for part in parts)
+    if size > MAX_FRAME:
+        raise FrameError(f"frame of {size} bytes is over the {MAX_FRAME} byte limit")
+    return b"".join([_HEADER.pack(size), *parts])
 
 
 def _read_exact(stream, size: int) -> bytes:
@@ -103,10 +184,11 @@ def _timeval(seconds: float) -> bytes:
 
 class _Buffered:
     """Bytes read so far and the frames that can be cut from them; subclasses say how to
-    read more (`_more`)."""
+    read more (`_more`). With `raw_results`, a reply's result is kept as RawJSON."""
 
-    def __init__(self):
+    def __init__(self, raw_results: bool = False):
         self.buffer = bytearray()
+        self.raw_results = raw_results
 
     def _more(self) -> bytes:
         raise NotImplementedError
@@ -122,9 +204,12 @@ class _Buffered:
                 if size > max_size:
                     raise FrameError(f"frame of {size} bytes is over the {max_size} byte limit")
                 if len(buffer) >= 4 + size:
-                    body = bytes(buffer[4:4 + size])
+                    frame = split_result(buffer, 4, 4 + size)
                     del buffer[:4 + size]
-                    return loads(body)
+                    if not self.raw_results and isinstance(frame, dict) and \
+                            isinstance(frame.get("result"), RawJSON):
+                        frame["result"] = frame["result"].value()
+                    return frame
             chunk = more()
             if not chunk:
                 if buffer:
@@ -137,8 +222,8 @@ class FrameReader(_Buffered):
     """Frames from a raw fd with an optional deadline (poll + os.read into one buffer), so
     the thread that sent a request can read its reply itself."""
 
-    def __init__(self, fd: int, max_frame: int = MAX_FRAME):
-        super().__init__()
+    def __init__(self, fd: int, max_frame: int = MAX_FRAME, raw_results: bool = False):
+        super().__init__(raw_results)
         self.fd = fd
         self.max_frame = max_frame
         self._deadline: float | None = None
@@ -170,8 +255,8 @@ class FrameSocket(_Buffered):
     into one buffer (no file object in between: this is the per-call path). A blocking
     socket with kernel timeouts (SO_RCVTIMEO / SO_SNDTIMEO) costs no poll per read or write."""
 
-    def __init__(self, sock: socket.socket):
-        super().__init__()
+    def __init__(self, sock: socket.socket, raw_results: bool = False):
+        super().__init__(raw_results)
         self.sock = sock
         self._recv_timeout: float | None = None
         self._send_timeout: float | None = None

@@ -246,7 +246,7 @@ class Child:
                 os.close(fd)
         self.pid = self.popen.pid
         self._requests = _Control(req_write)
-        self._replies = FrameReader(rep_read, REPLY_MAX_BYTES)
+        self._replies = FrameReader(rep_read, REPLY_MAX_BYTES, raw_results=True)
 
     def _launch_in_view(self) -> None:
         """Hand a started launcher (usually a spare) the sandbox spec: this child's cgroup
@@ -265,7 +265,7 @@ class Child:
         self.popen = launcher.popen
         self.pid = launcher.popen.pid
         self._requests = _Control(launcher.request_fd)
-        self._replies = FrameReader(launcher.reply_fd, REPLY_MAX_BYTES)
+        self._replies = FrameReader(launcher.reply_fd, REPLY_MAX_BYTES, raw_results=True)
         try:
             self._requests.write(encode_spec(dict(
                 self.spec.sandbox, cgroups=self.cgroup.folders() if self.cgroup else [],

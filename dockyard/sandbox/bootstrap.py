@@ -30,10 +30,17 @@ LOAD_ERROR_EXIT = 3
 INIT, READY, LOAD_ERROR, INVOKE, RESULT, SHUTDOWN, CHANNEL, SLOT = (
     "init", "ready", "load_error", "invoke", "result", "shutdown", "channel", "slot")
 HEADER = struct.Struct(">I")
-# Made once: json.dumps with arguments builds a new encoder on every call, twice per call here.
-_encode = json.JSONEncoder(separators=(",", ":")).encode
+RESULT_KEY = b',"result":'
+# Strict JSON, as every other parser reads it: no NaN or Infinity (allow_nan=False), and no
+# lone surrogate (UTF-8 has none: the encoding to bytes refuses it). Made once: json.dumps with
+# arguments builds a new encoder on every call, twice per call here.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _decode = json.JSONDecoder().decode
 MAX_FRAME = 64 * 1024 * 1024
+# The most a reply may hold (dockyard.runner.process.REPLY_MAX_BYTES; a test checks they
+# match), and of it the result (the rest is room for the call's captured output).
+REPLY_MAX_BYTES = 16 * 1024 * 1024
+RESULT_MAX_BYTES = REPLY_MAX_BYTES - 1024 * 1024
 
 
 def read_frame(stream):
@@ -214,19 +221,18 @@ class Child:
                     threading.Thread(target=self.loop.run_forever, daemon=True).start()
             return self.loop
 
-    def send(self, obj, result_json=None, channel=None):
-        """Write one frame (to the reply pipe, or to the direct channel the call came on); a
-        result already encoded (to check it is JSON) is spliced in rather than encoded
-        twice."""
-        text = _encode(obj)
-        if result_json is not None:
-            text = text[:-1] + ',"result":' + result_json + "}"
-        body = text.encode("utf-8")
+    def send(self, obj, result=None, channel=None):
+        """Write one frame (to the reply pipe, or to the direct channel the call came on). A
+        result comes already encoded (to check it is strict JSON) and goes in as is."""
+        frame = encode_frame(obj, result)
+        if len(frame) - HEADER.size > REPLY_MAX_BYTES:
+            raise ResultTooLarge(f"the reply is {len(frame) - HEADER.size} bytes, over the "
+                                 f"{REPLY_MAX_BYTES // (1 << 20)} MB a reply may hold")
         if channel is not None:
-            write_all(channel, HEADER.pack(len(body)) + body)
+            write_all(channel, frame)
             return
         with self.write_lock:
-            self.replies.write(HEADER.pack(len(body)) + body)
+            self.replies.write(frame)
             self.replies.flush()
 
     def run_call(self, request, channel=None):
@@ -263,12 +269,7 @@ class Child:
                     result = self.loop.run_until_complete(handler(*args))
             else:
                 result = handler(*args)
-            try:
-                encoded = _encode(result)
-            except (TypeError, ValueError) as exc:
-                raise ResultNotSerializable(
-                    f"{function} returned a {type(result).__name__}, which is not "
-                    f"JSON-serialisable ({exc})") from None
+            encoded = encode_result(function, result)
             reply["ok"] = True
         except BaseException as exc:  # noqa: BLE001 - SystemExit too: the process stays up
             reply["ok"] = False
@@ -472,6 +473,39 @@ def cut_frames(buffer):
     return frames
 
 
+def encode_frame(obj, result=None):
+    """A whole frame, header included. A reply's result goes last with its size first
+    (`{"result_bytes":N,…,"result":<N bytes>}`, the layout of dockyard.common.frames), so that
+    the web process passes it on without parsing it. Text that is not Unicode (a lone
+    surrogate in an error message) becomes "?": a frame is UTF-8."""
+    rest = _encode(obj).encode("utf-8", "replace")
+    if result is None:
+        return HEADER.pack(len(rest)) + rest
+    head = b'{"result_bytes":%d' % len(result)
+    if len(rest) > 2:
+        head += b"," + rest[1:-1]
+    size = len(head) + len(RESULT_KEY) + len(result) + 1
+    return b"".join((HEADER.pack(size), head, RESULT_KEY, result, b"}"))
+
+
+def encode_result(function, result):
+    """A handler's return value as strict JSON (UTF-8 bytes), or the error that says why it
+    cannot be one."""
+    try:
+        encoded = _encode(result).encode("utf-8")
+    except (TypeError, ValueError) as exc:    # UnicodeEncodeError is a ValueError
+        if isinstance(exc, UnicodeEncodeError):
+            exc = f"a string in it holds a lone surrogate, which is not Unicode text: {exc}"
+        raise ResultNotSerializable(f"{function} returned a {type(result).__name__}, which is "
+                                    f"not JSON-serialisable ({exc})") from None
+    if len(encoded) > RESULT_MAX_BYTES:
+        raise ResultTooLarge(
+            f"{function} returned {len(encoded) / (1 << 20):.1f} MB of JSON, over the "
+            f"{RESULT_MAX_BYTES // (1 << 20)} MB a result may be; return a reference (a URL or "
+            "a path) instead of the data")
+    return encoded
+
+
 def write_all(fd, data):
     view = memoryview(data)
     while view:
@@ -487,6 +521,10 @@ def _inside(path, folder):
 
 
 class ResultNotSerializable(Exception):
+    pass
+
+
+class ResultTooLarge(ValueError):
     pass
 
 
