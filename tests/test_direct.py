@@ -174,16 +174,22 @@ def _web_and_agent(server) -> tuple[list[psutil.Process], psutil.Process]:
 
 
 def _parallel(server, target: str, event, count: int, clients: int,
-              timeout: float = 60) -> list[requests.Response]:
+              timeout: float = 60, retry_busy: bool = False) -> list[requests.Response]:
+    """`count` calls from `clients` threads; `retry_busy`: a 429 (the container holds its
+    share of a web process's threads) is sent again after its Retry-After."""
     results: list = []
     lock = threading.Lock()
 
     def client(n: int) -> None:
         with requests.Session() as http:
             for _ in range(n):
-                response = http.post(f"{server.url}/invoke/{target}",
-                                     data=None if event is None else json.dumps(event),
-                                     timeout=timeout)
+                while True:
+                    response = http.post(f"{server.url}/invoke/{target}",
+                                         data=None if event is None else json.dumps(event),
+                                         timeout=timeout)
+                    if not retry_busy or response.status_code != 429:
+                        break
+                    time.sleep(float(response.headers["Retry-After"]))
                 with lock:
                     results.append(response)
 
@@ -199,8 +205,9 @@ def test_warm_calls_are_answered_while_the_worker_agent_is_frozen(server, pkg):
     server.deploy(pkg("echo", name="direct-frozen", manifest_extra="[limits]\ninstances = 2\n"))
     # A web thread opens its channels on its first call (through the agent), and gunicorn
     # starts a thread only when every one it has is busy: after this warm-up, one call at a
-    # time is always taken by a thread that has its channels.
-    warm = _parallel(server, "direct-frozen/sleep", {"s": 0.1}, 64, 32)
+    # time is always taken by a thread that has its channels. (The threads answering the 429s
+    # of the flood take admitted calls too as it goes on: the calls are retried.)
+    warm = _parallel(server, "direct-frozen/sleep", {"s": 0.1}, 64, 32, retry_busy=True)
     assert all(r.status_code == 200 for r in warm), [r.text for r in warm
                                                      if r.status_code != 200][:3]
     _, agent = _web_and_agent(server)

@@ -1,7 +1,8 @@
-"""The shared web tier: replies are strict JSON and pass through a web process as bytes. End to
-end on real servers (concurrency 1 goes straight to the function process, concurrency 4 is
-relayed by the worker, async goes through the dispatcher), and the reply frame's layout on its
-own."""
+"""The shared web tier: replies are strict JSON and pass through a web process as bytes, and one
+container cannot hold the web threads another container's calls need. End to end on real
+servers (concurrency 1 goes straight to the function process, concurrency 4 is relayed by the
+worker, async goes through the dispatcher), and the pure pieces (the reply frame's layout,
+the thread share) on their own."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import time
 
 import psutil
 import pytest
+import requests
 
 from conftest import Server
+from dockyard.app.sync_invoke import TooManyRequests, WebThreads
 from dockyard.common.frames import FrameError, RawJSON, encode_frame, loads, split_result
 
 MB = 1 << 20
@@ -74,6 +77,34 @@ def test_the_bootstrap_caps_replies_as_the_worker_does():
     # The bootstrap's layout is the one common/frames.py cuts.
     frame = bootstrap.encode_frame({"type": "result", "id": "x"}, b"[1]")
     assert split_result(frame[4:])["result"].data == b"[1]"
+
+
+def test_a_container_takes_free_threads_but_never_the_reserve():
+    threads = WebThreads(threads=12, reserve=4)
+    for _ in range(8):
+        threads.take("hog")
+    with pytest.raises(TooManyRequests) as refused:
+        threads.take("hog")
+    assert refused.value.status == 429 and refused.value.retry_after >= 1
+    # The reserve: one thread for each other container with nothing in flight …
+    for other in ("a", "b", "c"):
+        threads.take(other)
+    with pytest.raises(TooManyRequests):
+        threads.take("a")
+    # … but never the very last thread.
+    with pytest.raises(TooManyRequests):
+        threads.take("d")
+    threads.give_back("a")
+    threads.take("d")
+    # Once the hog lets go, anyone takes the free threads again.
+    for _ in range(8):
+        threads.give_back("hog")
+    for _ in range(4):
+        threads.take("a")
+    assert threads.total == 7 and threads.held["a"] == 4
+    unbounded = WebThreads(threads=8, reserve=0)
+    for _ in range(8):
+        unbounded.take("hog")
 
 
 # -- strict JSON, whatever the path ---------------------------------------------------------
@@ -147,10 +178,12 @@ def test_a_result_over_the_reply_cap_is_a_clear_error(server, pkg, concurrency):
 
 @pytest.fixture(scope="module")
 def web(private_tmp, wheelhouse):
-    """A server with one web process (so that the test knows which process served a call)."""
+    """A server with one web process (so that the test knows which process served a call)
+    and the default reserve said out loud."""
     data = private_tmp / "webtier" / "data"
     data.parent.mkdir()
-    srv = Server(data, ["--find-links", str(wheelhouse), "--offline", "--web-workers", "1"])
+    srv = Server(data, ["--find-links", str(wheelhouse), "--offline", "--web-workers", "1",
+                        "--web-reserve", "4"])
     yield srv
     code = srv.stop()
     assert code == 0, srv.log_path.read_text()[-3000:]
@@ -219,3 +252,50 @@ def test_a_15_mb_reply_passes_through_the_web_process_as_bytes(web, pkg, concurr
     assert growth < 120, f"the web process grew by {growth:.0f} MB for a 15 MB reply"
     stored = record(web, response.headers["X-Dockyard-Invocation-Id"])
     assert stored["status"] == "succeeded" and str(stored["output"]).startswith("[{},{},")
+
+
+def test_slow_calls_to_one_container_leave_threads_for_another(web, pkg):
+    """16 slow calls to one container on a web process of 8 + 4 threads: 8 are taken, the
+    other 8 get a 429 at once, and another container's call is answered while the slow ones
+    still run."""
+    deploy(web, pkg, "wt-slow", 16, "timeout_s = 60\n")
+    deploy(web, pkg, "wt-quick")
+    assert web.invoke("wt-quick/echo", 0).status_code == 200
+    assert web.invoke("wt-slow/echo", 0).status_code == 200
+    answers: list[tuple[float, requests.Response]] = []
+    lock = threading.Lock()
+
+    def slow() -> None:
+        response = requests.post(f"{web.url}/invoke/wt-slow/sleep", json={"s": 6}, timeout=120)
+        with lock:
+            answers.append((time.monotonic(), response))
+
+    callers = [threading.Thread(target=slow) for _ in range(16)]
+    for caller in callers:
+        caller.start()
+    try:
+        end = time.monotonic() + 60
+        while True:
+            with lock:
+                refused = [(at, r) for at, r in answers if r.status_code == 429]
+            if len(refused) >= 8:
+                break
+            assert time.monotonic() < end, [r.status_code for _, r in answers]
+            time.sleep(0.02)
+        quick = web.invoke("wt-quick/echo", {"quick": True})
+        quick_at = time.monotonic()
+        assert quick.status_code == 200 and quick.json() == {"quick": True}
+    finally:
+        for caller in callers:
+            caller.join()
+    done = [at for at, r in answers if r.status_code == 200]
+    assert len(done) == 8 and len(refused) == 8, [r.status_code for _, r in answers]
+    # Answered at once: every 429, and the other container's call, before any slow call ended.
+    assert max(at for at, _ in refused) < min(done)
+    assert quick_at < min(done)
+    for _, response in refused:
+        assert response.headers["Retry-After"] == "1"
+        assert "X-Dockyard-Invocation-Id" not in response.headers
+        assert response.json()["error"]["type"] == "TooManyRequests"
+        assert "wt-slow" in response.json()["error"]["message"]
+    assert all(r.json() == "slept" for _, r in answers if r.status_code == 200)

@@ -31,6 +31,11 @@ def create_app(test_config: dict | None = None) -> Flask:
         # Warm calls to a worker on this host go straight to the function process
         # (DOCKYARD_DIRECT_CALLS=false relays every call through the worker agent).
         DIRECT_CALLS=True,
+        # A web process's threads (gunicorn's --threads) and how many of them one container's
+        # synchronous calls never take: kept for the other containers (0: no bound). `serve`
+        # sets both: its 8 threads plus `--web-reserve` (default 4). See sync_invoke.py.
+        WEB_THREADS=12,
+        WEB_RESERVE=4,
     )
     app.config.from_prefixed_env("DOCKYARD")
     if test_config:

@@ -5,12 +5,16 @@ sessions, response objects) around a view that needs none of it; this route read
 environ and writes the answer itself, with the same contract: the same errors, headers and
 records. Everything else (async calls included) goes on to Flask.
 
-The web processes are shared by every container, so the result of a call goes out as the bytes
-the function process encoded (never parsed here: a 15 MB result parsed is hundreds of MB)."""
+The web processes are shared by every container, so the route bounds what one container can
+take of them: the result of a call goes out as the bytes the function process encoded
+(never parsed here: a 15 MB result parsed is hundreds of MB), and one container's calls never
+hold the last threads of a process (WebThreads)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from http import HTTPStatus
 
 from ..common.protocol import Status
@@ -26,6 +30,61 @@ log = logging.getLogger("dockyard.invoke")
 
 PREFIX = "/invoke/"
 JSON = ("Content-Type", "application/json")
+# What a call refused for its container's share of the threads is told to wait.
+BUSY_RETRY_AFTER_S = 1
+
+
+class TooManyRequests(Unavailable):
+    """The container holds its share of this web process's threads: nothing ran; retry
+    after `retry_after` seconds."""
+
+    status = 429
+    type = "TooManyRequests"
+
+
+class WebThreads:
+    """How many of this web process's threads each container holds in synchronous calls (a
+    call holds its thread until it is answered, relayed calls waiting for a busy instance
+    included). Any container may take a thread while more than `reserve` are free; the last
+    `reserve` are kept for the other containers: one with no call in flight takes one of
+    them, never the very last (which answers 429s, health checks and the API at once). So a
+    container flooded with slow calls cannot make another container's call wait for a thread:
+    past its share, its calls get a 429 at once. `reserve` 0: no bound."""
+
+    def __init__(self, threads: int, reserve: int):
+        self.threads = max(1, threads)
+        self.reserve = max(0, min(reserve, self.threads - 1))
+        self.held: dict[str, int] = {}
+        self.total = 0
+        self.lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        # A forked web process starts with its own threads, none of them in a call.
+        self.held, self.total, self.lock = {}, 0, threading.Lock()
+
+    def take(self, container: str) -> None:
+        """A thread for a call to `container`, or TooManyRequests."""
+        with self.lock:
+            mine = self.held.get(container, 0)
+            if self.total < self.threads - self.reserve or \
+                    (not mine and self.total < self.threads - 1):
+                self.held[container] = mine + 1
+                self.total += 1
+                return
+        raise TooManyRequests(
+            f"too many calls to '{container}' at once: it holds {mine} of this web process's "
+            f"{self.threads} threads, and the last {self.reserve} are kept for other "
+            f"containers; retry after {BUSY_RETRY_AFTER_S}s", retry_after=BUSY_RETRY_AFTER_S)
+
+    def give_back(self, container: str) -> None:
+        with self.lock:
+            left = self.held.get(container, 0) - 1
+            if left > 0:
+                self.held[container] = left
+            else:
+                self.held.pop(container, None)
+            self.total -= 1
 
 
 class SyncInvoke:
@@ -40,6 +99,7 @@ class SyncInvoke:
         self.tokens = ext["tokens"]
         self.invoke_auth = bool(app.config["INVOKE_AUTH"])
         self.max_event = int(app.config["MAX_EVENT_BYTES"])
+        self.threads = WebThreads(int(app.config["WEB_THREADS"]), int(app.config["WEB_RESERVE"]))
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
@@ -55,14 +115,19 @@ class SyncInvoke:
         invocation_id = None
         try:
             self._check_token(environ)
-            event, event_text = read_event(environ, self.max_event)
             container, _, version = target.partition("@")
-            invocation_id = store.new_id()
-            status, headers, body = self._call(invocation_id, container, version or None,
-                                               function, event, event_text)
+            self.threads.take(container)
+            try:
+                event, event_text = read_event(environ, self.max_event)
+                invocation_id = store.new_id()
+                status, headers, body = self._call(invocation_id, container, version or None,
+                                                   function, event, event_text)
+            finally:
+                self.threads.give_back(container)
         # An error raised here ran nothing and left no record (a bad token or event, an
-        # unknown container or function, no worker to take the call), so its answer names no
-        # invocation id: only an answer built from a worker's reply, recorded, carries one.
+        # unknown container or function, no worker to take the call, its container holding
+        # its share of the threads), so its answer names no invocation id: only an answer
+        # built from a worker's reply, recorded, carries one.
         except DockyardError as exc:
             status, headers, body = error_answer(exc)
         except Exception as exc:  # noqa: BLE001 - one JSON error shape, whatever happened

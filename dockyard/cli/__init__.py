@@ -138,6 +138,10 @@ def _table(rows: list[list], headers: list[str]) -> None:
                    "filesystems).")
 @click.option("--no-deploy-dir", is_flag=True, help="Watch no deploy folder.")
 @click.option("--web-workers", default=2, show_default=True, type=int)
+@click.option("--web-reserve", default=4, show_default=True, type=click.IntRange(min=0),
+              metavar="N", help="Threads of each web process kept for the other containers: "
+              "one container's synchronous calls hold at most 8 of a process's 8 + N, past "
+              "that they get a 429 at once (0: no bound).")
 @click.option("--no-local-worker", is_flag=True, help="Do not start a worker in this process.")
 @click.option("--invoke-auth", is_flag=True, help="Require a token on /invoke.")
 @click.option("--index-url", help="Package index for venv builds (passed to uv).")
@@ -157,7 +161,7 @@ def _table(rows: list[list], headers: list[str]) -> None:
 @click.option("--prune-every", default="60s", show_default=True, metavar="DURATION",
               help="How often retention runs.")
 @pass_ctx
-def serve(ctx, host, port, deploy_dir, deploy_poll, no_deploy_dir, web_workers,
+def serve(ctx, host, port, deploy_dir, deploy_poll, no_deploy_dir, web_workers, web_reserve,
           no_local_worker, invoke_auth, index_url, find_links, offline, python, uid_base,
           no_view, keep_invocations, keep_versions, prune_every):
     """Run the control plane, a local worker and the deploy folder."""
@@ -173,7 +177,8 @@ def serve(ctx, host, port, deploy_dir, deploy_poll, no_deploy_dir, web_workers,
     options = ServeOptions(host=host, port=port, data=ctx.data,
                            deploy_dir=None if no_deploy_dir else deploy_dir or None,
                            deploy_poll=deploy_poll,
-                           web_workers=web_workers, local_worker=not no_local_worker,
+                           web_workers=web_workers, web_reserve=web_reserve,
+                           local_worker=not no_local_worker,
                            invoke_auth=invoke_auth, worker_args=worker_args,
                            retention=retention)
     sys.exit(Supervisor(options).run())

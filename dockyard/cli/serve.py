@@ -98,6 +98,9 @@ class ServeOptions:
     deploy_poll: float | None = None
     web_workers: int = 2
     threads: int = 8
+    # Threads per web process on top of `threads` that one container's synchronous calls
+    # never take: kept for the other containers (see app/sync_invoke.py). 0: no bound.
+    web_reserve: int = 4
     local_worker: bool = True
     invoke_auth: bool = False
     worker_args: list[str] = field(default_factory=list)
@@ -147,13 +150,21 @@ class Supervisor:
         env = dict(os.environ)
         env["DOCKYARD_DATA_DIR"] = str(self.data.root)
         env["DOCKYARD_INVOKE_AUTH"] = "true" if self.options.invoke_auth else "false"
+        env["DOCKYARD_WEB_THREADS"] = str(self.web_threads)
+        env["DOCKYARD_WEB_RESERVE"] = str(self.options.web_reserve)
         return env
+
+    @property
+    def web_threads(self) -> int:
+        """A web process's threads: one container may hold `threads` of them (as many as a
+        lone container always had), the reserve is on top."""
+        return self.options.threads + self.options.web_reserve
 
     def _start_gunicorn(self, sock: socket.socket) -> None:
         fd = sock.fileno()
         cmd = [sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}",
                "--workers", str(self.options.web_workers), "--worker-class", "gthread",
-               "--threads", str(self.options.threads), "--keep-alive", "75",
+               "--threads", str(self.web_threads), "--keep-alive", "75",
                "--graceful-timeout", "60", "--timeout", "120", "--log-level", "warning",
                "--name", "dockyard-web", "dockyard.app:create_app()"]
         self.gunicorn = subprocess.Popen(cmd, pass_fds=(fd,), env=self._env(),
