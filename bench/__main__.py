@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from . import load
 from .load import concurrent, latencies, percentile
 from .servers import NOOP, BareFlask, Dockyard, package, tiny_wheelhouse
 
@@ -232,6 +233,7 @@ ROWS = [
     ("redeploy p99 swap vs steady (ms)", "redeploy_swap_p99_ms", "redeploy_steady_p99_ms",
      "<= 2x"),
     ("CPU-bound, 2 vs 1 instances (req/s)", "burn_rps_i2", "burn_rps_i1", ">= 1.7x"),
+    ("429s retried, lone containers", "throttled_429", None, "0"),
     ("idle RSS per instance (MB)", "idle_rss_mb", None, "< 30 MB"),
     ("sandbox processes per instance, USS (MB)", "sandbox_uss_mb", None, "monitor + init"),
 ]
@@ -288,6 +290,7 @@ def main() -> int:
         redeploy_under_load(results, dockyard, args.quick)
         scaling(results, dockyard, args.quick)
         idle_memory(results, dockyard)
+        results["throttled_429"] = sum(load.throttled.values())
     finally:
         dockyard.stop()
         shutil.rmtree(wheelhouse, ignore_errors=True)

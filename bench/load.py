@@ -1,5 +1,7 @@
 """Load generation: keep-alive HTTP clients (http.client, one connection each), as processes
-so the load generator is not held back by one interpreter's lock."""
+so the load generator is not held back by one interpreter's lock. A client that gets a 429
+waits its Retry-After and sends the call again, as a well-behaved client does; the 429s are
+counted (`throttled`), not measured."""
 
 from __future__ import annotations
 
@@ -9,6 +11,15 @@ import time
 from urllib.parse import urlsplit
 
 BODY = b'{"a": 1}'
+# 429s the clients got, by URL, each retried after its Retry-After.
+throttled: dict[str, int] = {}
+
+
+def _retry_after(response) -> float:
+    try:
+        return max(0.0, float(response.getheader("Retry-After") or 1))
+    except ValueError:
+        return 1.0
 
 
 def _connection(url: str) -> http.client.HTTPConnection:
@@ -21,15 +32,21 @@ def latencies(url: str, count: int, warmup: int = 200, body: bytes = BODY) -> li
     path = urlsplit(url).path
     conn = _connection(url)
     out = []
-    for i in range(warmup + count):
+    i = 0
+    while i < warmup + count:
         started = time.perf_counter()
         conn.request("POST", path, body, {"Content-Type": "application/json"})
         response = conn.getresponse()
         response.read()
+        if response.status == 429:
+            throttled[url] = throttled.get(url, 0) + 1
+            time.sleep(_retry_after(response))
+            continue
         if response.status != 200:
             raise RuntimeError(f"{url} answered {response.status}")
         if i >= warmup:
             out.append(time.perf_counter() - started)
+        i += 1
     conn.close()
     return out
 
@@ -37,7 +54,7 @@ def latencies(url: str, count: int, warmup: int = 200, body: bytes = BODY) -> li
 def _client(url: str, seconds: float, body: bytes, start_at: float, queue) -> None:
     path = urlsplit(url).path
     conn = _connection(url)
-    times, failed = [], 0
+    times, failed, refused = [], 0, 0
     while time.time() < start_at:
         time.sleep(0.001)
     end = start_at + seconds
@@ -49,6 +66,10 @@ def _client(url: str, seconds: float, body: bytes, start_at: float, queue) -> No
             conn.request("POST", path, body, {"Content-Type": "application/json"})
             response = conn.getresponse()
             response.read()
+            if response.status == 429:
+                refused += 1
+                time.sleep(_retry_after(response))
+                continue
             ok = response.status == 200
         except (OSError, http.client.HTTPException):
             ok = False
@@ -57,7 +78,7 @@ def _client(url: str, seconds: float, body: bytes, start_at: float, queue) -> No
         if not ok:
             failed += 1
         times.append((time.time(), time.perf_counter() - started, ok))
-    queue.put((times, failed))
+    queue.put((times, failed, refused))
 
 
 def concurrent(url: str, clients: int, seconds: float, body: bytes = BODY):
@@ -72,9 +93,10 @@ def concurrent(url: str, clients: int, seconds: float, body: bytes = BODY):
         p.start()
     samples, failed = [], 0
     for _ in procs:
-        times, f = queue.get(timeout=seconds + 300)
+        times, f, refused = queue.get(timeout=seconds + 300)
         samples += times
         failed += f
+        throttled[url] = throttled.get(url, 0) + refused
     for p in procs:
         p.join()
     return samples, failed
