@@ -1,6 +1,7 @@
 """The worker's invoke port before authentication: a small hello, a handshake deadline and a
-cap on connections that have not presented the token, all against a real InvokeServer in its
-own process; the Unix-socket endpoint; worker tokens kept off command lines."""
+share per peer of the places for connections that have not presented the token (none of them
+holds a thread), all against a real InvokeServer in its own process; the Unix-socket endpoint;
+worker tokens kept off command lines. Fairness between peers: test_admission.py."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import psutil
 import pytest
 
 from dockyard.app.worker_client import WorkerConnections, WorkerGone
-from dockyard.runner.server import HANDSHAKE_TIMEOUT_S, HELLO_MAX_BYTES, MAX_UNAUTHENTICATED
+from dockyard.runner.server import (HANDSHAKE_TIMEOUT_S, HELLO_MAX_BYTES,
+                                    MAX_UNAUTHENTICATED_PER_PEER)
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "dyw_test-token-for-the-invoke-port"
@@ -231,34 +233,35 @@ def test_silent_connections_are_closed_after_the_handshake_timeout(start_server)
     socks = [socket.create_connection(server.tcp, timeout=HANDSHAKE_TIMEOUT_S + HANG_S)
              for _ in range(50)]
     try:
-        told = 0
-        for sock in socks:
+        told = []
+        for n, sock in enumerate(socks):
             frame = _read_frame(sock)
             if frame is not None:
-                # Admitted: told why when the deadline passed, then closed.
+                # Waited at the gate: told why when the deadline passed, then closed.
                 assert frame["error"]["message"] == "no hello in time"
                 assert _read_frame(sock) is None
-                told += 1
+                told.append(n)
     finally:
         for sock in socks:
             sock.close()
         sampling.set()
         sampler.join()
     threads_held = peak[0]
-    # At most the cap ever held a thread; the rest were closed at once.
-    assert told == MAX_UNAUTHENTICATED
-    assert threads_held <= threads_before + MAX_UNAUTHENTICATED
+    # One peer: its newest share waited for the deadline, each older one was closed (without
+    # a word) to make way for a newer one. None of them ever held a thread.
+    assert told == list(range(50 - MAX_UNAUTHENTICATED_PER_PEER, 50))
+    assert threads_held <= threads_before
     timeouts = server.wait_lines(f"no whole hello within {HANDSHAKE_TIMEOUT_S:g}s",
-                                 MAX_UNAUTHENTICATED)
-    assert len(timeouts) == MAX_UNAUTHENTICATED
+                                 MAX_UNAUTHENTICATED_PER_PEER)
+    assert len(timeouts) == MAX_UNAUTHENTICATED_PER_PEER
     threads_after = server.wait_threads(at_most=threads_before)
     rss_after = server.rss()
     print(f"\nsilent connections: RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MB, "
           f"threads {threads_before} -> {threads_held} (held) -> {threads_after}")
     assert threads_after <= threads_before
     assert rss_after - rss_before < 8 * 2**20
-    # The 34 closed for the cap are one rate-limited line, not 34.
-    assert len(server.warnings("have not presented the worker token")) == 1
+    # The 34 closed to make way are one rate-limited line, not 34.
+    assert len(server.warnings("to make way for a new one")) == 1
     assert "Traceback" not in server.log_path.read_text()
 
 
@@ -283,7 +286,7 @@ def test_a_hello_trickled_byte_by_byte_meets_the_deadline_for_the_whole_frame(st
     assert len(server.wait_lines("no whole hello within", 1)) == 1
 
 
-def test_beyond_the_cap_new_connections_are_closed_and_authenticated_ones_still_work(
+def test_past_its_share_a_peer_loses_its_oldest_waiting_connection_and_calls_go_on(
         start_server):
     server = start_server()
     _warm(server)
@@ -293,24 +296,23 @@ def test_beyond_the_cap_new_connections_are_closed_and_authenticated_ones_still_
     try:
         assert authenticated.request(server.address, {"n": 1}, timeout=HANG_S)["type"] == "echo"
         idle = [socket.create_connection(server.tcp, timeout=HANG_S)
-                for _ in range(MAX_UNAUTHENTICATED)]
-        end = time.monotonic() + HANG_S
-        while server.threads() < threads_before + MAX_UNAUTHENTICATED and time.monotonic() < end:
-            time.sleep(0.02)
-        # The cap is full: a new connection is closed at once, without a word.
-        for _ in range(5):
-            with socket.create_connection(server.tcp, timeout=HANG_S) as extra:
-                assert _read_frame(extra) is None
-        # A connection that authenticated before keeps serving calls.
+                for _ in range(MAX_UNAUTHENTICATED_PER_PEER)]
+        # Its share is full: each new bare connection closes this peer's oldest waiting one.
+        extra = [socket.create_connection(server.tcp, timeout=HANG_S) for _ in range(5)]
+        for sock in idle[:5]:
+            assert _read_frame(sock) is None
+        idle = idle[5:] + extra
+        # A connection that authenticated before keeps serving calls, and a new one from the
+        # same peer (its hello comes at once) still gets in.
         for n in range(20):
             reply = authenticated.request(server.address, {"n": n}, timeout=HANG_S)
             assert reply == {"type": "echo", "frame": {"n": n}}
-        assert len(server.wait_lines("have not presented the worker token", 1)) == 1
+            assert _echo(server)["type"] == "echo"
+        assert len(server.wait_lines("to make way for a new one", 1)) == 1
     finally:
         for sock in idle:
             sock.close()
         authenticated.close()
-    # Slots come back as soon as the idle connections go.
     server.wait_threads(at_most=threads_before)
     assert _echo(server)["type"] == "echo"
     assert "Traceback" not in server.log_path.read_text()

@@ -19,7 +19,7 @@ from .routing_hint import routing_hint
 from .store import routing
 from .store import workers as worker_store
 from .direct_calls import DirectCalls
-from .worker_client import WORKER_DIED, WorkerConnections, WorkerGone
+from .worker_client import WORKER_DIED, NotAdmitted, WorkerConnections, WorkerGone
 
 log = logging.getLogger("dockyard.invoke")
 
@@ -157,9 +157,15 @@ def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocatio
                 if started:
                     return {"status": Status.CRASHED, "version": target.version,
                             "worker_id": worker["id"], "error": dict(WORKER_DIED)}
+                last_error = str(exc)
+                if isinstance(exc, NotAdmitted):
+                    # It is there and closed this one connection at accept: never marked
+                    # lost for it (anyone can make a worker close connections); this call
+                    # tries again, and is answered 503 if it never gets in.
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
                 avoid.add(worker["id"])
                 worker_store.mark_lost(db, worker["id"])
-                last_error = str(exc)
                 continue
         status = reply.get("status")
         if status == Status.NOT_RUNNING:

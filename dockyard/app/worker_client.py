@@ -28,6 +28,12 @@ class WorkerGone(Exception):
     """The worker closed the connection or could not be reached."""
 
 
+class NotAdmitted(WorkerGone):
+    """The worker accepted the connection, then closed or refused it before its hello was
+    answered (its gate made way for others, or it was stopping): the worker is there, and
+    this connection alone failed; nothing was sent on it."""
+
+
 def _dial(address: str, timeout: float) -> socket.socket:
     """A connected socket to a worker: "unix:/path" is a Unix socket (a local worker),
     anything else HOST:PORT over TCP."""
@@ -68,12 +74,15 @@ class WorkerConnections:
         try:
             conn.send({"type": Frame.HELLO, "token": self.token})
             reply = conn.recv()
+        except TimeoutError as exc:
+            conn.close()    # accepted, never answered: the worker is stuck
+            raise WorkerGone(f"worker at {address} did not answer the hello: {exc}") from exc
         except (OSError, ValueError) as exc:
             conn.close()
-            raise WorkerGone(f"worker at {address} refused the connection: {exc}") from exc
+            raise NotAdmitted(f"worker at {address} refused the connection: {exc}") from exc
         if not reply or reply.get("type") != Frame.HELLO:
             conn.close()
-            raise WorkerGone(f"worker at {address} refused the connection: {reply}")
+            raise NotAdmitted(f"worker at {address} refused the connection: {reply}")
         # From here on the socket blocks and the kernel bounds each wait (SO_RCVTIMEO /
         # SO_SNDTIMEO): no poll before every read and write of a call.
         sock.settimeout(None)

@@ -1,41 +1,59 @@
 """The worker's invoke endpoint: a TCP or Unix-socket listener speaking the same length-prefixed
 JSON frames as the pipes. The control plane keeps connections open, so a call costs one frame
-each way. Every connection must first present the worker token, and until it has, it gets
-little: a hello of a few KB that must arrive whole within a few seconds, and only a few such
-connections at once (anything on the host can dial a loopback port)."""
+each way.
+
+Every connection must first present the worker token, and until it has, it gets little: no
+thread (one gate thread reads every hello not whole yet), a hello of a few KB that must arrive
+whole within a couple of seconds, and a fair share of the places for connections that have not
+presented the token. Shares are per peer: the uid at the other end of a Unix socket
+(SO_PEERCRED), or of a TCP connection from this host (the kernel's socket table, through
+sock_diag), else the peer's address. A peer past its share loses its own oldest waiting
+connection, never another peer's; past the cap for all peers, the peer holding the most loses
+its oldest. So a function holding bare connections to the worker's port (anything on the host
+can dial a loopback port) only ever crowds out itself: the control plane's connections, which
+send their hello as soon as they are connected, are let in."""
 
 from __future__ import annotations
 
+import collections
 import errno
 import hmac
+import ipaddress
 import logging
 import os
+import select
 import socket
 import socketserver
 import stat
 import struct
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
 
 from ..common.protocol import Frame
-from ..common.frames import FrameError, FrameSocket
+from ..common.frames import FrameSocket, encode_frame, loads
 
 log = logging.getLogger("dockyard.server")
 
 # A hello carries a token of a few dozen bytes.
 HELLO_MAX_BYTES = 4096
-# The whole hello must arrive within this long of the connection being accepted.
-HANDSHAKE_TIMEOUT_S = 5.0
-# Connections that have not presented the token yet; beyond this, new ones are closed at once.
-MAX_UNAUTHENTICATED = 16
-# Connections closed for the cap are logged at most this often (with a count).
+# The whole hello must arrive within this long of the connection being accepted (the control
+# plane sends it as soon as it is connected).
+HANDSHAKE_TIMEOUT_S = 2.0
+# Connections from one peer that have not presented the token yet; a new one past this closes
+# that peer's oldest waiting connection (never another peer's).
+MAX_UNAUTHENTICATED_PER_PEER = 16
+# The same from all peers together; past this, the peer holding the most loses its oldest.
+MAX_UNAUTHENTICATED = 128
+# Connections closed to make way are logged at most this often (with a count).
 REFUSAL_LOG_INTERVAL_S = 10.0
 
 UNIX_PREFIX = "unix:"
 # sockaddr_un.sun_path is 108 bytes on Linux, the last one for the terminating NUL.
 UNIX_PATH_MAX = 107
 _PEERCRED = struct.Struct("3i")
+_HEADER = struct.Struct(">I")
 
 
 def unix_path(address: tuple[str, int] | str) -> str | None:
@@ -55,23 +73,26 @@ class InvokeServer(socketserver.ThreadingTCPServer):
     def __init__(self, address: tuple[str, int] | str, token: str,
                  handle_frame: Callable[[dict], dict | None], *,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
-                 max_unauthenticated: int = MAX_UNAUTHENTICATED):
+                 max_unauthenticated: int = MAX_UNAUTHENTICATED,
+                 max_unauthenticated_per_peer: int = MAX_UNAUTHENTICATED_PER_PEER):
         self.token = token
         self.token_bytes = token.encode()
         self.handle_frame = handle_frame
         self.handshake_timeout = handshake_timeout
-        self.max_unauthenticated = max_unauthenticated
+        self.max_unauthenticated = max(1, max_unauthenticated)
+        self.max_unauthenticated_per_peer = max(1, min(max_unauthenticated_per_peer,
+                                                       self.max_unauthenticated))
         self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()
-        self.unauthenticated = 0
-        self._refused_unlogged = 0
-        self._next_refusal_log = 0.0
+        # Bytes that came after a hello, handed to the connection's thread with its socket.
+        self._after_hello: dict[socket.socket, bytes] = {}
         self.unix_path = unix_path(address)
         self._socket_file: tuple[int, int] | None = None
         if self.unix_path is not None:
             self.address_family = socket.AF_UNIX
             address = self.unix_path
         super().__init__(address, _Connection)
+        self.gate = _Gate(self)
 
     @property
     def address(self) -> str:
@@ -96,6 +117,7 @@ class InvokeServer(socketserver.ThreadingTCPServer):
         self.server_address = self.unix_path
 
     def server_close(self) -> None:
+        self.gate.close()
         super().server_close()
         if self._socket_file is None:
             return
@@ -111,54 +133,52 @@ class InvokeServer(socketserver.ThreadingTCPServer):
     # -- admission ------------------------------------------------------------------------
 
     def process_request(self, request, client_address) -> None:
-        with self.lock:
-            admitted = self.unauthenticated < self.max_unauthenticated
-            if admitted:
-                self.unauthenticated += 1
-        if not admitted:
-            self.shutdown_request(request)
-            self._note_refusal(request, client_address)
-            return
+        """A connection just accepted waits at the gate for its hello (no thread of its own
+        until it has presented the token)."""
+        self.gate.add(request, client_address)
+
+    def admit(self, sock: socket.socket, client_address, after_hello: bytes) -> None:
+        """The gate found the token in this connection's hello: serve it in its own thread."""
+        if after_hello:
+            with self.lock:
+                self._after_hello[sock] = after_hello
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.authenticated_or_gone()
-            raise
+            socketserver.ThreadingMixIn.process_request(self, sock, client_address)
+        except Exception:  # noqa: BLE001 - no thread to be had: this connection only
+            log.exception("could not start serving the connection from %s", client_address)
+            with self.lock:
+                self._after_hello.pop(sock, None)
+            self.shutdown_request(sock)
 
-    def authenticated_or_gone(self) -> None:
-        """A connection stopped counting against the unauthenticated cap."""
+    def after_hello(self, sock: socket.socket) -> bytes:
         with self.lock:
-            self.unauthenticated -= 1
+            return self._after_hello.pop(sock, b"")
 
-    def _note_refusal(self, request, client_address) -> None:
-        now = time.monotonic()
-        with self.lock:
-            self._refused_unlogged += 1
-            if now < self._next_refusal_log:
-                return
-            count, self._refused_unlogged = self._refused_unlogged, 0
-            self._next_refusal_log = now + REFUSAL_LOG_INTERVAL_S
-        log.warning("closed a new connection from %s at once: %d connections have not "
-                    "presented the worker token yet (the limit); %d closed so since the last "
-                    "such line", self.peer(request, client_address), self.max_unauthenticated,
-                    count)
+    def identify(self, sock: socket.socket, client_address,
+                 look_up: bool = True) -> tuple[Hashable, str]:
+        """Who is on the other end: the key its share of the gate is counted under, and how
+        log lines name it (address and port; for a Unix socket the peer's pid and uid).
+        `look_up`: find the uid of a TCP peer on this host (the gate thread only)."""
+        if self.unix_path is not None:
+            try:
+                pid, uid, _ = _PEERCRED.unpack(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            except OSError:
+                return ("unix", None), self.address
+            return ("uid", uid), f"pid {pid} (uid {uid}) on {self.address}"
+        host, port = client_address[0], client_address[1]
+        return (host, self.gate.local_uid(sock) if look_up else None), f"{host}:{port}"
 
     def peer(self, sock: socket.socket, client_address) -> str:
-        """Who is on the other end, for a log line: address and port, or for a Unix socket
-        the peer's pid and uid."""
-        if self.unix_path is None:
-            return f"{client_address[0]}:{client_address[1]}"
-        try:
-            pid, uid, _ = _PEERCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        except OSError:
-            return self.address
-        return f"pid {pid} (uid {uid}) on {self.address}"
+        """How a log line names the other end of a connection."""
+        return self.identify(sock, client_address, look_up=False)[1]
 
     def handle_error(self, request, client_address) -> None:
         log.exception("the connection from %s failed", self.peer(request, client_address))
 
     def close_connections(self) -> None:
+        """End every connection: those being served and those still at the gate."""
+        self.gate.close()
         with self.lock:
             for sock in list(self.connections):
                 try:
@@ -191,26 +211,314 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, f"another process listens on {path}")
 
 
-class _Refused(Exception):
-    """The hello was not accepted; the message says why, for the one log line."""
+@dataclass(eq=False)
+class _Waiting:
+    """A connection at the gate: accepted, its hello not whole yet."""
 
-    def __init__(self, why: str, reply: str | None = None):
-        super().__init__(why)
-        self.reply = reply
+    sock: socket.socket
+    fd: int
+    address: object
+    peer: Hashable
+    label: str
+    deadline: float
+    buffer: bytearray = field(default_factory=bytearray)
+
+
+class _Gate:
+    """Every connection that has not presented the token yet, read by one thread with poll():
+    none holds a thread, each at most a hello's bytes, until its deadline. Shares of the
+    places are per peer (see the module's docstring)."""
+
+    def __init__(self, server: InvokeServer):
+        self.server = server
+        self.inbox: collections.deque = collections.deque()
+        self.waiting: dict[int, _Waiting] = {}
+        self.by_peer: dict[Hashable, collections.deque] = {}
+        self.poller = select.poll()     # not select(): descriptors may be over 1024
+        self.wake_read, self.wake_write = socket.socketpair()
+        self.wake_read.setblocking(False)
+        self.wake_write.setblocking(False)
+        self.poller.register(self.wake_read, select.POLLIN)
+        self.diag: socket.socket | None = None
+        self.closed = False
+        self._made_way = 0
+        self._next_made_way_log = 0.0
+        self.thread = threading.Thread(target=self._run, name="invoke-gate", daemon=True)
+        self.thread.start()
+
+    # -- from other threads ---------------------------------------------------------------
+
+    def add(self, sock: socket.socket, client_address) -> None:
+        if self.closed:
+            self.server.shutdown_request(sock)
+            return
+        self.inbox.append((sock, client_address, time.monotonic()))
+        self._wake()
+
+    def close(self) -> None:
+        """Stop the gate thread and close every connection still at the gate."""
+        if self.closed:
+            return
+        self.closed = True
+        self._wake()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=5)
+        for entry in list(self.waiting.values()):
+            self._forget(entry)
+            entry.sock.close()
+        while self.inbox:
+            self.inbox.popleft()[0].close()
+        if self.diag is not None:
+            self.diag.close()
+        self.wake_read.close()
+        self.wake_write.close()
+
+    def _wake(self) -> None:
+        try:
+            self.wake_write.send(b"\0")
+        except OSError:
+            pass    # a wake-up is pending already (or the gate is closed)
+
+    # -- the gate thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        wake = self.wake_read.fileno()
+        while not self.closed:
+            try:
+                events = self.poller.poll(self._wait_ms())
+            except InterruptedError:
+                continue
+            try:
+                for fd, _ in events:
+                    if fd == wake:
+                        self._drain_wake()
+                        continue
+                    entry = self.waiting.get(fd)
+                    if entry is not None:
+                        self._read(entry)
+                # Hellos already here are read before new connections are let in, so that
+                # none of them is closed to make way.
+                while self.inbox and not self.closed:
+                    self._admit(*self.inbox.popleft())
+                self._expire()
+            except Exception:  # noqa: BLE001 - the gate must outlive any one connection
+                log.exception("the invoke port's gate failed")
+
+    def _wait_ms(self) -> int:
+        if not self.waiting:
+            return -1
+        first = min(entry.deadline for entry in self.waiting.values())
+        return max(0, int((first - time.monotonic()) * 1000) + 1)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self.wake_read.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _admit(self, sock: socket.socket, client_address, accepted: float) -> None:
+        server = self.server
+        try:
+            sock.setblocking(False)
+            peer, label = server.identify(sock, client_address)
+        except OSError:
+            server.shutdown_request(sock)
+            return
+        entry = _Waiting(sock, sock.fileno(), client_address, peer, label,
+                         accepted + server.handshake_timeout)
+        # The control plane sends its hello as soon as it is connected: often it is here.
+        if self._read(entry):
+            return
+        share = self.by_peer.get(peer)
+        while share and len(share) >= server.max_unauthenticated_per_peer:
+            self._make_way(share[0], f"it had {len(share)} connections that have not "
+                                     "presented the worker token yet (its share)")
+        if len(self.waiting) >= server.max_unauthenticated:
+            most = max(self.by_peer.values(), key=len)
+            self._make_way(most[0], f"{len(self.waiting)} connections from all peers had not "
+                                    "presented the worker token yet (the limit), the most "
+                                    "of them from its peer")
+        self.waiting[entry.fd] = entry
+        self.by_peer.setdefault(peer, collections.deque()).append(entry)
+        self.poller.register(sock, select.POLLIN)
+
+    def _make_way(self, entry: _Waiting, why: str) -> None:
+        """Close a waiting connection for a new one, unless its hello has just come whole."""
+        if self._read(entry):
+            return
+        self._forget(entry)
+        self.server.shutdown_request(entry.sock)
+        now = time.monotonic()
+        self._made_way += 1
+        if now < self._next_made_way_log:
+            return
+        count, self._made_way = self._made_way, 0
+        self._next_made_way_log = now + REFUSAL_LOG_INTERVAL_S
+        uid = entry.peer[1] if isinstance(entry.peer, tuple) and \
+            self.server.unix_path is None else None
+        log.warning("closed a waiting connection from %s to make way for a new one: %s; %d "
+                    "closed so since the last such line", entry.label + (
+                        f" (uid {uid})" if uid is not None else ""), why, count)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for entry in [e for e in self.waiting.values() if e.deadline <= now]:
+            self._refuse(entry, f"no whole hello within {self.server.handshake_timeout:g}s",
+                         "no hello in time")
+
+    def _read(self, entry: _Waiting) -> bool:
+        """Read what has come of the hello (never blocks); True once the connection is
+        settled: let in, or refused."""
+        room = 4 + HELLO_MAX_BYTES - len(entry.buffer)
+        try:
+            chunk = entry.sock.recv(room if room > 0 else 1)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self._refuse(entry, f"the connection failed before its hello: {exc}")
+            return True
+        if not chunk:
+            if entry.buffer:
+                self._refuse(entry, "bad hello: stream ended inside a frame", "bad hello")
+            else:
+                self._refuse(entry, "closed before sending a hello")
+            return True
+        entry.buffer += chunk
+        return self._check(entry)
+
+    def _check(self, entry: _Waiting) -> bool:
+        buffer = entry.buffer
+        if len(buffer) < 4:
+            return False
+        (size,) = _HEADER.unpack_from(buffer)
+        if size > HELLO_MAX_BYTES:
+            self._refuse(entry, f"bad hello: frame of {size} bytes is over the "
+                                f"{HELLO_MAX_BYTES} byte limit", "bad hello")
+            return True
+        if len(buffer) < 4 + size:
+            return False
+        try:
+            hello = loads(bytes(buffer[4:4 + size]))
+        except (ValueError, RecursionError):
+            self._refuse(entry, "bad hello: not JSON", "bad hello")
+            return True
+        token = hello.get("token") if isinstance(hello, dict) else None
+        if not isinstance(token, str):
+            self._refuse(entry, "bad hello: no token", "wrong worker token")
+            return True
+        if not hmac.compare_digest(token.encode("utf-8", "replace"), self.server.token_bytes):
+            self._refuse(entry, "wrong worker token", "wrong worker token")
+            return True
+        self._forget(entry)
+        try:
+            entry.sock.setblocking(True)
+        except OSError:
+            self.server.shutdown_request(entry.sock)
+            return True
+        self.server.admit(entry.sock, entry.address, bytes(buffer[4 + size:]))
+        return True
+
+    def _refuse(self, entry: _Waiting, why: str, reply: str | None = None) -> None:
+        """One warning line; for a hello that was wrong or late, an error frame that says
+        so (a few dozen bytes: the socket's buffer takes it at once); then close."""
+        self._forget(entry)
+        log.warning("refused a connection from %s: %s", entry.label, why)
+        if reply:
+            try:
+                entry.sock.send(encode_frame({"type": Frame.ERROR, "error": {
+                    "type": "Unauthorized", "message": reply}}))
+            except OSError:
+                pass
+        self.server.shutdown_request(entry.sock)
+
+    def _forget(self, entry: _Waiting) -> None:
+        if self.waiting.pop(entry.fd, None) is not None:
+            try:
+                self.poller.unregister(entry.fd)
+            except (KeyError, ValueError, OSError):
+                pass
+        share = self.by_peer.get(entry.peer)
+        if share is not None:
+            try:
+                share.remove(entry)
+            except ValueError:
+                pass
+            if not share:
+                del self.by_peer[entry.peer]
+
+    # -- who is on the other end ----------------------------------------------------------
+
+    def local_uid(self, sock: socket.socket) -> int | None:
+        """The uid owning the other end of a TCP connection when that end is on this host
+        (in this network namespace), as `ss -e` shows it: sock_diag's lookup of the one
+        socket by its addresses. None for a peer elsewhere, or where the lookup fails."""
+        try:
+            if self.diag is None:
+                self.diag = socket.socket(socket.AF_NETLINK,
+                                          socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                                          _NETLINK_SOCK_DIAG)
+                self.diag.settimeout(0.5)
+            request = _diag_request(sock)
+            if request is None:
+                return None
+            self.diag.sendto(request, (0, 0))
+            answer = self.diag.recv(8192)
+        except OSError:
+            return None
+        if len(answer) < _DIAG_UID_AT + 4:
+            return None
+        _, kind, _, _, _ = _NLMSG.unpack_from(answer)
+        if kind != _SOCK_DIAG_BY_FAMILY:
+            return None     # NLMSG_ERROR: no such socket here (a peer on another host)
+        return struct.unpack_from("=I", answer, _DIAG_UID_AT)[0]
+
+
+# sock_diag (linux/sock_diag.h, linux/inet_diag.h): one request for one socket.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG = struct.Struct("=IHHII")                    # len, type, flags, seq, pid
+_DIAG_REQ = struct.Struct("=BBBBI")                 # family, protocol, ext, pad, states
+_NO_COOKIE = struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)    # interface, cookie
+# inet_diag_msg: family, state, timer, retrans; the socket id (48 bytes); expires, rqueue,
+# wqueue; then the uid.
+_DIAG_UID_AT = _NLMSG.size + 4 + 48 + 12
+
+
+def _diag_request(sock: socket.socket) -> bytes | None:
+    """The sock_diag request for the socket at the other end of `sock` (its local address
+    is our peer's, its remote address ours)."""
+    peer, local = sock.getpeername(), sock.getsockname()
+    family = sock.family
+    peer_ip, local_ip = ipaddress.ip_address(peer[0]), ipaddress.ip_address(local[0])
+    if family == socket.AF_INET6 and peer_ip.ipv4_mapped is not None:
+        # An IPv4 peer of a dual-stack listener: its own socket is an IPv4 one.
+        family, peer_ip = socket.AF_INET, peer_ip.ipv4_mapped
+        local_ip = local_ip.ipv4_mapped or local_ip
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    body = (_DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+            + struct.pack(">HH", peer[1], local[1])
+            + peer_ip.packed.ljust(16, b"\0") + local_ip.packed.ljust(16, b"\0")
+            + _NO_COOKIE)
+    return _NLMSG.pack(_NLMSG.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1,
+                       0) + body
 
 
 class _Connection(socketserver.BaseRequestHandler):
+    """A connection whose hello carried the token (see _Gate): calls, one frame each way."""
+
     server: InvokeServer
 
     def handle(self) -> None:
         sock = self.request
         server = self.server
         conn = FrameSocket(sock)
+        conn.buffer += server.after_hello(sock)
         with server.lock:
             server.connections.add(sock)
         try:
-            if not self._authenticate(conn):
-                return
             if server.unix_path is None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.send({"type": Frame.HELLO})
@@ -236,51 +544,3 @@ class _Connection(socketserver.BaseRequestHandler):
             with server.lock:
                 server.connections.discard(sock)
             conn.close()
-
-    def _authenticate(self, conn: FrameSocket) -> bool:
-        """Read the hello within the handshake limits and check its token. Either way the
-        connection stops counting as unauthenticated; a refusal is one warning line."""
-        try:
-            self._check_hello(conn)
-        except _Refused as refused:
-            log.warning("refused a connection from %s: %s",
-                        self.server.peer(conn.sock, self.client_address), refused)
-            if refused.reply:
-                self._reply_refusal(conn, refused.reply)
-            return False
-        finally:
-            self.server.authenticated_or_gone()
-        # Back to a blocking socket with no receive timeout: calls are read with no poll.
-        conn.sock.settimeout(None)
-        return True
-
-    def _check_hello(self, conn: FrameSocket) -> None:
-        server = self.server
-        deadline = time.monotonic() + server.handshake_timeout
-        try:
-            hello = conn.recv_by(deadline, HELLO_MAX_BYTES)
-        except TimeoutError:
-            raise _Refused(f"no whole hello within {server.handshake_timeout:g}s",
-                           "no hello in time") from None
-        except FrameError as exc:
-            raise _Refused(f"bad hello: {exc}", "bad hello") from None
-        except (ValueError, RecursionError):
-            raise _Refused("bad hello: not JSON", "bad hello") from None
-        except OSError as exc:
-            raise _Refused(f"the connection failed before its hello: {exc}") from None
-        if hello is None:
-            raise _Refused("closed before sending a hello")
-        token = hello.get("token") if isinstance(hello, dict) else None
-        if not isinstance(token, str):
-            raise _Refused("bad hello: no token", "wrong worker token")
-        if not hmac.compare_digest(token.encode("utf-8", "replace"), server.token_bytes):
-            raise _Refused("wrong worker token", "wrong worker token")
-
-    @staticmethod
-    def _reply_refusal(conn: FrameSocket, message: str) -> None:
-        try:
-            conn.sock.settimeout(1.0)
-            conn.send({"type": Frame.ERROR,
-                       "error": {"type": "Unauthorized", "message": message}})
-        except OSError:
-            pass
