@@ -117,7 +117,9 @@ class InvokeServer(socketserver.ThreadingTCPServer):
         self.server_address = self.unix_path
 
     def server_close(self) -> None:
-        self.gate.close()
+        gate = getattr(self, "gate", None)     # none yet when binding failed
+        if gate is not None:
+            gate.close()
         super().server_close()
         if self._socket_file is None:
             return
