@@ -305,3 +305,43 @@ def test_bare_connections_to_a_tcp_worker_cost_another_container_no_call(tcp_ser
     function = server.wait_invocation(held_by_function.json()["invocation_id"])
     print(f"\nthe function's bare connections: {function.get('output')}; "
           f"the host process's: {held}")
+
+
+# -- who reads /metrics ----------------------------------------------------------------------
+
+def test_metrics_need_the_admin_token(server, pkg):
+    server.deploy(pkg("echo", name="adm-metrics"))
+    assert server.invoke("adm-metrics/echo", 1).status_code == 200
+    anonymous = requests.get(server.url + "/metrics", timeout=30)
+    assert anonymous.status_code == 401
+    error = anonymous.json()["error"]
+    assert error["type"] == "Unauthorized"
+    assert "/metrics needs the admin token" in error["message"]
+    assert "--public-metrics" in error["message"]
+    assert "adm-metrics" not in anonymous.text
+    wrong = requests.get(server.url + "/metrics", timeout=30,
+                         headers={"Authorization": "Bearer dya_not-a-token"})
+    assert wrong.status_code == 401 and "--public-metrics" in wrong.text
+    worker = requests.get(server.url + "/metrics", timeout=30,
+                          headers={"Authorization": f"Bearer {server.worker_token}"})
+    assert worker.status_code == 403
+    admin = server.api("GET", "/metrics")
+    assert admin.status_code == 200
+    assert admin.headers["Content-Type"].startswith("text/plain")
+    assert "dockyard_workers_ready" in admin.text
+
+
+def test_serve_public_metrics_lets_anyone_read_them(private_tmp):
+    data = private_tmp / "public-metrics" / "data"
+    data.parent.mkdir()
+    server = Server(data, ["--public-metrics", "--no-local-worker"], workers=0)
+    try:
+        anonymous = requests.get(server.url + "/metrics", timeout=30)
+        assert anonymous.status_code == 200
+        assert "dockyard_workers_ready 0.0" in anonymous.text
+        # The rest of the API still wants its token.
+        assert requests.get(server.url + "/api/containers", timeout=30).status_code == 401
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_path.read_text()[-3000:]
+    assert not server.leftovers, server.leftovers

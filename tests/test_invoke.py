@@ -201,7 +201,7 @@ def test_metrics_and_health(server, pkg):
     server.api("GET", f"/api/invocations/{response.headers['X-Dockyard-Invocation-Id']}")
     health = requests.get(server.url + "/healthz", timeout=10).json()
     assert health == {"status": "ok", "workers": 1}
-    text = requests.get(server.url + "/metrics", timeout=10).text
+    text = server.api("GET", "/metrics", timeout=10).text
     assert 'dockyard_invocations_total{container="inv-metrics",status="succeeded"}' in text
     assert "dockyard_workers_ready 1.0" in text
 

@@ -1,5 +1,5 @@
-"""Bearer tokens: admin (everything), worker (register, heartbeat, artifacts) and invoke
-(/invoke when `--invoke-auth` is on)."""
+"""Bearer tokens: admin (everything, /metrics included), worker (register, heartbeat,
+artifacts) and invoke (/invoke when `--invoke-auth` is on)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,21 @@ INVOKE_KINDS = {"admin", "invoke"}   # the tokens /invoke takes under --invoke-a
 def check_invoke() -> None:
     if current_app.config["INVOKE_AUTH"]:
         check(INVOKE_KINDS)
+
+
+METRICS_KINDS = {"admin"}   # the tokens /metrics takes, unless `serve --public-metrics`
+
+
+def check_metrics() -> None:
+    """/metrics names every container and job with its call counts: the admin token reads
+    it, unless `serve --public-metrics` (config PUBLIC_METRICS) opens it to anyone."""
+    if current_app.config.get("PUBLIC_METRICS"):
+        return
+    try:
+        check(METRICS_KINDS)
+    except Unauthorized as exc:
+        raise Unauthorized(f"/metrics needs the admin token: {exc.message}; or start "
+                           "`dockyard serve --public-metrics` to let anyone read it") from None
 
 
 def init_app(app) -> None:  # noqa: ARG001 - kept for symmetry with the other extensions

@@ -144,6 +144,8 @@ def _table(rows: list[list], headers: list[str]) -> None:
               "that they get a 429 at once (0: no bound).")
 @click.option("--no-local-worker", is_flag=True, help="Do not start a worker in this process.")
 @click.option("--invoke-auth", is_flag=True, help="Require a token on /invoke.")
+@click.option("--public-metrics", is_flag=True,
+              help="Let anyone read /metrics (it needs the admin token otherwise).")
 @click.option("--index-url", help="Package index for venv builds (passed to uv).")
 @click.option("--find-links", multiple=True, help="Wheelhouse folder for venv builds.")
 @click.option("--offline", is_flag=True, help="Never reach a package index.")
@@ -162,8 +164,8 @@ def _table(rows: list[list], headers: list[str]) -> None:
               help="How often retention runs.")
 @pass_ctx
 def serve(ctx, host, port, deploy_dir, deploy_poll, no_deploy_dir, web_workers, web_reserve,
-          no_local_worker, invoke_auth, index_url, find_links, offline, python, uid_base,
-          no_view, keep_invocations, keep_versions, prune_every):
+          no_local_worker, invoke_auth, public_metrics, index_url, find_links, offline, python,
+          uid_base, no_view, keep_invocations, keep_versions, prune_every):
     """Run the control plane, a local worker and the deploy folder."""
     from .serve import ServeOptions, Supervisor, retention_options
     retention = retention_options(keep_invocations, keep_versions, prune_every)
@@ -179,7 +181,8 @@ def serve(ctx, host, port, deploy_dir, deploy_poll, no_deploy_dir, web_workers, 
                            deploy_poll=deploy_poll,
                            web_workers=web_workers, web_reserve=web_reserve,
                            local_worker=not no_local_worker,
-                           invoke_auth=invoke_auth, worker_args=worker_args,
+                           invoke_auth=invoke_auth, public_metrics=public_metrics,
+                           worker_args=worker_args,
                            retention=retention)
     sys.exit(Supervisor(options).run())
 

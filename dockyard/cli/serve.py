@@ -103,6 +103,8 @@ class ServeOptions:
     web_reserve: int = 4
     local_worker: bool = True
     invoke_auth: bool = False
+    # /metrics without a token (it lists every container and its call counts).
+    public_metrics: bool = False
     worker_args: list[str] = field(default_factory=list)
     retention: Retention = field(default_factory=Retention)
 
@@ -150,6 +152,7 @@ class Supervisor:
         env = dict(os.environ)
         env["DOCKYARD_DATA_DIR"] = str(self.data.root)
         env["DOCKYARD_INVOKE_AUTH"] = "true" if self.options.invoke_auth else "false"
+        env["DOCKYARD_PUBLIC_METRICS"] = "true" if self.options.public_metrics else "false"
         env["DOCKYARD_WEB_THREADS"] = str(self.web_threads)
         env["DOCKYARD_WEB_RESERVE"] = str(self.options.web_reserve)
         return env

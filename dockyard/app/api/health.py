@@ -1,5 +1,6 @@
 """`/` (a short index), `/healthz` (both without auth) and `/metrics` (Prometheus text,
-computed from the store so every gunicorn process answers the same)."""
+computed from the store so every gunicorn process answers the same; the admin token reads it,
+anyone under `serve --public-metrics`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                      HistogramMetricFamily)
 
-from ..auth import require
+from ..auth import check_metrics, require
 from ..state import database, extension
 from ..store import job_runs
 from ..store import jobs as job_store
@@ -136,6 +137,7 @@ class JobCollector:
 
 @bp.get("/metrics")
 def metrics():
+    check_metrics()
     registry = CollectorRegistry()
     registry.register(StoreCollector(database()))
     registry.register(JobCollector(database()))
