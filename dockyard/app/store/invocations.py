@@ -106,6 +106,11 @@ class _Coerced(Exception):
         self.value = value
 
 
+_ABSENT = object()
+_NAME_KEYS = ("id", "container", "version", "function", "trigger", "worker_id")
+_TEXT_KEYS = ("input", "output", "stdout", "stderr")
+_NUMBER_KEYS = ("created_at", "started_at", "finished_at", "duration_ms")
+
 # Each column a record may set, and the check that gives the value bound for it.
 _CHECKS = {
     "id": _name, "container": _name, "version": _name, "function": _name, "trigger": _name,
@@ -122,15 +127,43 @@ def checked(row: dict) -> dict:
     named in the error's `record_note`."""
     out: dict = {}
     notes: list[str] = []
-    for key, check in _CHECKS.items():
-        if key not in row:
-            continue
-        value = row[key]
-        if value is None:
+    # The common case first, without a call per field: values already as their columns
+    # store them. Anything else goes through its column's check below.
+    others = []
+    get = row.get
+    for keys, limit in ((_NAME_KEYS, NAME_CAP), (_TEXT_KEYS, TEXT_CAP)):
+        for key in keys:
+            value = get(key, _ABSENT)
+            if value.__class__ is str and len(value) <= limit and value.isascii():
+                out[key] = value
+            elif value is None:
+                out[key] = None
+            elif value is not _ABSENT:
+                others.append(key)
+    for key in _NUMBER_KEYS:
+        value = get(key, _ABSENT)
+        if value.__class__ is float and 0 <= value < math.inf:
+            out[key] = value
+        elif value is None:
             out[key] = None
-            continue
+        elif value is not _ABSENT:
+            others.append(key)
+    value = get("max_rss_kb", _ABSENT)
+    if value.__class__ is int and 0 <= value <= SQL_INT_MAX or value is None:
+        out["max_rss_kb"] = value
+    elif value is not _ABSENT:
+        others.append("max_rss_kb")
+    value = get("cold", _ABSENT)
+    if value.__class__ is bool:
+        out["cold"] = int(value)
+    elif value is None:
+        out["cold"] = None
+    elif value is not _ABSENT:
+        others.append("cold")
+    for key in others:
+        value = row[key]
         try:
-            out[key] = check(value)
+            out[key] = _CHECKS[key](value)
         except _Coerced as coerced:
             out[key] = coerced.value
             notes.append(f"{key} ({coerced})")
