@@ -1,7 +1,9 @@
 """Per-process cgroups: a memory limit that the kernel enforces (and tells us it enforced),
-a pids limit that binds even root, and a list of every process of a child's tree however it
-forked. Works on cgroup v2 (unified) and v1 (memory and pids hierarchies); `detect()` says
-which, or why neither is usable."""
+a pids limit that binds even root, a CPU quota (one CPU unless asked otherwise, so that no
+way around a per-call CPU budget can take more than that), and a list of every process of a
+child's tree however it forked. Works on cgroup v2 (unified) and v1 (memory and pids
+hierarchies, cpu and cpuacct where mounted); `detect()` says which, or why neither is
+usable."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ CONTROLLERS = ("memory", "pids")
 # time of a whole tree, for the per-call CPU budget (v2 has it in every group's cpu.stat).
 OPTIONAL = ("cpu", "cpuacct")
 CPU_PERIOD_US = 100_000
+# The CPU quota of a group whose owner asked for none.
+DEFAULT_CPUS = 1.0
 
 
 def _mounts() -> list[tuple[str, str, set[str]]]:
@@ -63,6 +67,7 @@ class CgroupHost:
 
     def create(self, name: str, memory_mb: int, processes: int,
                cpus: float | None = None) -> "Cgroup":
+        """A new group below ours, limited: `cpus` is its CPU quota in CPUs (None: one)."""
         dirs = {}
         for controller, root in self.roots.items():
             path = root / name
@@ -89,19 +94,19 @@ class Cgroup:
 
     def limit(self, memory_mb: int, processes: int, cpus: float | None = None) -> None:
         limit = int(memory_mb) * 1024 * 1024
-        quota = None if not cpus else max(1000, int(float(cpus) * CPU_PERIOD_US))
+        quota = max(1000, int(float(DEFAULT_CPUS if cpus is None else cpus) * CPU_PERIOD_US))
         if self.version == 2:
             self._write("memory", "memory.max", limit)
             self._write("memory", "memory.swap.max", 0)
             self._write("pids", "pids.max", processes)
-            if quota and "cpu" in self.dirs:
+            if "cpu" in self.dirs:
                 self._write("cpu", "cpu.max", f"{quota} {CPU_PERIOD_US}")
         else:
             self._write("memory", "memory.limit_in_bytes", limit)
             # Without this a v1 group swaps instead of being killed at its limit.
             self._write("memory", "memory.memsw.limit_in_bytes", limit)
             self._write("pids", "pids.max", processes)
-            if quota and "cpu" in self.dirs:
+            if "cpu" in self.dirs:
                 self._write("cpu", "cpu.cfs_period_us", CPU_PERIOD_US)
                 self._write("cpu", "cpu.cfs_quota_us", quota)
 
