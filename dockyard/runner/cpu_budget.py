@@ -20,20 +20,38 @@ CPUCLOCK_SCHED = 2    # the kernel's encoding of a process CPU clock: ~pid << 3 
 
 def find_server(monitor_pid: int) -> int:
     """The bootstrap's pid on the host, below a sandbox launcher: the child of the
-    namespace's init whose pid inside the namespace is 2. 0 if it cannot be found."""
+    namespace's init whose pid inside the namespace is 2 (the launcher may have other children
+    beside the init: pasta, for a function with network). 0 if it cannot be found."""
     try:
-        with open(f"/proc/{monitor_pid}/task/{monitor_pid}/children") as f:
-            init = int(f.read().split()[0])
-        with open(f"/proc/{init}/task/{init}/children") as f:
-            candidates = [int(p) for p in f.read().split()]
-        for pid in candidates:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("NSpid:") and line.split()[-1] == "2":
-                        return pid
-    except (OSError, ValueError, IndexError) as exc:
+        for init in _children(monitor_pid):
+            try:
+                candidates = _children(init)
+            except OSError:
+                continue    # gone meanwhile (a helper that exited)
+            for pid in candidates:
+                if _namespace_pids(pid)[1:] == ["2"]:
+                    return pid
+        log.warning("cannot find the function process below launcher %s", monitor_pid)
+    except (OSError, ValueError) as exc:
         log.warning("cannot find the function process below launcher %s: %s", monitor_pid, exc)
     return 0
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _namespace_pids(pid: int) -> list[str]:
+    """Its pid in each pid namespace it is in, outermost first."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return line.split()[1:]
+    except OSError:
+        pass
+    return []
 
 
 def process_clock(pid: int) -> int:
