@@ -75,9 +75,10 @@ def _reply(status: str, message: str, error_type: str) -> dict:
 
 
 def _direct_call(child: Child) -> str | None:
-    """The id of the call a web process sent this process directly, if it has one."""
+    """The id of the call a web process sent this process directly and it has in hand, if
+    there is one (see Child.direct_state)."""
     busy, _, _, _, call_id = child.direct_state()
-    return call_id if busy else None
+    return call_id if busy and call_id else None
 
 
 def _spawn(target: Callable, *args) -> RuntimeError | None:
@@ -179,6 +180,7 @@ class Pool:
         try:
             try:
                 child = Child(self.make_spec(), self.generation, self._child_exited)
+                child.ledger_page = self.page   # where its web threads write their calls
                 prepared = True
                 child.start()
                 started = True
@@ -371,21 +373,24 @@ class Pool:
 
     def drain_and_stop(self, grace: float, quiet: float = 0.3) -> None:
         """Keep serving what arrives until nothing is in flight and nothing arrived for
-        `quiet` seconds (or `grace` runs out), then stop accepting and stop every child."""
+        `quiet` seconds, then stop accepting and stop every child: all within `grace`,
+        whatever the processes say (in flight counts what the worker measured, see
+        Child.direct_state; the last part of the grace is the children's to exit in)."""
         with self.cond:
             # Straight calls stop first: a web thread then asks the worker again, which
             # relays a call still routed here (or sends it where its version id now leads).
             self.direct_open = False
             self._changed()
         end = time.monotonic() + grace
+        drain_until = end - min(STOP_GRACE_S, grace / 2)
         last_busy = time.monotonic()
-        while time.monotonic() < end:
+        while time.monotonic() < drain_until:
             if self.busy():
                 last_busy = time.monotonic()
             elif time.monotonic() - last_busy >= quiet:
                 break
             time.sleep(0.02)
-        self.stop(grace=STOP_GRACE_S)
+        self.stop(grace=max(0.1, end - time.monotonic()))
 
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """Stop accepting, stop every child, and wait (up to `grace`) for starts under way,
@@ -416,22 +421,13 @@ class Pool:
             _live.discard(self)
 
     def check(self) -> None:
-        """Notice children that died while idle, so they are replaced before the next call."""
+        """Notice children that died while idle, so they are replaced before the next call,
+        and stop those burning CPU between calls past their budget."""
         with self.cond:
             idle = [c for c in self.children if c.in_flight == 0]
         for child in idle:
-            busy, served, _, _, _ = child.direct_state()
-            if busy:
-                continue
-            if served != child.settled_served:
-                # Calls came straight from web processes since the last look: what the tree
-                # burns is held to the budget from now on.
-                child.settled_served = served
-                if child.cpu_budget is not None:
-                    child.cpu_budget.settle()
-            else:
-                child.over_cpu_budget()
-            child.alive()
+            if not child.over_cpu_budget():
+                child.alive()
 
     def watch(self, cancelled: dict) -> None:
         """The watchdog's look at the one-at-a-time processes, those that left the pool but

@@ -25,6 +25,8 @@ from .cpu_budget import CpuBudget, find_server
 from .spares import request_socket, spares
 from .states import ProcessState, change_state
 from .tree import kill_tree
+from .witness import (BROKE_PROTOCOL, CANCEL, OVER_BUDGET, TIMED_OUT, DirectWatch, Verdict,
+                      Witness)
 
 log = logging.getLogger("dockyard.process")
 
@@ -42,8 +44,10 @@ QUEUE_WAIT_S = 5.0
 SEND_WAIT_S = QUEUE_WAIT_S + 1.0
 # How long the worker waits to write a small frame to a child's request socket.
 CONTROL_WAIT_S = 0.5
-# The watchdog kills a call this long past its timeout (seen on two looks in a row).
-TIMEOUT_GRACE_S = 0.05
+# Of a stop's grace, what is left for SIGTERM before SIGKILL (at most).
+TERM_WAIT_S = 2.0
+# How often the watchdog lets go of the channels whose web threads closed them.
+SWEEP_S = 0.5
 
 
 class LoadError(Exception):
@@ -132,17 +136,19 @@ class Child:
         self._pending: dict[str, _Pending] = {}
         self.calls: set[str] = set()    # ids of the calls in flight here (for cancel)
         self._write_lock = threading.Lock()
-        # One-at-a-time processes serve direct channels too, and show their call in hand in
-        # this slot (see common/direct.py).
+        # One-at-a-time processes serve direct channels too: the worker's account of their
+        # calls is its witness (the pool page's ledger, set by the pool), the process's own
+        # is its slot (see common/direct.py and witness.py).
+        self.ledger_page = None
         self.slot: Slot | None = None
-        self.last_slot = (False, 0, 0.0, 0.0, "")   # what it showed when it died
-        self._overdue: tuple | None = None  # a call the watchdog saw past its timeout
-        self._armed = (0, "")               # the call the CPU budget was last armed for
-        self.settled_served = 0             # calls counted at the last budget check
+        self.witness: Witness | None = None
+        self.direct_watch: DirectWatch | None = None
+        self._next_sweep = 0.0
         self.timeout_s = 0.0                # the timeout it was killed for
         self.timed_out_call = ""            # and the call that ran past it
         self._requests = None
         self._replies = None
+        self._their_requests: socket.socket | None = None  # a copy of the process's end
         self.tmp_dir = spec.tmp_root / f"p{self.number}"
         self.stdout_path = spec.run_dir / f"p{self.number}.stdout"
         self.stderr_path = spec.run_dir / f"p{self.number}.stderr"
@@ -215,6 +221,9 @@ class Child:
             except OSError as exc:
                 slot.close()
                 log.warning("%s: no slot page, so no direct channels: %s", self.what, exc)
+            self.witness = Witness(self.ledger_page, self.number, self._their_requests)
+            self.direct_watch = DirectWatch(self.witness, self.slot, self.cpu_budget,
+                                            QUEUE_WAIT_S)
         change_state(self, ProcessState.RUNNING, self.what)
         if not self.direct:
             threading.Thread(target=self._read_replies, name=f"child-{self.pid}",
@@ -231,6 +240,7 @@ class Child:
         out_fd, err_fd = self._output_files()
         env = dict(self.spec.env, HOME=str(self.tmp_dir), TMPDIR=str(self.tmp_dir))
         try:
+            self._their_requests = socket.socket(fileno=os.dup(req_read))
             self.popen = subprocess.Popen(
                 [*self.spec.argv, str(req_read), str(rep_write)], stdin=subprocess.DEVNULL,
                 stdout=out_fd, stderr=err_fd, pass_fds=(req_read, rep_write),
@@ -240,6 +250,8 @@ class Child:
         except BaseException:
             os.close(req_write)
             os.close(rep_read)
+            if self._their_requests is not None:
+                self._their_requests.close()
             raise
         finally:
             for fd in (req_read, rep_write, out_fd, err_fd):
@@ -264,6 +276,7 @@ class Child:
             raise
         self.popen = launcher.popen
         self.pid = launcher.popen.pid
+        self._their_requests = socket.socket(fileno=launcher.their_request_fd)
         self._requests = _Control(launcher.request_fd)
         self._replies = FrameReader(launcher.reply_fd, REPLY_MAX_BYTES, raw_results=True)
         try:
@@ -280,12 +293,20 @@ class Child:
 
     def over_cpu_budget(self) -> bool:
         """Between calls: kill a process that went on burning CPU past its last call's
-        budget. True if it was killed."""
+        budget. True if it was killed. (A one-at-a-time process is checked by the watchdog's
+        looks, see DirectWatch; here only while its slot is all there is.)"""
         budget = self.cpu_budget
-        if budget is None or not budget.exceeded():
+        if budget is None:
             return False
+        watch = self.direct_watch
+        if not (watch.idle_check() if watch is not None else budget.exceeded()):
+            return False
+        self._stop_over_budget()
+        return True
+
+    def _stop_over_budget(self) -> None:
         self.exit_reason = ("cpu time limit: it went on using CPU after its call returned, past "
-                            f"the call's budget of {budget.seconds:g}s")
+                            f"the call's budget of {self.cpu_budget.seconds:g}s")
         log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
         # Out of the pool's choice before the kill, and reaped at once: no call may be
         # handed to a process that is on its way out.
@@ -293,7 +314,6 @@ class Child:
         self.kill()
         if self.direct:
             self._died()
-        return True
 
     def _abort(self) -> int | None:
         self.kill()
@@ -331,38 +351,54 @@ class Child:
         self.kill()
 
     def _invoke(self, frame: dict, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
         if self.direct:
-            if self.slot is not None:
-                # Calls from web processes may be ahead of it: the timeout counts from its
-                # start, which the watchdog sees; this wait is the backstop.
-                frame = dict(frame, start_by=time.monotonic() + QUEUE_WAIT_S, timeout=timeout)
-                deadline += SEND_WAIT_S
-            if self.cpu_budget is not None:
-                self.cpu_budget.arm()
+            witness = self.witness
+            if witness is None:
+                return self._invoke_direct(frame, timeout, time.monotonic() + timeout)
+            witness.relayed_sent(frame["id"], timeout)
             try:
-                with self._write_lock:  # a channel may be handed over meanwhile
-                    self._requests.write(encode_frame(frame))
-                reply = self._replies.read(deadline)
-            except TimeoutError:
-                return self._timed_out(frame, timeout)
-            except OSError as exc:
-                log.warning("%s: pipe broke: %s", self.what, exc)
-                reply = None
-            except Exception as exc:  # noqa: BLE001 - whatever the child wrote, it is its fault
-                return self._broke_protocol(exc)
-            self.served += 1
-            self.last_used = time.monotonic()
-            if reply is None:
-                dead = self._died()
-                if self.slot is not None and not self._started(frame["id"]):
-                    return _not_running(self.spec.what)   # it waited behind another call
-                return self._for_call(dead, frame["id"])
-            if not is_reply(reply, frame["id"]):
-                return self._broke_protocol(ValueError(f"not a reply to {frame['id']}"))
-            if self.cpu_budget is not None:
-                self.cpu_budget.settle()
-            return self._finish(translate(reply))
+                # Calls from web processes may be ahead of it: the watchdog times the calls
+                # from the later of this one's sending and the last answer; this wait is the
+                # backstop.
+                frame = dict(frame, start_by=time.monotonic() + QUEUE_WAIT_S, timeout=timeout)
+                return self._invoke_direct(frame, timeout,
+                                           time.monotonic() + timeout + SEND_WAIT_S)
+            finally:
+                witness.relayed_answered(frame["id"])
+        return self._invoke_relayed(frame, timeout)
+
+    def _invoke_direct(self, frame: dict, timeout: float, deadline: float) -> dict:
+        """A call to a one-at-a-time process over its request socket: this thread reads the
+        reply."""
+        if self.cpu_budget is not None:
+            self.cpu_budget.arm()
+        try:
+            with self._write_lock:  # a channel may be handed over meanwhile
+                self._requests.write(encode_frame(frame))
+            reply = self._replies.read(deadline)
+        except TimeoutError:
+            return self._timed_out(frame, timeout)
+        except OSError as exc:
+            log.warning("%s: pipe broke: %s", self.what, exc)
+            reply = None
+        except Exception as exc:  # noqa: BLE001 - whatever the child wrote, it is its fault
+            return self._broke_protocol(exc)
+        self.served += 1
+        self.last_used = time.monotonic()
+        if reply is None:
+            dead = self._died()
+            if self.witness is not None and not self.witness.started(frame["id"]):
+                return _not_running(self.spec.what)   # it waited behind another call
+            return self._for_call(dead, frame["id"])
+        if not is_reply(reply, frame["id"]):
+            return self._broke_protocol(ValueError(f"not a reply to {frame['id']}"))
+        if self.cpu_budget is not None:
+            self.cpu_budget.settle()
+        return self._finish(translate(reply))
+
+    def _invoke_relayed(self, frame: dict, timeout: float) -> dict:
+        """A call to a process that serves several at once: a reader thread hands over the
+        replies."""
         pending = _Pending()
         call_id = frame["id"]
         self._pending[call_id] = pending
@@ -386,43 +422,38 @@ class Child:
     def channel(self) -> tuple[socket.socket, int]:
         """A new direct channel: one end goes to the process over its request socket, the
         other is returned (for a web thread), with a copy of the slot's descriptor (which
-        the caller closes once sent)."""
+        the caller closes once sent). The worker keeps a copy of the process's end (what is
+        unread there is what the process never took) and a ledger line for the channel."""
         if not self._write_lock.acquire(timeout=CONTROL_WAIT_S):
             raise OSError("its request socket is busy")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if self._requests is None or self.slot is None:
+            if self._requests is None or self.slot is None or self.witness is None:
                 raise OSError("the process is gone")
             self._requests.send_nowait(encode_frame({"type": Frame.CHANNEL}), theirs.fileno())
             slot_fd = os.dup(self.slot.fd)
         except BaseException:
             ours.close()
+            theirs.close()
             raise
         finally:
-            theirs.close()
             self._write_lock.release()
+        self.witness.add(theirs, os.fstat(ours.fileno()).st_ino)
         return ours, slot_fd
 
     def direct_state(self) -> tuple[bool, int, float, float, str]:
-        """What the slot shows: (a call in hand, calls served, when it started, when the last
-        ended, its id)."""
-        slot = self.slot
-        if slot is None:
-            return self.last_slot
-        try:
-            return slot.read()
-        except ValueError:   # closed meanwhile: the process is gone
-            return self.last_slot
+        """(a call in hand, calls served, since when, when the last ended, its id): what the
+        worker measured, where every channel is in the ledger; else what the slot shows (an
+        id only if it has the form of one). See DirectWatch."""
+        watch = self.direct_watch
+        if watch is None:
+            return False, 0, 0.0, 0.0, ""
+        return watch.state(time.monotonic())
 
     def direct_busy(self) -> bool:
-        """Whether the slot shows a call in hand (the header alone: on every pick)."""
-        slot = self.slot
-        if slot is None:
-            return self.last_slot[0]
-        try:
-            return slot.busy
-        except ValueError:
-            return self.last_slot[0]
+        """Whether the slot shows a call in hand (the header alone: on every pick, a hint)."""
+        watch = self.direct_watch
+        return watch.busy_hint() if watch is not None else False
 
     @property
     def served_total(self) -> int:
@@ -433,12 +464,10 @@ class Child:
         return max(self.last_used, self.direct_state()[3])
 
     def watch(self, now: float, timeout: float, cancelled: dict) -> None:
-        """The watchdog's look (every few tens of ms), one read of the slot: handle the death
-        of a process nobody asks about, stop a call cancelled while it waited as it starts,
-        kill a call past its timeout (seen so on two looks in a row: a look may catch the
-        slot half written), and arm the CPU budget for each new call where the kernel holds
-        it (no faster than the budget allows: the slot is the process's word, see
-        CpuBudget.arm)."""
+        """The watchdog's look (every few tens of ms): handle the death of a process nobody
+        asks about, then act on DirectWatch's verdict: stop a call cancelled while it waited
+        as it starts, kill a call past its timeout, a process whose slot broke the protocol,
+        or one that burns CPU with no call in hand past its budget."""
         if self._dead is not None:
             return
         if self.popen.poll() is not None:
@@ -447,45 +476,53 @@ class Child:
             if not self.in_flight:
                 self._died()
             return
-        busy, served, started, _, call_id = self.direct_state()
-        if busy and call_id in cancelled:
-            if self.exit_reason != "cancelled":
-                self.cancel(call_id)
-            return
-        budget = self.cpu_budget
-        if budget is not None and budget.by_kernel and (served, call_id) != self._armed:
-            self._armed = (served, call_id)
-            budget.arm(now)
-        if not busy or started + timeout + TIMEOUT_GRACE_S > now:
-            self._overdue = None
-            return
-        if self._overdue != (call_id, started):
-            self._overdue = (call_id, started)
-            return
-        self._mark_timed_out(call_id, timeout)
-        self.kill()
+        if self.exit_reason is not None or self.direct_watch is None:
+            return      # on its way out already
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_S
+            self.witness.sweep()
+        verdict = self.direct_watch.look(now, timeout, cancelled)
+        if verdict is not None:
+            self._act(verdict, timeout)
+
+    def _act(self, verdict: Verdict, timeout: float) -> None:
+        # Out of the pool's choice (and of new channels) before the kill: the death is
+        # handled on a later look.
+        change_state(self, ProcessState.STOPPING, self.what)
+        if verdict.action == CANCEL:
+            self.cancel(verdict.call_id)
+        elif verdict.action == TIMED_OUT:
+            self._mark_timed_out(verdict.call_id, timeout)
+            self.kill()
+        elif verdict.action == BROKE_PROTOCOL:
+            self.exit_reason = f"broke the slot protocol: {verdict.reason}"
+            log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
+            self.kill()
+        elif verdict.action == OVER_BUDGET:
+            self._stop_over_budget()
 
     def _mark_timed_out(self, call_id: str, timeout: float, label: str | None = None) -> None:
-        """`call_id` ran past its timeout: its process is about to be killed for it."""
+        """`call_id` ran past its timeout: its process is about to be killed for it ("": a
+        call the worker cannot name)."""
         self.exit_reason = "timed out"
         self.timeout_s = timeout
         self.timed_out_call = call_id
         log.warning("%s %s timed out after %.1fs; killing the process tree",
-                    label or call_id, self.what, timeout)
+                    label or call_id or "a call of", self.what, timeout)
 
     def lost(self, why: str, call_id: str, timeout: float) -> dict:
         """A web thread got no proper reply to a call it sent down a direct channel: it waited
         past the call's queue time and timeout (the tree is killed, as for a relayed call),
         the channel closed (the process died: a call it had started crashed with it, a call
         it never reached is not_running and goes elsewhere), the reply broke the protocol,
-        or the process must go after its reply (out of memory)."""
+        or the process must go after its reply (out of memory). Whether the process took the
+        call is read from its channels (see Witness.started), never from its slot."""
         started = self._started(call_id)
         if why == "unread":
             # The call could not be sent whole within its queue time: never run. A process
             # busy with a call of its own is left alone; one that stopped reading goes.
-            busy, _, since, ended, _ = self.direct_state()
-            now = time.monotonic()
-            working = (busy and since + timeout > now) or ended > now - SEND_WAIT_S
+            watch = self.direct_watch
+            working = watch is not None and watch.working(time.monotonic(), timeout, call_id)
             if self._dead is None and not working:
                 self.exit_reason = "stopped reading its calls"
                 log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
@@ -493,9 +530,9 @@ class Child:
                 self._dead_reply()
             return not_started()
         if why == "closed" and self._dead is None and self.popen.poll() is None:
-            # The channel ended but the process lives: it may be on its way out; give it a
-            # moment. A call it never started goes elsewhere and the process stays (the
-            # kernel drops a channel a process has no room for).
+            # The channel ended but the process lives (it shut its end down, or is on its way
+            # out): give it a moment. A call it never started goes elsewhere and the process
+            # stays.
             try:
                 self.popen.wait(timeout=2)
             except subprocess.TimeoutExpired:
@@ -504,9 +541,10 @@ class Child:
                 self.exit_reason = self.exit_reason or "closed a direct channel mid-call"
         if why == "timeout" and self._dead is None and self.exit_reason is None:
             # The call in hand is the one past its timeout (the caller's wait also covered
-            # its queue time): blamed on it, whichever call asked.
-            busy, _, _, _, running = self.direct_state()
-            self._mark_timed_out(running if busy else call_id, timeout)
+            # its queue time): blamed on it, whichever call asked, where the worker can tell
+            # which it is.
+            running = self.direct_watch.in_hand_now() if self.direct_watch else ""
+            self._mark_timed_out(running or (call_id if started else ""), timeout)
         elif why == "protocol" and self.exit_reason is None:
             self.exit_reason = "broke the reply protocol (a direct channel's reply is not one)"
             log.warning("%s: %s; killing the process tree", self.what, self.exit_reason)
@@ -531,9 +569,9 @@ class Child:
                                           "this one ran past its timeout"})
 
     def _started(self, call_id: str) -> bool:
-        """Whether the process took up `call_id`: its slot shows it in hand, or as the last
-        call it started."""
-        return self.direct_state()[4] == call_id
+        """Whether the process took `call_id` off its channel (its request socket, for a
+        relayed call): the call is not among what it left unread there."""
+        return self.witness is None or self.witness.started(call_id)
 
     def _dead_reply(self) -> dict:
         """The process's death, handled once: by this thread, or (while a relayed call reads
@@ -602,7 +640,9 @@ class Child:
             reason = "out of memory" if self.oom else (self.exit_reason or
                                                        self._describe(code, started=True))
             stdout, stderr = self.read_output()
-            self.last_slot = self.direct_state()
+            if self.witness is not None:
+                # Only now do its web threads see its channels end (the worker held them).
+                self.witness.close()
             reply = crashed(f"the process died mid-call ({reason})", out_of_memory=self.oom)
             if reason == "timed out":
                 # The watchdog stopped it (see watch()).
@@ -664,7 +704,8 @@ class Child:
         return out[0], out[1]
 
     def stop(self, grace: float) -> None:
-        """Ask the child to exit after its in-flight calls; kill the tree after `grace`."""
+        """Ask the child to exit after its in-flight calls; SIGTERM its group near the end of
+        `grace`, and kill the whole tree when it is over, whatever the process says."""
         if self.popen is None:
             return
         if self.popen.poll() is not None:
@@ -674,7 +715,8 @@ class Child:
         change_state(self, ProcessState.STOPPING, self.what)
         self.exit_reason = self.exit_reason or "stopped"
         end = time.monotonic() + grace
-        if self._write_lock.acquire(timeout=CONTROL_WAIT_S):
+        term_at = end - min(TERM_WAIT_S, grace / 2)
+        if self._write_lock.acquire(timeout=min(CONTROL_WAIT_S, grace / 4)):
             try:
                 self._requests.send_nowait(encode_frame({"type": Frame.SHUTDOWN}))
             except (OSError, AttributeError):
@@ -682,14 +724,14 @@ class Child:
             finally:
                 self._write_lock.release()
         try:
-            self.popen.wait(timeout=max(0.1, end - time.monotonic()))
+            self.popen.wait(timeout=max(0.01, term_at - time.monotonic()))
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(self.pid, signal.SIGTERM)
             except OSError:
                 pass
             try:
-                self.popen.wait(timeout=2)
+                self.popen.wait(timeout=max(0.01, end - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         self.kill()
@@ -709,6 +751,10 @@ class Child:
         self._requests = self._replies = None
         if self.cpu_budget is not None:
             self.cpu_budget.close()
+        if self.witness is not None:
+            self.witness.close()
+        if self._their_requests is not None:
+            self._their_requests.close()
         with self._write_lock:
             if self.slot is not None:
                 self.slot.close()

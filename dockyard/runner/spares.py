@@ -23,9 +23,12 @@ class Launcher:
     request_fd: int     # the worker's end of the launcher's request socket (the spec goes first)
     reply_fd: int       # the read end of its reply pipe
     fds: tuple[str, str]  # the launcher's own ends, as the bootstrap's argv names them
+    # A copy of the launcher's end of its request socket: what is still unread there is
+    # what the process never took (see runner/witness.py).
+    their_request_fd: int
 
     def discard(self) -> None:
-        for fd in (self.request_fd, self.reply_fd):
+        for fd in (self.request_fd, self.reply_fd, self.their_request_fd):
             try:
                 os.close(fd)
             except OSError:
@@ -40,20 +43,23 @@ def start_launcher() -> Launcher:
     # pipe.
     req_write, req_read = request_socket()
     rep_read, rep_write = os.pipe()
+    kept = -1
     try:
+        kept = os.dup(req_read)
         popen = subprocess.Popen(
             launcher_argv(req_read, rep_write), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             pass_fds=(req_read, rep_write, lifeline_fd()), cwd="/", env={"PATH": SAFE_PATH},
             start_new_session=True, close_fds=True)
     except BaseException:
-        os.close(req_write)
-        os.close(rep_read)
+        for fd in (req_write, rep_read, kept):
+            if fd >= 0:
+                os.close(fd)
         raise
     finally:
         os.close(req_read)
         os.close(rep_write)
-    return Launcher(popen, req_write, rep_read, (str(req_read), str(rep_write)))
+    return Launcher(popen, req_write, rep_read, (str(req_read), str(rep_write)), kept)
 
 
 def request_socket() -> tuple[int, int]:
