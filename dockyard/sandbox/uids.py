@@ -112,3 +112,10 @@ def _highest_uid_in(path: Path) -> int:
     import re
     numbers = [int(n) for n in re.findall(rb"\d{4,10}", path.read_bytes())]
     return max(numbers, default=DEFAULT_UID_BASE)
+
+
+def fetch_key(container_key: str) -> str:
+    """The registry key of the uid that resolves and downloads a container's dependencies:
+    dockyard's own, one per container (never the container's uid, never shared with another
+    container's downloads), and it runs no package's code."""
+    return f"{container_key}.fetch"
