@@ -193,6 +193,10 @@ class Agent:
         runtime.stop()
         self.builder.remove(runtime.spec, in_use=lambda folder: any(
             self.builder.folder(r.spec) == folder for r in list(self.runtimes.values())))
+        # The container's last version gone: its folder goes, with anything a build left.
+        name = runtime.spec["container"]
+        self.builder.forget_container(runtime.spec, in_use=lambda: any(
+            r.spec["container"] == name for r in list(self.runtimes.values())))
         sha256 = runtime.spec.get("artifact_sha256")
         if sha256:
             self.builder.forget_artifact(sha256, in_use=lambda: any(

@@ -1,5 +1,6 @@
 """Getting a version onto disk: the artifact (downloaded once), the code (extracted
-read-only) and a private virtualenv built with uv."""
+read-only) and a private virtualenv built with uv: in a view, in two steps that trust each
+other nothing (fetch.py resolves and downloads, install.py installs without network)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,26 +18,17 @@ from typing import Callable
 
 from ..common.archive import extract_archive
 from ..common.manifest import NAME_RE, Manifest
-from ..sandbox.isolation import run_in_view
-from ..sandbox.view import CODE as VIEW_CODE
-from ..sandbox.view import VENV as VIEW_VENV
+from ..sandbox.uids import fetch_key
+from . import fetch
+from .fetch import FetchError, uv_reason
+from .install import BUILD_TIMEOUT_S, BuildError, install_offline, remove_tree
 
 log = logging.getLogger("dockyard.venvs")
 
-BUILD_TIMEOUT_S = 900
-BUILD_TMP_MB = 2048
-BUILD_MEMORY_MB = 4096
-BUILD_PROCESSES = 512
-# What the operator set for reaching the package index passes into the build's view: proxies,
-# uv's index and TLS settings, and the CA bundle (bound in when it lives outside the view).
-PROXY_VARIABLES = {"http_proxy", "https_proxy", "no_proxy", "all_proxy"}
-INDEX_VARIABLES = {"UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX",
-                   "UV_NATIVE_TLS", "UV_INSECURE_HOST", "UV_HTTP_TIMEOUT", "UV_CONCURRENT_DOWNLOADS"}
-CA_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR")
-
-
-class BuildError(Exception):
-    pass
+# Folders a container's folder held for builds before each build had its own cache: they were
+# written by package code, and are removed with care wherever they are found.
+LEGACY = (".uv-cache", ".build-links")
+SCRATCH_PREFIX = ".build-"
 
 
 @dataclass(frozen=True)
@@ -96,50 +89,6 @@ def _make_read_only(tree: Path) -> None:
                 os.chmod(path, 0o755 if mode & 0o111 else 0o644)
 
 
-def uv_reason(output: str) -> str:
-    """The cause of a failed uv run in one line: its error lines (`error:`, `cause:`, `×`, `╰─▶`,
-    `Caused by:`), not the `hint:` it ends with."""
-    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    causes = [ln.lstrip("×╰─▶ ").strip() for ln in lines
-              if ln.startswith(("error:", "cause:", "×", "╰─▶", "Caused by:"))]
-    if causes:
-        return "; ".join(causes)[:1000]
-    useful = [ln for ln in lines if not ln.startswith("hint:")]
-    return (useful or lines or ["no output"])[-1][:1000]
-
-
-def _chown_tree(root: Path, uid: int | None, gid: int | None, readable: bool = False) -> None:
-    if uid is None:
-        return
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [dirpath, *(os.path.join(dirpath, f) for f in filenames)]:
-            os.lchown(name, uid, gid)
-            if readable and not os.path.islink(name):
-                mode = os.lstat(name).st_mode
-                os.chmod(name, 0o755 if (mode & 0o111 or name == dirpath) else 0o644)
-
-
-def _link_tree(source: Path, dest: Path) -> None:
-    """A copy of a wheelhouse in a folder every uid can read: hard links to files that are
-    readable by all already (where the filesystem allows), copies of the others."""
-    dest.mkdir(parents=True, exist_ok=True)
-    os.chmod(dest.parent, 0o755)
-    os.chmod(dest, 0o755)
-    if not source.is_dir():
-        return
-    for entry in source.iterdir():
-        if entry.is_file():
-            target = dest / entry.name
-            if entry.stat().st_mode & 0o004:
-                try:
-                    os.link(entry, target)   # already readable by all: share it
-                    continue
-                except OSError:
-                    pass
-            shutil.copyfile(entry, target)
-            os.chmod(target, 0o644)
-
-
 class Builder:
     def __init__(self, worker_dir: Path, uv: UvOptions,
                  download: Callable[[str, Path], None],
@@ -158,6 +107,9 @@ class Builder:
         self.download = download
         # One lock per version folder: a build into it and its removal never overlap.
         self._folder_locks: dict[Path, threading.Lock] = {}
+        # One build at a time per container (by name: a container deleted and made again
+        # under its name shares its folder), and its leftovers removed only between builds.
+        self._container_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
     def _folder_lock(self, spec: dict) -> threading.Lock:
@@ -166,6 +118,10 @@ class Builder:
     def _folder_lock_at(self, root: Path) -> threading.Lock:
         with self._guard:
             return self._folder_locks.setdefault(root, threading.Lock())
+
+    def _container_lock(self, name: str) -> threading.Lock:
+        with self._guard:
+            return self._container_locks.setdefault(name, threading.Lock())
 
     def artifact(self, sha256: str) -> Path:
         """The package file, downloaded once per sha256 and verified."""
@@ -187,7 +143,7 @@ class Builder:
         return path
 
     def build(self, spec: dict, say: Callable[[str], None]) -> VersionPaths:
-        with self._folder_lock(spec):
+        with self._container_lock(spec["container"]), self._folder_lock(spec):
             return self._build(spec, say)
 
     def _build(self, spec: dict, say: Callable[[str], None]) -> VersionPaths:
@@ -230,7 +186,7 @@ class Builder:
 
     def _venv(self, manifest: Manifest, paths: VersionPaths, say, spec: dict) -> None:
         wanted = {"python": self.uv.python, "dependencies": manifest.dependencies,
-                  "requirements": manifest.requirements, "relocatable": True}
+                  "requirements": manifest.requirements, "relocatable": True, "steps": 2}
         marker = paths.root / ".venv-ready"
         if marker.exists() and paths.python.exists():
             try:
@@ -239,20 +195,25 @@ class Builder:
                     return
             except ValueError:
                 pass
-        shutil.rmtree(paths.venv, ignore_errors=True)
-        say(f"creating virtualenv with {self.uv.python}")
-        # Relocatable: entry-point scripts must work where the view puts the venv.
-        self._uv(["venv", "--relocatable", "--python", self.uv.python, str(paths.venv)], say)
+        marker.unlink(missing_ok=True)
+        remove_tree(paths.venv)
         if manifest.requirements:
             req = (paths.code / manifest.requirements).resolve()
             if not req.is_relative_to(paths.code.resolve()) or not req.is_file():
                 raise BuildError(f"requirements file '{manifest.requirements}' is not in the "
                                  "package")
-        if manifest.requirements or manifest.dependencies:
-            say("installing " + " ".join(manifest.dependencies or [manifest.requirements]))
-            if self.isolation is not None and self.isolation.view is not None:
-                self._install_in_view(manifest, paths, say, spec)
-            else:
+        deps = bool(manifest.requirements or manifest.dependencies)
+        if deps and self.isolation is not None and self.isolation.view is not None:
+            self._build_in_view(manifest, paths, say, spec)
+        else:
+            say(f"creating virtualenv with {self.uv.python}")
+            # Relocatable: entry-point scripts must work where the view puts the venv.
+            self._uv(["venv", "--relocatable", "--python", self.uv.python, str(paths.venv)],
+                     say)
+            if deps:
+                # No view (the worker is not root, or --no-view): one step, as the worker's
+                # user; the index URL goes in the environment, not on the command line.
+                say("installing " + " ".join(manifest.dependencies or [manifest.requirements]))
                 args = (["-r", str(paths.code / manifest.requirements)]
                         if manifest.requirements else []) + list(manifest.dependencies)
                 self._uv(self._pip_install(str(paths.python), self.uv.find_links) + args, say)
@@ -260,82 +221,53 @@ class Builder:
 
     def _pip_install(self, python: str, find_links) -> list[str]:
         cmd = ["pip", "install", "--python", python, "--link-mode=copy", "--no-config"]
-        if self.uv.index_url:
-            cmd += ["--index-url", self.uv.index_url]
         for folder in find_links:
             cmd += ["--find-links", folder]
         if self.uv.offline:
             cmd += ["--offline"]
         return cmd
 
-    def _install_in_view(self, manifest: Manifest, paths: VersionPaths, say,
-                         spec: dict) -> None:
-        """`uv pip install` in a view of its own, as the container's uid: the venv bound
-        read-write, the code and the wheelhouses read-only, a cache of the container's own,
-        the network; nothing of the data dir, the tokens or the worker's environment."""
+    def _build_in_view(self, manifest: Manifest, paths: VersionPaths, say,
+                       spec: dict) -> None:
+        """The two steps. One: resolve and download as the container's fetch uid, outside any
+        view, with the index's credentials (fetch.py); no package code runs. Two: create the
+        venv and install from those files inside a view with no network, as the container's
+        uid, under cgroups and a time limit, with a cache of this build's own; then, once every
+        process of the build is dead, give the venv to root without following a symlink."""
         isolation = self.isolation
-        uid, gid = isolation.identity(spec["uid_key"])
+        uid, _ = isolation.identity(spec["uid_key"])
+        fetch_uid, fetch_gid = isolation.identity(fetch_key(spec["uid_key"]))
+        if uid is None or fetch_uid is None:
+            raise BuildError("a build in a view needs uids of its own (the worker runs as root)")
         container_dir = self.worker_dir / spec["container"]
-        cache = container_dir / ".uv-cache"
-        links = container_dir / ".build-links"
-        shutil.rmtree(links, ignore_errors=True)
-        cache.mkdir(exist_ok=True)
-        binds = [(str(paths.code), VIEW_CODE, "ro"), (str(paths.venv), VIEW_VENV, "rw"),
-                 (self.uv.uv_bin, "/dockyard/uv", "ro"), (str(cache), "/dockyard/cache", "rw")]
-        find_links = []
-        for n, folder in enumerate(self.uv.find_links):
-            # The wheelhouse may sit in a folder the container's uid cannot enter: its files
-            # are linked (or copied) into one it can read.
-            copy = links / str(n)
-            _link_tree(Path(folder), copy)
-            binds.append((str(copy), f"/dockyard/links/{n}", "ro"))
-            find_links.append(f"/dockyard/links/{n}")
-        for path in (paths.venv, cache):
-            _chown_tree(path, uid, gid)
-        args = (["-r", f"{VIEW_CODE}/{manifest.requirements}"] if manifest.requirements
-                else []) + list(manifest.dependencies)
-        env = {"PATH": f"{VIEW_VENV}/bin:/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
-               "TMPDIR": "/tmp", "LANG": "C.UTF-8", "UV_CACHE_DIR": "/dockyard/cache",
-               "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
-        env.update({k: v for k, v in os.environ.items()
-                    if k.lower() in PROXY_VARIABLES or k in INDEX_VARIABLES})
-        for name in CA_VARIABLES:
-            path = os.environ.get(name)
-            if path and os.path.exists(path):
-                env[name] = path
-                if not isolation.view.covered(path):
-                    binds.append((os.path.realpath(path), path, "ro"))
-        # A build is bounded like a function is: memory (its /tmp included) and processes.
-        group = None
-        if isolation.cgroups is not None:
-            group = isolation.cgroups.create(
-                f"build-{spec['container']}-{spec['version']}",
-                max(BUILD_MEMORY_MB, manifest.limits.memory_mb), BUILD_PROCESSES)
+        for name in LEGACY:
+            remove_tree(container_dir / name)
+        say("resolving and downloading "
+            + " ".join(manifest.dependencies or [manifest.requirements])
+            + " (step 1 of 2: no package code runs)")
+        fetcher = fetch.Fetcher(uv_bin=self.uv.uv_bin, python=self.uv.python,
+                                index_url=self.uv.index_url, find_links=self.uv.find_links,
+                                offline=self.uv.offline, uid=fetch_uid, gid=fetch_gid, say=say)
         try:
-            code, output = run_in_view(
-                isolation.view, ["/dockyard/uv", *self._pip_install(f"{VIEW_VENV}/bin/python",
-                                                                    find_links), *args],
-                network=True, uid=uid, gid=gid, binds=binds, env=env, cwd=VIEW_CODE,
-                tmp_mb=BUILD_TMP_MB, timeout=BUILD_TIMEOUT_S,
-                cgroups=group.folders() if group is not None else [])
+            fetched = fetcher.fetch(paths.code, manifest.requirements, manifest.dependencies)
+        except FetchError as exc:
+            raise BuildError(str(exc)) from None
+        # Everything the build may write is made here, empty, owned by its uid: the venv and
+        # a cache of this build's own (removed after it; never shared, never kept).
+        scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=container_dir))
+        try:
+            install_offline(isolation, self.uv.uv_bin, self.uv.python, manifest, spec,
+                            paths.code, paths.venv, fetched, scratch, say)
         finally:
-            if group is not None:
-                group.remove()
-            shutil.rmtree(links, ignore_errors=True)
-            # Back to root and readable by all: the function may read its venv, not change it.
-            _chown_tree(paths.venv, 0, 0, readable=True)
-        for line in output.splitlines():
-            if line.strip():
-                say("  " + line.rstrip())
-        if code is None:
-            raise BuildError(f"uv pip install took longer than {BUILD_TIMEOUT_S}s")
-        if code != 0:
-            raise BuildError(f"uv pip failed: {uv_reason(output)}")
+            remove_tree(scratch)
+            fetch.discard(fetched.folder, fetch_uid)
 
     def _uv(self, args: list[str], say) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKYARD_")}
         env["UV_PYTHON_DOWNLOADS"] = "never"
         env["UV_NO_PROGRESS"] = "1"
+        if self.uv.index_url:
+            env["UV_INDEX_URL"] = self.uv.index_url
         if self.uv.cache_dir:
             env["UV_CACHE_DIR"] = self.uv.cache_dir
         try:
@@ -363,24 +295,35 @@ class Builder:
 
     def sweep(self, held: list[dict]) -> int:
         """Remove what no held version needs: version folders (a container's whole folder when
-        none of its versions is held) and cached package files, left by versions removed
+        none of its versions is held), what builds left in a container's folder, build folders
+        of workers that died mid-build, and cached package files, left by versions removed
         while this worker was down or before it was killed. Returns how many were removed."""
         keep = {self.folder(spec) for spec in held}
         containers = {spec["container"] for spec in held}
-        removed = 0
+        removed = fetch.sweep_folders()
         for container_dir in _subfolders(self.worker_dir):
             if not NAME_RE.fullmatch(container_dir.name):
                 continue   # .artifacts, .view, the socket: not a container's
-            if container_dir.name not in containers:
-                shutil.rmtree(container_dir, ignore_errors=True)
-                removed += 1
-                continue
-            for folder in _subfolders(container_dir):
-                if folder.name.startswith(".") or folder in keep:
-                    continue   # .uv-cache, .build-links: the container's own
-                with self._folder_lock_at(folder):
-                    shutil.rmtree(folder, ignore_errors=True)
-                removed += 1
+            lock = self._container_lock(container_dir.name)
+            if not lock.acquire(blocking=False):
+                continue   # a build is under way: it removes its own scratch folders
+            try:
+                if container_dir.name not in containers:
+                    remove_tree(container_dir)
+                    removed += 1
+                    continue
+                for folder in _subfolders(container_dir):
+                    if folder.name in LEGACY or folder.name.startswith(SCRATCH_PREFIX):
+                        remove_tree(folder)
+                        removed += 1
+                        continue
+                    if folder.name.startswith(".") or folder in keep:
+                        continue
+                    with self._folder_lock_at(folder):
+                        remove_tree(folder)
+                    removed += 1
+            finally:
+                lock.release()
         wanted = {spec.get("artifact_sha256") for spec in held}
         for path in _files(self.artifacts):
             if path.name not in wanted:
@@ -395,4 +338,13 @@ class Builder:
         folder = self.folder(spec)
         with self._folder_lock(spec):
             if not in_use(folder):
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_tree(folder)
+
+    def forget_container(self, spec: dict, in_use: Callable[[], bool]) -> None:
+        """After a version's removal: unless `in_use()` says a version of a container of that
+        name is held here, remove the container's folder with whatever builds left in it, so
+        that nothing of it (a cache above all) reaches a later container of the same name."""
+        name = spec["container"]
+        with self._container_lock(name):
+            if not in_use():
+                remove_tree(self.worker_dir / name)
