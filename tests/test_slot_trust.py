@@ -546,3 +546,13 @@ def _answered_by_a_fresh_process(caller: LedgerCaller) -> str:
             return None
         return caller.call("echo", "fresh").get("result")
     return wait_for(attempt, 20, "no process took a call after the kill", every=0.1)
+
+
+def test_a_start_failure_cannot_forge_a_line_of_the_workers_log(server, pkg):
+    forged = "WARNING dockyard.worker: admin token rotated by loadforger"
+    record = server.deploy(pkg("loadforger", name="forger-load"), expect="failed")
+    assert "cannot load" in str(record["deployment_detail"])
+    lines = wait_for(lambda: [line for line in server.log_path.read_text().splitlines()
+                              if forged in line], 10, "the load error was never logged")
+    # What the function wrote stays inside the worker's line that reports it, escaped.
+    assert all("\\n2026-01-01" in line for line in lines), lines

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from typing import Callable
@@ -68,6 +69,16 @@ def find_child(number: int) -> Child | None:
             return child
     with _live_lock:
         return _recent.get(number)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def one_line(text) -> str:
+    """`text` fit for one line of the worker's log: a start failure carries what the function
+    wrote (its load error's traceback, its last stderr), which must not read as lines of the
+    worker's own."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
 
 
 def _reply(status: str, message: str, error_type: str) -> dict:
@@ -212,7 +223,7 @@ class Pool:
                         self._changed()
                 self.cond.notify_all()
         if failure is not None:
-            log.warning("%s: a process failed to start: %s", self.what, failure)
+            log.warning("%s: a process failed to start: %s", self.what, one_line(failure))
             if errors is not None:
                 errors.append(failure)
             if reason:
@@ -242,7 +253,7 @@ class Pool:
         self.retry_at = max(self.retry_at, time.monotonic() + delay)
 
     def _report_failed(self, reason: str) -> None:
-        log.warning("%s: giving up: %s", self.what, reason)
+        log.warning("%s: giving up: %s", self.what, one_line(reason))
         try:
             self.on_failed(reason)
         except Exception:  # noqa: BLE001 - runs in pool threads, nobody else would see it

@@ -15,7 +15,7 @@ from ..common.manifest import Manifest
 from ..sandbox.view import CODE as VIEW_CODE
 from ..sandbox.view import VENV as VIEW_VENV
 from ..sandbox.view import sandbox_spec
-from .pool import Pool, QUEUE_WAIT_S
+from .pool import Pool, QUEUE_WAIT_S, one_line
 from .process import ChildSpec, LoadError
 from .states import VersionState, change_state
 from .venvs import Builder, VersionPaths
@@ -111,7 +111,7 @@ class VersionRuntime:
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 if isinstance(exc, LoadError):
                     reason = "import failed: " + reason
-                log.warning("%s failed: %s", self.what, exc)
+                log.warning("%s failed: %s", self.what, one_line(exc))
                 self.say(f"failed: {exc}")
                 self._set(VersionState.FAILED, reason)
                 return
