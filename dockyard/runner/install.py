@@ -1,5 +1,5 @@
-"""Step two of a venv build: create the venv and install into it from the files step one
-(fetch.py) downloaded, inside a view with no network (its own, empty network namespace), as the
+"""Step two of a venv build: install into a fresh venv from the files step one (fetch.py)
+downloaded, inside a view with no network (its own, empty network namespace), as the
 container's uid, under memory, pids and CPU cgroups and a time limit. This is where package
 code runs (the build backends of local projects and source archives): without network,
 without a credential, with a cache of this build's own. Then, once every process of the build
@@ -50,20 +50,27 @@ def seal_tree(path: Path) -> None:
     entry is opened with openat(O_NOFOLLOW) from its folder's fd and checked to be the entry
     that was listed; a symlink is re-owned itself (AT_SYMLINK_NOFOLLOW); anything but folders,
     files and symlinks is removed."""
+    _own_tree(path, 0, 0, readable=True)
+
+
+def _own_tree(path: Path, uid: int, gid: int, readable: bool) -> None:
+    """`path` and everything in it owned by uid/gid, walked as seal_tree says; `readable`:
+    folders and executables 0755, other files 0644 (else modes stay)."""
     parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         top = os.open(path.name, OPEN_FLAGS | os.O_DIRECTORY, dir_fd=parent)
     finally:
         os.close(parent)
     try:
-        _seal_folder(top, os.fstat(top).st_dev, 0)
-        os.fchown(top, 0, 0)
-        os.fchmod(top, 0o755)
+        _own_folder(top, os.fstat(top).st_dev, 0, uid, gid, readable)
+        os.fchown(top, uid, gid)
+        if readable:
+            os.fchmod(top, 0o755)
     finally:
         os.close(top)
 
 
-def _seal_folder(fd: int, device: int, depth: int) -> None:
+def _own_folder(fd: int, device: int, depth: int, uid: int, gid: int, readable: bool) -> None:
     if depth > SEAL_DEPTH:
         raise BuildError(f"the venv nests folders deeper than {SEAL_DEPTH}")
     with os.scandir(fd) as entries:
@@ -74,7 +81,7 @@ def _seal_folder(fd: int, device: int, depth: int) -> None:
         except FileNotFoundError:
             continue
         if stat.S_ISLNK(st.st_mode):
-            os.chown(name, 0, 0, dir_fd=fd, follow_symlinks=False)
+            os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
             continue
         if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             os.unlink(name, dir_fd=fd)   # a fifo or a socket has no place in a venv
@@ -88,23 +95,26 @@ def _seal_folder(fd: int, device: int, depth: int) -> None:
             if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
                 raise BuildError(f"the venv changed while it was sealed ({name})")
             if folder:
-                _seal_folder(child, device, depth + 1)
-            os.fchown(child, 0, 0)
-            os.fchmod(child, 0o755 if folder or now.st_mode & 0o111 else 0o644)
+                _own_folder(child, device, depth + 1, uid, gid, readable)
+            os.fchown(child, uid, gid)
+            if readable:
+                os.fchmod(child, 0o755 if folder or now.st_mode & 0o111 else 0o644)
         finally:
             os.close(child)
 
 
-def install_offline(isolation, uv_bin: str, python: str, manifest, spec: dict, code: Path,
+def install_offline(isolation, make_venv, manifest, spec: dict, uv_bin: str, code: Path,
                     venv: Path, fetched: fetch.Fetched, scratch: Path, say) -> None:
-    """Step two into `venv` (absent; made here, empty, owned by the container's uid, as is a
-    cache of this build's own in `scratch`, a root-only folder the caller removes)."""
+    """Step two into `venv` (absent): `make_venv(venv)` creates it as root, and before any
+    package code runs it is handed to the container's uid (nothing else could have written it
+    yet; the walk follows no symlink all the same). A cache of this build's own is made empty
+    for that uid in `scratch`, a root-only folder the caller removes."""
     uid, gid = isolation.identity(spec["uid_key"])
+    make_venv(venv)
+    _own_tree(venv, uid, gid, readable=False)
     cache = scratch / "cache"
     cache.mkdir(mode=0o700)
     os.chown(cache, uid, gid)
-    venv.mkdir(mode=0o755)
-    os.chown(venv, uid, gid)
     wanted = scratch / "requirements.txt"
     wanted.write_text("\n".join(fetched.requirements) + "\n")
     os.chmod(wanted, 0o644)
@@ -112,11 +122,7 @@ def install_offline(isolation, uv_bin: str, python: str, manifest, spec: dict, c
              (uv_bin, "/dockyard/uv", "ro"), (str(cache), "/dockyard/cache", "rw"),
              (str(fetched.wheels), VIEW_WHEELS, "ro"),
              (str(wanted), "/dockyard/requirements.txt", "ro")]
-    # One view for both commands: `uv venv`, then `uv pip install` (argv after the script).
-    script = ('uv=$1; python=$2; shift 2; "$uv" venv --relocatable --python "$python" '
-              f'{VIEW_VENV} && exec "$uv" "$@"')
-    install = ["/bin/sh", "-c", script, "sh", "/dockyard/uv", python,
-               "pip", "install", "--python", f"{VIEW_VENV}/bin/python",
+    install = ["/dockyard/uv", "pip", "install", "--python", f"{VIEW_VENV}/bin/python",
                "--link-mode=copy", "--no-config", "--offline", "--no-index",
                "--find-links", VIEW_WHEELS]
     for n, folder in enumerate(fetched.links):

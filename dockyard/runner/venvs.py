@@ -206,10 +206,7 @@ class Builder:
         if deps and self.isolation is not None and self.isolation.view is not None:
             self._build_in_view(manifest, paths, say, spec)
         else:
-            say(f"creating virtualenv with {self.uv.python}")
-            # Relocatable: entry-point scripts must work where the view puts the venv.
-            self._uv(["venv", "--relocatable", "--python", self.uv.python, str(paths.venv)],
-                     say)
+            self._make_venv(paths.venv, say)
             if deps:
                 # No view (the worker is not root, or --no-view): one step, as the worker's
                 # user; the index URL goes in the environment, not on the command line.
@@ -218,6 +215,11 @@ class Builder:
                         if manifest.requirements else []) + list(manifest.dependencies)
                 self._uv(self._pip_install(str(paths.python), self.uv.find_links) + args, say)
         marker.write_text(json.dumps(wanted))
+
+    def _make_venv(self, venv: Path, say) -> None:
+        say(f"creating virtualenv with {self.uv.python}")
+        # Relocatable: entry-point scripts must work where the view puts the venv.
+        self._uv(["venv", "--relocatable", "--python", self.uv.python, str(venv)], say)
 
     def _pip_install(self, python: str, find_links) -> list[str]:
         cmd = ["pip", "install", "--python", python, "--link-mode=copy", "--no-config"]
@@ -256,8 +258,8 @@ class Builder:
         # a cache of this build's own (removed after it; never shared, never kept).
         scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=container_dir))
         try:
-            install_offline(isolation, self.uv.uv_bin, self.uv.python, manifest, spec,
-                            paths.code, paths.venv, fetched, scratch, say)
+            install_offline(isolation, lambda venv: self._make_venv(venv, say), manifest,
+                            spec, self.uv.uv_bin, paths.code, paths.venv, fetched, scratch, say)
         finally:
             remove_tree(scratch)
             fetch.discard(fetched.folder, fetch_uid)
