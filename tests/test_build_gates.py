@@ -367,6 +367,16 @@ def test_no_credential_reaches_a_build(indexed, pkg):
     assert compiles and compiles <= fetch_uids, (compiles, watched)
     assert report["uid"] not in fetch_uids and report["uid"] != 0
     assert not [cmd for cmds in watched.values() for cmd in cmds if password in cmd]
+    # serve hands the index to its worker in the environment: no process it started shows
+    # the password on its command line (serve's own is the operator's choice; README says
+    # to prefer DOCKYARD_INDEX_URL).
+    shown = []
+    for proc in srv.descendants():
+        try:
+            shown += [" ".join(proc.cmdline())] if password in " ".join(proc.cmdline()) else []
+        except psutil.Error:
+            pass
+    assert not shown, shown
 
 
 # -- what needs a build backend to resolve ---------------------------------------------------

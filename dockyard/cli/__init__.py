@@ -146,7 +146,9 @@ def _table(rows: list[list], headers: list[str]) -> None:
 @click.option("--invoke-auth", is_flag=True, help="Require a token on /invoke.")
 @click.option("--public-metrics", is_flag=True,
               help="Let anyone read /metrics (it needs the admin token otherwise).")
-@click.option("--index-url", help="Package index for venv builds (passed to uv).")
+@click.option("--index-url", envvar="DOCKYARD_INDEX_URL", metavar="URL",
+              help="Package index for venv builds; one with a password is better given in "
+                   "DOCKYARD_INDEX_URL (an argument is visible in the process list).")
 @click.option("--find-links", multiple=True, help="Wheelhouse folder for venv builds.")
 @click.option("--offline", is_flag=True, help="Never reach a package index.")
 @click.option("--python", "python", help="Interpreter venvs are built from.")
@@ -171,7 +173,10 @@ def serve(ctx, host, port, deploy_dir, deploy_poll, no_deploy_dir, web_workers, 
     retention = retention_options(keep_invocations, keep_versions, prune_every)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker_args = _uv_args(index_url, find_links, offline, python)
+    worker_args = _uv_args(find_links, offline, python)
+    if index_url:
+        # To the local worker through its environment, never its command line.
+        os.environ["DOCKYARD_INDEX_URL"] = index_url
     if uid_base is not None:
         worker_args += ["--uid-base", str(uid_base)]
     if no_view:
@@ -187,10 +192,8 @@ def serve(ctx, host, port, deploy_dir, deploy_poll, no_deploy_dir, web_workers, 
     sys.exit(Supervisor(options).run())
 
 
-def _uv_args(index_url, find_links, offline, python) -> list[str]:
+def _uv_args(find_links, offline, python) -> list[str]:
     args = []
-    if index_url:
-        args += ["--index-url", index_url]
     for folder in find_links:
         args += ["--find-links", str(Path(folder).absolute())]
     if offline:
@@ -210,7 +213,9 @@ def _uv_args(index_url, find_links, offline, python) -> list[str]:
 @click.option("--listen", default="127.0.0.1:0", show_default=True,
               help="Address of this worker's invoke endpoint: HOST:PORT or unix:PATH.")
 @click.option("--advertise", help="Address the control plane should dial (default: --listen).")
-@click.option("--index-url")
+@click.option("--index-url", envvar="DOCKYARD_INDEX_URL", metavar="URL",
+              help="Package index for venv builds; one with a password is better given in "
+                   "DOCKYARD_INDEX_URL (an argument is visible in the process list).")
 @click.option("--find-links", multiple=True)
 @click.option("--offline", is_flag=True)
 @click.option("--python", "python")
