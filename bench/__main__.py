@@ -1,6 +1,7 @@
 """`python -m bench [--quick] [--json FILE]`: start a real `dockyard serve`, measure the warm
 path, deploys, cold starts, redeploys under load, scaling and memory, each beside its baseline
-measured in the same run on the same machine, and print the table."""
+measured in the same run on the same machine, and print the table; then the build of a
+one-dependency package before and after builds were split in two steps (bench/build.py)."""
 
 from __future__ import annotations
 
@@ -266,6 +267,21 @@ def print_table(results: dict) -> None:
             print(f"  {key}: " + ", ".join(f"{k} {v}" for k, v in results[key].items()))
 
 
+def build_split(quick: bool) -> dict:
+    """The build of a one-dependency package before the split (one step, in a view with the
+    network) and now (resolve and download, then install offline): bench/build.py, in its
+    own process, printing its own table."""
+    print()
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        done = subprocess.run([sys.executable, "-m", "bench.build", "--runs",
+                               "3" if quick else "5", "--json", out.name],
+                              cwd=Path(__file__).resolve().parent.parent)
+        if done.returncode != 0:
+            print("(build benchmark not run: see above)")
+            return {}
+        return json.loads(Path(out.name).read_text() or "{}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="shorter runs")
@@ -295,12 +311,16 @@ def main() -> int:
         dockyard.stop()
         shutil.rmtree(wheelhouse, ignore_errors=True)
     print_table(results)
+    results["build_ms"] = build_split(args.quick)
     if args.json_file:
         flat = {k: v for k, v in results.items() if isinstance(v, (int, float))}
         for group in ("deploy_breakdown", "deploy_dep_breakdown"):
             for k, v in results.get(group, {}).items():
                 if isinstance(v, (int, float)):
                     flat[f"{group}_{k}"] = v
+        for source, row in (results.get("build_ms") or {}).items():
+            for k, v in row.items():
+                flat[f"build_ms_{source}_{k}"] = v
         Path(args.json_file).write_text(json.dumps(flat, indent=2, sort_keys=True))
     return 0
 
