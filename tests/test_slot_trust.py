@@ -14,12 +14,9 @@ import socket
 import sqlite3
 import threading
 import time
-import types
-from pathlib import Path
 
 import psutil
 import pytest
-import requests
 
 from conftest import container_processes
 from dockyard.app.worker_client import WorkerConnections
@@ -27,8 +24,8 @@ from dockyard.common.direct import PoolPage, Slot, call_id_ok
 from dockyard.common.frames import FrameSocket
 from dockyard.common.protocol import Frame, Status
 from dockyard.runner.process import QUEUE_WAIT_S, REPLY_MAX_BYTES, SEND_WAIT_S, translate
-from dockyard.runner.witness import (BROKE_PROTOCOL, OVER_BUDGET, TIMED_OUT, DirectWatch,
-                                     Witness)
+from dockyard.runner.direct_watch import BROKE_PROTOCOL, OVER_BUDGET, TIMED_OUT, DirectWatch
+from dockyard.runner.witness import Witness
 from dockyard.sandbox.cgroups import CPU_PERIOD_US, Cgroup, CgroupHost
 
 FORGED_LINE = "admin token rotated by slotforger"
@@ -532,7 +529,7 @@ def test_a_slot_claiming_calls_nobody_sent_kills_the_process(server, pkg, ledger
         assert reply["result"] == "forged", reply
     wait_for(lambda: _gone(pid), 5, "the process was never killed for its slot")
     log = _log_since(server, offset)
-    assert f"broke the slot protocol: its slot" in log and why in log, log
+    assert "broke the slot protocol: its slot" in log and why in log, log
     assert _answered_by_a_fresh_process(caller) == "fresh"
 
 

@@ -25,8 +25,8 @@ from .cpu_budget import CpuBudget, find_server
 from .spares import request_socket, spares
 from .states import ProcessState, change_state
 from .tree import kill_tree
-from .witness import (BROKE_PROTOCOL, CANCEL, OVER_BUDGET, TIMED_OUT, DirectWatch, Verdict,
-                      Witness)
+from .direct_watch import BROKE_PROTOCOL, CANCEL, OVER_BUDGET, TIMED_OUT, DirectWatch, Verdict
+from .witness import Witness
 
 log = logging.getLogger("dockyard.process")
 
@@ -138,7 +138,7 @@ class Child:
         self._write_lock = threading.Lock()
         # One-at-a-time processes serve direct channels too: the worker's account of their
         # calls is its witness (the pool page's ledger, set by the pool), the process's own
-        # is its slot (see common/direct.py and witness.py).
+        # is its slot (see common/direct.py, witness.py and direct_watch.py).
         self.ledger_page = None
         self.slot: Slot | None = None
         self.witness: Witness | None = None
