@@ -509,6 +509,25 @@ def test_a_thread_burning_behind_a_forged_slot_is_stopped(server, pkg, ledger_ca
     assert FORGED_LINE not in log
 
 
+def test_over_http_a_thread_burning_behind_a_forged_slot_is_stopped(server, pkg):
+    """The attack as reported, through the real web side (app/direct_calls.py keeps the call
+    ledger): the call returns, a thread keeps the slot busy with a moving start and burns; the
+    worker, which knows no call was sent, kills the process as a protocol breaker."""
+    server.deploy(pkg("slotforger", name="forger-burn-http"))
+    assert server.invoke("forger-burn-http/echo", 1).status_code == 200
+    pid, = _pids(server, "forger-burn-http")
+    offset = len(server.log_path.read_text())
+    answer = server.invoke("forger-burn-http/forge_after_return", {})
+    assert answer.status_code == 200 and answer.json() == "returned", answer.text
+    returned = time.monotonic()
+    wait_for(lambda: _gone(pid), 10, "the process burning behind a forged slot was never stopped")
+    assert time.monotonic() - returned < 5.0
+    log = _log_since(server, offset)
+    assert "broke the slot protocol" in log, log
+    assert FORGED_LINE not in log
+    assert server.invoke("forger-burn-http/echo", "again").json() == "again"
+
+
 @pytest.mark.parametrize("function, why", [
     ("forge_served", "calls served; 1 were sent to it"),
     ("forge_stranger", "names a call in hand that was not sent to it"),

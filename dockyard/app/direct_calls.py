@@ -4,7 +4,9 @@ straight back, with no hop through the worker agent (a warm call's cheapest path
 common/direct.py).
 
 The worker keeps everything but the call itself: it starts, replaces and drains the processes,
-times each call from the process's slot and kills one past its timeout. A web thread asks it
+times each call from what this thread writes in its line of the pool page's call ledger (when
+it sent a call, its queue time and timeout, when it had the answer: never from the slot the
+function can write) and kills one past its timeout. A web thread asks it
 for channels to a version once (and again whenever the pool's epoch moves), and tells it when a
 call went wrong: no answer by the call's queue time plus its timeout, the channel closed (the
 process died: the worker says whether the call had started), or the reply broke the protocol.
@@ -21,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..common.direct import PoolPage, Slot
+from ..common.direct import LedgerEntry, PoolPage, Slot
 from ..common.frames import FrameCut, FrameSocket
 from ..common.protocol import Frame, Status
 from ..runner.process import QUEUE_WAIT_S, REPLY_MAX_BYTES, SEND_WAIT_S, is_reply, translate
@@ -47,14 +49,16 @@ class _Channels:
 
     page: PoolPage
     epoch: int
-    processes: list[tuple[int, FrameSocket, Slot]]  # (process number, channel, its slot)
+    # (process number, channel, its slot, this thread's ledger line for it: None from a
+    # worker that keeps no ledger)
+    processes: list[tuple[int, FrameSocket, Slot, LedgerEntry | None]]
     agent: str                                  # which run of the worker made them
     turn: int = 0
 
     def current(self) -> bool:
         return self.page.read() == (self.epoch, True)
 
-    def pick(self) -> tuple[int, FrameSocket, Slot]:
+    def pick(self) -> tuple[int, FrameSocket, Slot, LedgerEntry | None]:
         """A process with no call in hand if there is one (its slot says), taking turns;
         else the next in turn (the call waits in its socket)."""
         processes = self.processes
@@ -69,7 +73,7 @@ class _Channels:
         return processes[self.turn % count]
 
     def close(self) -> None:
-        for _, channel, slot in self.processes:
+        for _, channel, slot, _ in self.processes:
             channel.close()
             slot.close()
         self.page.close()
@@ -116,8 +120,11 @@ class DirectCalls:
         versions[key] = channels    # to the end: the versions called last are kept
         if not isinstance(channels, _Channels):
             return None
-        number, channel, _ = channels.pick()
+        number, channel, _, entry = channels.pick()
         sent = time.monotonic()
+        if entry is not None:
+            # Before the send: the worker times the call from this, not from the slot.
+            entry.sent(call_id, sent + QUEUE_WAIT_S, timeout)
         frame = {"type": Frame.INVOKE, "id": call_id, "invocation_id": call_id,
                  "function": function, "event": event, "start_by": sent + QUEUE_WAIT_S,
                  "timeout": timeout}
@@ -129,10 +136,12 @@ class DirectCalls:
         except TimeoutError:
             # It did not take the call within its queue time (perhaps part of it): it is
             # stuck or hostile, and the call, never whole there, never ran.
+            _answered(entry)
             self._drop(key)
             return self._lost(address, channels.agent, number, call_id, "unread", timeout)
         except OSError:
             # The process is gone and the call never reached it: the worker runs it.
+            _answered(entry)
             self._drop(key)
             return None
         why = None
@@ -151,6 +160,7 @@ class DirectCalls:
                 why = "closed"
             elif not is_reply(answer, call_id):
                 why = "protocol"
+        _answered(entry)
         if why is not None:
             self._drop(key)
             return self._lost(address, channels.agent, number, call_id, why, timeout)
@@ -193,6 +203,7 @@ class DirectCalls:
             for fd in fds:
                 os.close(fd)
             return None
+        page = PoolPage(fds[0])
         processes = []
         for i, child in enumerate(children):
             fd, slot_fd = fds[1 + 2 * i], fds[2 + 2 * i]
@@ -201,6 +212,14 @@ class DirectCalls:
             # A process that stops reading its calls cannot hold this thread: a call it has
             # not taken within its queue time would be answered not_started anyway.
             channel.set_send_timeout(SEND_WAIT_S)
-            processes.append((int(child["number"]), channel, Slot(slot_fd, readonly=True)))
-        return _Channels(PoolPage(fds[0]), int(reply.get("epoch") or 0), processes,
+            processes.append((int(child["number"]), channel, Slot(slot_fd, readonly=True),
+                              page.entry(fd)))
+        return _Channels(page, int(reply.get("epoch") or 0), processes,
                          str(reply.get("agent") or ""))
+
+
+def _answered(entry: LedgerEntry | None) -> None:
+    """The call on this line is over for this thread (answered, or given up on): marked before
+    the channel is used again, dropped, or the worker asked about it."""
+    if entry is not None:
+        entry.answered()
