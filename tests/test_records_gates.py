@@ -6,6 +6,7 @@ another container."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -258,3 +259,36 @@ def test_a_function_forging_its_replies_loses_none_of_600_records_of_another(ser
         assert record["duration_ms"] is None or isinstance(record["duration_ms"], float)
         assert record["cold"] in (None, True, False)
         assert isinstance(record["stdout"], str) and len(record["stdout"]) <= store.TEXT_CAP + 100
+
+
+@pytest.mark.parametrize("forged, status, error_type", [
+    ({"duration_ms": "slow", "max_rss_kb": [1], "cold": "yes"}, 200, None),
+    ({"duration_ms": -5, "max_rss_kb": 1 << 70}, 200, None),
+    ({"ok": False, "error": ["not", "a", "dict"]}, 500, "BadReply"),
+    ({"ok": False, "error": {"type": {"not": "a name"}, "message": 5}}, 500, "Error"),
+    ({"ok": "yes"}, 500, "BadReply"),
+])
+def test_a_forged_reply_is_answered_and_recorded_with_checked_fields(server, pkg, forged,
+                                                                      status, error_type):
+    """The worker (and a web thread on the direct path) check every field of a reply before
+    it reaches an HTTP header, a status or a record: a forged one never makes a 500 'internal
+    error' and never loses the call's record."""
+    name = "gates-forged-" + hashlib.sha256(json.dumps(forged).encode()).hexdigest()[:8]
+    server.deploy(pkg("forger", name=name))
+    response = server.invoke(f"{name}/forge", forged)
+    assert response.status_code == status, response.text
+    duration = response.headers.get("X-Dockyard-Duration-Ms")
+    assert duration is None or float(duration) >= 0
+    if error_type:
+        assert response.json()["error"]["type"] == error_type, response.text
+    inv_id = response.headers["X-Dockyard-Invocation-Id"]
+    end = time.monotonic() + WAIT_S
+    record = {}
+    while time.monotonic() < end:
+        record = server.api("GET", f"/api/invocations/{inv_id}").json()
+        if record.get("status") and record["status"] != "running":
+            break
+        time.sleep(0.1)
+    assert record["status"] == ("succeeded" if status == 200 else "failed"), record
+    assert record["duration_ms"] is None or isinstance(record["duration_ms"], float)
+    assert record["cold"] in (None, True, False)

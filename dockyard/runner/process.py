@@ -21,6 +21,7 @@ from ..common.direct import Slot
 from ..common.protocol import Frame, Status
 from ..common.frames import FrameReader, encode_frame, write_frame
 from ..sandbox.isolation import encode_spec
+from . import reply_fields
 from .cpu_budget import CpuBudget, find_server
 from .spares import request_socket, spares
 from .states import ProcessState, change_state
@@ -804,17 +805,21 @@ def translate(frame: dict) -> dict:
     """A bootstrap result frame as the worker's reply to the control plane."""
     if frame.get("not_started"):
         return not_started()
+    # Every field is the process's word: checked for its type before anything uses it.
+    ok = frame.get("ok") is True
     reply = {
-        "status": Status.SUCCEEDED if frame.get("ok") else Status.FAILED,
-        "stdout": frame.get("stdout", ""), "stderr": frame.get("stderr", ""),
-        "duration_ms": frame.get("duration_ms"), "max_rss_kb": frame.get("max_rss_kb"),
-        "cold": frame.get("cold"),
+        "status": Status.SUCCEEDED if ok else Status.FAILED,
+        "stdout": reply_fields.text(frame.get("stdout")),
+        "stderr": reply_fields.text(frame.get("stderr")),
+        "duration_ms": reply_fields.milliseconds(frame.get("duration_ms")),
+        "max_rss_kb": reply_fields.kilobytes(frame.get("max_rss_kb")),
+        "cold": reply_fields.flag(frame.get("cold")),
     }
-    if frame.get("ok"):
+    if ok:
         reply["result"] = frame.get("result")
     else:
-        reply["error"] = frame.get("error")
-        if (reply["error"] or {}).get("type") == "MemoryError":
+        reply["error"] = reply_fields.error(frame.get("error"))
+        if reply["error"]["type"] == "MemoryError":
             # The address-space limit hit (no memory cgroup on this host): out of memory.
             reply["status"] = Status.CRASHED
             reply["error"] = dict(reply["error"], type="OutOfMemory", reason="out of memory",
