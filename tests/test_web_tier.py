@@ -16,7 +16,8 @@ import requests
 
 from conftest import Server
 from dockyard.app.sync_invoke import TooManyRequests, WebThreads
-from dockyard.common.frames import FrameError, RawJSON, encode_frame, loads, split_result
+from dockyard.common.frames import (FrameError, RawJSON, encode_frame, loads, loads_strict,
+                                    split_result)
 
 MB = 1 << 20
 NOT_STRICT = ("nan", "infinity", "minus_infinity", "surrogate", "surrogate_key")
@@ -67,6 +68,31 @@ def test_integers_beyond_64_bits_are_read_exact():
     assert loads(b"[1180591620717411303424,-1208925819614629174706176]") == list(BIG)
     assert loads('{"a":18446744073709551616}') == {"a": 2**64}
     assert loads(b'{"a":1.5,"b":"x"}') == {"a": 1.5, "b": "x"}
+
+
+@pytest.mark.parametrize("text", [b"NaN", b"[1, Infinity]", b'{"a": -Infinity}',
+                                  b'"\\ud800"', b'{"k": "x\\udc00"}',
+                                  b'[18446744073709551616, NaN]',
+                                  b'[18446744073709551616, "\\ud800"]'])
+def test_an_event_must_be_strict_json(text):
+    with pytest.raises(ValueError):
+        loads_strict(text)
+
+
+def test_a_strict_event_keeps_big_integers_and_pairs_of_surrogates():
+    assert loads_strict(b'[18446744073709551616, "\\ud83d\\ude00"]') == [2**64, "\U0001F600"]
+    assert loads_strict('{"a": 1.5}') == {"a": 1.5}
+
+
+@pytest.mark.parametrize("body", ["NaN", '{"x": Infinity}', '"\\ud800"',
+                                  '[18446744073709551616, NaN]'])
+def test_a_call_with_an_event_that_is_not_strict_json_is_a_400(server, pkg, body):
+    deploy(server, pkg, "wt-strict-in", 1)
+    for params in ({}, {"async": "1"}):
+        response = requests.post(f"{server.url}/invoke/wt-strict-in/echo", data=body,
+                                 params=params, timeout=60)
+        assert response.status_code == 400, response.text
+        assert "not valid JSON" in response.json()["error"]["message"]
 
 
 def test_the_bootstrap_caps_replies_as_the_worker_does():

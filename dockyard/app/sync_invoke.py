@@ -18,7 +18,7 @@ import threading
 from http import HTTPStatus
 
 from ..common.protocol import Status
-from ..common.frames import dumps, loads, result_bytes
+from ..common.frames import dumps, loads_strict, result_bytes
 from ..errors import BadRequest, DockyardError, TooLarge, Unavailable
 from .auth import INVOKE_KINDS, check_header, is_local
 from .errors import error_body
@@ -209,7 +209,7 @@ def read_event(environ, limit: int) -> tuple[object, str | None]:
         return None, None
     try:
         text = raw.decode("utf-8")
-        return loads(raw), text
+        return loads_strict(raw), text
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
 
