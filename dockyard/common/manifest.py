@@ -72,7 +72,7 @@ class Limits:
     network: bool = True
     processes: int = 64
     tmp_mb: int = 512                # size of the private /tmp (and of /dev/shm)
-    cpus: float | None = None        # a CPU share (cgroup quota); None: no share limit
+    cpus: float | None = None        # a CPU share (cgroup quota); None: one CPU
 
 
 @dataclass

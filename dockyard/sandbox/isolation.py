@@ -240,7 +240,8 @@ class Isolation:
                               else "no pids cgroup and no uid drop: RLIMIT_NPROC cannot "
                               "separate children from the worker"),
             "cpu_share": item(self.cgroups is not None and self.cgroups.cpu,
-                              "limits.cpus as a cgroup CPU quota" if self.cgroups is not None
+                              "limits.cpus as a cgroup CPU quota (one CPU when unset)"
+                              if self.cgroups is not None
                               and self.cgroups.cpu else "no cpu cgroup controller: "
                               "limits.cpus cannot be enforced"),
             "tree_kill": item(True, "the pid namespace dies with its first process, and every "
