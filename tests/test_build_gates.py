@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 import threading
 import time
@@ -478,3 +479,27 @@ def test_the_downloader_sends_credentials_only_to_their_index(tmp_path):
         for srv in (index, cdn):
             srv.shutdown()
             srv.server_close()
+
+
+def test_uv_below_a_folder_only_root_enters_is_still_run_by_the_fetch_uid(tmp_path):
+    """dockyard installed in a venv under a 0700 home (/root, or any user's): its uv binary is
+    out of the fetch uid's reach, so the resolve step runs a readable copy of it."""
+    import uv as uv_package
+    from dockyard.runner.fetch import reachable_uv
+    home = tmp_path / "home"
+    (home / "bin").mkdir(parents=True)
+    os.chmod(home, 0o700)
+    private_uv = home / "bin" / "uv"
+    shutil.copyfile(uv_package.find_uv_bin(), private_uv)
+    os.chmod(private_uv, 0o755)
+    nobody = 65534
+    with pytest.raises(PermissionError):
+        subprocess.run([str(private_uv), "--version"], user=nobody, group=nobody,
+                       extra_groups=[], capture_output=True, check=True)
+    usable = reachable_uv(str(private_uv))
+    assert usable != str(private_uv)
+    done = subprocess.run([usable, "--version"], user=nobody, group=nobody, extra_groups=[],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("uv ")
+    assert reachable_uv(str(private_uv)) == usable       # one copy per worker
+    assert os.stat(usable).st_uid == 0 and not os.stat(usable).st_mode & 0o022

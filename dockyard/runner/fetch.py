@@ -14,6 +14,7 @@ environment."""
 
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import json
@@ -105,6 +106,30 @@ def _temp_root() -> Path:
                      "/var/tmp, /tmp) for the build's downloads")
 
 
+_uv_copies: dict[tuple[str, int], str] = {}
+
+
+def reachable_uv(uv_bin: str) -> str:
+    """uv's binary where the fetch uid can run it. It usually sits in the venv dockyard was
+    installed in, and that venv often lies below a home folder only its owner may enter
+    (/root is 0700): then a copy of it, root's and read-only, goes to a folder of this
+    worker's in the temporary folder (removed when the worker exits, or by the next worker's
+    sweep if it died)."""
+    path = Path(uv_bin)
+    if _readable_by_all(path) and os.stat(path).st_mode & 0o001:
+        return uv_bin
+    key = (os.path.realpath(uv_bin), os.getpid())
+    if key not in _uv_copies:
+        folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-uv-", dir=_temp_root()))
+        os.chmod(folder, 0o755)
+        copy = folder / "uv"
+        shutil.copyfile(uv_bin, copy)
+        os.chmod(copy, 0o755)
+        _uv_copies[key] = str(copy)
+        atexit.register(shutil.rmtree, folder, True)
+    return _uv_copies[key]
+
+
 def _readable_by_all(path: Path) -> bool:
     """Every folder above `path` can be entered by anyone, and `path` (a file, or a folder
     and its files) can be read by anyone."""
@@ -185,7 +210,7 @@ class Fetcher:
     def __init__(self, *, uv_bin: str, python: str, index_url: str | None,
                  find_links: tuple[str, ...], offline: bool, uid: int, gid: int, say,
                  timeout: float = FETCH_TIMEOUT_S):
-        self.uv_bin, self.python = uv_bin, python
+        self.uv_bin, self.python = reachable_uv(uv_bin), python
         self.index_url, self.find_links, self.offline = index_url, find_links, offline
         self.uid, self.gid, self.say = uid, gid, say
         self.deadline = time.monotonic() + timeout
