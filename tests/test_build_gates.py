@@ -503,3 +503,31 @@ def test_uv_below_a_folder_only_root_enters_is_still_run_by_the_fetch_uid(tmp_pa
     assert done.stdout.startswith("uv ")
     assert reachable_uv(str(private_uv)) == usable       # one copy per worker
     assert os.stat(usable).st_uid == 0 and not os.stat(usable).st_mode & 0o022
+
+
+def test_the_operators_ca_reaches_the_resolve_step(tmp_path, monkeypatch):
+    """SSL_CERT_FILE / SSL_CERT_DIR (a proxy's or a company's CA) go to the resolve step as
+    they are when every uid can read them, and as copies it can read when they cannot."""
+    reachable = Path(tempfile.mkdtemp(prefix="dockyard-test-ca-", dir="/tmp"))
+    os.chmod(reachable, 0o755)
+    public = reachable / "public-ca.pem"
+    public.write_text("-----BEGIN CERTIFICATE-----\n")
+    os.chmod(public, 0o644)
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nsecret-ish\n")
+    os.chmod(hidden, 0o700)
+    monkeypatch.setenv("SSL_CERT_FILE", str(public))
+    monkeypatch.setenv("SSL_CERT_DIR", str(hidden))
+    folder = tmp_path / "build"
+    (folder / "home").mkdir(parents=True)
+    fetcher = fetch.Fetcher(uv_bin="/usr/bin/true", python="/usr/bin/python3", index_url=None,
+                            find_links=(), offline=True, uid=65534, gid=65534,
+                            say=lambda line: None)
+    try:
+        env = fetcher._env(folder)
+    finally:
+        shutil.rmtree(reachable)
+    assert env["SSL_CERT_FILE"] == str(public)
+    copied = Path(env["SSL_CERT_DIR"])
+    assert copied.parent == folder and (copied / "ca.pem").read_text().endswith("secret-ish\n")

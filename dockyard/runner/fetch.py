@@ -285,7 +285,10 @@ class Fetcher:
         for name in CA_VARIABLES:
             # The operator's CA may sit where the fetch uid cannot read it: a copy it can.
             path = os.environ.get(name)
-            if not path or not os.path.exists(path) or _readable_by_all(Path(path)):
+            if not path or not os.path.exists(path):
+                continue
+            if _readable_by_all(Path(path)):
+                env[name] = path
                 continue
             copy = folder / f"ca-{name.lower()}"
             if os.path.isdir(path):
