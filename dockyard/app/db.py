@@ -259,8 +259,16 @@ def _m7_deferred_calls(db: sqlite_utils.Database) -> None:
     db["invocations"].add_column("unavailable_since", float)
 
 
+def _m8_worker_in_flight(db: sqlite_utils.Database) -> None:
+    """The calls in a worker's processes, as its last heartbeat said (a sync call has no
+    record until it ends, so the records cannot tell); and workers looked up by name."""
+    db["workers"].add_column("in_flight", int)
+    db["workers"].create_index(["name"])
+
+
 MIGRATIONS = [_m1_initial, _m2_instance_id, _m3_jobs, _m4_invocation_finishes,
-              _m5_deployment_workers, _m6routing_generation, _m7_deferred_calls]
+              _m5_deployment_workers, _m6routing_generation, _m7_deferred_calls,
+              _m8_worker_in_flight]
 
 
 def migrate(path: str | Path) -> None:
