@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from ..common.protocol import SETTLED_DEPLOYMENT_STATUSES, DeploymentStatus
 from ..errors import DockyardError
 from ..runner.server import UNIX_PATH_MAX, UNIX_PREFIX
 from .client import Client, discover, package_bytes, token_hint
@@ -284,7 +285,8 @@ def init(name):
 
 @cli.command()
 @click.argument("path")
-@click.option("--wait", is_flag=True, help="Wait until the version serves (or fails).")
+@click.option("--wait", is_flag=True, help="Wait until the version serves on every live worker, "
+              "or fails on some (exit 3: partial) or all (exit 1).")
 @click.option("--no-activate", is_flag=True, help="Upload only; activate later.")
 @click.option("--timeout", default=600, show_default=True, type=float,
               help="How long --wait waits, in seconds.")
@@ -318,6 +320,18 @@ def deploy(ctx, path, wait, no_activate, timeout):
             f"{what} failed to deploy: {_failure(dep)}; "
             f"{_left(record['container'], record['version'], active, serving)} "
             f"(the new version is stored; see dockyard deployments {record['container']})")
+    if wait and isinstance(dep, dict) and dep["status"] == DeploymentStatus.PARTIAL:
+        raise PartialDeployment(
+            f"{what} is only partly deployed: it {dep.get('error') or 'failed on some workers'}"
+            "; those workers try again by themselves (5 s, doubling to 5 min) and the "
+            f"deployment turns ready once they manage (see dockyard deployments "
+            f"{record['container']})")
+
+
+class PartialDeployment(click.ClickException):
+    """`deploy --wait` when the version serves on some live workers and failed on others."""
+
+    exit_code = 3
 
 
 def _failure(deployment: dict) -> str:
@@ -366,7 +380,7 @@ def _wait_deployment(ctx, client, deployment_id: str, timeout: float, what: str,
                     states[w["worker"]] = w["state"]
                     click.echo(f"[{w['worker']}] {w['state']}", err=True)
             shown[w["worker"]] = len(lines)
-        if dep["status"] in ("ready", "failed"):
+        if dep["status"] in SETTLED_DEPLOYMENT_STATUSES:
             return dep
         waited = time.monotonic() - start
         if (not dep["workers"] and waited > min(10, timeout)) or waited > timeout:

@@ -71,6 +71,24 @@ class VersionState:
     FAILED = "failed"
 
 
+class DeploymentStatus:
+    """Where a deployment of a version across the live workers stands (workers that are not
+    live -- lost, suspect, stopped -- are not counted)."""
+
+    PENDING = "pending"          # no live worker has reported on it yet
+    IN_PROGRESS = "in_progress"  # some live worker still builds or starts it
+    READY = "ready"              # every live worker serves it
+    # Every live worker has settled, some serve it and some failed: it serves, the failed
+    # ones retry (with backoff) and it becomes ready once they manage.
+    PARTIAL = "partial"
+    FAILED = "failed"            # it failed on every live worker
+
+
+# Statuses a deployment may still leave: `deploy --wait` follows one until it is in neither.
+UNSETTLED_DEPLOYMENT_STATUSES = (DeploymentStatus.PENDING, DeploymentStatus.IN_PROGRESS)
+SETTLED_DEPLOYMENT_STATUSES = (DeploymentStatus.READY, DeploymentStatus.PARTIAL,
+                               DeploymentStatus.FAILED)
+
 # The states in which a worker takes calls for a version.
 ROUTABLE_STATES = (VersionState.READY, VersionState.IDLE)
 

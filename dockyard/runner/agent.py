@@ -180,14 +180,21 @@ class Agent:
             runtime.spec["deployment"] = spec.get("deployment")
             if spec["role"] == Role.SERVE:
                 runtime.role = Role.SERVE
-                if runtime.state is VersionState.FAILED:
-                    runtime.error = None
+                runtime.start_over()   # a new deployment: tried at once, its backoff reset
                 self._background(runtime.serve)
             else:
                 self._background(runtime.to_standby)
         for version_id in diff.removed:
             runtime = self.runtimes.pop(version_id)
             self._background(self._remove, runtime)
+
+    def retry_failed(self) -> None:
+        """Serve again each version that failed here and whose backoff is over."""
+        now = time.monotonic()
+        for runtime in list(self.runtimes.values()):
+            if runtime.retry_due(now):
+                log.info("%s: trying again after %d failure(s)", runtime.what, runtime.failures)
+                self._background(runtime.serve)
 
     def _remove(self, runtime: VersionRuntime) -> None:
         runtime.stop()
@@ -371,6 +378,7 @@ class Agent:
                 log.warning("control plane unreachable: %s", exc)
             for runtime in list(self.runtimes.values()):
                 runtime.reap_idle()
+            self.retry_failed()
             next_beat = now + self.interval
             self._sleep(max(0.0, next_beat - time.monotonic()))
         return self.shutdown()

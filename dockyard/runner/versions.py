@@ -25,6 +25,23 @@ log = logging.getLogger("dockyard.versions")
 LOG_CAP = 64 * 1024
 IDLE_TTL_S = 60.0
 
+# A version that failed on this worker is served again after 5 s, then 10 s, 20 s, ... at
+# most every 5 minutes, for as long as it is to serve here (a download lost, a disk full, a
+# build killed, a wheel missing on this host: each can heal). A new deployment of the
+# version, or another artifact under its id, starts the count over; so does a success.
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 300.0
+# What no retry can change for the same content on the same host: the user's code does not
+# import (the bootstrap's load error), or the host cannot isolate it as the manifest asks.
+# The pool says so in these words (runner/pool.py); such a version waits for a new deployment.
+FINAL_REASONS = ("import failed: ", "the code cannot be loaded: ",
+                 "this host cannot isolate it")
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds before the next try after `failures` failures in a row (1, 2, ...)."""
+    return min(RETRY_FIRST_S * 2 ** max(failures - 1, 0), RETRY_MAX_S)
+
 
 class VersionRuntime:
     def __init__(self, spec: dict, builder: Builder, make_child_spec: Callable,
@@ -46,6 +63,9 @@ class VersionRuntime:
         self.lock = threading.Lock()          # one build / start / stop at a time
         self.log_written = 0                  # lines ever written (the log itself is capped)
         self.log_reported = -1
+        self.failures = 0                     # failed tries in a row
+        self.retry_at: float | None = None    # monotonic time of the next try, if any
+        self.final = False                    # failed in a way no retry changes
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -88,7 +108,41 @@ class VersionRuntime:
 
     def _pool_failed(self, reason: str) -> None:
         self.say(f"failed: {reason}")
+        self._failed(reason)
+
+    def _failed(self, reason: str) -> None:
+        """Report the version failed here, and when it is tried again (never, for a failure
+        that is final for this content: see FINAL_REASONS)."""
+        if self.state is VersionState.FAILED and (self.retry_at is not None or self.final):
+            return   # the same failure told twice (the pool, and the start that raised)
+        self.failures += 1
+        self.final = reason.startswith(FINAL_REASONS)
+        if self.final:
+            self.retry_at = None
+            self.say("not tried again: the same code fails the same way; deploy a fixed "
+                     "version (or deploy this one again to retry)")
+        else:
+            delay = retry_delay(self.failures)
+            self.retry_at = time.monotonic() + delay
+            self.say(f"trying again in {delay:g}s (failure {self.failures} in a row)")
         self._set(VersionState.FAILED, reason)
+
+    def start_over(self) -> None:
+        """A new deployment of this version: the next failure waits the shortest delay."""
+        self.failures = 0
+        self.retry_at = None
+        self.final = False
+        if self.state is VersionState.FAILED:
+            self.error = None
+
+    def retry_due(self, now: float) -> bool:
+        """Whether this failed version is to be served again now (and it claims the try)."""
+        with self.lock:
+            due = (self.role == Role.SERVE and self.state is VersionState.FAILED
+                   and self.retry_at is not None and now >= self.retry_at)
+            if due:
+                self.retry_at = None
+            return due
 
     def serve(self) -> None:
         """Build, start `instances` children, and report ready (or idle when scaled to zero).
@@ -113,9 +167,10 @@ class VersionRuntime:
                     reason = "import failed: " + reason
                 log.warning("%s failed: %s", self.what, one_line(exc))
                 self.say(f"failed: {exc}")
-                self._set(VersionState.FAILED, reason)
+                self._failed(reason)
                 return
             old, self.pool = self.pool, pool
+            self.failures, self.retry_at, self.final = 0, None, False
             self.say(f"{instances} process(es) ready" if instances else
                      "scaled to zero; the first call starts a process")
             self._set(VersionState.READY if instances else VersionState.IDLE)

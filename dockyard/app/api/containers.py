@@ -8,8 +8,10 @@ from flask import Blueprint, current_app, jsonify, request, send_file
 
 from ...common.archive import ArchiveLimits, inspect_archive
 from ...common.manifest import parse_manifest
+from ...common.protocol import DeploymentStatus
 from ...errors import BadRequest, DockyardError, NotFound
 from ..auth import require
+from ..db import transaction
 from ..retention import prune_versions
 from ..state import artifacts, connections, database
 from ..store import containers as store
@@ -155,7 +157,15 @@ def delete(name: str):
 @bp.get("/api/deployments/<deployment_id>")
 @require()
 def deployment(deployment_id: str):
-    return jsonify(worker_store.deployment_detail(database(), deployment_id))
+    """A deployment and each live worker's progress. One still under way is judged again
+    first: a worker lost since the last heartbeat does not hold it up until the next one."""
+    db = database()
+    detail = worker_store.deployment_detail(db, deployment_id)
+    if detail["status"] not in (DeploymentStatus.READY, DeploymentStatus.FAILED):
+        with transaction(db):
+            store.advance_deployments(db)
+        detail = worker_store.deployment_detail(db, deployment_id)
+    return jsonify(detail)
 
 
 @bp.get("/api/artifacts/<sha256>")

@@ -72,38 +72,10 @@ def _latest_deployment_id(conn, version_id: int) -> str | None:
 
 
 def advance_deployments(db: sqlite_utils.Database) -> None:
-    """Switch each container to its active version once a live worker has it ready; give up on
-    a version that failed on every live worker (the serving one stays). Runs inside the
-    caller's transaction."""
-    live = set(live_worker_ids(db))
-    conn = db.conn
-    for c in list(db.query("SELECT * FROM containers WHERE active_version_id IS NOT NULL")):
-        active = c["active_version_id"]
-        states = {r["worker_id"]: r for r in db.query(
-            "SELECT * FROM worker_versions WHERE version_id = ?", [active]) if r["worker_id"] in live}
-        ready = [w for w, r in states.items() if r["state"] in ROUTABLE]
-        failed = [r for r in states.values() if r["state"] == "failed"]
-        if ready and c["serving_version_id"] != active:
-            conn.execute("UPDATE containers SET serving_version_id = ?, updated_at = ? "
-                         "WHERE id = ?", [active, now(), c["id"]])
-        status = None
-        error = None
-        if live and len(ready) == len(live):
-            status = "ready"
-        elif live and failed and len(failed) == len(live):
-            status = "failed"
-            error = failed[0]["error"] or "the version failed to start"
-            if c["serving_version_id"] and c["serving_version_id"] != active:
-                # Keep the old version serving and stop chasing the broken one.
-                conn.execute("UPDATE containers SET active_version_id = serving_version_id, "
-                             "updated_at = ? WHERE id = ?", [now(), c["id"]])
-        elif states:
-            status = "in_progress"
-        if status:
-            conn.execute("UPDATE deployments SET status = ?, error = ?, finished_at = ? "
-                         "WHERE version_id = ? AND status IN ('pending', 'in_progress')",
-                         [status, error, now() if status in ("ready", "failed") else None,
-                          active])
+    """Move deployments on from the live workers' reports (app/store/containers.py owns a
+    deployment's states). Runs inside the caller's transaction."""
+    from .containers import advance_deployments as advance   # containers imports this module
+    advance(db)
 
 
 def mark_lost(db: sqlite_utils.Database, worker_id: str) -> None:
