@@ -202,7 +202,7 @@ def test_deployments_and_invocations(server, pkg):
     server.cli("invoke", "cli-hist/echo", "1")
     server.cli("invoke", "cli-hist/boom", "{}", check=False)
     table = server.cli("invocations", "cli-hist").stdout.splitlines()
-    assert table[0].split() == ["ID", "CALL", "STATUS", "TRIGGER", "DURATION", "TIME"]
+    assert table[0].split() == ["ID", "CALL", "STATUS", "TRIGGER", "DURATION", "WORKER", "TIME"]
     assert len(table) == 3
     assert "cli-hist@1/boom" in table[1] and "failed" in table[1] and "http" in table[1]
     assert "cli-hist@1/echo" in table[2] and "succeeded" in table[2]

@@ -1,16 +1,26 @@
-"""The data dir layout: the database, content-addressed artifacts and the access tokens."""
+"""The data dir layout: the database, content-addressed artifacts and the access tokens;
+and who owns what in it (a lock on the worker folder, one on `server.json`)."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
+import re
 import secrets
+import socket
 import stat
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 TOKEN_KINDS = ("admin", "worker", "invoke")
+# A worker's name (`dockyard worker --name`; a label on /metrics, a column in tables).
+WORKER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+WORKER_NAME_RULE = ("a worker name is 1 to 63 letters, digits, '.', '_' or '-', starting with "
+                    "a letter or digit")
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,21 @@ class DataDir:
     def server_json(self) -> Path:
         return self.root / "server.json"
 
+    @property
+    def server_lock(self) -> Path:
+        return self.root / "server.lock"
+
+    @property
+    def worker_lock(self) -> Path:
+        return self.worker / ".lock"
+
+    def default_worker_name(self) -> str:
+        """The host's name and a short suffix of this data dir's path: two workers on one
+        host differ, and a worker started again on the same data dir keeps its name."""
+        suffix = hashlib.sha256(os.fsencode(self.root)).hexdigest()[:6]
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]) or "worker"
+        return f"{host[:56]}-{suffix}"
+
     def token_path(self, kind: str) -> Path:
         return self.tokens / kind
 
@@ -74,6 +99,88 @@ class DataDir:
             return self.token_path(kind).read_text().strip() or None
         except OSError:
             return None
+
+
+# -- owners ----------------------------------------------------------------------------------
+# One process owns a worker folder (a worker, or a serve with its local worker), and one serve
+# owns `server.json`: each holds an flock on a file for its whole life, so the kernel frees it
+# when the owner dies however it dies. The file names the holder's pid for the one-line refusal.
+# serve hands its worker-folder lock to the local worker it starts (the same open file, through
+# LOCK_FD_ENV), so the lock is held across the worker's restarts and while it drains.
+
+LOCK_FD_ENV = "DOCKYARD_WORKER_LOCK_FD"
+
+
+class InUse(Exception):
+    """Another process holds the lock: `pids` are the live ones the lock file names."""
+
+    def __init__(self, path: Path, pids: list[int]):
+        self.path = path
+        self.pids = pids
+        holder = (f"pid {', '.join(map(str, pids))}" if pids else "another process")
+        super().__init__(f"{path.parent} is in use by {holder}")
+
+    @property
+    def holder(self) -> str:
+        return f"pid {self.pids[0]}" if self.pids else "another process"
+
+
+def hold_lock(path: Path) -> int:
+    """Take the exclusive lock on `path` (created if need be) for this process's life and
+    write our pid in it; returns the descriptor (closing it releases the lock). Raises InUse
+    naming the holder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InUse(path, _holders(path)) from None
+    _write_pids(fd, [os.getpid()])
+    return fd
+
+
+def inherited_lock(path: Path) -> int | None:
+    """The lock serve took on `path` and handed to this process (see LOCK_FD_ENV), or None
+    when there is none (or the descriptor is not that file's). Our pid joins serve's in it."""
+    text = os.environ.pop(LOCK_FD_ENV, "")
+    if not text.isdigit():
+        return None
+    fd = int(text)
+    try:
+        held, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
+        if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
+            return None
+        # The same open file as serve's: this cannot block, and proves the lock is ours.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return None
+    os.set_inheritable(fd, False)   # never to a function process
+    _write_pids(fd, (_read_pids(path) or [])[:1] + [os.getpid()])
+    return fd
+
+
+def _write_pids(fd: int, pids: list[int]) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, "".join(f"{pid}\n" for pid in pids).encode(), 0)
+
+
+def _read_pids(path: Path) -> list[int]:
+    try:
+        return [int(word) for word in path.read_text().split() if word.isdigit()]
+    except OSError:
+        return []
+
+
+def _holders(path: Path) -> list[int]:
+    """The live pids a held lock file names (the holder writes them just after it locks:
+    wait a moment for them)."""
+    end = time.monotonic() + 1.0
+    while True:
+        pids = [pid for pid in _read_pids(path) if os.path.exists(f"/proc/{pid}")]
+        if pids or time.monotonic() > end:
+            return pids
+        time.sleep(0.05)
 
 
 # -- where each running `serve` is --------------------------------------------------------

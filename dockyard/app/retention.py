@@ -1,5 +1,6 @@
 """Retention, so that a data dir does not grow without bound: old invocation records, old
-versions of every container (the rule of `dockyard versions prune`) and old job runs. The
+versions of every container (the rule of `dockyard versions prune`), old job runs and
+workers stopped or lost long ago (`serve --forget-workers-after`). The
 scheduler runs it every `--prune-every` while it holds its lease (one place per data dir);
 every delete is batched, so no write lock is held long."""
 
@@ -12,12 +13,14 @@ import sqlite_utils
 
 from .artifacts import ArtifactStore
 from .store import containers, invocations, job_runs
+from .store import workers as worker_store
 
 log = logging.getLogger("dockyard.retention")
 
 DEFAULT_KEEP_INVOCATIONS_S = 7 * 86400.0
 DEFAULT_KEEP_VERSIONS = 10
 DEFAULT_PRUNE_EVERY_S = 60.0
+DEFAULT_FORGET_WORKERS_S = 600.0
 
 
 @dataclass
@@ -25,10 +28,11 @@ class Retention:
     invocations_s: float | None = DEFAULT_KEEP_INVOCATIONS_S   # None: keep every record
     versions: int | None = DEFAULT_KEEP_VERSIONS               # None: keep every version
     every_s: float = DEFAULT_PRUNE_EVERY_S
+    forget_workers_s: float | None = DEFAULT_FORGET_WORKERS_S   # None: keep every worker
 
     def describe(self) -> dict:
         return {"keep_invocations_s": self.invocations_s, "keep_versions": self.versions,
-                "prune_every_s": self.every_s}
+                "prune_every_s": self.every_s, "forget_workers_after_s": self.forget_workers_s}
 
 
 def setting(text: str, parse):
@@ -54,7 +58,9 @@ def prune_versions(db: sqlite_utils.Database, artifacts: ArtifactStore, name: st
 def run(db: sqlite_utils.Database, artifacts: ArtifactStore, settings: Retention,
         t: float) -> dict:
     """One retention pass; returns how much each part removed."""
-    done = {"job_runs": job_runs.prune(db, t), "invocations": 0, "versions": 0}
+    done = {"job_runs": job_runs.prune(db, t), "invocations": 0, "versions": 0, "workers": 0}
+    if settings.forget_workers_s:
+        done["workers"] = worker_store.forget_gone(db, settings.forget_workers_s, t)
     if settings.invocations_s:
         done["invocations"] = invocations.prune(db, t - settings.invocations_s)
     if settings.versions:
@@ -65,6 +71,7 @@ def run(db: sqlite_utils.Database, artifacts: ArtifactStore, settings: Retention
                 continue   # deleted meanwhile
             done["versions"] += len(result["deleted"])
     if any(done.values()):
-        log.info("retention removed %d job run(s), %d invocation record(s), %d version(s)",
-                 done["job_runs"], done["invocations"], done["versions"])
+        log.info("retention removed %d job run(s), %d invocation record(s), %d version(s), "
+                 "%d gone worker(s)", done["job_runs"], done["invocations"], done["versions"],
+                 done["workers"])
     return done

@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                              "keep them all)")
     parser.add_argument("--prune-every", default="60s",
                         help="how often retention runs (90s, 10m, …)")
+    parser.add_argument("--forget-workers-after", default="10m",
+                        help="forget workers stopped or lost for this long (0 or off: keep "
+                             "them)")
     args = parser.parse_args(argv)
     from . import LOG_FORMAT
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
@@ -311,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     migrate(data.db_path)
     settings = retention.Retention(retention.setting(args.keep_invocations, parse_duration),
                                    retention.setting(args.keep_versions, int),
-                                   parse_duration(args.prune_every))
+                                   parse_duration(args.prune_every),
+                                   retention.setting(args.forget_workers_after, parse_duration))
     scheduler = Scheduler(data.db_path, data.read_token("worker"),
                           retention_settings=settings,
                           artifacts=ArtifactStore(data.artifacts, data.uploads))

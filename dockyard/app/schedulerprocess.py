@@ -25,4 +25,6 @@ class SchedulerProcess(SupervisedProcess):
         return [sys.executable, "-m", "dockyard.app.scheduler", "--data", str(self.data.root),
                 "--keep-invocations", "off" if not r.invocations_s else f"{r.invocations_s:g}s",
                 "--keep-versions", "off" if not r.versions else str(r.versions),
-                "--prune-every", f"{r.every_s:g}s"]
+                "--prune-every", f"{r.every_s:g}s",
+                "--forget-workers-after",
+                "off" if not r.forget_workers_s else f"{r.forget_workers_s:g}s"]

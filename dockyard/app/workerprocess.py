@@ -7,11 +7,13 @@ recorded for the 503s that say why no worker is there."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 
 from ..common.protocol import WORKER_CONFIG_EXIT
 from ..runner.server import UNIX_PATH_MAX
-from .datadir import DataDir
+from .datadir import LOCK_FD_ENV, DataDir
 from .db import connect
 from .store import workers as worker_store
 from .supervised import SupervisedProcess, log
@@ -21,9 +23,12 @@ class LocalWorkerProcess(SupervisedProcess):
     stop_grace_s = 90.0          # the worker drains its calls first
 
     def __init__(self, data: DataDir, url: str, worker_args: list[str], env: dict,
-                 preexec_fn=None):
+                 preexec_fn=None, lock_fd: int | None = None):
         super().__init__(preexec_fn)
         self.data = data
+        # serve's lock on the worker folder, handed to each run of the worker (the same open
+        # file: it holds it with serve, and nobody else can take the folder between runs).
+        self.lock_fd = lock_fd
         self.url = url
         self.worker_args = worker_args
         self.base_env = env
@@ -45,7 +50,16 @@ class LocalWorkerProcess(SupervisedProcess):
                 "--server", self.url, "--listen", self.listen, *self.worker_args]
 
     def env(self) -> dict:
-        return dict(self.base_env, DOCKYARD_TOKEN=self.data.read_token("worker") or "")
+        env = dict(self.base_env, DOCKYARD_TOKEN=self.data.read_token("worker") or "")
+        if self.lock_fd is not None:
+            env[LOCK_FD_ENV] = str(self.lock_fd)
+        return env
+
+    def spawn(self) -> None:
+        self.proc = subprocess.Popen(self.command(), preexec_fn=self.preexec_fn, env=self.env(),
+                                     pass_fds=() if self.lock_fd is None else (self.lock_fd,))
+        self.started_at = time.monotonic()
+        self.spawned()
 
     def spawned(self) -> None:
         self._state("running")

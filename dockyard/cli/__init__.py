@@ -165,13 +165,17 @@ def _table(rows: list[list], headers: list[str]) -> None:
                    "off: keep them all).")
 @click.option("--prune-every", default="60s", show_default=True, metavar="DURATION",
               help="How often retention runs.")
+@click.option("--forget-workers-after", default="10m", show_default=True, metavar="DURATION",
+              help="Forget workers stopped or lost for this long (0 or off: keep them).")
 @pass_ctx
 def serve(ctx, host, port, deploy_dir, deploy_poll, no_deploy_dir, web_workers, web_reserve,
           no_local_worker, invoke_auth, public_metrics, index_url, find_links, offline, python,
-          uid_base, no_view, keep_invocations, keep_versions, prune_every):
+          uid_base, no_view, keep_invocations, keep_versions, prune_every,
+          forget_workers_after):
     """Run the control plane, a local worker and the deploy folder."""
     from .serve import ServeOptions, Supervisor, retention_options
-    retention = retention_options(keep_invocations, keep_versions, prune_every)
+    retention = retention_options(keep_invocations, keep_versions, prune_every,
+                                  forget_workers_after)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker_args = _uv_args(find_links, offline, python)
@@ -214,6 +218,9 @@ def _uv_args(find_links, offline, python) -> list[str]:
 @click.option("--listen", default="127.0.0.1:0", show_default=True,
               help="Address of this worker's invoke endpoint: HOST:PORT or unix:PATH.")
 @click.option("--advertise", help="Address the control plane should dial (default: --listen).")
+@click.option("--name", callback=lambda c, p, v: _worker_name(v),
+              help="This worker's name (default: the host's name and a suffix of the data "
+                   "dir, kept across restarts).")
 @click.option("--index-url", envvar="DOCKYARD_INDEX_URL", metavar="URL",
               help="Package index for venv builds; one with a password is better given in "
                    "DOCKYARD_INDEX_URL (an argument is visible in the process list).")
@@ -225,7 +232,7 @@ def _uv_args(find_links, offline, python) -> list[str]:
 @click.option("--no-view", is_flag=True,
               help="Run children without their private view (weaker isolation).")
 @click.pass_context
-def worker(click_ctx, server, token_file, worker_token, listen, advertise, index_url,
+def worker(click_ctx, server, token_file, worker_token, listen, advertise, name, index_url,
            find_links, offline, python, uid_base, no_view):
     """Run a worker that serves a control plane's containers."""
     from .worker import run_worker
@@ -234,7 +241,14 @@ def worker(click_ctx, server, token_file, worker_token, listen, advertise, index
     if listen.startswith(UNIX_PREFIX):
         listen = f"{UNIX_PREFIX}{_socket_path(listen[len(UNIX_PREFIX):])}"
     sys.exit(run_worker(server, worker_token, ctx.data, listen, advertise, index_url,
-                        find_links, offline, python, uid_base, view=not no_view))
+                        find_links, offline, python, uid_base, view=not no_view, name=name))
+
+
+def _worker_name(name: str | None) -> str | None:
+    from ..app.datadir import WORKER_NAME_RE, WORKER_NAME_RULE
+    if name is not None and not WORKER_NAME_RE.fullmatch(name):
+        raise click.BadParameter(WORKER_NAME_RULE, param_hint="--name")
+    return name
 
 
 def _socket_path(text: str) -> Path:
@@ -513,21 +527,34 @@ def remove(ctx, name, keep_versions):
     ctx.emit(data, human)
 
 
-@cli.command()
-@pass_ctx
-def workers(ctx):
-    """List workers and what they run."""
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def workers(click_ctx):
+    """List workers: name, state, last seen, versions, calls in flight (`workers rm NAME`
+    forgets one that is gone)."""
+    if click_ctx.invoked_subcommand is not None:
+        return
+    ctx = click_ctx.find_object(Context)
     data = ctx.client().json("GET", "/api/workers")
 
     def human(d):
         if not d["workers"]:
             click.echo("no workers registered")
             return
-        _table([[w["id"], w["state"], w["address"], w["hostname"],
+        _table([[w["name"], w["state"], _age(w["last_seen"]), w.get("calls_in_flight", 0),
                  ", ".join(f"{v['container']}@{v['version']}:{v['state']}"
-                           for v in w["versions"]) or "-"] for w in d["workers"]],
-               ["ID", "STATE", "ADDRESS", "HOST", "VERSIONS"])
+                           for v in w["versions"]) or "-", w["id"]] for w in d["workers"]],
+               ["NAME", "STATE", "LAST SEEN", "IN FLIGHT", "VERSIONS", "ID"])
     ctx.emit(data, human)
+
+
+@workers.command(name="rm")
+@click.argument("name")
+@pass_ctx
+def workers_rm(ctx, name):
+    """Forget worker NAME (or its id): one that is stopped or lost; a live one is refused."""
+    data = ctx.client().json("DELETE", f"/api/workers/{name}")
+    ctx.emit(data, lambda d: click.echo(f"worker {d['name']} ({d['id']}) forgotten"))
 
 
 from .history import deployments, invocations, logs  # noqa: E402 - needs Context from above

@@ -16,6 +16,32 @@ from .jobs import _duration
 DEPLOYMENT_ID_RE = re.compile(r"dep_[0-9a-f]+")  # container names have no "_"
 
 
+class WorkerNames:
+    """Worker ids to names, for people (records keep the id; a worker forgotten since shows
+    by its id). Looked up once, and again for an id not seen yet (a new worker, when
+    following), at most every few seconds."""
+
+    REFRESH_S = 5.0
+
+    def __init__(self, client):
+        self.client = client
+        self.names: dict[str, str] | None = None
+        self.fetched = 0.0
+
+    def __call__(self, worker_id: str | None) -> str:
+        if not worker_id:
+            return "-"
+        stale = time.monotonic() - self.fetched > self.REFRESH_S
+        if self.names is None or (worker_id not in self.names and stale):
+            try:
+                workers = self.client.json("GET", "/api/workers")["workers"]
+                self.names = {w["id"]: w["name"] for w in workers}
+            except ClientError:
+                self.names = self.names or {}
+            self.fetched = time.monotonic()
+        return self.names.get(worker_id) or worker_id
+
+
 
 @click.command(cls=Command)
 @click.argument("target", metavar="NAME|ID")
@@ -62,17 +88,20 @@ def invocations(ctx, name, status, since, limit):
     for key, value in (("container", name), ("status", status), ("since", since)):
         if value:
             params[key] = value
-    data = ctx.client().json("GET", "/api/invocations", params=params)
+    client = ctx.client()
+    data = client.json("GET", "/api/invocations", params=params)
 
     def human(d):
         if not d["invocations"]:
             click.echo("no invocations" + (f" of {name}" if name else "")
                        + (" match" if status or since else " yet"))
             return
+        worker = WorkerNames(client)
         _table([[i["id"], f"{i['container']}@{i['version'] or '-'}/{i['function']}",
                  i["status"], i["trigger"], _duration(i["duration_ms"]),
-                 _age(i["created_at"])] for i in d["invocations"]],
-               ["ID", "CALL", "STATUS", "TRIGGER", "DURATION", "TIME"])
+                 worker(i.get("worker_id")), _age(i["created_at"])]
+                for i in d["invocations"]],
+               ["ID", "CALL", "STATUS", "TRIGGER", "DURATION", "WORKER", "TIME"])
     ctx.emit(data, human)
 
 
@@ -91,10 +120,12 @@ def logs(ctx, target, follow):
     """Show one invocation (ID): status, timing, output, error. For a container NAME: its
     last 20 calls, oldest first; with --follow, each new one as it finishes."""
     client = ctx.client()
+    worker = WorkerNames(client)
     if INVOCATION_ID_RE.fullmatch(target):
         if follow:
             raise click.UsageError("--follow follows a container: dockyard logs NAME --follow")
-        ctx.emit(client.json("GET", f"/api/invocations/{target}"), show_invocation)
+        ctx.emit(client.json("GET", f"/api/invocations/{target}"),
+                 lambda i: show_invocation(i, worker))
         return
     recent = client.json("GET", "/api/invocations",
                          params={"container": target, "limit": RECENT, "full": 1})
@@ -106,15 +137,15 @@ def logs(ctx, target, follow):
             if not d["invocations"]:
                 click.echo(f"no invocations of {target} yet")
             for i in d["invocations"]:
-                show_invocation(i)
+                show_invocation(i, worker)
         ctx.emit({"container": target, "invocations": calls}, human)
         return
     try:
         # Calls still under way are printed once they finish, from the cursor on.
         for call in calls:
             if call["status"] not in ("queued", "running"):
-                _print_call(ctx, call)
-        _follow(ctx, client, target, recent["cursor"])
+                _print_call(ctx, call, worker)
+        _follow(ctx, client, target, recent["cursor"], worker)
     except KeyboardInterrupt:
         pass   # Ctrl-C is how a follow ends
 
@@ -129,33 +160,34 @@ def _check_container(client, name: str) -> None:
                                    "container; `dockyard ls` lists containers") from None
 
 
-def _follow(ctx, client, name: str, cursor: int) -> None:
+def _follow(ctx, client, name: str, cursor: int, worker: WorkerNames) -> None:
     while True:
         page = client.json("GET", "/api/invocations",
                            params={"container": name, "after": cursor, "limit": PAGE,
                                    "full": 1})
         for call in page["invocations"]:
-            _print_call(ctx, call)
+            _print_call(ctx, call, worker)
         cursor = page["cursor"]
         if len(page["invocations"]) < PAGE:
             time.sleep(POLL_S)
 
 
-def _print_call(ctx, call: dict) -> None:
+def _print_call(ctx, call: dict, worker: WorkerNames) -> None:
     if ctx.as_json:
         click.echo(json.dumps(call, sort_keys=True))   # one object a line
     else:
-        show_invocation(call)
+        show_invocation(call, worker)
 
 
-def show_invocation(i: dict) -> None:
+def show_invocation(i: dict, worker=lambda worker_id: worker_id or "-") -> None:
     """One call for people: what ran, the REPORT line, its output, and its error."""
     click.echo(f"{i['id']}  {i['container']}@{i['version']}/{i['function']}  "
                f"{i['status']}  trigger={i['trigger']} attempt={i['attempt']}")
     duration = f"{i['duration_ms']:.2f} ms" if i["duration_ms"] is not None else "-"
     memory = f"{i['max_rss_kb'] / 1024:.1f} MB" if i["max_rss_kb"] else "-"
     click.echo(f"REPORT duration: {duration}  max memory used: {memory}  "
-               f"cold start: {'yes' if i['cold'] else 'no'}  worker: {i['worker_id']}")
+               f"cold start: {'yes' if i['cold'] else 'no'}  "
+               f"worker: {worker(i.get('worker_id'))}")
     for stream in ("stdout", "stderr"):
         if i.get(stream):
             click.echo(f"--- {stream}")

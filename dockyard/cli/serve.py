@@ -20,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-from ..app.datadir import DataDir, process_start, record_server
+from ..app.datadir import DataDir, InUse, hold_lock, process_start, record_server
 from ..app.db import migrate
 from ..app.dispatcher import Dispatcher
 from ..app.retention import Retention
@@ -55,8 +55,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def retention_options(keep_invocations: str, keep_versions: str,
-                      prune_every: str) -> Retention:
+def retention_options(keep_invocations: str, keep_versions: str, prune_every: str,
+                      forget_workers_after: str = "10m") -> Retention:
     """serve's retention options; a bad one is a usage error naming it."""
     import click
 
@@ -86,7 +86,12 @@ def retention_options(keep_invocations: str, keep_versions: str,
     except ValueError:
         raise click.BadParameter("give a duration above 0, such as 60s or 10m",
                                  param_hint="--prune-every") from None
-    return Retention(invocations_s, kept_versions, every_s)
+    try:
+        forget_s = setting(forget_workers_after, parse_duration)
+    except ValueError:
+        raise click.BadParameter("give a duration such as 90s, 10m or 1h (0 or off: keep "
+                                 "every worker)", param_hint="--forget-workers-after") from None
+    return Retention(invocations_s, kept_versions, every_s, forget_s)
 
 
 @dataclass
@@ -124,6 +129,8 @@ class Supervisor:
         self.url = ""
         self.started_at = time.time()
         self.server_note: Path | None = None   # where the CLI finds this server (datadir.py)
+        self.worker_lock: int | None = None    # the worker folder's, for the local worker
+        self.owns_server_json = False          # the first serve on a data dir writes it
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self.signals.append(signum)
@@ -175,7 +182,7 @@ class Supervisor:
 
     def _start_worker(self) -> None:
         self.worker = LocalWorkerProcess(self.data, self.url, self.options.worker_args,
-                                         self._env(), _die_with_parent)
+                                         self._env(), _die_with_parent, self.worker_lock)
         self.worker.start()
 
     def _wait_worker(self, timeout: float = 60.0) -> None:
@@ -209,10 +216,31 @@ class Supervisor:
             time.sleep(0.05)
         raise SystemExit(f"dockyard: the web server did not answer within {timeout:.0f}s")
 
+    def _take_ownership(self) -> None:
+        """Before anything starts: the worker folder for the local worker (a data dir whose
+        worker folder another serve or worker owns stops this serve here, with one line,
+        having touched nothing), and `server.json` if no other serve on this data dir has
+        it (several `serve --no-local-worker` may share one data dir)."""
+        if self.options.local_worker:
+            try:
+                self.worker_lock = hold_lock(self.data.worker_lock)
+            except InUse as exc:
+                raise SystemExit(
+                    f"dockyard: the data dir {self.data.root} is in use: its worker folder is "
+                    f"held by {exc.holder} (a dockyard serve or worker); stop that one, give "
+                    f"this serve its own --data, or start it with --no-local-worker") from None
+        try:
+            self._server_lock = hold_lock(self.data.server_lock)
+            self.owns_server_json = True
+        except InUse as exc:
+            log.info("%s keeps %s (the CLI finds that serve)", exc.holder,
+                     self.data.server_json)
+
     def run(self) -> int:
         # Everything serve and gunicorn write (the database and its WAL, uploads) is private;
         # what sandboxed children must read is opened up explicitly.
         os.umask(0o077)
+        self._take_ownership()
         _raise_open_files()
         self.data.ensure()
         migrate(self.data.db_path)
@@ -229,10 +257,11 @@ class Supervisor:
             self._stop()
             raise
         sock.close()
-        self.data.server_json.write_text(json.dumps({
-            "url": self.url, "pid": os.getpid(), "pid_start": process_start(os.getpid()),
-            "started_at": self.started_at,
-            "retention": self.options.retention.describe()}))
+        if self.owns_server_json:
+            self.data.server_json.write_text(json.dumps({
+                "url": self.url, "pid": os.getpid(), "pid_start": process_start(os.getpid()),
+                "started_at": self.started_at,
+                "retention": self.options.retention.describe()}))
         self.server_note = record_server(self.url, self.data.root, os.getpid())
         self.dispatcher = Dispatcher(self.data.db_path, self.data.read_token("worker"))
         self.dispatcher.start()
@@ -299,6 +328,8 @@ class Supervisor:
                 self.gunicorn.wait()
         if self.server_note is not None:
             self.server_note.unlink(missing_ok=True)
+        if not self.owns_server_json:
+            return
         try:
             current = json.loads(self.data.server_json.read_text())
             if current.get("pid") == os.getpid():

@@ -23,7 +23,8 @@ def status(ctx, name):
         if container.get("last_deployment"):
             deployment = client.json("GET", f"/api/deployments/{container['last_deployment']}")
         workers = client.json("GET", "/api/workers")["workers"]
-        held = [{"worker": w["id"], "worker_state": w["state"], **v}
+        held = [{"worker": w["id"], "worker_name": w["name"], "worker_state": w["state"],
+                 **v}
                 for w in workers for v in w["versions"] if v["container"] == name]
         ctx.emit({"container": container, "deployment": deployment, "workers": held},
                  _show_container)
@@ -43,10 +44,10 @@ def _show_overview(d: dict) -> None:
         click.echo(f"retention  {_retention(s['retention'])}")
     click.echo("")
     if d["workers"]:
-        _table([[w["id"], w["state"], w["address"],
+        _table([[w["name"], w["state"], w.get("calls_in_flight", 0), w["address"],
                  ", ".join(f"{v['container']}@{v['version']}:{v['state']}"
-                           for v in w["versions"]) or "-"] for w in d["workers"]],
-               ["WORKER", "STATE", "ADDRESS", "RUNS"])
+                           for v in w["versions"]) or "-", w["id"]] for w in d["workers"]],
+               ["WORKER", "STATE", "IN FLIGHT", "ADDRESS", "RUNS", "ID"])
     else:
         click.echo("no workers registered")
     click.echo("")
@@ -79,7 +80,8 @@ def _show_container(d: dict) -> None:
         click.echo(f"  {key:<11} {value}")
     if d["workers"]:
         click.echo("")
-        _table([[h["worker"], h["worker_state"], h["version"], h["state"],
+        _table([[h.get("worker_name") or h["worker"], h["worker_state"], h["version"],
+                 h["state"],
                  (h.get("error") or "-").splitlines()[0][:60]] for h in d["workers"]],
                ["WORKER", "WORKER STATE", "VERSION", "STATE", "ERROR"])
     click.echo("")
@@ -107,7 +109,9 @@ def _retention(r: dict) -> str:
              if r.get("keep_invocations_s") else "invocations kept")
     versions = (f"versions: {r['keep_versions']} newest" if r.get("keep_versions")
                 else "versions kept")
-    return f"{calls}, {versions}, every {_uptime(r['prune_every_s'])}"
+    gone = (f", gone workers after {_uptime(r['forget_workers_after_s'])}"
+            if r.get("forget_workers_after_s") else "")
+    return f"{calls}, {versions}{gone}, every {_uptime(r['prune_every_s'])}"
 
 
 def _uptime(seconds: float) -> str:

@@ -1,4 +1,5 @@
-"""`dockyard worker`: set up isolation and uv, print the isolation summary, run the agent."""
+"""`dockyard worker`: take the worker folder (one owner at a time), set up isolation and uv,
+print the isolation summary, run the agent."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import click
 import uv
 
-from ..app.datadir import DataDir
+from ..app.datadir import DataDir, InUse, hold_lock, inherited_lock
 from ..common.protocol import WORKER_CONFIG_EXIT
 from ..runner.agent import Agent, WorkerConfig, WorkerRefused
 from ..runner.server import UNIX_PREFIX
@@ -33,12 +34,29 @@ def _address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def take_worker_folder(data_dir: DataDir) -> int:
+    """The lock on the worker folder, before anything else touches it (no kill of leftovers,
+    no sweep, no cgroup): a second worker on a data dir in use stops here with one line.
+    Under serve, the lock serve took for its local worker."""
+    fd = inherited_lock(data_dir.worker_lock)
+    if fd is not None:
+        return fd
+    try:
+        return hold_lock(data_dir.worker_lock)
+    except InUse as exc:
+        raise WorkerConfigError(
+            f"the worker folder {data_dir.worker} is in use by {exc.holder} (a dockyard worker "
+            f"or serve); each worker needs a data dir of its own: give this one --data DIR "
+            f"(or DOCKYARD_HOME)") from None
+
+
 def run_worker(server, token, data, listen, advertise, index_url, find_links, offline, python,
-               uid_base, view: bool = True) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+               uid_base, view: bool = True, name: str | None = None) -> int:
     os.umask(0o077)
     data_dir = DataDir.at(data)
+    lock_fd = take_worker_folder(data_dir)   # noqa: F841 - held until this process exits
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     isolation = Isolation(uid_base=uid_base or DEFAULT_UID_BASE, namespaces=view)
     isolation.detect(f"w{os.getpid()}")
     if isolation.cgroups is not None:
@@ -63,7 +81,7 @@ def run_worker(server, token, data, listen, advertise, index_url, find_links, of
                         offline=offline)
     config = WorkerConfig(server=server, token=token, worker_dir=data_dir.worker,
                           uv=options, isolation=isolation, listen=_address(listen),
-                          advertise=advertise)
+                          advertise=advertise, name=name or data_dir.default_worker_name())
     try:
         agent = Agent(config)
     except OSError as exc:

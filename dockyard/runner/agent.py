@@ -129,24 +129,37 @@ class Agent:
                     out.write(chunk)
 
     def register(self) -> None:
+        # The id this worker folder had (a restart takes its row over, and keeps its name).
+        id_file = self.config.worker_dir / ".worker-id"
+        try:
+            previous = id_file.read_text().strip()
+        except OSError:
+            previous = ""
         body = {"name": self.config.name, "hostname": socket.gethostname(), "pid": os.getpid(),
                 "address": self.config.advertise or self.server.address,
-                "isolation": self.config.isolation.summary()}
+                "isolation": self.config.isolation.summary(),
+                "previous_id": self.worker_id or previous}
         response = self.http.post(self._url("/api/workers/register"), json=body, timeout=10)
         if response.status_code in (401, 403):
             raise WorkerRefused(f"the control plane at {self.config.server} refuses this "
                                 "worker's token; give the token in <data>/tokens/worker of "
                                 "the control plane (--token-file or DOCKYARD_TOKEN)")
+        if response.status_code == 409:
+            raise WorkerRefused(_error_message(response))
         response.raise_for_status()
         data = response.json()
         self.worker_id = data["id"]
+        if data["id"] != previous:
+            id_file.write_text(data["id"] + "\n")
         self.interval = float(data.get("heartbeat_interval", self.interval))
         log.info("registered as %s; invoke endpoint %s", self.worker_id, body["address"])
 
     def heartbeat(self, stopping: bool = False) -> list[dict] | None:
         body = {"versions": [r.report() for r in list(self.runtimes.values())
                              if r.state is not VersionState.STOPPED],
-                "stopping": stopping}
+                "stopping": stopping,
+                # Calls in this worker's processes now, the direct ones included.
+                "in_flight": sum(pool.busy() for pool in live_pools())}
         response = self.http.post(self._url(f"/api/workers/{self.worker_id}/heartbeat"),
                                   json=body, timeout=10)
         if response.status_code == 404:
@@ -365,15 +378,16 @@ class Agent:
             try:
                 desired = self.heartbeat()
                 if desired is not None:
-                    self.reconcile(desired)
                     if not self.swept:
-                        # Once, at start: what versions removed while this worker was down
-                        # (or before it was killed) left on disk.
+                        # Once, at start, before any build of this run begins: what this
+                        # worker folder's previous run left (versions removed while it was
+                        # down, a download cut off). The folder's lock makes it ours alone.
                         self.swept = True
-                        swept = self.builder.sweep([r.spec for r in self.runtimes.values()])
+                        swept = self.builder.sweep(desired)
                         if swept:
                             log.info("removed %d folder(s) and file(s) of versions no longer "
                                      "held", swept)
+                    self.reconcile(desired)
             except requests.RequestException as exc:
                 log.warning("control plane unreachable: %s", exc)
             for runtime in list(self.runtimes.values()):
@@ -414,6 +428,14 @@ class Agent:
         self.server.server_close()
         log.info("stopped")
         return 0
+
+
+def _error_message(response) -> str:
+    """The one line of a control plane's JSON error."""
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"the control plane answered {response.status_code}"
 
 
 def _cancelled(reply: dict) -> dict:

@@ -328,9 +328,19 @@ class Builder:
                 lock.release()
         wanted = {spec.get("artifact_sha256") for spec in held}
         for path in _files(self.artifacts):
-            if path.name not in wanted:
+            if path.name in wanted:
+                continue
+            # A download (`<sha256>.part`) goes only when no build of this run holds its
+            # artifact: the worker sweeps before its first build, and no other process works
+            # in a worker folder (its lock), so a `.part` here was cut off by an earlier run.
+            lock = self._folder_lock_at(self.artifacts / path.name.removesuffix(".part"))
+            if not lock.acquire(blocking=False):
+                continue
+            try:
                 path.unlink(missing_ok=True)
-                removed += 1
+            finally:
+                lock.release()
+            removed += 1
         return removed
 
     def remove(self, spec: dict, in_use: Callable[[Path], bool]) -> None:

@@ -97,6 +97,38 @@ class StoreCollector:
         yield states
 
 
+class WorkerCollector:
+    """Per worker (labelled by name and id): calls run and failed there, calls in flight, its
+    state, and `dockyard_worker_up` (1 while it takes calls)."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def collect(self):
+        labels = ["worker", "id"]
+        calls = CounterMetricFamily("dockyard_worker_calls", "Calls a worker ran (finished)",
+                                    labels=labels)
+        failures = CounterMetricFamily("dockyard_worker_failures",
+                                       "Calls that failed, timed out or crashed on a worker",
+                                       labels=labels)
+        in_flight = GaugeMetricFamily("dockyard_worker_calls_in_flight",
+                                      "Calls in a worker's processes (its last heartbeat)",
+                                      labels=labels)
+        state = GaugeMetricFamily("dockyard_worker_state",
+                                  "A worker's state: 1 for the one it is in", labels=[*labels,
+                                                                                      "state"])
+        up = GaugeMetricFamily("dockyard_worker_up", "1 while a worker is up and heartbeating",
+                               labels=labels)
+        for w in metrics_store.worker_figures(self.db):
+            key = [w["name"], w["id"]]
+            calls.add_metric(key, w["calls"])
+            failures.add_metric(key, w["failures"])
+            in_flight.add_metric(key, w["in_flight"])
+            state.add_metric([*key, w["state"]], 1)
+            up.add_metric(key, 1 if w["up"] else 0)
+        yield from (calls, failures, in_flight, state, up)
+
+
 class JobCollector:
     """Per job: fires, failures, skipped and missed runs, the last success (alert on
     `time() - dockyard_job_last_success_timestamp_seconds` to catch a job that did not run)
@@ -141,4 +173,5 @@ def metrics():
     registry = CollectorRegistry()
     registry.register(StoreCollector(database()))
     registry.register(JobCollector(database()))
+    registry.register(WorkerCollector(database()))
     return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4")

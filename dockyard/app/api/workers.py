@@ -1,4 +1,5 @@
-"""Worker registration and heartbeats; the heartbeat reply carries the desired set."""
+"""Worker registration (a restarted worker takes its row over; a live worker's name is
+refused), heartbeats (the reply carries the desired set), the list, and forgetting one."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from ...errors import BadRequest
 from ..auth import require
+from ..datadir import WORKER_NAME_RE, WORKER_NAME_RULE
 from ..state import database
 from ..store import containers as container_store
 from ..store import workers as store
@@ -23,7 +25,11 @@ def _body() -> dict:
 @bp.post("/api/workers/register")
 @require("worker")
 def register():
-    worker = store.register(database(), _body())
+    body = _body()
+    name = body.get("name")
+    if name is not None and not (isinstance(name, str) and WORKER_NAME_RE.fullmatch(name)):
+        raise BadRequest(WORKER_NAME_RULE)
+    worker = store.register(database(), body)
     return jsonify({"id": worker["id"],
                     "heartbeat_interval": current_app.config["HEARTBEAT_INTERVAL_S"]}), 201
 
@@ -35,8 +41,13 @@ def heartbeat(worker_id: str):
     states = body.get("versions") or []
     if not isinstance(states, list):
         raise BadRequest("'versions' must be a list")
+    in_flight = body.get("in_flight")
+    if in_flight is not None and (not isinstance(in_flight, int) or isinstance(in_flight, bool)
+                                  or in_flight < 0):
+        raise BadRequest("'in_flight' must be a whole number of calls")
     db = database()
-    store.heartbeat(db, worker_id, states, stopping=bool(body.get("stopping")))
+    store.heartbeat(db, worker_id, states, stopping=bool(body.get("stopping")),
+                    in_flight=in_flight)
     return jsonify({"desired": container_store.desired_versions(db),
                     "heartbeat_interval": current_app.config["HEARTBEAT_INTERVAL_S"]})
 
@@ -45,3 +56,10 @@ def heartbeat(worker_id: str):
 @require()
 def list_workers():
     return jsonify({"workers": store.list_workers(database())})
+
+
+@bp.delete("/api/workers/<name>")
+@require()
+def remove_worker(name: str):
+    """Forget a worker that is gone (by name or id); a live one is a 409."""
+    return jsonify(store.remove(database(), name))

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import sqlite_utils
 
+from ...common.protocol import Status
+from ..db import now
+from .workers import WORKER_TTL_S
+
+# What counts as a failed call on a worker: the function failed, ran out of time, or its
+# process died (a cancel is the caller's doing; unavailable never reached a worker).
+FAILED = (Status.FAILED, Status.TIMED_OUT, Status.CRASHED)
+
 
 def invocation_totals(db: sqlite_utils.Database) -> list[dict]:
     """Per container and status: the number of invocations and their summed duration (ms)."""
@@ -18,3 +26,26 @@ def container_count(db: sqlite_utils.Database) -> int:
 
 def worker_version_states(db: sqlite_utils.Database) -> list[dict]:
     return list(db.query("SELECT state, count(*) AS n FROM worker_versions GROUP BY state"))
+
+
+def worker_figures(db: sqlite_utils.Database) -> list[dict]:
+    """Per registered worker: its name and id, its state (an `up` worker whose heartbeat is
+    stale is `lost`), whether it is up, the calls in flight its last heartbeat reported, and
+    the calls recorded as run on it, with the failed ones."""
+    calls = {r["worker_id"]: r for r in db.query(
+        "SELECT worker_id, count(*) AS n, "
+        f"sum(status IN ({', '.join('?' * len(FAILED))})) AS failed "
+        "FROM invocations WHERE worker_id IS NOT NULL AND status NOT IN (?, ?) "
+        "GROUP BY worker_id", [*FAILED, Status.QUEUED, Status.RUNNING])}
+    cutoff = now() - WORKER_TTL_S
+    out = []
+    for w in db.query("SELECT id, name, state, last_seen, in_flight FROM workers "
+                      "ORDER BY registered_at"):
+        fresh = w["last_seen"] > cutoff
+        up = w["state"] == "up" and fresh
+        done = calls.get(w["id"]) or {}
+        out.append({"id": w["id"], "name": w["name"] or w["id"],
+                    "state": w["state"] if w["state"] != "up" or fresh else "lost",
+                    "up": up, "in_flight": (w["in_flight"] or 0) if up else 0,
+                    "calls": done.get("n") or 0, "failures": done.get("failed") or 0})
+    return out

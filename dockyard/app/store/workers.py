@@ -9,24 +9,100 @@ import secrets
 import sqlite_utils
 
 from ...common.protocol import ROUTABLE_STATES
-from ...errors import NotFound
+from ...errors import Conflict, NotFound
 from ..db import now, transaction
 
 WORKER_TTL_S = 15.0
 ROUTABLE = ROUTABLE_STATES
 
 
+# States of a worker that is certainly not serving: its row may be taken over or forgotten.
+GONE_STATES = ("stopped", "lost")
+
+
 def register(db: sqlite_utils.Database, info: dict) -> dict:
-    worker_id = "wrk_" + secrets.token_hex(6)
+    """A worker's row: the one it had before (`previous_id`, which it keeps in its worker
+    folder), else the one of its name when that worker is gone, else a new one. A name a
+    live worker holds is refused. A row taken over starts with no versions: the worker's
+    heartbeat says what it holds now."""
+    name = str(info.get("name") or "").strip()
+    previous = str(info.get("previous_id") or "")
     t = now()
-    with transaction(db):   # a route may change: see routing_hint.py
-        db["workers"].insert({
-            "id": worker_id, "name": str(info.get("name") or worker_id),
-            "address": str(info.get("address") or ""),
-            "hostname": str(info.get("hostname") or ""), "pid": int(info.get("pid") or 0),
-            "isolation": json.dumps(info.get("isolation") or {}),
-            "registered_at": t, "last_seen": t, "state": "up"})
+    with transaction(db) as conn:   # a route may change: see routing_hint.py
+        own = _row(conn, "id = ?", previous) if previous else None
+        named = _row(conn, "name = ?", name) if name else None
+        if named is not None and (own is None or named["id"] != own["id"]):
+            if _live(named, t):
+                raise Conflict(
+                    f"the worker name '{name}' is held by a live worker ({named['id']}, pid "
+                    f"{named['pid']} on {named['hostname'] or 'an unknown host'}, seen "
+                    f"{t - named['last_seen']:.0f}s ago): give this worker another --name, "
+                    f"or stop that one first")
+            if own is None:
+                own = named
+            else:
+                _delete(conn, named["id"])   # a gone worker's name, now this one's
+        fields = {"name": name or None, "address": str(info.get("address") or ""),
+                  "hostname": str(info.get("hostname") or ""),
+                  "pid": int(info.get("pid") or 0),
+                  "isolation": json.dumps(info.get("isolation") or {}),
+                  "registered_at": t, "last_seen": t, "state": "up"}
+        if own is not None:
+            worker_id = own["id"]
+            fields["name"] = fields["name"] or own["name"]
+            conn.execute("UPDATE workers SET name = ?, address = ?, hostname = ?, pid = ?, "
+                         "isolation = ?, registered_at = ?, last_seen = ?, state = ? "
+                         "WHERE id = ?", [*fields.values(), worker_id])
+            conn.execute("DELETE FROM worker_versions WHERE worker_id = ?", [worker_id])
+        else:
+            worker_id = "wrk_" + secrets.token_hex(6)
+            fields["name"] = fields["name"] or worker_id
+            db["workers"].insert({"id": worker_id, **fields})
     return db["workers"].get(worker_id)
+
+
+def _row(conn, where: str, value: str) -> dict | None:
+    cursor = conn.execute(f"SELECT * FROM workers WHERE {where} "   # noqa: S608 - fixed text
+                          "ORDER BY last_seen DESC LIMIT 1", [value])
+    row = cursor.fetchone()
+    return dict(zip([c[0] for c in cursor.description], row)) if row else None
+
+
+def _live(row: dict, t: float) -> bool:
+    return row["state"] not in GONE_STATES and row["last_seen"] > t - WORKER_TTL_S
+
+
+def _delete(conn, worker_id: str) -> None:
+    conn.execute("DELETE FROM worker_versions WHERE worker_id = ?", [worker_id])
+    conn.execute("DELETE FROM workers WHERE id = ?", [worker_id])
+
+
+def remove(db: sqlite_utils.Database, name: str) -> dict:
+    """`dockyard workers rm NAME` (or id): forget a worker that is gone. A live one is
+    refused (it would register again on its next heartbeat)."""
+    t = now()
+    with transaction(db) as conn:
+        row = _row(conn, "name = ?", name) or _row(conn, "id = ?", name)
+        if row is None:
+            raise NotFound(f"no worker '{name}'; `dockyard workers` lists them")
+        if _live(row, t):
+            raise Conflict(f"worker '{row['name']}' is live (seen {t - row['last_seen']:.0f}s "
+                           "ago); stop it first, then remove it")
+        _delete(conn, row["id"])
+    return {"id": row["id"], "name": row["name"], "removed": True}
+
+
+def forget_gone(db: sqlite_utils.Database, after_s: float, t: float) -> int:
+    """Forget workers not seen for `after_s`: stopped or lost ones, and any silent for that
+    long and past the heartbeat's time to live. Returns how many."""
+    stale = t - after_s
+    with transaction(db) as conn:
+        ids = [r[0] for r in conn.execute(
+            "SELECT id FROM workers WHERE (state IN (?, ?) AND last_seen < ?) "
+            "OR last_seen < ?", [*GONE_STATES, stale, min(stale, t - WORKER_TTL_S)])]
+        for worker_id in ids:
+            _delete(conn, worker_id)
+    return len(ids)
 
 
 def live_worker_ids(db: sqlite_utils.Database) -> list[str]:
@@ -35,13 +111,13 @@ def live_worker_ids(db: sqlite_utils.Database) -> list[str]:
 
 
 def heartbeat(db: sqlite_utils.Database, worker_id: str, states: list[dict],
-              stopping: bool = False) -> None:
+              stopping: bool = False, in_flight: int | None = None) -> None:
     with transaction(db) as conn:
         if not db["workers"].count_where("id = ?", [worker_id]):
             raise NotFound(f"worker '{worker_id}' is not registered; restart it to register")
         t = now()
-        conn.execute("UPDATE workers SET last_seen = ?, state = ? WHERE id = ?",
-                     [t, "stopped" if stopping else "up", worker_id])
+        conn.execute("UPDATE workers SET last_seen = ?, state = ?, in_flight = ? WHERE id = ?",
+                     [t, "stopped" if stopping else "up", in_flight, worker_id])
         reported = set()
         for s in states:
             vid = int(s["version_id"])
@@ -124,6 +200,7 @@ def list_workers(db: sqlite_utils.Database) -> list[dict]:
                     "state": w["state"] if w["state"] != "up" or healthy else "lost",
                     "ready": healthy, "last_seen": w["last_seen"],
                     "registered_at": w["registered_at"],
+                    "calls_in_flight": (w["in_flight"] or 0) if healthy else 0,
                     "isolation": json.loads(w["isolation"] or "{}"), "versions": versions})
     return out
 
