@@ -19,6 +19,8 @@ from .routing_hint import routing_hint
 from .store import routing
 from .store import workers as worker_store
 from .direct_calls import DirectCalls
+from ..runner.process import QUEUE_WAIT_S
+from .liveness import Liveness, WorkerView
 from .worker_client import WORKER_DIED, NotAdmitted, WorkerConnections, WorkerGone
 
 log = logging.getLogger("dockyard.invoke")
@@ -29,6 +31,9 @@ ERROR_STATUS = {"FunctionNotFound": 404}
 # A pinned call may have to build and start its version first.
 ON_DEMAND_GRACE_S = 300.0
 ROUTE_ATTEMPTS = 4
+# An acknowledged call on a worker that answers its pings is waited for this long past its own
+# deadline (its start-by plus its timeout): the worker times it out and answers before then.
+RELAY_GRACE_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,18 @@ def route(db: sqlite_utils.Database, container: str, version: str | None,
 
 
 def _pick_worker(db: sqlite_utils.Database, target: Target, routable: list[dict],
-                 avoid: set[str]) -> dict:
-    candidates = [w for w in routable if w["id"] not in avoid]
+                 avoid: set[str], liveness: Liveness) -> dict:
+    candidates = [w for w in routable if w["id"] not in avoid and liveness.usable(w)]
     if not candidates and target.pinned:
         # Not running anywhere: any live worker starts it on demand.
-        candidates = [w for w in worker_store.live_workers(db) if w["id"] not in avoid]
+        candidates = [w for w in worker_store.live_workers(db)
+                      if w["id"] not in avoid and liveness.usable(w)]
+    if not candidates and any(not liveness.usable(w) for w in routable):
+        raise Unavailable(f"every worker that has {target.container}@{target.version} ready "
+                          "stopped answering or was tried", retry_after=1)
+    if candidates:
+        # Under the cap on calls in flight if any is; else the call waits for a place.
+        candidates = [w for w in candidates if liveness.has_room(w)] or candidates
     if not candidates:
         if not worker_store.live_workers(db):
             local = worker_store.local_worker_state(db)
@@ -130,54 +142,88 @@ def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocatio
     free process of the version when it can (see direct_calls.py)."""
     avoid: set[str] = set()
     last_error = None
+    liveness = connections.liveness
+    liveness.start(db.path)
     for attempt in range(ROUTE_ATTEMPTS):
         # A retry follows a worker that was gone or no longer ran the version: look again.
         target, routable = route(db, container, version, fresh=attempt > 0)
         target.manifest.resolve_function(function)
-        worker = _pick_worker(db, target, routable, avoid)
-        timeout = float(target.manifest.limits.timeout_s)
-        reply = None
-        if direct is not None:
-            reply = direct.call(worker["address"], target.version_id, invocation_id, function,
-                                event, timeout)
-        if reply is None:
-            # Relayed through the worker (which queues, and starts processes on demand).
-            frame = {"type": Frame.INVOKE, "id": invocation_id,
-                     "version_id": target.version_id, "container": container,
-                     "version": target.version, "function": function, "event": event,
-                     "timeout": timeout, "trigger": trigger, "pinned": target.pinned}
-            if queue_wait is not None:
-                frame["queue_wait"] = queue_wait
-            wait = timeout + (ON_DEMAND_GRACE_S if target.pinned else 15.0)
-            try:
-                reply = connections.request(worker["address"], frame, timeout=wait)
-            except WorkerGone as exc:
-                started = len(exc.args) > 1 and exc.args[1]
-                log.warning("%s worker %s: %s", invocation_id, worker["id"], exc)
-                if started:
-                    return {"status": Status.CRASHED, "version": target.version,
-                            "worker_id": worker["id"], "error": dict(WORKER_DIED)}
-                last_error = str(exc)
-                if isinstance(exc, NotAdmitted):
-                    # It is there and closed this one connection at accept: never marked
-                    # lost for it (anyone can make a worker close connections); this call
-                    # tries again, and is answered 503 if it never gets in.
-                    time.sleep(0.05 * (attempt + 1))
-                    continue
-                avoid.add(worker["id"])
-                worker_store.mark_lost(db, worker["id"])
+        worker = _pick_worker(db, target, routable, avoid, liveness)
+        view = liveness.view(worker["id"], worker["address"])
+        if not liveness.acquire(view):
+            last_error = (f"worker {worker['id']} has {liveness.cap} calls in flight from "
+                          "this process, or stopped answering")
+            avoid.add(worker["id"])
+            continue
+        try:
+            reply = _run_on(connections, direct, view, target, invocation_id, function, event,
+                            trigger, queue_wait)
+        except WorkerGone as exc:
+            started = len(exc.args) > 1 and exc.args[1]
+            log.warning("%s worker %s: %s", invocation_id, worker["id"], exc)
+            if started:
+                error = exc.args[2] if len(exc.args) > 2 else WORKER_DIED
+                return {"status": Status.CRASHED, "version": target.version,
+                        "worker_id": worker["id"], "error": dict(error)}
+            last_error = str(exc)
+            if isinstance(exc, NotAdmitted):
+                # It is there and closed this one connection at accept: never marked
+                # lost for it (anyone can make a worker close connections); this call
+                # tries again, and is answered 503 if it never gets in.
+                time.sleep(0.05 * (attempt + 1))
                 continue
+            # It never started there: another worker takes it. Its liveness view has it
+            # suspect or lost already (and so does the database, for everyone).
+            if view.usable:
+                liveness.unacknowledged(view)
+            avoid.add(worker["id"])
+            continue
+        finally:
+            liveness.release(view)
         status = reply.get("status")
+        if status == Status.NOT_STARTED:
+            # It reached the worker too late to be taken (a stall): it ran nothing there.
+            last_error = "the worker took the call too late and ran nothing"
+            avoid.add(worker["id"])
+            continue
         if status == Status.NOT_RUNNING:
             # The version was swapped out between routing and arrival: route again.
             last_error = reply.get("error", {}).get("message")
             time.sleep(0.02 * (attempt + 1))
             continue
+        if status == Status.CRASHED and isinstance(reply.get("error"), dict):
+            # The process died with the call in hand: it may have run (part of) it.
+            reply["error"].setdefault("may_have_run", True)
         reply["version"] = target.version
         reply["worker_id"] = worker["id"]
         return reply
     raise Unavailable(f"no worker could take the call to '{container}': {last_error}",
                       retry_after=1)
+
+
+def _run_on(connections: WorkerConnections, direct: DirectCalls | None, view: WorkerView,
+            target: Target, invocation_id: str, function: str, event, trigger: str,
+            queue_wait: float | None) -> dict:
+    """One attempt of a call on one worker: straight to a process on this host when it can,
+    else relayed through the worker, fenced (see WorkerConnections.call). WorkerGone as
+    `call` raises it."""
+    timeout = float(target.manifest.limits.timeout_s)
+    if direct is not None:
+        reply = direct.call(view.address, target.version_id, invocation_id, function, event,
+                            timeout)
+        if reply is not None:
+            return reply
+    # Relayed through the worker (which queues, and starts processes on demand).
+    frame = {"type": Frame.INVOKE, "id": invocation_id, "version_id": target.version_id,
+             "container": target.container, "version": target.version,
+             "function": function, "event": event, "timeout": timeout, "trigger": trigger,
+             "pinned": target.pinned}
+    if queue_wait is not None:
+        frame["queue_wait"] = queue_wait
+    # It must start by then: after its wait for a free instance (or its on-demand start).
+    start_within = ON_DEMAND_GRACE_S if target.pinned else \
+        min(QUEUE_WAIT_S, max(0.0, queue_wait if queue_wait is not None else QUEUE_WAIT_S))
+    return connections.call(view, frame, start_within, timeout, RELAY_GRACE_S)
 
 
 def http_status(result: dict) -> int:

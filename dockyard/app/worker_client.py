@@ -5,15 +5,33 @@ connection set-up and no HTTP parsing."""
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
+import time
 
-from ..common.protocol import Frame
+from ..common.protocol import Frame, Status
 from ..common.frames import FrameSocket
+from .liveness import DEFAULT_CALLS_IN_FLIGHT, Liveness, WorkerView
 
 # A frame the worker does not take within this long means the worker is stuck.
 SEND_TIMEOUT_S = 30
+# A call frame the worker has not acknowledged within this long never started: it goes to
+# another worker. The worker takes a frame only within TAKE_WITHIN_S of its arrival (by its
+# own clock), so that one it reads later (it was frozen) is refused, never run.
+ACK_WAIT_S = 0.6
+TAKE_WITHIN_S = 0.4
+# A call waits in slices this long, looking at its worker's liveness between them.
+WAIT_SLICE_S = 0.1
+# A call acknowledged by a worker that turned suspect is given up on this long after its own
+# deadline (its start-by plus its timeout).
+SUSPECT_GRACE_S = 0.9
+# A lost host (no RST) shows on every worker connection within a few seconds.
+KEEPALIVE_IDLE_S = 1
+KEEPALIVE_INTERVAL_S = 1
+KEEPALIVE_COUNT = 3
+USER_TIMEOUT_MS = 3000
 
 # A worker address naming a Unix socket (the same prefix the worker advertises).
 UNIX_PREFIX = "unix:"
@@ -21,7 +39,11 @@ UNIX_PREFIX = "unix:"
 
 # The error of a call whose worker went away while it ran.
 WORKER_DIED = {"type": "WorkerDied", "message": "the worker running this call went away "
-                                                "mid-call"}
+                                                "mid-call", "may_have_run": True}
+# The error of an acknowledged call whose worker stopped answering (frozen, or its host gone).
+WORKER_SILENT = {"type": "WorkerDied", "message": "the worker that took this call stopped "
+                                                  "answering; the call may have run",
+                 "may_have_run": True}
 
 
 class WorkerGone(Exception):
@@ -53,21 +75,49 @@ def _dial(address: str, timeout: float) -> socket.socket:
         raise OSError(f"not HOST:PORT or unix:PATH: {address!r}") from None
     sock = socket.create_connection((host.strip("[]"), port_number), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    keep_alive(sock)
     return sock
 
 
+def keep_alive(sock: socket.socket) -> None:
+    """TCP keepalive and a user timeout on a worker connection: a peer whose host vanished
+    (no RST ever comes) fails the connection within seconds instead of never."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+    except (OSError, AttributeError):
+        pass    # not Linux: keepalive as the system has it
+
+
 class WorkerConnections:
-    def __init__(self, token: str, raw_results: bool = False):
+    def __init__(self, token: str, raw_results: bool = False,
+                 calls_in_flight: int = DEFAULT_CALLS_IN_FLIGHT):
         """`raw_results`: a reply's result comes back as the bytes the function process encoded
-        (RawJSON, see common/frames.py) instead of parsed."""
+        (RawJSON, see common/frames.py) instead of parsed. `calls_in_flight`: this process's
+        cap on calls in flight per worker."""
         self.token = token
         self.raw_results = raw_results
         self._idle: dict[str, list[FrameSocket]] = {}
         self._lock = threading.Lock()
+        self.liveness = Liveness(self, calls_in_flight)
+        # A forked copy must not send down its parent's connections.
+        os.register_at_fork(after_in_child=self._forget)
 
-    def _connect(self, address: str, timeout: float) -> FrameSocket:
+    def _forget(self) -> None:
+        self._idle = {}
+        self._lock = threading.Lock()
+
+    def dial(self, address: str, timeout: float) -> FrameSocket:
+        """A new connection to a worker, its hello answered within `timeout`."""
+        return self._connect(address, timeout, timeout)
+
+    def _connect(self, address: str, timeout: float,
+                 hello_timeout: float | None = None) -> FrameSocket:
         try:
-            sock = _dial(address, min(timeout, 5.0))
+            sock = _dial(address, min(timeout, 5.0) if hello_timeout is None else hello_timeout)
         except OSError as exc:
             raise WorkerGone(f"cannot reach worker at {address}: {exc}") from exc
         conn = FrameSocket(sock, raw_results=self.raw_results)
@@ -136,17 +186,102 @@ class WorkerConnections:
                     raise WorkerGone(f"worker at {address} went away: {exc}", False) from exc
             # The worker closed this pooled connection (it restarted): dial it afresh, once.
             conn, pooled = self._connect(address, timeout), False
-        try:
-            answer = receive(conn)
-        except (OSError, ValueError) as exc:
-            conn.close()
-            raise WorkerGone(f"worker at {address} went away mid-call: {exc}", True) from exc
+        view = self.liveness.view_at(address)
+        if view is not None:
+            # Waited in slices: a worker that turns suspect meanwhile holds no thread.
+            conn.set_recv_timeout(WAIT_SLICE_S)
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                answer = receive(conn)
+                break
+            except (TimeoutError, BlockingIOError) as exc:
+                if view is not None and view.usable and time.monotonic() < end:
+                    continue
+                conn.close()
+                raise WorkerGone(f"worker at {address} did not answer: {exc or 'timed out'}",
+                                 True) from exc
+            except (OSError, ValueError) as exc:
+                conn.close()
+                raise WorkerGone(f"worker at {address} went away mid-call: {exc}",
+                                 True) from exc
         reply = answer[0] if isinstance(answer, tuple) else answer
         if reply is None:
             conn.close()
             raise WorkerGone(f"worker at {address} closed the connection mid-call", True)
         self._checkin(address, conn)
         return answer
+
+    def call(self, view: WorkerView, frame: dict, start_within: float,
+             timeout: float, grace: float) -> dict:
+        """Relay one call frame, fenced: the worker must take it within TAKE_WITHIN_S of its
+        arrival and start it within `start_within` (it answers `not_started` otherwise, and
+        runs nothing). Unacknowledged within ACK_WAIT_S, or its worker turned suspect or
+        lost first: WorkerGone(message, False): it never ran and never will; the worker is
+        suspect. Acknowledged, the reply is waited for until start_within + timeout + `grace`
+        (SUSPECT_GRACE_S instead of `grace` once the worker is suspect): past that, or if the
+        connection breaks, WorkerGone(message, True): it may have run."""
+        address = view.address
+        conn, pooled = self._checkout(address, ACK_WAIT_S)
+        sent = time.monotonic()
+        frame = dict(frame, take_within=TAKE_WITHIN_S, start_within=start_within)
+        if address.startswith(UNIX_PREFIX):
+            # The same host, so the same monotonic clock: absolute times, which hold even
+            # for a frame the worker reads late (a Unix socket has no arrival timestamps).
+            frame["take_by"] = sent + TAKE_WITHIN_S
+            frame["start_by"] = sent + start_within
+        while True:
+            try:
+                conn.set_recv_timeout(WAIT_SLICE_S)
+                conn.send(frame)
+                break
+            except OSError as exc:
+                conn.close()
+                if not pooled:
+                    self.liveness.closed(view, str(exc))
+                    raise WorkerGone(f"worker at {address} went away: {exc}", False) from exc
+            conn, pooled = self._connect(address, ACK_WAIT_S), False
+        acked = False
+        ack_by = sent + ACK_WAIT_S
+        deadline = sent + start_within + timeout
+        while True:
+            try:
+                reply = conn.recv()
+            except TimeoutError:
+                now = time.monotonic()
+                if not acked:
+                    if now >= ack_by or not view.usable:
+                        conn.close()
+                        if view.usable:
+                            self.liveness.unacknowledged(view)
+                        raise WorkerGone(f"worker at {address} did not take the call within "
+                                         f"{now - sent:.2f}s", False) from None
+                    continue
+                limit = deadline + (grace if view.usable else SUSPECT_GRACE_S)
+                if now >= limit:
+                    conn.close()
+                    raise WorkerGone(f"worker at {address} took the call and has not "
+                                     f"answered {now - sent:.1f}s later", True,
+                                     WORKER_SILENT) from None
+                continue
+            except (OSError, ValueError) as exc:
+                conn.close()
+                self.liveness.closed(view, f"the connection broke mid-call: {exc}")
+                raise WorkerGone(f"worker at {address} went away mid-call: {exc}",
+                                 acked) from exc
+            if reply is None:
+                conn.close()
+                self.liveness.closed(view, "it closed the connection mid-call")
+                raise WorkerGone(f"worker at {address} closed the connection mid-call", acked)
+            if reply.get("type") == Frame.ACK and not acked:
+                acked = True
+                continue
+            self._checkin(address, conn)
+            if not acked and reply.get("status") not in (Status.NOT_STARTED,
+                                                         Status.NOT_RUNNING):
+                # A worker that answers without acknowledging (an older one): it ran it.
+                acked = True
+            return reply
 
     def poke(self, address: str) -> None:
         """Tell a worker its desired set changed, so it reconciles now instead of on its next

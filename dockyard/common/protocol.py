@@ -23,6 +23,9 @@ class Frame:
     SLOT = "slot"                # worker -> child: show your call in hand on this page
     CHANNELS = "channels"        # web -> worker: the channels to a version's processes
     LOST = "lost"                # web -> worker: what became of a call sent down a channel
+    # Liveness and fenced calls (see app/liveness.py):
+    PING = "ping"                # control plane -> worker, answered at once in kind
+    ACK = "ack"                  # worker -> control plane: it has taken this call frame
     OK = "ok"
     ERROR = "error"
 
@@ -42,6 +45,9 @@ class Status:
     # Only between worker and control plane: the version is not running on that worker any
     # more (a redeploy moved it); the control plane routes the call again. Never recorded.
     NOT_RUNNING = "not_running"
+    # Only between worker and control plane: the call frame reached the worker past the time
+    # it had to be taken by (the control plane has given up on it): nothing ran. Never recorded.
+    NOT_STARTED = "not_started"
 
 
 # Every status an invocation record can hold (the list's filter accepts exactly these).

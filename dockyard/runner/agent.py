@@ -259,9 +259,17 @@ class Agent:
                     child_frame = {"type": Frame.INVOKE, "id": call_id, "invocation_id": call_id,
                                    "function": frame["function"], "event": frame.get("event"),
                                    "deadline": time.time() + timeout}
+                    queue_wait = _queue_wait(frame)
+                    if "start_by" in frame:
+                        # A fenced call (see runner/fence.py): the process refuses it past
+                        # its start-by, and it waits for a free one no longer than that.
+                        child_frame["start_by"] = frame["start_by"]
+                        if not frame.get("pinned"):
+                            queue_wait = min(queue_wait, max(0.0, frame["start_by"] -
+                                                             time.monotonic()))
                     reply = runtime.invoke(child_frame, timeout,
                                            pinned=bool(frame.get("pinned")),
-                                           queue_wait=_queue_wait(frame))
+                                           queue_wait=queue_wait)
             finally:
                 self.calls.pop(call_id, None)
             if call_id in self.cancelled:

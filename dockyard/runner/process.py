@@ -361,7 +361,10 @@ class Child:
                 # Calls from web processes may be ahead of it: the watchdog times the calls
                 # from the later of this one's sending and the last answer; this wait is the
                 # backstop.
-                frame = dict(frame, start_by=time.monotonic() + QUEUE_WAIT_S, timeout=timeout)
+                start_by = time.monotonic() + QUEUE_WAIT_S
+                # A fenced call keeps its own start-by when that is sooner.
+                frame = dict(frame, start_by=min(start_by, frame.get("start_by", start_by)),
+                             timeout=timeout)
                 return self._invoke_direct(frame, timeout,
                                            time.monotonic() + timeout + SEND_WAIT_S)
             finally:

@@ -33,6 +33,7 @@ from typing import Callable, Hashable
 
 from ..common.protocol import Frame
 from ..common.frames import FrameSocket, encode_frame, loads
+from .fence import StampedFrameSocket, keep_alive, take
 
 log = logging.getLogger("dockyard.server")
 
@@ -516,18 +517,36 @@ class _Connection(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock = self.request
         server = self.server
-        conn = FrameSocket(sock)
+        conn = StampedFrameSocket(sock, stamped=server.unix_path is None)
         conn.buffer += server.after_hello(sock)
         with server.lock:
             server.connections.add(sock)
         try:
             if server.unix_path is None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                keep_alive(sock)
             conn.send({"type": Frame.HELLO})
             while True:
+                conn.arrived = None
                 frame = conn.recv()
                 if frame is None:
                     return
+                if not isinstance(frame, dict):
+                    conn.send({"type": Frame.ERROR, "error": {
+                        "type": "BadFrame", "message": "a frame must be an object"}})
+                    continue
+                kind = frame.get("type")
+                if kind == Frame.PING:
+                    # Liveness: answered here, never behind a call or the agent's work.
+                    conn.send({"type": Frame.PING})
+                    continue
+                if kind == Frame.INVOKE and "take_within" in frame:
+                    refusal = take(frame, conn.arrived, unix=server.unix_path is not None)
+                    if refusal is not None:
+                        conn.send(refusal)
+                        continue
+                    # Taken: from here on the control plane counts it as possibly run.
+                    conn.send({"type": Frame.ACK, "id": frame.get("id")})
                 reply = server.handle_frame(frame)
                 if reply is not None and "_fds" in reply:
                     # Descriptors go with the reply (a Unix socket only); our copies of

@@ -162,6 +162,25 @@ def mark_lost(db: sqlite_utils.Database, worker_id: str) -> None:
                      [worker_id])
 
 
+def mark_unreachable(db: sqlite_utils.Database, worker_id: str, state: str) -> None:
+    """A control-plane process found a worker `suspect` (it stopped answering its pings or
+    left a call frame unacknowledged) or `lost` (its connection closed): out of routing for
+    everyone at once, until its own heartbeat says `up` again (see app/liveness.py)."""
+    if state not in ("suspect", "lost"):
+        raise ValueError(f"not a state of an unreachable worker: {state}")
+    with transaction(db) as conn:   # a route changes: see routing_hint.py
+        conn.execute("UPDATE workers SET state = ? WHERE id = ? AND state IN ('up', 'suspect')"
+                     " AND state != ?", [state, worker_id, state])
+
+
+def recently_seen(db: sqlite_utils.Database) -> list[dict]:
+    """Workers heard from within the heartbeat's lifetime, whatever their state: those the
+    control plane's processes keep pinging ({"id", "address", "state"})."""
+    return [dict(r) for r in db.query(
+        "SELECT id, address, state FROM workers WHERE last_seen > ? AND address != '' "
+        "AND state != 'stopped'", [now() - WORKER_TTL_S])]
+
+
 def set_local_worker_state(db: sqlite_utils.Database, state: str, reason: str = "") -> None:
     """What `serve` knows of the worker it runs itself (running, restarting, stopped), so
     that a 503 can say why no worker is there."""
