@@ -225,7 +225,8 @@ def test_retention(retaining, pkg):
         srv.deploy(pkg("echo", name="ret-echo", version=str(n),
                        manifest_extra="[limits]\ntimeout_s = 60\nconcurrency = 4\n"))
     status = json.loads(srv.cli("status", "--json").stdout)["server"]["retention"]
-    assert status == {"keep_invocations_s": 2.0, "keep_versions": 2, "prune_every_s": 1.0}
+    assert status == {"keep_invocations_s": 2.0, "keep_versions": 2, "prune_every_s": 1.0,
+                      "forget_workers_after_s": 600.0}
     old = srv.invoke("ret-echo/echo", "old").headers["X-Dockyard-Invocation-Id"]
     running = srv.invoke("ret-echo/sleep", {"s": 50}, params={"async": "1"}).json()
     running = running["invocation_id"]

@@ -130,6 +130,7 @@ class Supervisor:
         self.started_at = time.time()
         self.server_note: Path | None = None   # where the CLI finds this server (datadir.py)
         self.worker_lock: int | None = None    # the worker folder's, for the local worker
+        self.server_lock: int | None = None    # held by the serve that owns server.json
         self.owns_server_json = False          # the first serve on a data dir writes it
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
@@ -230,7 +231,7 @@ class Supervisor:
                     f"held by {exc.holder} (a dockyard serve or worker); stop that one, give "
                     f"this serve its own --data, or start it with --no-local-worker") from None
         try:
-            self._server_lock = hold_lock(self.data.server_lock)
+            self.server_lock = hold_lock(self.data.server_lock)
             self.owns_server_json = True
         except InUse as exc:
             log.info("%s keeps %s (the CLI finds that serve)", exc.holder,

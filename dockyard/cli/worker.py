@@ -54,7 +54,7 @@ def run_worker(server, token, data, listen, advertise, index_url, find_links, of
                uid_base, view: bool = True, name: str | None = None) -> int:
     os.umask(0o077)
     data_dir = DataDir.at(data)
-    lock_fd = take_worker_folder(data_dir)   # noqa: F841 - held until this process exits
+    take_worker_folder(data_dir)   # its descriptor stays open: held until this process exits
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     isolation = Isolation(uid_base=uid_base or DEFAULT_UID_BASE, namespaces=view)
