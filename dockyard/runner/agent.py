@@ -398,6 +398,11 @@ class Agent:
                     self.reconcile(desired)
             except requests.RequestException as exc:
                 log.warning("control plane unreachable: %s", exc)
+            except WorkerRefused:
+                # Forgotten, and its name taken meanwhile (or its token revoked): what runs
+                # here drains and stops before the one-line reason.
+                self.shutdown()
+                raise
             for runtime in list(self.runtimes.values()):
                 runtime.reap_idle()
             self.retry_failed()
