@@ -136,13 +136,14 @@ class VersionRuntime:
             self.error = None
 
     def retry_due(self, now: float) -> bool:
-        """Whether this failed version is to be served again now (and it claims the try)."""
-        with self.lock:
-            due = (self.role == Role.SERVE and self.state is VersionState.FAILED
-                   and self.retry_at is not None and now >= self.retry_at)
-            if due:
-                self.retry_at = None
-            return due
+        """Whether this failed version is to be served again now (and it claims the try).
+        Called by the agent's main loop only, so it never waits for `lock`: a build holds
+        that for minutes, and the heartbeat must go on meanwhile."""
+        due = (self.role == Role.SERVE and self.state is VersionState.FAILED
+               and self.retry_at is not None and now >= self.retry_at)
+        if due:
+            self.retry_at = None
+        return due
 
     def serve(self) -> None:
         """Build, start `instances` children, and report ready (or idle when scaled to zero).
