@@ -1,7 +1,8 @@
 """`python -m bench [--quick] [--json FILE]`: start a real `dockyard serve`, measure the warm
 path, deploys, cold starts, redeploys under load, scaling and memory, each beside its baseline
 measured in the same run on the same machine, and print the table; then the build of a
-one-dependency package before and after builds were split in two steps (bench/build.py)."""
+one-dependency package before and after builds were split in two steps (bench/build.py), and
+one of two workers frozen and killed (bench/failover.py)."""
 
 from __future__ import annotations
 
@@ -282,6 +283,19 @@ def build_split(quick: bool) -> dict:
         return json.loads(Path(out.name).read_text() or "{}")
 
 
+def failover(quick: bool) -> dict:
+    """One of two workers frozen, and one killed, beside one worker's steady state:
+    bench/failover.py, in its own process, printing its own rows."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        done = subprocess.run([sys.executable, "-m", "bench.failover", "--json", out.name,
+                               *(["--quick"] if quick else [])],
+                              cwd=Path(__file__).resolve().parent.parent)
+        if done.returncode != 0:
+            print("(failover benchmark not run: see above)")
+            return {}
+        return json.loads(Path(out.name).read_text() or "{}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="shorter runs")
@@ -312,6 +326,7 @@ def main() -> int:
         shutil.rmtree(wheelhouse, ignore_errors=True)
     print_table(results)
     results["build_ms"] = build_split(args.quick)
+    results["failover"] = failover(args.quick)
     if args.json_file:
         flat = {k: v for k, v in results.items() if isinstance(v, (int, float))}
         for group in ("deploy_breakdown", "deploy_dep_breakdown"):
@@ -321,6 +336,10 @@ def main() -> int:
         for source, row in (results.get("build_ms") or {}).items():
             for k, v in row.items():
                 flat[f"build_ms_{source}_{k}"] = v
+        for case, row in (results.get("failover") or {}).items():
+            for k, v in row.items():
+                if isinstance(v, (int, float)):
+                    flat[f"failover_{case}_{k}"] = v
         Path(args.json_file).write_text(json.dumps(flat, indent=2, sort_keys=True))
     return 0
 

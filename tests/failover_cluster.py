@@ -4,6 +4,7 @@ Every process started here is ended by `stop()` (a frozen one is continued first
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
@@ -78,12 +79,17 @@ def workers(url: str, admin: str) -> list[dict]:
                         timeout=10).json()["workers"]
 
 
-def runs(worker: WorkerProcess) -> set[str]:
-    """The invocation ids the failover function ran on `worker`'s processes: the markers in
-    each process's private /tmp, read through /proc (as root)."""
-    found: set[str] = set()
+def runs(worker: WorkerProcess) -> collections.Counter:
+    """How often the failover function ran each invocation id on `worker`'s processes: the
+    markers in each process's private /tmp, read through /proc (as root)."""
+    found: collections.Counter = collections.Counter()
+    roots = set()
     for p in worker.processes():
         try:
+            root = os.stat(f"/proc/{p.pid}/root/tmp")
+            if (root.st_dev, root.st_ino) in roots:
+                continue    # the same /tmp seen through another process of the same view
+            roots.add((root.st_dev, root.st_ino))
             found.update(os.listdir(f"/proc/{p.pid}/root/tmp/runs"))
         except OSError:
             pass

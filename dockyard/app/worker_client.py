@@ -26,7 +26,7 @@ TAKE_WITHIN_S = 0.4
 WAIT_SLICE_S = 0.1
 # A call acknowledged by a worker that turned suspect is given up on this long after its own
 # deadline (its start-by plus its timeout).
-SUSPECT_GRACE_S = 0.9
+SUSPECT_GRACE_S = 0.7
 # A lost host (no RST) shows on every worker connection within a few seconds.
 KEEPALIVE_IDLE_S = 1
 KEEPALIVE_INTERVAL_S = 1

@@ -24,7 +24,7 @@ class Frame:
     CHANNELS = "channels"        # web -> worker: the channels to a version's processes
     LOST = "lost"                # web -> worker: what became of a call sent down a channel
     # Liveness and fenced calls (see app/liveness.py):
-    PING = "ping"                # control plane -> worker, answered at once in kind
+    PING = "liveness"            # control plane -> worker, answered at once in kind
     ACK = "ack"                  # worker -> control plane: it has taken this call frame
     OK = "ok"
     ERROR = "error"
