@@ -28,6 +28,8 @@ PING_INTERVAL_S = 0.2
 PING_MISSED_S = 0.5
 # A lost or suspect worker is dialled again this often (it may come back).
 REDIAL_S = 0.5
+# A worker that left a call frame unacknowledged stays suspect this long, pings or not.
+SUSPECT_HOLD_S = 2.0
 # The workers to watch are read from the database this often.
 WATCH_REFRESH_S = 1.0
 # Calls in flight on one worker from one process (the environment's
@@ -55,6 +57,7 @@ class WorkerView:
         self.since = time.monotonic()
         self.in_flight = 0
         self.db_state: str | None = None     # as the database said when last read
+        self.hold_until = 0.0                # suspect at least until then, pings or not
         self.thread: threading.Thread | None = None
         self.stopped = False
 
@@ -139,7 +142,9 @@ class Liveness:
             self.room.notify()
 
     def unacknowledged(self, view: WorkerView) -> None:
-        """A call frame the worker did not take in time: suspect, as a missed ping is."""
+        """A call frame the worker did not take in time: suspect, as a missed ping is, and for
+        at least SUSPECT_HOLD_S even if it answers pings (its calls are stuck, not it)."""
+        view.hold_until = time.monotonic() + SUSPECT_HOLD_S
         self._change(view, SUSPECT, "a call frame was not acknowledged in time")
 
     def closed(self, view: WorkerView, why: str) -> None:
@@ -155,6 +160,10 @@ class Liveness:
             self.room.notify_all()     # calls waiting for a place look elsewhere
         if state == UP:
             log.info("worker %s at %s answers again", view.worker_id, view.address)
+            if was == SUSPECT:
+                # A stall that passed (a suspicion, never a closed connection) need not wait
+                # for the worker's next heartbeat to be routed to again.
+                self._mark(view, UP)
             return
         log.warning("worker %s at %s is %s: %s", view.worker_id, view.address, state, why)
         if was == UP:
@@ -168,7 +177,10 @@ class Liveness:
         from .db import get_db
         from .store import workers as worker_store
         try:
-            worker_store.mark_unreachable(get_db(self.db_path), view.worker_id, state)
+            if state == UP:
+                worker_store.mark_answering(get_db(self.db_path), view.worker_id)
+            else:
+                worker_store.mark_unreachable(get_db(self.db_path), view.worker_id, state)
             view.db_state = state
         except Exception:  # noqa: BLE001 - the database may be busy; the next refresh retries
             log.exception("could not mark worker %s %s", view.worker_id, state)
@@ -183,6 +195,14 @@ class Liveness:
     def _ping(self, view: WorkerView) -> None:
         """Ping one worker until it is no longer watched: a connection of its own, one small
         frame each way, never behind a call."""
+        while not view.stopped:
+            try:
+                self._ping_until_broken(view)
+            except Exception:  # noqa: BLE001 - a view nobody updates would be stuck
+                log.exception("pinging worker %s failed", view.worker_id)
+                time.sleep(REDIAL_S)
+
+    def _ping_until_broken(self, view: WorkerView) -> None:
         from .worker_client import NotAdmitted, WorkerGone
         while not view.stopped:
             try:
@@ -214,7 +234,7 @@ class Liveness:
                     if reply is None:
                         self._change(view, LOST, "it closed its connection")
                         break
-                    if view.state != UP:
+                    if view.state != UP and answered >= view.hold_until:
                         self._change(view, UP, "")
                     time.sleep(max(0.0, PING_INTERVAL_S - (time.monotonic() - sent)))
             except (OSError, ValueError) as exc:

@@ -216,9 +216,9 @@ class WorkerConnections:
              timeout: float, grace: float) -> dict:
         """Relay one call frame, fenced: the worker must take it within TAKE_WITHIN_S of its
         arrival and start it within `start_within` (it answers `not_started` otherwise, and
-        runs nothing). Unacknowledged within ACK_WAIT_S, or its worker turned suspect or
-        lost first: WorkerGone(message, False): it never ran and never will; the worker is
-        suspect. Acknowledged, the reply is waited for until start_within + timeout + `grace`
+        runs nothing). Unacknowledged within ACK_WAIT_S (or the connection closed before the
+        acknowledgement): WorkerGone(message, False): it never ran and never will; the worker
+        is suspect (or lost). Acknowledged, the reply is waited for until start_within + timeout + `grace`
         (SUSPECT_GRACE_S instead of `grace` once the worker is suspect): past that, or if the
         connection breaks, WorkerGone(message, True): it may have run."""
         address = view.address
@@ -250,7 +250,10 @@ class WorkerConnections:
             except TimeoutError:
                 now = time.monotonic()
                 if not acked:
-                    if now >= ack_by or not view.usable:
+                    # Never before ack_by, even once the worker is suspect: until its
+                    # take-by (TAKE_WITHIN_S, sooner) has passed, a worker that is only slow
+                    # could still take the call, and another worker would run it too.
+                    if now >= ack_by:
                         conn.close()
                         if view.usable:
                             self.liveness.unacknowledged(view)

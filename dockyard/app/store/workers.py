@@ -173,6 +173,14 @@ def mark_unreachable(db: sqlite_utils.Database, worker_id: str, state: str) -> N
                      " AND state != ?", [state, worker_id, state])
 
 
+def mark_answering(db: sqlite_utils.Database, worker_id: str) -> None:
+    """A worker marked `suspect` answers its pings again: back in routing (a `lost` one comes
+    back through its heartbeat only)."""
+    with transaction(db) as conn:   # a route changes: see routing_hint.py
+        conn.execute("UPDATE workers SET state = 'up' WHERE id = ? AND state = 'suspect'",
+                     [worker_id])
+
+
 def recently_seen(db: sqlite_utils.Database) -> list[dict]:
     """Workers heard from within the heartbeat's lifetime, whatever their state: those the
     control plane's processes keep pinging ({"id", "address", "state"})."""
