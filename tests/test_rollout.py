@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, Server, make_package, sandbox_processes, zip_folder
-from dockyard.app.store.containers import deployment_status
+from dockyard.app.store.deployments import deployment_status
 from dockyard.common.manifest import parse_manifest
 from dockyard.common.protocol import DeploymentStatus, Role
 from dockyard.runner.process import LoadError
@@ -111,6 +111,22 @@ def test_a_load_error_is_final():
     assert runtime.retry_at is None
     assert not runtime.retry_due(time.monotonic() + RETRY_MAX_S)
     assert "not tried again" in "\n".join(runtime.log_lines)
+
+
+
+def test_what_the_pool_reports_decides_whether_it_is_tried_again():
+    # Processes that keep dying on start (memory, a crash at import time): backoff, as for a
+    # build; the code that cannot be imported, or a host that cannot isolate it: final.
+    runtime, _ = _runtime(OSError("unused"))
+    runtime._pool_failed("its processes keep dying on start (5 times in a row)")
+    assert runtime.state is VersionState.FAILED and runtime.retry_at is not None
+    runtime._pool_failed("its processes keep dying on start (5 times in a row)")
+    assert runtime.failures == 1   # told twice (the pool, and the start that raised): once
+    for reason in ("the code cannot be loaded: SyntaxError: invalid syntax",
+                   "this host cannot isolate it as its manifest asks: no cgroups"):
+        runtime, _ = _runtime(OSError("unused"))
+        runtime._pool_failed(reason)
+        assert runtime.state is VersionState.FAILED and runtime.retry_at is None, reason
 
 
 # -- real processes ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from ..db import transaction
 from ..retention import prune_versions
 from ..state import artifacts, connections, database
 from ..store import containers as store
+from ..store import deployments
 from ..store import jobs as job_store
 from ..store import workers as worker_store
 
@@ -163,7 +164,7 @@ def deployment(deployment_id: str):
     detail = worker_store.deployment_detail(db, deployment_id)
     if detail["status"] not in (DeploymentStatus.READY, DeploymentStatus.FAILED):
         with transaction(db):
-            store.advance_deployments(db)
+            deployments.advance_deployments(db)
         detail = worker_store.deployment_detail(db, deployment_id)
     return jsonify(detail)
 

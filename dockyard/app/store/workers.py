@@ -148,9 +148,9 @@ def _latest_deployment_id(conn, version_id: int) -> str | None:
 
 
 def advance_deployments(db: sqlite_utils.Database) -> None:
-    """Move deployments on from the live workers' reports (app/store/containers.py owns a
+    """Move deployments on from the live workers' reports (app/store/deployments.py owns a
     deployment's states). Runs inside the caller's transaction."""
-    from .containers import advance_deployments as advance   # containers imports this module
+    from .deployments import advance_deployments as advance   # which imports this module
     advance(db)
 
 
