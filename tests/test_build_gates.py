@@ -363,7 +363,7 @@ def test_no_credential_reaches_a_build(indexed, pkg):
     # Resolving ran as a uid that is neither root nor a container's, with no secret in any
     # command line of this data dir's uids.
     registry = json.loads(Path("/var/lib/dockyard/uids.json").read_text())["uids"]
-    fetch_uids = {uid for key, uid in registry.items() if key.endswith(".fetch")}
+    fetch_uids = {uid for key, uid in registry.items() if ".fetch." in key}
     compiles = {uid for uid, cmds in watched.items() for cmd in cmds if "compile" in cmd}
     assert compiles and compiles <= fetch_uids, (compiles, watched)
     assert report["uid"] not in fetch_uids and report["uid"] != 0
@@ -531,3 +531,14 @@ def test_the_operators_ca_reaches_the_resolve_step(tmp_path, monkeypatch):
     assert env["SSL_CERT_FILE"] == str(public)
     copied = Path(env["SSL_CERT_DIR"])
     assert copied.parent == folder and (copied / "ca.pem").read_text().endswith("secret-ish\n")
+
+
+def test_two_workers_on_one_host_fetch_as_different_uids(tmp_path):
+    """A resolve step ends by killing every process of its uid: two workers on one host (each
+    with its own folder) building the same container must never share that uid."""
+    from dockyard.sandbox.uids import fetch_key
+    one, two = tmp_path / "a" / "worker", tmp_path / "b" / "worker"
+    key = "inst.7.1796650000000000"
+    assert fetch_key(key, one) != fetch_key(key, two)
+    assert fetch_key(key, one) == fetch_key(key, one)      # stable across restarts
+    assert fetch_key(key, one).startswith(key + ".fetch.")

@@ -238,7 +238,7 @@ class Builder:
         process of the build is dead, give the venv to root without following a symlink."""
         isolation = self.isolation
         uid, _ = isolation.identity(spec["uid_key"])
-        fetch_uid, fetch_gid = isolation.identity(fetch_key(spec["uid_key"]))
+        fetch_uid, fetch_gid = isolation.identity(fetch_key(spec["uid_key"], self.worker_dir))
         if uid is None or fetch_uid is None:
             raise BuildError("a build in a view needs uids of its own (the worker runs as root)")
         container_dir = self.worker_dir / spec["container"]

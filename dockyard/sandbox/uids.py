@@ -6,6 +6,7 @@ under the same lock, from the same counter)."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import pwd
@@ -114,8 +115,10 @@ def _highest_uid_in(path: Path) -> int:
     return max(numbers, default=DEFAULT_UID_BASE)
 
 
-def fetch_key(container_key: str) -> str:
+def fetch_key(container_key: str, worker_dir) -> str:
     """The registry key of the uid that resolves and downloads a container's dependencies:
-    dockyard's own, one per container (never the container's uid, never shared with another
-    container's downloads), and it runs no package's code."""
-    return f"{container_key}.fetch"
+    dockyard's own, one per container and worker (never the container's uid, never shared
+    with another container's downloads, nor with another worker's on the same host: a step
+    ends by killing every process of its uid), and it runs no package's code."""
+    folder = hashlib.sha256(os.fsencode(os.path.realpath(worker_dir))).hexdigest()[:12]
+    return f"{container_key}.fetch.{folder}"
