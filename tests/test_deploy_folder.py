@@ -549,3 +549,17 @@ def test_a_build_failure_is_told_with_the_cause_from_the_log():
     assert "\n" not in reason
     assert failure_reason({"error": "import failed: ModuleNotFoundError: x", "workers": []}) \
         == "import failed: ModuleNotFoundError: x"
+
+
+def test_a_partial_deployment_is_deployed_and_says_what_failed(deployer):
+    """Several workers, one failed: the package serves (the failed worker retries), so its
+    marker is `.deployed`, naming the failure; it is never left `.deploying`."""
+    entry = deployer.entry("a.zip", Kind.ARCHIVE)
+    entry.container, entry.version, entry.deployment = "c", "v1", "dep_1"
+    entry.state = EntryState.DEPLOYING
+    deployer.api.deployment = lambda deployment_id: {
+        "status": "partial", "error": "failed on worker-b (wrk_2): disk full", "workers": []}
+    assert deployer._finish(entry) is True
+    text = (deployer.folder / "a.zip.deployed").read_text()
+    assert text.startswith("c@v1 deployment dep_1; partial: failed on worker-b")
+    assert entry.state is EntryState.DEPLOYED

@@ -153,12 +153,15 @@ class FolderDeployer:
             deployment = self.api.deployment(entry.deployment)
             status = deployment["status"] if deployment else "gone"
             instead = None
-            if status not in ("ready", "failed", "gone"):
+            if status not in ("ready", "partial", "failed", "gone"):
                 instead = (self.api.container(entry.container) or {}).get("active_version")
         except (Unreachable, ClientError):
             return False
         if status == "ready":
             self._deployed(entry)
+        elif status == "partial":
+            # It serves (on some workers; the others retry): deployed, with what failed.
+            self._deployed(entry, "partial: " + failure_reason(deployment))
         elif status == "failed":
             self._fail(entry, f"{what} failed: {failure_reason(deployment)}",
                        failed_version=entry.version)
@@ -173,8 +176,10 @@ class FolderDeployer:
             return False
         return True
 
-    def _deployed(self, entry: Entry) -> None:
+    def _deployed(self, entry: Entry, note: str | None = None) -> None:
         text = f"{entry.container}@{entry.version} deployment {entry.deployment}"
+        if note:
+            text += "; " + note.strip().splitlines()[0]
         if entry.deployed_marker and read_marker(self.folder, entry.name,
                                                  Marker.DEPLOYED) == text:
             clear_markers(self.folder, entry.name, Marker.PENDING, Marker.DEPLOYING,
