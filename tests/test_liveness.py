@@ -1,0 +1,66 @@
+"""The control plane's per-process view of a worker (app/liveness.py): the cap on calls in
+flight and what a suspect worker does to calls waiting for a place. No threads: the views are
+built by hand (the pinger is exercised end to end in test_failover.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from dockyard.app import liveness
+from dockyard.app.liveness import SUSPECT, UP, Liveness, WorkerView
+
+
+def _liveness(cap: int) -> tuple[Liveness, WorkerView]:
+    watcher = Liveness(connections=None, cap=cap)
+    view = WorkerView("wrk_a", "127.0.0.1:1")
+    watcher.views[view.worker_id] = view
+    return watcher, view
+
+
+def test_calls_past_the_cap_wait_for_a_place_and_get_one_when_a_call_ends(monkeypatch):
+    monkeypatch.setattr(liveness, "CAP_WAIT_S", 5.0)
+    watcher, view = _liveness(cap=2)
+    assert watcher.acquire(view) and watcher.acquire(view)
+    assert not watcher.has_room({"id": "wrk_a"})
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(watcher.acquire(view)))
+    waiter.start()
+    time.sleep(0.05)
+    assert not got     # still waiting
+    watcher.release(view)
+    waiter.join(timeout=5)
+    assert got == [True] and view.in_flight == 2
+
+
+def test_a_call_past_the_cap_is_refused_after_the_wait(monkeypatch):
+    monkeypatch.setattr(liveness, "CAP_WAIT_S", 0.05)
+    watcher, view = _liveness(cap=1)
+    assert watcher.acquire(view)
+    started = time.monotonic()
+    assert not watcher.acquire(view)
+    assert time.monotonic() - started < 1.0 and view.in_flight == 1
+
+
+def test_a_worker_turning_suspect_releases_the_calls_waiting_for_a_place(monkeypatch):
+    monkeypatch.setattr(liveness, "CAP_WAIT_S", 10.0)
+    watcher, view = _liveness(cap=1)
+    assert watcher.acquire(view)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(watcher.acquire(view)))
+    waiter.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    watcher._change(view, SUSPECT, "test")     # no database: nothing to mark
+    waiter.join(timeout=5)
+    assert got == [False] and time.monotonic() - started < 1.0
+    assert not watcher.usable({"id": "wrk_a"})
+    assert watcher.usable({"id": "wrk_unknown"})     # not watched yet: routable
+
+
+def test_an_unacknowledged_call_makes_a_worker_suspect_for_a_while_whatever_its_pings_say():
+    watcher, view = _liveness(cap=4)
+    assert view.state == UP
+    watcher.unacknowledged(view)
+    # The pinger puts it back only once its answers come after this.
+    assert view.state == SUSPECT and view.hold_until > time.monotonic() + 1.0
