@@ -64,3 +64,47 @@ def test_an_unacknowledged_call_makes_a_worker_suspect_for_a_while_whatever_its_
     watcher.unacknowledged(view)
     # The pinger puts it back only once its answers come after this.
     assert view.state == SUSPECT and view.hold_until > time.monotonic() + 1.0
+
+
+def _stuck_worker(answer_hello: bool = True):
+    """A listening socket that answers the hello, then reads nothing more (a frozen worker's
+    kernel keeps accepting bytes until its buffers fill)."""
+    import socket
+    from dockyard.common.frames import FrameSocket
+    from dockyard.common.protocol import Frame
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def serve():
+        sock, _ = listener.accept()
+        held.append(sock)
+        conn = FrameSocket(sock)
+        conn.recv()
+        if answer_hello:
+            conn.send({"type": Frame.HELLO})
+    threading.Thread(target=serve, daemon=True).start()
+    host, port = listener.getsockname()
+    return f"{host}:{port}", listener, held
+
+
+def test_a_call_to_a_worker_that_stops_reading_is_given_back_unrun_within_the_ack_wait():
+    from dockyard.app.worker_client import ACK_WAIT_S, WorkerConnections, WorkerGone
+    address, listener, held = _stuck_worker()
+    connections = WorkerConnections("token")
+    view = WorkerView("wrk_stuck", address)
+    connections.liveness.views[view.worker_id] = view
+    # An event far larger than the socket buffers: the send itself must not hold the thread.
+    frame = {"type": "invoke", "id": "inv_big", "event": "x" * (8 << 20)}
+    started = time.monotonic()
+    try:
+        connections.call(view, frame, start_within=5.0, timeout=5.0, grace=15.0)
+    except WorkerGone as exc:
+        assert exc.args[1] is False     # never acknowledged: it did not run
+    else:
+        raise AssertionError("a call to a worker that reads nothing was answered")
+    finally:
+        listener.close()
+        for sock in held:
+            sock.close()
+    assert time.monotonic() - started < ACK_WAIT_S + 0.5
+    assert view.state == SUSPECT

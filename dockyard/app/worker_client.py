@@ -233,8 +233,16 @@ class WorkerConnections:
         while True:
             try:
                 conn.set_recv_timeout(WAIT_SLICE_S)
-                conn.send(frame)
+                # A worker that is not reading (frozen) holds a large event no longer than
+                # it would hold the acknowledgement; a frame cut short never runs.
+                conn.set_send_timeout(ACK_WAIT_S)
+                conn.send_by(frame, sent + ACK_WAIT_S)
                 break
+            except TimeoutError as exc:
+                conn.close()
+                self.liveness.unacknowledged(view)
+                raise WorkerGone(f"worker at {address} did not take the call's frame within "
+                                 f"{ACK_WAIT_S:g}s", False) from exc
             except OSError as exc:
                 conn.close()
                 if not pooled:
