@@ -87,14 +87,16 @@ def _stuck_worker(answer_hello: bool = True):
     return f"{host}:{port}", listener, held
 
 
-def test_a_call_to_a_worker_that_stops_reading_is_given_back_unrun_within_the_ack_wait():
+def test_a_call_to_a_suspect_worker_that_stops_reading_is_given_back_unrun_in_time():
     from dockyard.app.worker_client import ACK_WAIT_S, WorkerConnections, WorkerGone
     address, listener, held = _stuck_worker()
     connections = WorkerConnections("token")
     view = WorkerView("wrk_stuck", address)
     connections.liveness.views[view.worker_id] = view
-    # An event far larger than the socket buffers: the send itself must not hold the thread.
-    frame = {"type": "invoke", "id": "inv_big", "event": "x" * (8 << 20)}
+    # An event far larger than the socket buffers: the send itself must not hold the thread
+    # once the worker is suspect (as its pinger finds it a moment later).
+    frame = {"type": "invoke", "id": "inv_big", "event": "x" * (32 << 20)}
+    threading.Timer(0.2, lambda: connections.liveness._change(view, SUSPECT, "test")).start()
     started = time.monotonic()
     try:
         connections.call(view, frame, start_within=5.0, timeout=5.0, grace=15.0)

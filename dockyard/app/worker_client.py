@@ -12,7 +12,7 @@ import threading
 import time
 
 from ..common.protocol import Frame, Status
-from ..common.frames import FrameSocket
+from ..common.frames import FrameSocket, encode_frame
 from .liveness import DEFAULT_CALLS_IN_FLIGHT, Liveness, WorkerView
 
 # A frame the worker does not take within this long means the worker is stuck.
@@ -22,6 +22,9 @@ SEND_TIMEOUT_S = 30
 # own clock), so that one it reads later (it was frozen) is refused, never run.
 ACK_WAIT_S = 0.6
 TAKE_WITHIN_S = 0.4
+# A large call frame may take this long per byte to send on a slow link (while the worker
+# answers its pings).
+SEND_BYTES_PER_S = 1 << 20
 # A call waits in slices this long, looking at its worker's liveness between them.
 WAIT_SLICE_S = 0.1
 # A call acknowledged by a worker that turned suspect is given up on this long after its own
@@ -233,10 +236,7 @@ class WorkerConnections:
         while True:
             try:
                 conn.set_recv_timeout(WAIT_SLICE_S)
-                # A worker that is not reading (frozen) holds a large event no longer than
-                # it would hold the acknowledgement; a frame cut short never runs.
-                conn.set_send_timeout(ACK_WAIT_S)
-                conn.send_by(frame, sent + ACK_WAIT_S)
+                self._send_call(conn, encode_frame(frame), view, sent)
                 break
             except TimeoutError as exc:
                 conn.close()
@@ -250,7 +250,8 @@ class WorkerConnections:
                     raise WorkerGone(f"worker at {address} went away: {exc}", False) from exc
             conn, pooled = self._connect(address, ACK_WAIT_S), False
         acked = False
-        ack_by = sent + ACK_WAIT_S
+        # The worker counts its take-by from the arrival of the frame's last bytes.
+        ack_by = time.monotonic() + ACK_WAIT_S
         deadline = sent + start_within + timeout
         while True:
             try:
@@ -293,6 +294,24 @@ class WorkerConnections:
                 # A worker that answers without acknowledging (an older one): it ran it.
                 acked = True
             return reply
+
+    def _send_call(self, conn: FrameSocket, data: bytes, view: WorkerView,
+                   sent: float) -> None:
+        """Send a call frame: TimeoutError if the worker does not take its bytes within
+        ACK_WAIT_S while it is suspect, or within the time a slow link needs for a large
+        frame (SEND_BYTES_PER_S) while it answers its pings. A frame cut short never runs."""
+        budget = sent + ACK_WAIT_S + len(data) / SEND_BYTES_PER_S
+        conn.set_send_timeout(WAIT_SLICE_S)
+        rest = memoryview(data)
+        while rest:
+            try:
+                rest = rest[conn.sock.send(rest):]
+            except BlockingIOError:     # SO_SNDTIMEO ran out on this send
+                pass
+            if rest:
+                now = time.monotonic()
+                if now >= budget or (not view.usable and now >= sent + ACK_WAIT_S):
+                    raise TimeoutError(f"{len(rest)} of {len(data)} bytes not taken")
 
     def poke(self, address: str) -> None:
         """Tell a worker its desired set changed, so it reconciles now instead of on its next

@@ -30,7 +30,9 @@ class StampedFrameSocket(FrameSocket):
 
     def __init__(self, sock: socket.socket, stamped: bool):
         super().__init__(sock)
-        self.arrived: float | None = None     # wall clock; the earliest read of this frame
+        # Wall clock: when the last bytes of this frame arrived (the control plane counts
+        # its wait for the acknowledgement from when it had sent them all).
+        self.arrived: float | None = None
         self.stamped = False
         if stamped:
             try:
@@ -48,7 +50,7 @@ class StampedFrameSocket(FrameSocket):
                     len(raw) >= _TIMESPEC.size:
                 seconds, nanoseconds = _TIMESPEC.unpack_from(raw)
                 at = seconds + nanoseconds / 1e9
-                if self.arrived is None or at < self.arrived:
+                if self.arrived is None or at > self.arrived:
                     self.arrived = at
         return data
 
