@@ -218,6 +218,7 @@ def test_a_worker_that_cannot_run_here_stops_serve_with_one_line(private_tmp):
 def test_a_503_says_what_happened_to_the_local_worker(tmp_path):
     from dockyard.app.db import connect, migrate
     from dockyard.app.invoke import Target, _pick_worker
+    from dockyard.app.liveness import Liveness
     from dockyard.app.store import workers as worker_store
     from dockyard.common.manifest import Manifest
     from dockyard.errors import Unavailable
@@ -225,14 +226,15 @@ def test_a_503_says_what_happened_to_the_local_worker(tmp_path):
     migrate(tmp_path / "db")
     db = connect(tmp_path / "db")
     target = Target("c", 1, "1", Manifest.from_dict({"name": "c"}), False)
+    liveness = Liveness(connections=None)   # no worker to watch: only the 503's words matter
     with pytest.raises(Unavailable, match="start one with"):
-        _pick_worker(db, target, [], set())
+        _pick_worker(db, target, [], set(), liveness)
     worker_store.set_local_worker_state(db, "exited", "exited (code -9) and is restarting")
     with pytest.raises(Unavailable, match="the local worker exited"):
-        _pick_worker(db, target, [], set())
+        _pick_worker(db, target, [], set(), liveness)
     worker_store.set_local_worker_state(db, "running")
     with pytest.raises(Unavailable, match="the local worker is starting"):
-        _pick_worker(db, target, [], set())
+        _pick_worker(db, target, [], set(), liveness)
 
 
 def test_two_dockyards_on_one_host_never_share_a_uid(server, own_server, tmp_path):
