@@ -296,3 +296,22 @@ def wait_for(check, timeout: float, what: str):
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+def test_serve_without_a_view_runs_functions(wheelhouse, pkg):
+    """`serve --no-view` (children reach their code through host paths, as the worker's
+    fallback on a host without namespaces): a data dir every uid can pass through works."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    root = Path(tempfile.mkdtemp(prefix="dockyard-noview-", dir="/tmp"))
+    os.chmod(root, 0o711)
+    srv = None
+    try:
+        srv = Server(root / "data", ["--find-links", str(wheelhouse), "--offline", "--no-view"])
+        srv.deploy(pkg("echo", name="noview-echo"))
+        assert srv.invoke("noview-echo/echo", {"ok": 1}).json() == {"ok": 1}
+    finally:
+        if srv is not None:
+            assert srv.stop() == 0, srv.log_path.read_text()[-3000:]
+        shutil.rmtree(root, ignore_errors=True)

@@ -67,7 +67,9 @@ def run_worker(server, token, data, listen, advertise, index_url, find_links, of
     except RuntimeError as exc:
         raise WorkerConfigError(str(exc)) from None
     isolation.use_interpreter(interpreter)
-    blocked = (unreachable_ancestor(data_dir.worker)
+    # The worker folder itself is the agent's to open up (0711 without a view); what lies
+    # above it must already let other uids through.
+    blocked = (unreachable_ancestor(data_dir.worker.parent)
                if isolation.drop_privileges and isolation.view is None else None)
     if blocked is not None:
         # Only without namespaces do children reach their code through host paths.
