@@ -35,6 +35,7 @@ from pathlib import Path
 
 FETCH_TIMEOUT_S = 900
 PREFIX = "dockyard-build-"
+TOOLS_PREFIX = "dockyard-tools-"     # a worker's copy of uv (reachable_uv), not a build's
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 MAX_TOML = 4 << 20
 # Where step two finds what this step prepared, inside its view.
@@ -120,7 +121,8 @@ def reachable_uv(uv_bin: str) -> str:
         return uv_bin
     key = (os.path.realpath(uv_bin), os.getpid())
     if key not in _uv_copies:
-        folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-uv-", dir=_temp_root()))
+        folder = Path(tempfile.mkdtemp(prefix=f"{TOOLS_PREFIX}{os.getpid()}-",
+                                       dir=_temp_root()))
         os.chmod(folder, 0o755)
         copy = folder / "uv"
         shutil.copyfile(uv_bin, copy)
@@ -482,11 +484,12 @@ def sweep_folders() -> int:
     removed = 0
     try:
         root = _temp_root()
-        entries = list(root.glob(PREFIX + "*"))
+        entries = [(prefix, entry) for prefix in (PREFIX, TOOLS_PREFIX)
+                   for entry in root.glob(prefix + "*")]
     except (FetchError, OSError):
         return 0
-    for entry in entries:
-        pid = entry.name[len(PREFIX):].split("-", 1)[0]
+    for prefix, entry in entries:
+        pid = entry.name[len(prefix):].split("-", 1)[0]
         try:
             st = entry.lstat()
         except OSError:
