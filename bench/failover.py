@@ -13,12 +13,9 @@ import argparse
 import collections
 import json
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,7 +23,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from .servers import package
+from .servers import Dockyard, package
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = 6
@@ -47,31 +44,13 @@ def f(event, context):
 MANIFEST = f'[functions]\nf = "main:f"\n[limits]\ninstances = 2\ntimeout_s = {TIMEOUT_S}\n'
 
 
-class Cluster:
+class Cluster(Dockyard):
+    """A `serve --no-local-worker` and the `dockyard worker`s added to it."""
+
     def __init__(self):
-        self.root = Path(tempfile.mkdtemp(prefix="dockyard-bench-failover-"))
-        self.log = open(self.root / "serve.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dockyard", "--data", str(self.root / "serve"), "serve",
-             "--port", "0", "--deploy-dir", "", "--no-local-worker"],
-            stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT)
-        self.url = None
-        end = time.monotonic() + 60
-        while time.monotonic() < end and self.url is None:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            found = re.search(r"dockyard listening on (http://\S+)", line)
-            if found:
-                self.url = found.group(1)
-        if not self.url:
-            self.stop()
-            raise RuntimeError(f"dockyard serve did not start; see {self.root}")
-        self.http = requests.Session()
-        self.http.headers["Authorization"] = "Bearer " + (
-            self.root / "serve" / "tokens" / "admin").read_text().strip()
+        super().__init__(["--no-local-worker"], prefix="dockyard-bench-failover-")
         self.token_file = self.root / "worker-token"
-        self.token_file.write_text((self.root / "serve" / "tokens" / "worker").read_text())
+        self.token_file.write_text((self.data / "tokens" / "worker").read_text())
         os.chmod(self.token_file, 0o600)
         self.workers: list[subprocess.Popen] = []
 
@@ -113,14 +92,7 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     worker.kill()
                     worker.wait()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+        super().stop()
 
 
 def runs(worker: subprocess.Popen) -> dict[str, list[float]]:
