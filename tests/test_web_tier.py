@@ -79,6 +79,15 @@ def test_an_event_must_be_strict_json(text):
         loads_strict(text)
 
 
+def test_json_nested_too_deeply_is_a_bad_document_whatever_reads_it():
+    # A run of 19 digits sends the text to the standard library, which recursed past
+    # Python's limit (a 500) where orjson refuses at 1024 levels.
+    deep = b"[" * 100_000 + b"1234567890123456789" + b"]" * 100_000
+    for read in (loads, loads_strict):
+        with pytest.raises(ValueError):
+            read(deep)
+
+
 def test_a_strict_event_keeps_big_integers_and_pairs_of_surrogates():
     assert loads_strict(b'[18446744073709551616, "\\ud83d\\ude00"]') == [2**64, "\U0001F600"]
     assert loads_strict('{"a": 1.5}') == {"a": 1.5}

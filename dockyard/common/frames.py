@@ -75,7 +75,16 @@ def loads(data: bytes | bytearray | str):
                 return orjson.loads(data)
             except orjson.JSONDecodeError:
                 pass
-    return json.loads(data)
+    return _stdlib_loads(data)
+
+
+def _stdlib_loads(data, **options):
+    """json.loads, with nesting too deep for it (orjson stops at 1024 levels; the standard
+    library recurses until Python's own limit) as the ValueError of a bad document."""
+    try:
+        return json.loads(data, **options)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _refuse_constant(name: str):
@@ -90,7 +99,7 @@ def loads_strict(data: bytes | bytearray | str):
         long_digits = _LONG_DIGITS_TEXT if isinstance(data, str) else _LONG_DIGITS
         if long_digits.search(data) is None:
             return orjson.loads(data)   # strict already; its error is a ValueError
-    value = json.loads(data, parse_constant=_refuse_constant)
+    value = _stdlib_loads(data, parse_constant=_refuse_constant)
     try:
         # Rare (integers past 64 bits): a lone surrogate escape survives json.loads.
         _dumps(value).encode("utf-8")
