@@ -22,7 +22,7 @@ TICK = "def tick(event):\n    return event\n"
 
 def scheduler_process(dockyard: Dockyard) -> psutil.Process:
     for proc in psutil.Process(dockyard.proc.pid).children(recursive=True):
-        if "dockyard.app.scheduler" in " ".join(proc.cmdline()):
+        if "dockyard.app.jobs.scheduler" in " ".join(proc.cmdline()):
             return proc
     raise RuntimeError("serve has no scheduler process")
 

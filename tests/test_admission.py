@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from conftest import Server
-from dockyard.app.worker_client import NotAdmitted, WorkerConnections, WorkerGone
+from dockyard.app.invoke.worker_client import NotAdmitted, WorkerConnections, WorkerGone
 from dockyard.runner.server import MAX_UNAUTHENTICATED_PER_PEER
 from test_worker_port import HANG_S, TOKEN, ServerProcess, _read_frame
 

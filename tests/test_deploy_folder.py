@@ -21,11 +21,11 @@ from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 from conftest import Server, make_package, zip_folder
-from dockyard.app.db import connect, migrate
-from dockyard.app.deployclient import Unreachable, failure_reason
-from dockyard.app.deployentry import Entry, EntryState
-from dockyard.app.deployer import RETRY_S, FolderDeployer
-from dockyard.app.deployfiles import Kind, Marker, entry_of, incomplete_reason
+from dockyard.app.store.db import connect, migrate
+from dockyard.app.deployfolder.client import Unreachable, failure_reason
+from dockyard.app.deployfolder.entry import Entry, EntryState
+from dockyard.app.deployfolder.deployer import RETRY_S, FolderDeployer
+from dockyard.app.deployfolder.files import Kind, Marker, entry_of, incomplete_reason
 
 MISSING_DEPENDENCY = "dockyard-no-such-distribution"
 FUNCTIONS_ECHO = Path(__file__).resolve().parent / "functions" / "echo"
@@ -421,7 +421,7 @@ def test_a_killed_watcher_is_restarted_and_catches_up(srv, watched, tmp_path):
     wait_deployed(srv, watched, "df-k1.zip")
     pid = listing(srv)["watcher_pid"]
     watcher = psutil.Process(pid)
-    assert "dockyard.app.deploywatch" in " ".join(watcher.cmdline())
+    assert "dockyard.app.deployfolder.watch" in " ".join(watcher.cmdline())
     os.kill(pid, signal.SIGKILL)
     watcher.wait(timeout=10)
     # While no watcher runs: one package removed, another dropped.

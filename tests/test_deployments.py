@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from dockyard.app.db import connect, migrate
+from dockyard.app.store.db import connect, migrate
 from dockyard.app.store import containers, workers
 from dockyard.common.manifest import Manifest
 

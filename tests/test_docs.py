@@ -134,7 +134,7 @@ def error_statuses() -> set[int]:
     """Every error status the control plane can answer: its error classes, the statuses of
     an invocation's outcomes, explicit codes in dockyard/app, and the framework's own."""
     import dockyard.app  # noqa: F401 - loads every module that defines an error class
-    from dockyard.app import invoke
+    from dockyard.app.invoke import execute as invoke
     from dockyard.errors import DockyardError
 
     codes = set()

@@ -216,9 +216,9 @@ def test_a_worker_that_cannot_run_here_stops_serve_with_one_line(private_tmp):
 
 
 def test_a_503_says_what_happened_to_the_local_worker(tmp_path):
-    from dockyard.app.db import connect, migrate
-    from dockyard.app.invoke import Target, _pick_worker
-    from dockyard.app.liveness import Liveness
+    from dockyard.app.store.db import connect, migrate
+    from dockyard.app.invoke.execute import Target, _pick_worker
+    from dockyard.app.invoke.liveness import Liveness
     from dockyard.app.store import workers as worker_store
     from dockyard.common.manifest import Manifest
     from dockyard.errors import Unavailable

@@ -7,8 +7,8 @@ from __future__ import annotations
 import threading
 import time
 
-from dockyard.app import liveness
-from dockyard.app.liveness import SUSPECT, UP, Liveness, WorkerView
+from dockyard.app.invoke import liveness
+from dockyard.app.invoke.liveness import SUSPECT, UP, Liveness, WorkerView
 
 
 def _liveness(cap: int) -> tuple[Liveness, WorkerView]:
@@ -88,7 +88,7 @@ def _stuck_worker(answer_hello: bool = True):
 
 
 def test_a_call_to_a_suspect_worker_that_stops_reading_is_given_back_unrun_in_time():
-    from dockyard.app.worker_client import ACK_WAIT_S, WorkerConnections, WorkerGone
+    from dockyard.app.invoke.worker_client import ACK_WAIT_S, WorkerConnections, WorkerGone
     address, listener, held = _stuck_worker()
     connections = WorkerConnections("token")
     view = WorkerView("wrk_stuck", address)

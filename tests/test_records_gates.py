@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dockyard.app import db as dbmod
-from dockyard.app.records import RecordWriter
+from dockyard.app.store import db as dbmod
+from dockyard.app.invoke.records import RecordWriter
 from dockyard.app.store import invocations as store
 
 # Hang detection only: the waits below end as soon as the records are there.

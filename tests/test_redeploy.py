@@ -67,7 +67,7 @@ def test_a_stale_call_to_a_retired_version_is_routed_again(server, pkg):
     """A call routed to the old version just before a redeploy must not start a process
     for it on the worker: the worker answers not_running and the control plane re-routes.
     Only a pinned call starts an old version on demand."""
-    from dockyard.app.worker_client import WorkerConnections
+    from dockyard.app.invoke.worker_client import WorkerConnections
 
     v1 = server.deploy(pkg("echo", name="rd-stale", version="1"))
     v1_pids = _pids(server, "rd-stale")

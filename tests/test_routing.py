@@ -11,9 +11,9 @@ import json
 
 import pytest
 
-from dockyard.app import invoke
-from dockyard.app.db import connect, migrate, transaction
-from dockyard.app.routing_hint import routing_hint
+from dockyard.app.invoke import execute as invoke
+from dockyard.app.store.db import connect, migrate, transaction
+from dockyard.app.store.routing_hint import routing_hint
 from dockyard.app.store import routing
 from dockyard.errors import NotFound
 

@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from dockyard.app.db import connect, migrate
-from dockyard.app.scheduler import LEASE_NAME, Scheduler
+from dockyard.app.store.db import connect, migrate
+from dockyard.app.jobs.scheduler import LEASE_NAME, Scheduler
 from dockyard.app.store import job_runs, jobs, leases
 from dockyard.common import jobs as job_rules
 from dockyard.common import schedule as schedules

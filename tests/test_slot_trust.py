@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from conftest import container_processes
-from dockyard.app.worker_client import WorkerConnections
+from dockyard.app.invoke.worker_client import WorkerConnections
 from dockyard.common.direct import PoolPage, Slot, call_id_ok
 from dockyard.common.frames import FrameSocket
 from dockyard.common.protocol import Frame, Status

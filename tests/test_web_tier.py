@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from conftest import Server
-from dockyard.app.sync_invoke import TooManyRequests, WebThreads
+from dockyard.app.invoke.sync import TooManyRequests, WebThreads
 from dockyard.common.frames import (FrameError, RawJSON, encode_frame, loads, loads_strict,
                                     split_result)
 

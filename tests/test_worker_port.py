@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dockyard.app.worker_client import WorkerConnections, WorkerGone
+from dockyard.app.invoke.worker_client import WorkerConnections, WorkerGone
 from dockyard.runner.server import (HANDSHAKE_TIMEOUT_S, HELLO_MAX_BYTES,
                                     MAX_UNAUTHENTICATED_PER_PEER)
 
@@ -565,7 +565,7 @@ def test_serve_keeps_the_tokens_off_every_command_line_and_its_worker_off_tcp(se
 
 def test_serve_falls_back_to_loopback_when_the_socket_path_is_too_long(tmp_path, caplog):
     from dockyard.app.datadir import DataDir
-    from dockyard.app.workerprocess import LocalWorkerProcess
+    from dockyard.app.processes.worker import LocalWorkerProcess
 
     def listen_for(data: Path) -> str:
         return LocalWorkerProcess(DataDir.at(data), "http://127.0.0.1:1", [], {}).listen

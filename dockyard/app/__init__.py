@@ -7,13 +7,14 @@ import logging
 
 from flask import Flask
 
-from . import auth, db, errors
+from . import auth, errors
+from .store import db
 from .artifacts import ArtifactStore
 from .datadir import DataDir
-from .records import RecordWriter
-from .direct_calls import DirectCalls
-from .sync_invoke import SyncInvoke
-from .worker_client import WorkerConnections
+from .invoke.records import RecordWriter
+from .invoke.direct_calls import DirectCalls
+from .invoke.sync import SyncInvoke
+from .invoke.worker_client import WorkerConnections
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

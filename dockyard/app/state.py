@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import current_app
 
-from .db import get_db
+from .store.db import get_db
 
 
 def extension() -> dict:

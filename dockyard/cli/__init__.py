@@ -350,7 +350,7 @@ class PartialDeployment(click.ClickException):
 
 def _failure(deployment: dict) -> str:
     """Why a deployment failed, in one line: the workers' reason and the build log's cause."""
-    from ..app.deployclient import failure_reason
+    from ..app.deployfolder.client import failure_reason
     return failure_reason(deployment).rstrip(".")
 
 

@@ -1,5 +1,5 @@
-"""The HTTP client the CLI (and the deploy-folder scanner) uses: finds the server and token,
-and turns every failure into one DockyardError with a message for people."""
+"""The CLI's side of the HTTP client (common/http_client.py): finds the server and the token
+to send, and says in a 401 which token was sent and how to send another."""
 
 from __future__ import annotations
 
@@ -7,15 +7,8 @@ import json
 import os
 from pathlib import Path
 
-import requests
-
 from ..app.datadir import DataDir, running_servers, server_alive
-from ..errors import DockyardError
-
-
-class ClientError(DockyardError):
-    type = "ClientError"
-
+from ..common.http_client import Client, ClientError
 
 # Where the token each Client of this process sends came from, for the message of a 401.
 _TOKEN_SOURCES: dict[str | None, str] = {}
@@ -66,59 +59,7 @@ def token_hint(token: str | None) -> str:
             "DOCKYARD_HOME (or give the token in DOCKYARD_TOKEN)")
 
 
-class Client:
-    def __init__(self, url: str, token: str | None, timeout: float = 60.0):
-        self.url = url
-        self.token = token
-        self.session = requests.Session()
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
-        self.timeout = timeout
-
-    def request(self, method: str, path: str, expect=(200, 201, 202), **kwargs):
-        kwargs.setdefault("timeout", self.timeout)
-        try:
-            response = self.session.request(method, self.url + path, **kwargs)
-        except requests.ConnectionError:
-            raise ClientError(f"cannot reach dockyard at {self.url}; is `dockyard serve` "
-                              "running? (set --url or DOCKYARD_URL)") from None
-        except requests.Timeout:
-            raise ClientError(f"dockyard at {self.url} did not answer in time") from None
-        if response.status_code not in expect:
-            raise self._error(response, self.token)
-        return response
-
-    @staticmethod
-    def _error(response, token: str | None = None) -> ClientError:
-        try:
-            body = response.json()
-            error = body.get("error") or {}
-            message = error.get("message") or response.reason
-            kind = error.get("type") or "Error"
-        except ValueError:
-            body, message, kind = {}, response.text.strip()[:200] or response.reason, "Error"
-        if response.status_code == 401:
-            message = f"{message.rstrip('.')}; {token_hint(token)}"
-        exc = ClientError(f"{kind}: {message}")
-        exc.status = response.status_code
-        exc.body = body
-        return exc
-
-    def json(self, method: str, path: str, **kwargs):
-        return self.request(method, path, **kwargs).json()
-
-    def upload(self, package: bytes, activate: bool = True) -> dict:
-        path = "/api/containers" + ("" if activate else "?activate=0")
-        return self.json("POST", path, data=package,
-                         headers={"Content-Type": "application/octet-stream"})
-
-    def invoke(self, target: str, event_text: str | None, asynchronous: bool = False):
-        headers = {"Content-Type": "application/json"}
-        if asynchronous:
-            headers["Prefer"] = "respond-async"
-        return self.request("POST", f"/invoke/{target}", expect=tuple(range(100, 600)),
-                            data=(event_text or "").encode(), headers=headers,
-                            timeout=max(self.timeout, 930))
+Client.unauthorized_hint = staticmethod(token_hint)
 
 
 def package_bytes(path: str | os.PathLike) -> bytes:

@@ -21,12 +21,12 @@ from pathlib import Path
 import requests
 
 from ..app.datadir import DataDir, InUse, hold_lock, process_start, record_server
-from ..app.db import migrate
-from ..app.dispatcher import Dispatcher
-from ..app.retention import Retention
-from ..app.schedulerprocess import SchedulerProcess
-from ..app.watcherprocess import WatcherProcess
-from ..app.workerprocess import LocalWorkerProcess
+from ..app.store.db import migrate
+from ..app.invoke.dispatcher import Dispatcher
+from ..app.jobs.retention import Retention
+from ..app.processes.scheduler import SchedulerProcess
+from ..app.processes.watcher import WatcherProcess
+from ..app.processes.worker import LocalWorkerProcess
 from ..common.protocol import WORKER_CONFIG_EXIT
 
 log = logging.getLogger("dockyard.serve")
@@ -60,7 +60,7 @@ def retention_options(keep_invocations: str, keep_versions: str, prune_every: st
     """serve's retention options; a bad one is a usage error naming it."""
     import click
 
-    from ..app.retention import setting
+    from ..app.jobs.retention import setting
     from ..common.durations import parse_duration
 
     def versions(text: str) -> int:

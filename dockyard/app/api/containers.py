@@ -11,8 +11,8 @@ from ...common.manifest import parse_manifest
 from ...common.protocol import DeploymentStatus
 from ...errors import BadRequest, DockyardError, NotFound
 from ..auth import require
-from ..db import transaction
-from ..retention import prune_versions
+from ..store.db import transaction
+from ..jobs.retention import prune_versions
 from ..state import artifacts, connections, database
 from ..store import containers as store
 from ..store import deployments

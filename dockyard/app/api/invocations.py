@@ -7,8 +7,8 @@ from flask import Blueprint, jsonify, request
 from ...common.durations import parse_duration
 from ...errors import BadRequest
 from ..auth import require
-from ..cancel import cancel
-from ..db import now
+from ..invoke.cancel import cancel
+from ..store.db import now
 from ..state import connections, database
 from ..store import invocations as store
 

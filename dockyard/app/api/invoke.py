@@ -9,10 +9,10 @@ from flask import Blueprint, current_app, jsonify, request
 from ...common.protocol import Status
 from ...errors import NotFound
 from ..auth import check_invoke
-from ..invoke import route
+from ..invoke.execute import route
 from ..state import database
 from ..store import invocations as store
-from ..sync_invoke import read_event, wants_async
+from ..invoke.sync import read_event, wants_async
 
 bp = Blueprint("invoke", __name__)
 

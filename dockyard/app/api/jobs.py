@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 
 from ...errors import BadRequest
-from .. import jobs as job_views
+from ..jobs import definitions as job_views
 from ..auth import require
 from ..state import database
 from ..store import job_runs

@@ -10,7 +10,7 @@ import sqlite_utils
 from ...common.protocol import DeploymentStatus, Role, VersionState
 from ...common.manifest import Manifest
 from ...errors import BadRequest, Conflict, NotFound, Unavailable
-from ..db import now, transaction
+from .db import now, transaction
 from .workers import deployment_log_base, live_worker_ids, own_log
 
 # Versions a worker is told to keep running, besides the one serving traffic.

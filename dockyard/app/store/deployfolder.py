@@ -8,7 +8,7 @@ import json
 
 import sqlite_utils
 
-from ..db import now
+from .db import now
 
 STATUS_KEY = "deploy_folder"
 ENTRIES_KEY = "deploy_folder_entries"

@@ -8,7 +8,7 @@ import sqlite_utils
 
 from ...common.protocol import (ROUTABLE_STATES, SETTLED_DEPLOYMENT_STATUSES, DeploymentStatus,
                                 VersionState)
-from ..db import now
+from .db import now
 from .containers import _first_line
 from .workers import live_worker_ids
 

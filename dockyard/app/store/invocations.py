@@ -12,7 +12,7 @@ import sqlite_utils
 
 from ...common.protocol import FINISHED_STATUSES, RECORD_STATUSES
 from ...errors import BadRequest, NotFound
-from ..db import now, transaction
+from .db import now, transaction
 
 STATUSES = RECORD_STATUSES
 FINAL = FINISHED_STATUSES

@@ -9,7 +9,7 @@ import math
 
 import sqlite_utils
 
-from ..db import now, transaction
+from .db import now, transaction
 from . import invocations
 
 ACTIVE = ("waiting", "queued", "running")    # waiting: a retry not yet due

@@ -12,7 +12,7 @@ from ...common import jobs as job_rules
 from ...common import schedule as schedules
 from ...common.manifest import Manifest, clipped
 from ...errors import Conflict, NotFound
-from ..db import now, transaction
+from .db import now, transaction
 
 SOURCE_API = "api"
 SOURCE_MANIFEST = "manifest"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite_utils
 
-from ..db import now, transaction
+from .db import now, transaction
 
 
 def acquire(db: sqlite_utils.Database, name: str, holder: str, ttl_s: float) -> int | None:

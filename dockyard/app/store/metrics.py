@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite_utils
 
 from ...common.protocol import Status
-from ..db import now
+from .db import now
 from .workers import WORKER_TTL_S
 
 # What counts as a failed call on a worker: the function failed, ran out of time, or its

@@ -9,7 +9,7 @@ import time
 import sqlite_utils
 
 from ...errors import NotFound
-from ..db import routing_generation
+from .db import routing_generation
 from .workers import ROUTABLE, WORKER_TTL_S
 
 _ROUTE_SQL = (

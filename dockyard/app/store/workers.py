@@ -10,7 +10,7 @@ import sqlite_utils
 
 from ...common.protocol import ROUTABLE_STATES
 from ...errors import Conflict, NotFound
-from ..db import now, transaction
+from .db import now, transaction
 
 WORKER_TTL_S = 15.0
 ROUTABLE = ROUTABLE_STATES

@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 
-from ..common.protocol import WORKER_CONFIG_EXIT
-from ..runner.server import UNIX_PATH_MAX
-from .datadir import LOCK_FD_ENV, DataDir
-from .db import connect
-from .store import workers as worker_store
+from ...common.protocol import WORKER_CONFIG_EXIT
+from ...runner.server import UNIX_PATH_MAX
+from ..datadir import LOCK_FD_ENV, DataDir
+from ..store.db import connect
+from ..store import workers as worker_store
 from .supervised import SupervisedProcess, log
 
 class LocalWorkerProcess(SupervisedProcess):

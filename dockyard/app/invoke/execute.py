@@ -12,14 +12,14 @@ from functools import lru_cache
 
 import sqlite_utils
 
-from ..common.protocol import Frame, Status, VersionState
-from ..common.manifest import Manifest
-from ..errors import Unavailable
-from .routing_hint import routing_hint
-from .store import routing
-from .store import workers as worker_store
+from ...common.protocol import Frame, Status, VersionState
+from ...common.manifest import Manifest
+from ...errors import Unavailable
+from ..store.routing_hint import routing_hint
+from ..store import routing
+from ..store import workers as worker_store
 from .direct_calls import DirectCalls
-from ..runner.process import QUEUE_WAIT_S
+from ...runner.process import QUEUE_WAIT_S
 from .liveness import Liveness, WorkerView
 from .worker_client import WORKER_DIED, NotAdmitted, WorkerConnections, WorkerGone
 

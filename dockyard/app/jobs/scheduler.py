@@ -1,5 +1,5 @@
 """The scheduler: fires cron jobs. It runs as its own process under `dockyard serve`
-(`python -m dockyard.app.scheduler --data DIR`). Exactly one scheduler per data dir is
+(`python -m dockyard.app.jobs.scheduler --data DIR`). Exactly one scheduler per data dir is
 active: it holds the `scheduler` lease, and each of its transactions commits only while it
 still holds the lease with its fencing number. A fire is a run row unique on (job, scheduled
 time), written in the same transaction that queues the call, so a scheduled time fires at
@@ -18,16 +18,16 @@ import threading
 import time
 from pathlib import Path
 
-from ..common import jobs as job_rules
-from ..common import schedule as schedules
-from ..common.durations import parse_duration
+from ...common import jobs as job_rules
+from ...common import schedule as schedules
+from ...common.durations import parse_duration
 from . import retention
-from .artifacts import ArtifactStore
-from .cancel import tell_workers
-from .datadir import DataDir
-from .db import get_db, migrate
-from .store import invocations, job_runs, jobs, leases
-from .worker_client import WorkerConnections
+from ..artifacts import ArtifactStore
+from ..invoke.cancel import tell_workers
+from ..datadir import DataDir
+from ..store.db import get_db, migrate
+from ..store import invocations, job_runs, jobs, leases
+from ..invoke.worker_client import WorkerConnections
 
 log = logging.getLogger("dockyard.scheduler")
 
@@ -292,7 +292,7 @@ class Scheduler:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dockyard.app.scheduler",
+    parser = argparse.ArgumentParser(prog="python -m dockyard.app.jobs.scheduler",
                                      description="Fire the cron jobs of a dockyard data dir.")
     parser.add_argument("--data", help="data dir (default: DOCKYARD_HOME or ./.dockyard)")
     parser.add_argument("--keep-invocations", default="7d",
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="forget workers stopped or lost for this long (0 or off: keep "
                              "them)")
     args = parser.parse_args(argv)
-    from . import LOG_FORMAT
+    from .. import LOG_FORMAT
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     data = DataDir.at(args.data)
     data.ensure()

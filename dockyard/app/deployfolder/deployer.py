@@ -12,15 +12,15 @@ from pathlib import Path
 
 import sqlite_utils
 
-from ..cli.client import ClientError
-from ..common.archive import read_package
-from ..errors import DockyardError
-from .db import now
-from .deployclient import ControlPlane, Unreachable, failure_reason
-from .deployentry import Entry, EntryState
-from .deployfiles import (Kind, Marker, clear_markers, container_name, marker_path,
+from ...common.http_client import ClientError
+from ...common.archive import read_package
+from ...errors import DockyardError
+from ..store.db import now
+from .client import ControlPlane, Unreachable, failure_reason
+from .entry import Entry, EntryState
+from .files import (Kind, Marker, clear_markers, container_name, marker_path,
                           read_marker, write_marker)
-from .store import deployfolder as store
+from ..store import deployfolder as store
 
 log = logging.getLogger("dockyard.deploywatch")
 

@@ -11,8 +11,8 @@ import socket
 import threading
 import time
 
-from ..common.protocol import Frame, Status
-from ..common.frames import FrameSocket, encode_frame
+from ...common.protocol import Frame, Status
+from ...common.frames import FrameSocket, encode_frame
 from .liveness import DEFAULT_CALLS_IN_FLIGHT, Liveness, WorkerView
 
 # A frame the worker does not take within this long means the worker is stuck.

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
-from .artifacts import ArtifactStore
-from .store import containers, invocations, job_runs
-from .store import workers as worker_store
+from ..artifacts import ArtifactStore
+from ..store import containers, invocations, job_runs
+from ..store import workers as worker_store
 
 log = logging.getLogger("dockyard.retention")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from ..cli.client import Client, ClientError
+from ...common.http_client import Client, ClientError
 
 LOG_STAMP = re.compile(r"^\d\d:\d\d:\d\d ")   # of each line of a worker's build log
 LOG_CAUSES = ("error:", "cause:", "caused by:")

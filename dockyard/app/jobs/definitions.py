@@ -8,12 +8,12 @@ import json
 
 import sqlite_utils
 
-from ..common import jobs as job_rules
-from ..common import schedule as schedules
-from ..common.manifest import clipped
-from ..errors import BadRequest, NotFound
-from .db import now
-from .store import jobs as store
+from ...common import jobs as job_rules
+from ...common import schedule as schedules
+from ...common.manifest import clipped
+from ...errors import BadRequest, NotFound
+from ..store.db import now
+from ..store import jobs as store
 
 FIELDS = {"name", "target", "container", "function", "schedule", *job_rules.SETTINGS}
 EDITABLE = FIELDS - {"name"}

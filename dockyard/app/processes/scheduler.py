@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from .datadir import DataDir
-from .retention import Retention
+from ..datadir import DataDir
+from ..jobs.retention import Retention
 from .supervised import SupervisedProcess
 
 
@@ -22,7 +22,7 @@ class SchedulerProcess(SupervisedProcess):
 
     def command(self) -> list[str]:
         r = self.retention
-        return [sys.executable, "-m", "dockyard.app.scheduler", "--data", str(self.data.root),
+        return [sys.executable, "-m", "dockyard.app.jobs.scheduler", "--data", str(self.data.root),
                 "--keep-invocations", "off" if not r.invocations_s else f"{r.invocations_s:g}s",
                 "--keep-versions", "off" if not r.versions else str(r.versions),
                 "--prune-every", f"{r.every_s:g}s",

@@ -17,14 +17,14 @@ import os
 import threading
 from http import HTTPStatus
 
-from ..common.protocol import Status
-from ..common.frames import dumps, loads_strict, result_bytes
-from ..errors import BadRequest, DockyardError, TooLarge, Unavailable
-from .auth import INVOKE_KINDS, check_header, is_local
-from .errors import error_body
-from .db import get_db, now
-from .invoke import execute, http_status
-from .store import invocations as store
+from ...common.protocol import Status
+from ...common.frames import dumps, loads_strict, result_bytes
+from ...errors import BadRequest, DockyardError, TooLarge, Unavailable
+from ..auth import INVOKE_KINDS, check_header, is_local
+from ..errors import error_body
+from ..store.db import get_db, now
+from .execute import execute, http_status
+from ..store import invocations as store
 
 log = logging.getLogger("dockyard.invoke")
 

@@ -19,8 +19,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from .db import get_db, transaction
-from .store.invocations import bare, record_finished
+from ..store.db import get_db, transaction
+from ..store.invocations import bare, record_finished
 
 log = logging.getLogger("dockyard.records")
 

@@ -8,11 +8,11 @@ import logging
 import sys
 from pathlib import Path
 
-from .datadir import DataDir
-from .db import connect
-from .deployfiles import folder_problem
-from .deploywatch import FOLDER_GONE_EXIT
-from .store import deployfolder as store
+from ..datadir import DataDir
+from ..store.db import connect
+from ..deployfolder.files import folder_problem
+from ..deployfolder.watch import FOLDER_GONE_EXIT
+from ..store import deployfolder as store
 from .supervised import SupervisedProcess
 
 log = logging.getLogger("dockyard.serve")
@@ -42,7 +42,7 @@ class WatcherProcess(SupervisedProcess):
         self.spawn()
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "dockyard.app.deploywatch", "--data", str(self.data.root),
+        cmd = [sys.executable, "-m", "dockyard.app.deployfolder.watch", "--data", str(self.data.root),
                "--folder", str(self.folder), "--server", self.url]
         if self.poll_s:
             cmd += ["--poll", str(self.poll_s)]

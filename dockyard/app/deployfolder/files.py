@@ -10,8 +10,8 @@ import os
 import zlib
 from pathlib import Path
 
-from ..common.archive import MANIFEST, inspect_archive
-from ..common.manifest import parse_manifest
+from ...common.archive import MANIFEST, inspect_archive
+from ...common.manifest import parse_manifest
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
 # What editors and downloaders leave beside the file they work on.

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 
-from ..common.protocol import Frame
+from ...common.protocol import Frame
 
 log = logging.getLogger("dockyard.liveness")
 
@@ -174,8 +174,8 @@ class Liveness:
         backstop)."""
         if self.db_path is None:
             return
-        from .db import get_db
-        from .store import workers as worker_store
+        from ..store.db import get_db
+        from ..store import workers as worker_store
         try:
             if state == UP:
                 worker_store.mark_answering(get_db(self.db_path), view.worker_id)
@@ -247,8 +247,8 @@ class Liveness:
     def _watch(self) -> None:
         """Keep a pinger on every worker seen lately, and the database in step with what the
         pings say (a heartbeat that was on its way when a worker froze says `up` again)."""
-        from .db import get_db
-        from .store import workers as worker_store
+        from ..store.db import get_db
+        from ..store import workers as worker_store
         while True:
             try:
                 rows = worker_store.recently_seen(get_db(self.db_path))

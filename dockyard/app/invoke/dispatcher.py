@@ -14,12 +14,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..common.protocol import Status
-from ..errors import DockyardError, NotFound
-from .db import get_db
-from .invoke import execute
-from .store import invocations as store
-from .store import leases
+from ...common.protocol import Status
+from ...errors import DockyardError, NotFound
+from ..store.db import get_db
+from .execute import execute
+from ..store import invocations as store
+from ..store import leases
 from .worker_client import WorkerConnections
 
 log = logging.getLogger("dockyard.dispatcher")

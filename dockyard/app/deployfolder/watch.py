@@ -18,14 +18,14 @@ from watchdog.events import EVENT_TYPE_CLOSED_NO_WRITE, EVENT_TYPE_OPENED, FileS
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from ..cli.client import Client
-from .datadir import DataDir
-from .db import connect
-from .deployclient import ControlPlane
-from .deployentry import EntryState
+from ...common.http_client import Client
+from ..datadir import DataDir
+from ..store.db import connect
+from .client import ControlPlane
+from .entry import EntryState
 from .deployer import SETTLE_S, FolderDeployer
-from .deployfiles import Marker, entry_of, incomplete_reason, kind_of, marker_path, signature
-from .store import deployfolder as store
+from .files import Marker, entry_of, incomplete_reason, kind_of, marker_path, signature
+from ..store import deployfolder as store
 
 log = logging.getLogger("dockyard.deploywatch")
 
@@ -240,14 +240,14 @@ def _mtime(path: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dockyard.app.deploywatch",
+    parser = argparse.ArgumentParser(prog="python -m dockyard.app.deployfolder.watch",
                                      description="Watch a deploy folder (serve runs this).")
     parser.add_argument("--data", required=True, help="the data dir (for the admin token)")
     parser.add_argument("--folder", required=True)
     parser.add_argument("--server", required=True, help="the control plane's URL")
     parser.add_argument("--poll", type=float, help="poll every SECONDS instead of inotify")
     args = parser.parse_args(argv)
-    from . import LOG_FORMAT
+    from .. import LOG_FORMAT
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     data = DataDir.at(args.data)
     api = ControlPlane(Client(args.server, data.read_token("admin")))

@@ -10,10 +10,10 @@ import logging
 
 import sqlite_utils
 
-from ..common.protocol import Frame, Status
-from ..errors import Conflict, NotFound
-from .store import invocations
-from .store import workers as worker_store
+from ...common.protocol import Frame, Status
+from ...errors import Conflict, NotFound
+from ..store import invocations
+from ..store import workers as worker_store
 from .worker_client import WorkerConnections, WorkerGone
 
 log = logging.getLogger("dockyard.cancel")

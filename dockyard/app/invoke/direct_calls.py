@@ -23,10 +23,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..common.direct import LedgerEntry, PoolPage, Slot
-from ..common.frames import FrameCut, FrameSocket
-from ..common.protocol import Frame, Status
-from ..runner.process import QUEUE_WAIT_S, REPLY_MAX_BYTES, SEND_WAIT_S, is_reply, translate
+from ...common.direct import LedgerEntry, PoolPage, Slot
+from ...common.frames import FrameCut, FrameSocket
+from ...common.protocol import Frame, Status
+from ...runner.process import QUEUE_WAIT_S, REPLY_MAX_BYTES, SEND_WAIT_S, is_reply, translate
 from .worker_client import UNIX_PREFIX, WORKER_DIED, WorkerConnections, WorkerGone
 
 log = logging.getLogger("dockyard.direct")

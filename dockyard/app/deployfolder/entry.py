@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .deployfiles import Kind
+from .files import Kind
 
 KEPT_VERSIONS = 20   # versions remembered per entry (to know what it may undeploy)
 
