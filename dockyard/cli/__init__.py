@@ -209,7 +209,12 @@ def _uv_args(find_links, offline, python) -> list[str]:
 
 
 @cli.command()
-@click.option("--server", required=True, help="Control plane URL.")
+@click.option("--server", "servers", multiple=True, envvar="DOCKYARD_SERVER", metavar="URL",
+              help="A control plane's URL. Give it once per control plane sharing one store "
+                   "(or DOCKYARD_SERVER=URL,URL2): the worker uses the first, and the next "
+                   "one when the one it uses stops answering.")
+@click.option("--url", "url_alias", multiple=True, hidden=True,
+              help="The same as --server.")
 @click.option("--token-file", type=click.Path(dir_okay=False),
               help="File holding the worker token (<data>/tokens/worker on the control plane).")
 @click.option("--token", "worker_token", envvar="DOCKYARD_TOKEN",
@@ -232,16 +237,36 @@ def _uv_args(find_links, offline, python) -> list[str]:
 @click.option("--no-view", is_flag=True,
               help="Run children without their private view (weaker isolation).")
 @click.pass_context
-def worker(click_ctx, server, token_file, worker_token, listen, advertise, name, index_url,
-           find_links, offline, python, uid_base, no_view):
-    """Run a worker that serves a control plane's containers."""
+def worker(click_ctx, servers, url_alias, token_file, worker_token, listen, advertise, name,
+           index_url, find_links, offline, python, uid_base, no_view):
+    """Run a worker that serves a control plane's containers.
+
+    With several --server URLs (control planes that share one store) the worker talks to one
+    at a time: when it stops answering, the worker moves to the next one at once, keeping
+    its id, its versions and the calls it is running."""
     from .worker import run_worker
     ctx = click_ctx.find_object(Context)
+    servers = _control_planes(ctx, servers, url_alias)
     worker_token = _worker_token(click_ctx, token_file, worker_token)
     if listen.startswith(UNIX_PREFIX):
         listen = f"{UNIX_PREFIX}{_socket_path(listen[len(UNIX_PREFIX):])}"
-    sys.exit(run_worker(server, worker_token, ctx.data, listen, advertise, index_url,
+    sys.exit(run_worker(servers, worker_token, ctx.data, listen, advertise, index_url,
                         find_links, offline, python, uid_base, view=not no_view, name=name))
+
+
+def _control_planes(ctx, servers, url_alias) -> list[str]:
+    """The worker's control planes, in order: --server (or DOCKYARD_SERVER), then the worker's
+    --url (an alias); without either, the global --url (or DOCKYARD_URL)."""
+    from ..runner.servers import parse
+    given = [*servers, *url_alias] or ([ctx.url] if ctx.url else [])
+    try:
+        urls = parse(given)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--server") from None
+    if not urls:
+        raise click.UsageError("give the control plane's URL: --server URL (once per control "
+                               "plane), or DOCKYARD_SERVER")
+    return urls
 
 
 def _worker_name(name: str | None) -> str | None:

@@ -50,7 +50,7 @@ def take_worker_folder(data_dir: DataDir) -> int:
             f"(or DOCKYARD_HOME)") from None
 
 
-def run_worker(server, token, data, listen, advertise, index_url, find_links, offline, python,
+def run_worker(servers, token, data, listen, advertise, index_url, find_links, offline, python,
                uid_base, view: bool = True, name: str | None = None) -> int:
     os.umask(0o077)
     data_dir = DataDir.at(data)
@@ -81,7 +81,7 @@ def run_worker(server, token, data, listen, advertise, index_url, find_links, of
     options = UvOptions(uv_bin=uv.find_uv_bin(), python=interpreter, index_url=index_url,
                         find_links=tuple(str(Path(f).absolute()) for f in find_links),
                         offline=offline)
-    config = WorkerConfig(server=server, token=token, worker_dir=data_dir.worker,
+    config = WorkerConfig(servers=servers, token=token, worker_dir=data_dir.worker,
                           uv=options, isolation=isolation, listen=_address(listen),
                           advertise=advertise, name=name or data_dir.default_worker_name())
     try:

@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .diff import diff_versions, identity
 from .pool import QUEUE_WAIT_S, find_child, live_pools
 from .process import crashed
 from .server import InvokeServer
+from .servers import ControlPlanes, Unreachable
 from .spares import spares
 from .tree import kill_strays
 from .states import VersionState
@@ -36,11 +38,15 @@ log = logging.getLogger("dockyard.worker")
 CANCEL_MEMORY_S = 600.0
 WATCH_S = 0.025
 BOOTSTRAP = Path(__file__).resolve().parent.parent / "sandbox" / "bootstrap.py"
+# A registration a control plane may have handled before it went away may have left a row
+# under this worker's name, live for the worker TTL (15 s): until then a 409 from the next
+# one may be that row, and registering is tried again (it then takes the row over).
+REGISTER_LANDED_S = 20.0
 
 
 @dataclass
 class WorkerConfig:
-    server: str
+    servers: Sequence[str]      # control plane URLs, in the order they are tried
     token: str
     worker_dir: Path
     uv: UvOptions
@@ -52,6 +58,11 @@ class WorkerConfig:
 
 class WorkerRefused(Exception):
     """The control plane refuses this worker's token: retrying cannot help."""
+
+
+class RegisterPending(requests.RequestException):
+    """A 409 that may be this worker's own registration, handled by a control plane that
+    went away before it answered: tried again."""
 
 
 class Agent:
@@ -73,6 +84,9 @@ class Agent:
         os.set_blocking(self.wake_write, False)
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {config.token}"
+        # Requests go to one control plane at a time, the next one when it stops answering.
+        self.servers = ControlPlanes(config.servers, self.http)
+        self.register_landed_until = 0.0
         isolation = config.isolation
         private = isolation.view is not None
         config.worker_dir.mkdir(parents=True, exist_ok=True)
@@ -117,16 +131,9 @@ class Agent:
 
     # -- control plane --------------------------------------------------------------------
 
-    def _url(self, path: str) -> str:
-        return self.config.server.rstrip("/") + path
-
     def _download(self, sha256: str, dest: Path) -> None:
-        with self.http.get(self._url(f"/api/artifacts/{sha256}"), stream=True,
-                           timeout=60) as response:
-            response.raise_for_status()
-            with open(dest, "wb") as out:
-                for chunk in response.iter_content(1 << 20):
-                    out.write(chunk)
+        # The path names the package, not a host: every control plane serves every package.
+        self.servers.download(f"/api/artifacts/{sha256}", dest, timeout=60)
 
     def register(self) -> None:
         # The id this worker folder had (a restart takes its row over, and keeps its name).
@@ -139,12 +146,18 @@ class Agent:
                 "address": self.config.advertise or self.server.address,
                 "isolation": self.config.isolation.summary(),
                 "previous_id": self.worker_id or previous}
-        response = self.http.post(self._url("/api/workers/register"), json=body, timeout=10)
+        response = self.servers.request("POST", "/api/workers/register", json=body,
+                                        timeout=10)
+        if any(f.may_have_arrived for f in response.failures):
+            self.register_landed_until = time.monotonic() + REGISTER_LANDED_S
         if response.status_code in (401, 403):
-            raise WorkerRefused(f"the control plane at {self.config.server} refuses this "
+            raise WorkerRefused(f"the control plane at {response.server} refuses this "
                                 "worker's token; give the token in <data>/tokens/worker of "
                                 "the control plane (--token-file or DOCKYARD_TOKEN)")
         if response.status_code == 409:
+            if time.monotonic() < self.register_landed_until:
+                raise RegisterPending(f"{_error_message(response)} (perhaps this worker's own "
+                                      "registration, cut off by a failover: trying again)")
             raise WorkerRefused(_error_message(response))
         response.raise_for_status()
         data = response.json()
@@ -160,8 +173,9 @@ class Agent:
                 "stopping": stopping,
                 # Calls in this worker's processes now, the direct ones included.
                 "in_flight": sum(pool.busy() for pool in live_pools())}
-        response = self.http.post(self._url(f"/api/workers/{self.worker_id}/heartbeat"),
-                                  json=body, timeout=10)
+        # The id is the same on every control plane (they share one store).
+        response = self.servers.request("POST", f"/api/workers/{self.worker_id}/heartbeat",
+                                        json=body, timeout=10)
         if response.status_code == 404:
             log.warning("the control plane forgot this worker; registering again")
             self.register()
@@ -396,8 +410,10 @@ class Agent:
                             log.info("removed %d folder(s) and file(s) of versions no longer "
                                      "held", swept)
                     self.reconcile(desired)
+            except Unreachable:
+                pass    # said once, by self.servers, until one answers again
             except requests.RequestException as exc:
-                log.warning("control plane unreachable: %s", exc)
+                log.warning("control plane %s: %s", self.servers.current, exc)
             except WorkerRefused:
                 # Forgotten, and its name taken meanwhile (or its token revoked): what runs
                 # here drains and stops before the one-line reason.
@@ -417,7 +433,8 @@ class Agent:
                 self.register()
                 return
             except requests.RequestException as exc:
-                log.warning("cannot register with %s yet: %s", self.config.server, exc)
+                if not isinstance(exc, Unreachable):   # that one is said once, by self.servers
+                    log.warning("cannot register with %s yet: %s", self.servers.current, exc)
                 self._sleep(delay)
                 delay = min(delay * 2, 5.0)
 
