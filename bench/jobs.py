@@ -42,8 +42,8 @@ def register(dockyard: Dockyard, count: int, every: int) -> float:
     return time.monotonic() - started
 
 
-def measure(db_path, since: float, until: float) -> dict:
-    with sqlite3.connect(db_path, timeout=60) as conn:
+def measure(db_target, since: float, until: float) -> dict:
+    with sqlite3.connect(db_target, timeout=60) as conn:
         fires = conn.execute(
             "SELECT r.scheduled_at, r.fired_at, i.started_at, i.status FROM job_runs r "
             "JOIN invocations i ON i.id = r.invocation_id WHERE r.trigger = 'cron' "

@@ -43,15 +43,15 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config.from_mapping(test_config)
     data = DataDir.at(app.config["DATA_DIR"])
     data.ensure()
-    db.migrate(data.db_path)
+    db.migrate(data.db_target)
     # Replies keep their results as received: the invoke route passes them on as bytes.
     connections = WorkerConnections(data.read_token("worker"), raw_results=True)
     app.extensions["dockyard"] = {
         "data": data,
-        "artifacts": ArtifactStore(data.artifacts, data.uploads),
+        "artifacts": ArtifactStore.of(data),
         "connections": connections,
         "direct": DirectCalls(connections) if app.config["DIRECT_CALLS"] else None,
-        "records": RecordWriter(data.db_path),
+        "records": RecordWriter(data.db_target),
         "tokens": {kind: data.read_token(kind) for kind in ("admin", "worker", "invoke")},
     }
     # Uploads are streamed and checked by the artifact store; events by the invoke route.

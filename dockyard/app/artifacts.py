@@ -1,4 +1,6 @@
-"""Content-addressed store of uploaded packages: `artifacts/<sha256>`."""
+"""Content-addressed store of uploaded packages: `artifacts/<sha256>` in the data dir. With a
+shared database (PostgreSQL) the database holds them too, and the data dir's files are this
+host's copies: a control plane that lacks one fetches it from the database."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from ..errors import TooLarge
+from .store import artifact_chunks as chunks
 
 CHUNK = 1 << 20
 PREFIX = "upload-"
@@ -22,14 +25,41 @@ LOCK_NAME = ".lock"      # not a sha256, so never an artifact's name
 
 
 class ArtifactStore:
-    def __init__(self, root: Path, uploads: Path):
+    def __init__(self, root: Path, uploads: Path, shared_db=None):
         self.root = root
         self.uploads = uploads
+        self.shared_db = shared_db     # the database target when it holds the packages too
+
+    @classmethod
+    def of(cls, data) -> "ArtifactStore":
+        """The store of a data dir (DataDir), with its shared database if it has one."""
+        return cls(data.artifacts, data.uploads, data.db_target if data.shared_db else None)
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise ValueError("not a sha256")
         return self.root / sha256
+
+    def local(self, sha256: str) -> Path:
+        """The package file on this host, fetched from the shared database when missing
+        (FileNotFoundError when neither has it)."""
+        path = self.path(sha256)
+        if path.exists() or self.shared_db is None:
+            return path
+        digest = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(dir=self.uploads, prefix=PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                found = chunks.copy_to(_db(self.shared_db), sha256, _Hashing(out, digest))
+            if not found:
+                raise FileNotFoundError(sha256)
+            if digest.hexdigest() != sha256:
+                raise FileNotFoundError(f"{sha256}: the stored bytes do not match their hash")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
 
     def receive(self, stream: IO[bytes], max_bytes: int) -> tuple[Path, str, int]:
         """Spool an upload to a temp file, hashing as it streams; refuse past `max_bytes`
@@ -79,6 +109,8 @@ class ArtifactStore:
     def keep(self, tmp: Path, sha256: str) -> Path:
         """Move a received upload into place (a no-op when the same bytes are stored)."""
         final = self.path(sha256)
+        if self.shared_db is not None:
+            chunks.put(_db(self.shared_db), sha256, final if final.exists() else tmp)
         if final.exists():
             tmp.unlink(missing_ok=True)
         else:
@@ -91,6 +123,14 @@ class ArtifactStore:
         """Shared: an upload between storing its artifact and recording its version.
         Exclusive: removing artifacts no version uses; so an artifact an upload is about to
         use is never removed under it (the same bytes uploaded again share the file)."""
+        if self.shared_db is not None:      # every control plane takes the same lock
+            db = _db(self.shared_db)
+            chunks.lock(db, exclusive)
+            try:
+                yield
+            finally:
+                chunks.unlock(db, exclusive)
+            return
         fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -107,9 +147,26 @@ class ArtifactStore:
             for sha256 in sha256s:
                 if sha256 in used:
                     continue
+                if self.shared_db is not None:
+                    chunks.remove(_db(self.shared_db), sha256)
                 try:
                     self.path(sha256).unlink()
-                    removed.append(sha256)
                 except (FileNotFoundError, ValueError):
-                    pass
+                    if self.shared_db is None:
+                        continue
+                removed.append(sha256)
         return removed
+
+
+class _Hashing:
+    def __init__(self, out, digest):
+        self.out, self.digest = out, digest
+
+    def write(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.out.write(data)
+
+
+def _db(target):
+    from .store.db import get_db
+    return get_db(target)

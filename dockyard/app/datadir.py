@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from .store.engine import DbUrl, is_postgres, redacted
+
 TOKEN_KINDS = ("admin", "worker", "invoke")
+# The control plane's database URL (`serve --db`), for every process serve starts.
+DB_ENV = "DOCKYARD_DB"
 # A worker's name (`dockyard worker --name`; a label on /metrics, a column in tables).
 WORKER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 WORKER_NAME_RULE = ("a worker name is 1 to 63 letters, digits, '.', '_' or '-', starting with "
@@ -33,9 +37,21 @@ class DataDir:
         return cls(Path(path).absolute())
 
     @cached_property
-    def db_path(self) -> Path:
-        # Looked up on every request: computed once.
+    def db_target(self) -> Path | DbUrl:
+        """The control plane's database: PostgreSQL when DOCKYARD_DB (`serve --db`) names
+        one, else SQLite in the data dir. Looked up on every request: computed once."""
+        url = os.environ.get(DB_ENV, "").strip()
+        if url:
+            if not is_postgres(url):
+                raise ValueError(f"{DB_ENV} must be a postgresql:// URL (got "
+                                 f"{redacted(url)!r}); leave it unset for SQLite in the data dir")
+            return DbUrl(url, self.root / "routing.hint")
         return self.root / "dockyard.db"
+
+    @property
+    def shared_db(self) -> bool:
+        """Whether the database is shared with other control planes (PostgreSQL)."""
+        return isinstance(self.db_target, DbUrl)
 
     @property
     def artifacts(self) -> Path:
@@ -75,8 +91,9 @@ class DataDir:
     def token_path(self, kind: str) -> Path:
         return self.tokens / kind
 
-    def ensure(self) -> None:
-        """Create the layout and the tokens (first start). The root is traversable but not
+    def ensure(self, create_tokens: bool = True) -> None:
+        """Create the layout and the tokens (first start; `create_tokens=False` leaves them
+        to be copied in: a shared database has its own). The root is traversable but not
         listable, so sandboxed children can reach their own code below worker/ and nothing
         else; everything secret is 0700/0600."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -86,13 +103,15 @@ class DataDir:
             os.chmod(private, 0o700)
         for kind in TOKEN_KINDS:
             path = self.token_path(kind)
+            if not path.exists() and not create_tokens:
+                continue
             if not path.exists():
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w") as f:
                     f.write(f"dy{kind[0]}_" + secrets.token_urlsafe(32) + "\n")
             os.chmod(path, 0o600)
-        if self.db_path.exists():
-            os.chmod(self.db_path, 0o600)
+        if not self.shared_db and self.db_target.exists():
+            os.chmod(self.db_target, 0o600)
 
     def read_token(self, kind: str) -> str | None:
         try:

@@ -12,7 +12,7 @@ def extension() -> dict:
 
 
 def database():
-    return get_db(extension()["data"].db_path)
+    return get_db(extension()["data"].db_target)
 
 
 def connections():

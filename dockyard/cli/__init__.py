@@ -167,13 +167,26 @@ def _table(rows: list[list], headers: list[str]) -> None:
               help="How often retention runs.")
 @click.option("--forget-workers-after", default="10m", show_default=True, metavar="DURATION",
               help="Forget workers stopped or lost for this long (0 or off: keep them).")
+@click.option("--db", "db_url", envvar="DOCKYARD_DB", metavar="URL",
+              help="PostgreSQL database shared by several control planes "
+                   "(postgresql://USER@HOST/DB; default: SQLite in the data dir). One with a "
+                   "password is better given in DOCKYARD_DB.")
 @pass_ctx
 def serve(ctx, host, port, deploy_dir, deploy_poll, no_deploy_dir, web_workers, web_reserve,
           no_local_worker, invoke_auth, public_metrics, index_url, find_links, offline, python,
           uid_base, no_view, keep_invocations, keep_versions, prune_every,
-          forget_workers_after):
+          forget_workers_after, db_url):
     """Run the control plane, a local worker and the deploy folder."""
+    from ..app.store.engine import is_postgres
     from .serve import ServeOptions, Supervisor, retention_options
+    if db_url:
+        if not is_postgres(db_url):
+            raise click.BadParameter("give a postgresql://USER@HOST[:PORT]/DB URL (leave it "
+                                     "out for SQLite in the data dir)", param_hint="--db")
+        # For every process serve starts (web processes, scheduler, deploy folder).
+        os.environ["DOCKYARD_DB"] = db_url
+    else:
+        os.environ.pop("DOCKYARD_DB", None)
     retention = retention_options(keep_invocations, keep_versions, prune_every,
                                   forget_workers_after)
     logging.basicConfig(level=logging.INFO,

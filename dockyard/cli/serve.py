@@ -21,7 +21,11 @@ from pathlib import Path
 import requests
 
 from ..app.datadir import DataDir, InUse, hold_lock, process_start, record_server
-from ..app.store.db import migrate
+from ..app.datadir import TOKEN_KINDS
+from ..app.store import tokens as token_store
+from ..app.store.db import connect, migrate
+from ..app.store.engine import redacted, transient_errors
+from ..app.store.route_listener import RouteListener
 from ..app.invoke.dispatcher import Dispatcher
 from ..app.jobs.retention import Retention
 from ..app.processes.scheduler import SchedulerProcess
@@ -126,6 +130,7 @@ class Supervisor:
         self.dispatcher: Dispatcher | None = None
         self.scheduler: SchedulerProcess | None = None
         self.deploy_watcher: WatcherProcess | None = None
+        self.routes: RouteListener | None = None   # other control planes' route changes
         self.url = ""
         self.started_at = time.time()
         self.server_note: Path | None = None   # where the CLI finds this server (datadir.py)
@@ -243,8 +248,7 @@ class Supervisor:
         os.umask(0o077)
         self._take_ownership()
         _raise_open_files()
-        self.data.ensure()
-        migrate(self.data.db_path)
+        self._open_database()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         sock = self._bind()
@@ -264,7 +268,7 @@ class Supervisor:
                 "started_at": self.started_at,
                 "retention": self.options.retention.describe()}))
         self.server_note = record_server(self.url, self.data.root, os.getpid())
-        self.dispatcher = Dispatcher(self.data.db_path, self.data.read_token("worker"))
+        self.dispatcher = Dispatcher(self.data.db_target, self.data.read_token("worker"))
         self.dispatcher.start()
         self.scheduler = SchedulerProcess(self.data, _die_with_parent, self.options.retention)
         self.scheduler.start()
@@ -284,6 +288,41 @@ class Supervisor:
         code = self._supervise()
         self._stop()
         return code
+
+    def _open_database(self) -> None:
+        """The data dir, and the database brought up to date. A shared database (PostgreSQL)
+        keeps the tokens' hashes: the first control plane's tokens are everyone's."""
+        data = self.data
+        if not data.shared_db:
+            data.ensure()
+            migrate(data.db_target)
+            return
+        target = data.db_target
+        try:
+            migrate(target)
+            db = connect(target)
+            try:
+                have = token_store.stored(db)
+                data.ensure(create_tokens=not have)
+                local = {kind: data.read_token(kind) for kind in TOKEN_KINDS}
+                if not have and all(local.values()):
+                    have = token_store.adopt(db, local)
+            finally:
+                db.close()
+        except transient_errors() as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SystemExit(f"dockyard: cannot use the database {redacted(target)}: {first}; "
+                             "check the URL given with --db or DOCKYARD_DB") from None
+        wrong = [kind for kind in TOKEN_KINDS
+                 if not local.get(kind) or token_store.digest(local[kind]) != have.get(kind)]
+        if wrong:
+            raise SystemExit(
+                f"dockyard: the database {redacted(target)} has its own tokens, made by the "
+                f"control plane that used it first; this data dir's "
+                f"{'are missing' if not any(local.values()) else 'are others'} "
+                f"({', '.join(wrong)}): copy that control plane's {data.tokens.name}/ folder "
+                f"to {data.tokens} and start again")
+        self.routes = RouteListener(target).start()
 
     def _supervise(self) -> int:
         while not self.signals:
@@ -327,6 +366,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 self.gunicorn.kill()
                 self.gunicorn.wait()
+        if self.routes is not None:
+            self.routes.stop()
         if self.server_note is not None:
             self.server_note.unlink(missing_ok=True)
         if not self.owns_server_json:

@@ -173,9 +173,7 @@ def deployment(deployment_id: str):
 @require("worker")
 def artifact(sha256: str):
     try:
-        path = artifacts().path(sha256)
-    except ValueError:
+        path = artifacts().local(sha256)
+    except (ValueError, FileNotFoundError):
         raise NotFound(f"no artifact '{sha256}'") from None
-    if not path.exists():
-        raise NotFound(f"no artifact '{sha256}'")
     return send_file(path, mimetype="application/octet-stream")

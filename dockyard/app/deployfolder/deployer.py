@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import sqlite_utils
+from ..store.engine import Database
 
 from ...common.http_client import ClientError
 from ...common.archive import read_package
@@ -29,7 +29,7 @@ RETRY_S = 2.0             # after the control plane did not answer
 
 
 class FolderDeployer:
-    def __init__(self, folder: Path, api: ControlPlane, db: sqlite_utils.Database,
+    def __init__(self, folder: Path, api: ControlPlane, db: Database,
                  schedule: Callable[[str, float], None]):
         self.folder = folder
         self.api = api

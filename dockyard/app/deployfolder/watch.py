@@ -54,10 +54,10 @@ class _Forward(FileSystemEventHandler):
 
 
 class Watcher:
-    def __init__(self, folder: Path, api: ControlPlane, db_path: Path,
+    def __init__(self, folder: Path, api: ControlPlane, db_target: Path,
                  poll_s: float | None = None):
         self.folder = folder
-        self.db = connect(db_path)
+        self.db = connect(db_target)
         self.poll_s = poll_s
         self.events: queue.Queue[str | None] = queue.Queue()
         self.due: dict[str, float] = {}     # entry name -> when to look at it (monotonic)
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     data = DataDir.at(args.data)
     api = ControlPlane(Client(args.server, data.read_token("admin")))
-    watcher = Watcher(Path(args.folder).absolute(), api, data.db_path, args.poll)
+    watcher = Watcher(Path(args.folder).absolute(), api, data.db_target, args.poll)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: watcher.stop())
     return watcher.run()

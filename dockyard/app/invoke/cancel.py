@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-import sqlite_utils
+from ..store.engine import Database
 
 from ...common.protocol import Frame, Status
 from ...errors import Conflict, NotFound
@@ -21,7 +21,7 @@ log = logging.getLogger("dockyard.cancel")
 TELL_TIMEOUT_S = 5.0
 
 
-def cancel(db: sqlite_utils.Database, connections: WorkerConnections, invocation_id: str
+def cancel(db: Database, connections: WorkerConnections, invocation_id: str
            ) -> dict:
     previous = invocations.stop(db, invocation_id, Status.CANCELLED,
                                 {"type": "Cancelled", "message": "cancelled on request"})
@@ -39,7 +39,7 @@ def cancel(db: sqlite_utils.Database, connections: WorkerConnections, invocation
     return invocations.get(db, invocation_id)
 
 
-def tell_workers(db: sqlite_utils.Database, connections: WorkerConnections,
+def tell_workers(db: Database, connections: WorkerConnections,
                  invocation_id: str) -> bool:
     """Ask every live worker to kill the process running the call; True if one had it."""
     found = False

@@ -36,9 +36,9 @@ QUEUE_WAIT_S = 1.0
 
 
 class Dispatcher:
-    def __init__(self, db_path: Path, worker_token: str, threads: int = 16,
+    def __init__(self, db_target: Path, worker_token: str, threads: int = 16,
                  poll_s: float = 0.05):
-        self.db_path = db_path
+        self.db_target = db_target
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.connections = WorkerConnections(worker_token)
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="async")
@@ -76,12 +76,12 @@ class Dispatcher:
         self.executor.shutdown(wait=wait)
         self.connections.close()
         try:
-            leases.release(get_db(self.db_path), LEASE_NAME, self.holder)
+            leases.release(get_db(self.db_target), LEASE_NAME, self.holder)
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
 
     def _loop(self) -> None:
-        db = get_db(self.db_path)
+        db = get_db(self.db_target)
         renew_at = 0.0
         while not self.stop_event.is_set():
             more = False   # every thread was busy or got a call: more may be queued
@@ -117,7 +117,7 @@ class Dispatcher:
 
     def _run(self, row: dict) -> None:
         try:
-            db = get_db(self.db_path)
+            db = get_db(self.db_target)
             event = json.loads(row["input"]) if row["input"] else None
             try:
                 result = execute(db, self.connections, row["id"], row["container"],

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
-import sqlite_utils
+from ..store.engine import Database
 
 from ...common.protocol import Frame, Status, VersionState
 from ...common.manifest import Manifest
@@ -60,7 +60,7 @@ ROUTE_MAX_AGE_S = 1.0
 ROUTES_KEPT = 4096
 
 
-def route(db: sqlite_utils.Database, container: str, version: str | None,
+def route(db: Database, container: str, version: str | None,
           fresh: bool = False) -> tuple[Target, list[dict]]:
     """The serving (or pinned) version of a container and the live workers that have it
     ready: this runs on every call, and a redeploy must be seen at once. One read of the
@@ -86,7 +86,7 @@ def route(db: sqlite_utils.Database, container: str, version: str | None,
     return answer
 
 
-def _pick_worker(db: sqlite_utils.Database, target: Target, routable: list[dict],
+def _pick_worker(db: Database, target: Target, routable: list[dict],
                  avoid: set[str], liveness: Liveness) -> dict:
     candidates = [w for w in routable if w["id"] not in avoid and liveness.usable(w)]
     if not candidates and target.pinned:
@@ -114,7 +114,7 @@ def _pick_worker(db: sqlite_utils.Database, target: Target, routable: list[dict]
     return random.choice(candidates)
 
 
-def no_ready_instance(db: sqlite_utils.Database, target: Target) -> Unavailable:
+def no_ready_instance(db: Database, target: Target) -> Unavailable:
     """The 503 for a version no live worker has ready, saying what the workers report."""
     what = f"{target.container}@{target.version}"
     states = routing.version_states(db, target.version_id)
@@ -133,7 +133,7 @@ def no_ready_instance(db: sqlite_utils.Database, target: Target) -> Unavailable:
                        "heartbeat; see `dockyard status`)", retry_after=2)
 
 
-def execute(db: sqlite_utils.Database, connections: WorkerConnections, invocation_id: str,
+def execute(db: Database, connections: WorkerConnections, invocation_id: str,
             container: str, version: str | None, function: str, event, trigger: str,
             queue_wait: float | None = None, direct: DirectCalls | None = None) -> dict:
     """Run one call to completion and return the worker's outcome as a result dict with

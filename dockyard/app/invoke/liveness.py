@@ -78,19 +78,19 @@ class Liveness:
         self.views: dict[str, WorkerView] = {}
         self.lock = threading.Lock()
         self.room = threading.Condition(self.lock)
-        self.db_path: str | None = None
+        self.db_target: str | None = None
         self.watcher: threading.Thread | None = None
 
     # -- from the call path ---------------------------------------------------------------
 
-    def start(self, db_path: str) -> None:
-        """Watch the workers of the database at `db_path` (once per process; cheap after)."""
+    def start(self, db_target: str) -> None:
+        """Watch the workers of the database at `db_target` (once per process; cheap after)."""
         if self.watcher is not None:
             return
         with self.lock:
             if self.watcher is not None:
                 return
-            self.db_path = db_path
+            self.db_target = db_target
             self.watcher = threading.Thread(target=self._watch, name="liveness-watch",
                                             daemon=True)
             self.watcher.start()
@@ -172,15 +172,15 @@ class Liveness:
     def _mark(self, view: WorkerView, state: str) -> None:
         """Out of routing for every process (best effort: the heartbeat's expiry is the
         backstop)."""
-        if self.db_path is None:
+        if self.db_target is None:
             return
         from ..store.db import get_db
         from ..store import workers as worker_store
         try:
             if state == UP:
-                worker_store.mark_answering(get_db(self.db_path), view.worker_id)
+                worker_store.mark_answering(get_db(self.db_target), view.worker_id)
             else:
-                worker_store.mark_unreachable(get_db(self.db_path), view.worker_id, state)
+                worker_store.mark_unreachable(get_db(self.db_target), view.worker_id, state)
             view.db_state = state
         except Exception:  # noqa: BLE001 - the database may be busy; the next refresh retries
             log.exception("could not mark worker %s %s", view.worker_id, state)
@@ -251,7 +251,7 @@ class Liveness:
         from ..store import workers as worker_store
         while True:
             try:
-                rows = worker_store.recently_seen(get_db(self.db_path))
+                rows = worker_store.recently_seen(get_db(self.db_target))
                 seen = set()
                 for row in rows:
                     view = self.view(row["id"], row["address"])

@@ -15,13 +15,14 @@ import logging
 import os
 import queue
 import threading
-import sqlite3
 import time
 from pathlib import Path
 
 from ..store.db import get_db, transaction
+from ..store.engine import transient_errors
 from ..store.invocations import bare, record_finished
 
+TRANSIENT = transient_errors()
 log = logging.getLogger("dockyard.records")
 
 BATCH = 256
@@ -29,8 +30,8 @@ LINGER_S = 0.02
 
 
 class RecordWriter:
-    def __init__(self, db_path: Path):
-        self.db_path = db_path
+    def __init__(self, db_target: Path):
+        self.db_target = db_target
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.pid = None
         self.lock = threading.Lock()
@@ -52,7 +53,7 @@ class RecordWriter:
             atexit.register(self.flush)
 
     def _run(self) -> None:
-        db = get_db(self.db_path)
+        db = get_db(self.db_target)
         while True:
             batch = [self.queue.get()]
             # Linger a moment so a busy process commits many records at once.
@@ -98,7 +99,7 @@ class RecordWriter:
     def _write_alone(self, db, record: dict, failure: Exception) -> bool:
         """A record that failed on its own: store what the control plane knows of the call
         (its identity, status and times) with an error that says why the rest is missing."""
-        if isinstance(failure, sqlite3.OperationalError):
+        if isinstance(failure, TRANSIENT):
             log.error("could not store invocation record %s: %s", record.get("id"), failure)
             return False
         reason = f"{type(failure).__name__}: {failure}"
@@ -108,7 +109,7 @@ class RecordWriter:
         except Exception as exc:  # noqa: BLE001 - say what was lost
             log.error("could not store invocation record %s (%s; then %s: %s)",
                       record.get("id"), reason, type(exc).__name__, exc)
-            return not isinstance(exc, sqlite3.OperationalError)
+            return not isinstance(exc, TRANSIENT)
         log.warning("invocation record %s stored without its report: %s", record.get("id"),
                     reason)
         return True
@@ -121,4 +122,4 @@ class RecordWriter:
             except queue.Empty:
                 break
         if batch:
-            self._write(get_db(self.db_path), batch)
+            self._write(get_db(self.db_target), batch)

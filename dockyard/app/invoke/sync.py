@@ -91,7 +91,7 @@ class SyncInvoke:
     def __init__(self, app):
         self.flask_wsgi = app.wsgi_app
         ext = app.extensions["dockyard"]
-        self.db_path = ext["data"].db_path
+        self.db_target = ext["data"].db_target
         self.data_root = ext["data"].root
         self.connections = ext["connections"]
         self.direct = ext["direct"]
@@ -145,7 +145,7 @@ class SyncInvoke:
 
     def _call(self, invocation_id, container, version, function, event, event_text):
         started = now()
-        result = execute(get_db(self.db_path), self.connections, invocation_id, container,
+        result = execute(get_db(self.db_target), self.connections, invocation_id, container,
                          version, function, event, "http", direct=self.direct)
         finished = now()
         output, text = answer(result)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-import sqlite_utils
+from ..store.engine import Database
 
 from ...common import jobs as job_rules
 from ...common import schedule as schedules
@@ -50,7 +50,7 @@ def _target(body: dict) -> tuple[str, str]:
     return container, function
 
 
-def check_target(db: sqlite_utils.Database, container: str, function: str) -> None:
+def check_target(db: Database, container: str, function: str) -> None:
     manifest = store.active_manifest(db, container)
     if manifest is None:
         if not store.container_exists(db, container):
@@ -79,7 +79,7 @@ def _only(body: dict, allowed, refusal: str, label: str) -> dict:
     return body
 
 
-def definition_from(db: sqlite_utils.Database, body) -> tuple[str, dict]:
+def definition_from(db: Database, body) -> tuple[str, dict]:
     """(name, definition) from a POST /api/jobs body."""
     body = _only(_object(body), FIELDS, "unknown field", "known")
     try:
@@ -94,7 +94,7 @@ def definition_from(db: sqlite_utils.Database, body) -> tuple[str, dict]:
                       schedule=" ".join(body["schedule"].split()))
 
 
-def changes_from(db: sqlite_utils.Database, row: dict, body) -> dict:
+def changes_from(db: Database, row: dict, body) -> dict:
     """The checked changes of a PATCH /api/jobs/<name> body."""
     body = _only(_object(body), EDITABLE, "cannot change", "changeable")
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import sqlite_utils
+from ..store.engine import Database
 
 from ..artifacts import ArtifactStore
 from ..store import containers, invocations, job_runs
@@ -42,7 +42,7 @@ def setting(text: str, parse):
     return parse(text) or None
 
 
-def prune_versions(db: sqlite_utils.Database, artifacts: ArtifactStore, name: str, keep: int,
+def prune_versions(db: Database, artifacts: ArtifactStore, name: str, keep: int,
                    dry_run: bool = False) -> dict:
     """containers.prune_versions, then the artifacts that no version uses any more."""
     result = containers.prune_versions(db, name, keep, dry_run)
@@ -55,7 +55,7 @@ def prune_versions(db: sqlite_utils.Database, artifacts: ArtifactStore, name: st
     return result
 
 
-def run(db: sqlite_utils.Database, artifacts: ArtifactStore, settings: Retention,
+def run(db: Database, artifacts: ArtifactStore, settings: Retention,
         t: float) -> dict:
     """One retention pass; returns how much each part removed."""
     done = {"job_runs": job_runs.prune(db, t), "invocations": 0, "versions": 0, "workers": 0}

@@ -38,10 +38,10 @@ MANIFEST_CHECK_S = 1.0
 
 
 class Scheduler:
-    def __init__(self, db_path: Path, worker_token: str | None, clock=time.time,
+    def __init__(self, db_target: Path, worker_token: str | None, clock=time.time,
                  retention_settings: retention.Retention | None = None,
                  artifacts: ArtifactStore | None = None):
-        self.db_path = db_path
+        self.db_target = db_target
         # Without settings (a scheduler made by hand): job history retention only.
         self.retention = retention_settings or retention.Retention(None, None)
         self.artifacts = artifacts
@@ -60,7 +60,7 @@ class Scheduler:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> int:
-        db = get_db(self.db_path)
+        db = get_db(self.db_target)
         while not self.stop_event.is_set():
             try:
                 wait = self.step(db)
@@ -118,7 +118,7 @@ class Scheduler:
 
     def _prune(self, t: float) -> None:
         try:
-            retention.run(get_db(self.db_path), self.artifacts, self.retention, t)
+            retention.run(get_db(self.db_target), self.artifacts, self.retention, t)
         except Exception:  # noqa: BLE001 - tried again next time
             log.exception("retention pass failed")
 
@@ -311,14 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     data = DataDir.at(args.data)
     data.ensure()
-    migrate(data.db_path)
+    migrate(data.db_target)
     settings = retention.Retention(retention.setting(args.keep_invocations, parse_duration),
                                    retention.setting(args.keep_versions, int),
                                    parse_duration(args.prune_every),
                                    retention.setting(args.forget_workers_after, parse_duration))
-    scheduler = Scheduler(data.db_path, data.read_token("worker"),
+    scheduler = Scheduler(data.db_target, data.read_token("worker"),
                           retention_settings=settings,
-                          artifacts=ArtifactStore(data.artifacts, data.uploads))
+                          artifacts=ArtifactStore.of(data))
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         # Only sets the event: the loop notices it within one sleep.
         signal.signal(signum, lambda *_: scheduler.stop_event.set())

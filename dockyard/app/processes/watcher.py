@@ -65,7 +65,7 @@ class WatcherProcess(SupervisedProcess):
         self._record(enabled=False, folder=str(self.folder), problem=f"{self.folder} {problem}")
 
     def _record(self, **status) -> None:
-        db = connect(self.data.db_path)
+        db = connect(self.data.db_target)
         try:
             store.save_status(db, **status)
         finally:

@@ -73,7 +73,7 @@ class LocalWorkerProcess(SupervisedProcess):
         return False
 
     def _state(self, state: str, reason: str = "") -> None:
-        db = connect(self.data.db_path)
+        db = connect(self.data.db_target)
         try:
             worker_store.set_local_worker_state(db, state, reason)
         finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 
-import sqlite_utils
+from .engine import Database
 
 from ...common.protocol import DeploymentStatus, Role, VersionState
 from ...common.manifest import Manifest
@@ -38,14 +38,14 @@ def version_record(row: dict, container: dict | None = None) -> dict:
     return out
 
 
-def get_container(db: sqlite_utils.Database, name: str) -> dict:
+def get_container(db: Database, name: str) -> dict:
     rows = list(db.query("SELECT * FROM containers WHERE name = ?", [name]))
     if not rows:
         raise NotFound(f"no container named '{name}'; `dockyard ls` lists them")
     return rows[0]
 
 
-def get_version(db: sqlite_utils.Database, container: dict, version: str) -> dict:
+def get_version(db: Database, container: dict, version: str) -> dict:
     rows = list(db.query("SELECT * FROM versions WHERE container_id = ? AND version = ?",
                          [container["id"], version]))
     if not rows:
@@ -54,7 +54,7 @@ def get_version(db: sqlite_utils.Database, container: dict, version: str) -> dic
     return rows[0]
 
 
-def add_version(db: sqlite_utils.Database, manifest: Manifest, content_sha256: str,
+def add_version(db: Database, manifest: Manifest, content_sha256: str,
                 artifact_sha256: str, artifact_size: int, activate: bool) -> tuple[dict, dict, bool]:
     """Record an uploaded package. Returns (container, version row, created). The same content
     is the same version (a no-op); the same version name with other content is a conflict."""
@@ -91,7 +91,7 @@ def add_version(db: sqlite_utils.Database, manifest: Manifest, content_sha256: s
     return container, version, created
 
 
-def _activate(db: sqlite_utils.Database, container: dict, version: dict,
+def _activate(db: Database, container: dict, version: dict,
               require_worker: bool = False) -> dict:
     latest = latest_deployment(db, version["id"])
     retry = False
@@ -135,12 +135,12 @@ def _activate(db: sqlite_utils.Database, container: dict, version: dict,
     return db["containers"].get(container["id"])
 
 
-def _version_name(db: sqlite_utils.Database, version_id: int | None) -> str | None:
+def _version_name(db: Database, version_id: int | None) -> str | None:
     row = db.conn.execute("SELECT version FROM versions WHERE id = ?", [version_id]).fetchone()
     return row[0] if row else None
 
 
-def _begin_deployment_logs(db: sqlite_utils.Database, version_id: int,
+def _begin_deployment_logs(db: Database, version_id: int,
                            previous: dict | None, deployment_id: str) -> None:
     """A new deployment of a version that workers already hold: each worker's log so far
     belongs to the earlier deployment (kept with it, as it ended), not to the new one."""
@@ -155,11 +155,13 @@ def _begin_deployment_logs(db: sqlite_utils.Database, version_id: int,
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (deployment_id, worker_id) DO UPDATE SET "
                 "state = excluded.state, error = excluded.error, log = excluded.log",
                 [previous["id"], worker_id, state, error, own_log(log, base)])
-        conn.execute("INSERT OR REPLACE INTO deployment_workers (deployment_id, worker_id, "
-                     "log_base) VALUES (?, ?, ?)", [deployment_id, worker_id, log or ""])
+        conn.execute("INSERT INTO deployment_workers (deployment_id, worker_id, log_base) "
+                     "VALUES (?, ?, ?) ON CONFLICT (deployment_id, worker_id) DO UPDATE SET "
+                     "log_base = excluded.log_base, state = NULL, error = NULL, log = NULL",
+                     [deployment_id, worker_id, log or ""])
 
 
-def activate(db: sqlite_utils.Database, name: str, version: str) -> tuple[dict, dict]:
+def activate(db: Database, name: str, version: str) -> tuple[dict, dict]:
     """Make `version` the active version of `name` (a rollback); refused, with nothing
     changed, while no worker is there to deploy it."""
     with transaction(db):
@@ -169,13 +171,13 @@ def activate(db: sqlite_utils.Database, name: str, version: str) -> tuple[dict, 
     return container, row
 
 
-def latest_deployment(db: sqlite_utils.Database, version_id: int) -> dict | None:
+def latest_deployment(db: Database, version_id: int) -> dict | None:
     rows = list(db.query("SELECT * FROM deployments WHERE version_id = ? "
                          "ORDER BY created_at DESC LIMIT 1", [version_id]))
     return rows[0] if rows else None
 
 
-def list_containers(db: sqlite_utils.Database) -> list[dict]:
+def list_containers(db: Database) -> list[dict]:
     out = []
     live = live_worker_ids(db)
     for row in db.query(
@@ -195,19 +197,19 @@ RUNNING_STATES = (VersionState.BUILDING, VersionState.STARTING, VersionState.REA
                   VersionState.DRAINING)
 
 
-def _health(db: sqlite_utils.Database, container_id: int, name: str, live: list[str]) -> dict:
+def _health(db: Database, container_id: int, name: str, live: list[str]) -> dict:
     """What `dockyard status` shows of a container: its last deployment, how many instances
     its workers keep running, and its latest error."""
     deployment = next(iter(db.query(
         "SELECT id, status, error, created_at, finished_at FROM deployments "
-        "WHERE container_id = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
+        "WHERE container_id = ? ORDER BY created_at DESC, id DESC LIMIT 1",
         [container_id])), None)
     marks = ", ".join("?" * len(live)) or "NULL"
     # Instances: the manifest's `instances` of each version a live worker reports ready or
     # draining (heartbeats carry a version's state, not its pool's size; a pool of
     # instances = 0 started on demand is not counted).
     instances = db.conn.execute(
-        "SELECT coalesce(sum(json_extract(v.manifest, '$.limits.instances')), 0) "
+        f"SELECT coalesce(sum({db.dialect.json_number('v.manifest', 'limits', 'instances')}), 0) "
         "FROM worker_versions wv JOIN versions v ON v.id = wv.version_id "
         f"WHERE v.container_id = ? AND wv.state IN ('ready', 'draining') "
         f"AND wv.worker_id IN ({marks})", [container_id, *live]).fetchone()[0]
@@ -244,7 +246,7 @@ def _first_line(text: str) -> str:
     return lines[0][:300] if lines else ""
 
 
-def container_detail(db: sqlite_utils.Database, name: str) -> dict:
+def container_detail(db: Database, name: str) -> dict:
     container = get_container(db, name)
     summary = next(c for c in list_containers(db) if c["name"] == name)
     active = None
@@ -254,14 +256,14 @@ def container_detail(db: sqlite_utils.Database, name: str) -> dict:
     return summary
 
 
-def list_versions(db: sqlite_utils.Database, name: str) -> list[dict]:
+def list_versions(db: Database, name: str) -> list[dict]:
     container = get_container(db, name)
     return [version_record(r, container) for r in db.query(
         "SELECT * FROM versions WHERE container_id = ? ORDER BY created_at DESC, id DESC",
         [container["id"]])]
 
 
-def undeploy(db: sqlite_utils.Database, name: str) -> int:
+def undeploy(db: Database, name: str) -> int:
     """Take a container out of service and keep its versions: no active or serving version
     (its processes stop; a pinned call still starts one on demand, as for a version uploaded
     without activating), a deployment under way ends. `rollback NAME VERSION` deploys one
@@ -280,7 +282,7 @@ def undeploy(db: sqlite_utils.Database, name: str) -> int:
                             [container["id"]]).fetchone()[0]
 
 
-def delete_container(db: sqlite_utils.Database, name: str) -> list[str]:
+def delete_container(db: Database, name: str) -> list[str]:
     """Delete a container and its versions; returns the package files (sha256) they used."""
     with transaction(db) as conn:
         container = get_container(db, name)
@@ -299,7 +301,7 @@ def delete_container(db: sqlite_utils.Database, name: str) -> list[str]:
     return artifacts
 
 
-def prune_versions(db: sqlite_utils.Database, name: str, keep: int,
+def prune_versions(db: Database, name: str, keep: int,
                    dry_run: bool = False) -> dict:
     """Delete the versions of `name` older than its `keep` newest, never one that is serving
     or active, that a worker runs (or builds or drains), that a deployment in progress is
@@ -355,7 +357,7 @@ def prune_versions(db: sqlite_utils.Database, name: str, keep: int,
     }
 
 
-def artifacts_in_use(db: sqlite_utils.Database, sha256s: list[str]) -> set[str]:
+def artifacts_in_use(db: Database, sha256s: list[str]) -> set[str]:
     """Which of these artifacts a version (of any container) still uses."""
     if not sha256s:
         return set()
@@ -365,11 +367,11 @@ def artifacts_in_use(db: sqlite_utils.Database, sha256s: list[str]) -> set[str]:
         list(sha256s)).fetchall()}
 
 
-def container_names(db: sqlite_utils.Database) -> list[str]:
+def container_names(db: Database) -> list[str]:
     return [row[0] for row in db.conn.execute("SELECT name FROM containers ORDER BY name")]
 
 
-def desired_versions(db: sqlite_utils.Database) -> list[dict]:
+def desired_versions(db: Database) -> list[dict]:
     """What every worker should hold: the active and the serving version of each container run
     (role serve: both while a redeploy is under way); every other version is a standby that
     starts on demand for pinned calls."""
@@ -395,7 +397,7 @@ def desired_versions(db: sqlite_utils.Database) -> list[dict]:
     return out
 
 
-def instance_id(db: sqlite_utils.Database) -> str:
+def instance_id(db: Database) -> str:
     rows = list(db.query("SELECT value FROM settings WHERE key = 'instance_id'"))
     return rows[0]["value"] if rows else "unknown"
 

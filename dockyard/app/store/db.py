@@ -1,4 +1,5 @@
-"""The SQLite connection (one per thread, reused across requests) and the schema migrations."""
+"""The store's database: one connection per thread (reused across requests), transactions
+that mean the same on SQLite and PostgreSQL, and the schema migrations (see engine.py)."""
 
 from __future__ import annotations
 
@@ -11,84 +12,103 @@ from pathlib import Path
 
 import sqlite_utils
 
+from .engine import (POSTGRES, WRITE_LOCK, Database, hint_path, is_postgres, open_postgres,
+                     open_sqlite)
 from .routing_hint import routing_hint
 
 _local = threading.local()
 
 
-def connect(path: str | Path) -> sqlite_utils.Database:
-    """Open the database the way every dockyard process does: WAL, a busy timeout, no fsync
-    per commit (WAL with synchronous=NORMAL stays consistent after a crash; the last commits
-    may be lost on power loss, never corrupted)."""
-    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
-    db = sqlite_utils.Database(conn)
-    db.path = str(path)  # which database, for what a process keeps in memory about it
-    return db
+def connect(target) -> Database:
+    """A new connection to `target`: a SQLite file's path, or a PostgreSQL URL."""
+    return open_postgres(target) if is_postgres(target) else open_sqlite(target)
 
 
-def get_db(path: str | Path) -> sqlite_utils.Database:
-    """This thread's connection to `path`; opening one costs far more than a query, so it is
-    kept for the life of the thread."""
+def get_db(target) -> Database:
+    """This thread's connection to `target`; opening one costs far more than a query, so it
+    is kept for the life of the thread."""
     cache = getattr(_local, "dbs", None)
     if cache is None:
         cache = _local.dbs = {}
-    key = str(path)
+    key = str(target)
     db = cache.get(key)
-    if db is None:
-        db = cache[key] = connect(path)
+    if db is None or db.broken:
+        db = cache[key] = connect(target)
     return db
 
 
 class transaction:
-    """`with transaction(db):` runs a BEGIN IMMEDIATE … COMMIT block (ROLLBACK on error), so
-    read-then-write sequences are atomic across processes. `mode="DEFERRED"`: a read
-    transaction, whose queries all see the database as of one moment."""
+    """`with transaction(db) as conn:` a write transaction (COMMIT, or ROLLBACK on error):
+    one writer at a time in the database, so read-then-write sequences are atomic across
+    processes and hosts (SQLite: BEGIN IMMEDIATE; PostgreSQL: the write lock of engine.py).
+    `mode="DEFERRED"`: a read transaction, whose queries all see the database as of one
+    moment (PostgreSQL: REPEATABLE READ, READ ONLY)."""
 
-    def __init__(self, db: sqlite_utils.Database, mode: str = "IMMEDIATE"):
-        self.conn = db.conn
+    def __init__(self, db: Database, mode: str = "IMMEDIATE"):
+        self.db = db
         self.mode = mode
-        self.path = getattr(db, "path", None)
         self.generation: int | None = None
 
-    def __enter__(self):
-        self.conn.execute(f"BEGIN {self.mode}")
+    def __enter__(self) -> Database:
+        db = self.db
+        if db.dialect is POSTGRES:
+            if self.mode == "DEFERRED":
+                db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            else:
+                db.execute("BEGIN")
+        else:
+            db.execute(f"BEGIN {self.mode}")
         if self.mode != "DEFERRED":
             try:
-                self.generation = routing_generation(self.conn)
+                if db.dialect is POSTGRES:
+                    db.execute("SELECT pg_advisory_xact_lock(?)", [WRITE_LOCK])
+                self.generation = routing_generation(db)
             except BaseException:
-                self.conn.execute("ROLLBACK")   # never leave the write lock taken
+                _rollback(db)   # never leave the write lock taken
                 raise
-        return self.conn
+        return db
 
     def __exit__(self, exc_type, exc, tb):
+        db = self.db
         if exc_type:
-            self.conn.execute("ROLLBACK")
+            _rollback(db)
             return False
         try:
-            after = routing_generation(self.conn) if self.mode != "DEFERRED" else None
+            after = routing_generation(db) if self.mode != "DEFERRED" else None
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            _rollback(db)
             raise
-        self.conn.execute("COMMIT")
-        if after is not None and after != self.generation and self.path:
-            # A route changed: say so to every process before anyone is told it is done.
-            try:
-                routing_hint(self.path).bump()
-            except OSError as error:
-                # Committed all the same: kept routes then expire within a second.
-                logging.getLogger("dockyard.db").warning(
-                    "could not raise the routing hint beside %s: %s", self.path, error)
+        db.execute("COMMIT")
+        if after is not None and after != self.generation:
+            # A route changed: say so to every process of this host before anyone is told it
+            # is done (other hosts hear it through the database: see routes_listener.py).
+            bump_hint(db.path)
         return False
 
 
-def routing_generation(conn: sqlite3.Connection) -> int | None:
-    """The counter the routing triggers bump (None before the migration that made it)."""
+def _rollback(db: Database) -> None:
     try:
-        row = conn.execute("SELECT n FROM routing_generation WHERE id = 1").fetchone()
+        db.execute("ROLLBACK")
+    except Exception:               # a connection that broke: the next use opens another
+        db.broken = True
+
+
+def bump_hint(target) -> None:
+    try:
+        routing_hint(target).bump()
+    except OSError as error:
+        # Committed all the same: kept routes then expire within a second.
+        logging.getLogger("dockyard.db").warning(
+            "could not raise the routing hint %s: %s", hint_path(target), error)
+
+
+def routing_generation(db: Database) -> int | None:
+    """The counter the routing triggers bump (None before the migration that made it)."""
+    if db.dialect is POSTGRES:
+        row = db.execute("SELECT n FROM routing_generation WHERE id = 1").fetchone()
+        return row[0] if row else None
+    try:
+        row = db.execute("SELECT n FROM routing_generation WHERE id = 1").fetchone()
     except sqlite3.OperationalError:
         return None
     return row[0] if row else None
@@ -266,19 +286,79 @@ def _m8_worker_in_flight(db: sqlite_utils.Database) -> None:
     db["workers"].create_index(["name"])
 
 
-MIGRATIONS = [_m1_initial, _m2_instance_id, _m3_jobs, _m4_invocation_finishes,
-              _m5_deployment_workers, _m6routing_generation, _m7_deferred_calls,
-              _m8_worker_in_flight]
+SQLITE_STEPS = [_m1_initial, _m2_instance_id, _m3_jobs, _m4_invocation_finishes,
+                _m5_deployment_workers, _m6routing_generation, _m7_deferred_calls,
+                _m8_worker_in_flight]
 
 
-def migrate(path: str | Path) -> None:
-    """Bring the schema up to date; safe to run from several processes at once."""
-    db = connect(path)
+def _m9_artifact_chunks(db: Database) -> None:
+    """Package files kept in the database (PostgreSQL: every control plane reads them from
+    there), in chunks; SQLite keeps them as files in the data dir."""
+    blob = "BYTEA" if db.dialect is POSTGRES else "BLOB"
+    db.execute(f"CREATE TABLE artifact_chunks (sha256 TEXT NOT NULL, n INTEGER NOT NULL, "
+               f"data {blob} NOT NULL, PRIMARY KEY (sha256, n))")
+
+
+# Steps after the PostgreSQL baseline (schema_pg.py, the schema of SQLITE_STEPS): one text
+# for both engines.
+SHARED_STEPS = [_m9_artifact_chunks]
+VERSION = len(SQLITE_STEPS) + len(SHARED_STEPS)
+MIGRATE_LOCK = WRITE_LOCK - 1
+
+
+def migrate(target) -> None:
+    """Bring the schema up to date, once, whichever process starts first (the others wait
+    for the lock and find nothing left to do)."""
+    db = connect(target)
     try:
-        with transaction(db) as conn:
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
-            for number, step in enumerate(MIGRATIONS[current:], start=current + 1):
-                step(db)
-                conn.execute(f"PRAGMA user_version={number}")
+        if db.dialect is POSTGRES:
+            _migrate_postgres(db)
+        else:
+            _migrate_sqlite(db)
     finally:
-        db.conn.close()
+        db.close()
+
+
+def _migrate_sqlite(db: Database) -> None:
+    with transaction(db):
+        current = db.execute("PRAGMA user_version").fetchone()[0]
+        if current < len(SQLITE_STEPS):
+            old = sqlite_utils.Database(db.raw)
+            for number, step in enumerate(SQLITE_STEPS[current:], start=current + 1):
+                step(old)
+                db.execute(f"PRAGMA user_version={number}")
+            current = len(SQLITE_STEPS)
+        for number, step in enumerate(SHARED_STEPS[current - len(SQLITE_STEPS):],
+                                      start=current + 1):
+            step(db)
+            db.execute(f"PRAGMA user_version={number}")
+
+
+def _migrate_postgres(db: Database) -> None:
+    from .schema_pg import create_baseline
+
+    db.execute("BEGIN")
+    try:
+        db.execute("SELECT pg_advisory_xact_lock(?)", [MIGRATE_LOCK])
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = db.execute("SELECT version FROM schema_version").fetchone()
+        current = row[0] if row else 0
+        if current == 0:
+            create_baseline(db)
+            _m2_instance_id_in(db)
+            current = len(SQLITE_STEPS)
+        for number, step in enumerate(SHARED_STEPS[current - len(SQLITE_STEPS):],
+                                      start=current + 1):
+            step(db)
+            current = number
+        db.execute("DELETE FROM schema_version")
+        db.execute("INSERT INTO schema_version (version) VALUES (?)", [current])
+        db.execute("COMMIT")
+    except BaseException:
+        _rollback(db)
+        raise
+
+
+def _m2_instance_id_in(db: Database) -> None:
+    db.execute("INSERT INTO settings (key, value) VALUES ('instance_id', ?)",
+               [secrets.token_hex(8)])

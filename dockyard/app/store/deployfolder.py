@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-import sqlite_utils
+from .engine import Database
 
 from .db import now
 
@@ -15,12 +15,12 @@ ENTRIES_KEY = "deploy_folder_entries"
 SHOWN = ("name", "kind", "state", "container", "version", "deployment", "error", "updated_at")
 
 
-def _put(db: sqlite_utils.Database, key: str, value: dict) -> None:
+def _put(db: Database, key: str, value: dict) -> None:
     db.conn.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) "
                     "DO UPDATE SET value = excluded.value", [key, json.dumps(value)])
 
 
-def _get(db: sqlite_utils.Database, key: str) -> dict | None:
+def _get(db: Database, key: str) -> dict | None:
     row = db.conn.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
     try:
         return json.loads(row[0]) if row else None
@@ -28,18 +28,18 @@ def _get(db: sqlite_utils.Database, key: str) -> dict | None:
         return None
 
 
-def save_status(db: sqlite_utils.Database, *, enabled: bool, folder: str | None,
+def save_status(db: Database, *, enabled: bool, folder: str | None,
                 observer: str | None = None, pid: int | None = None,
                 problem: str | None = None) -> None:
     _put(db, STATUS_KEY, {"enabled": enabled, "folder": folder, "observer": observer,
                           "watcher_pid": pid, "problem": problem, "updated_at": now()})
 
 
-def save_entries(db: sqlite_utils.Database, folder: str, entries: list[dict]) -> None:
+def save_entries(db: Database, folder: str, entries: list[dict]) -> None:
     _put(db, ENTRIES_KEY, {"folder": folder, "entries": entries, "updated_at": now()})
 
 
-def load_entries(db: sqlite_utils.Database, folder: str) -> list[dict]:
+def load_entries(db: Database, folder: str) -> list[dict]:
     """The entries saved for this folder ([] when they were saved for another one)."""
     saved = _get(db, ENTRIES_KEY)
     if not saved or saved.get("folder") != folder:
@@ -47,7 +47,7 @@ def load_entries(db: sqlite_utils.Database, folder: str) -> list[dict]:
     return list(saved.get("entries") or [])
 
 
-def describe(db: sqlite_utils.Database) -> dict:
+def describe(db: Database) -> dict:
     status = _get(db, STATUS_KEY) or {"enabled": False, "folder": None, "observer": None,
                                       "watcher_pid": None, "problem": None}
     entries = load_entries(db, status["folder"]) if status.get("enabled") else []

@@ -4,7 +4,7 @@ a live worker has it ready."""
 
 from __future__ import annotations
 
-import sqlite_utils
+from .engine import Database
 
 from ...common.protocol import (ROUTABLE_STATES, SETTLED_DEPLOYMENT_STATUSES, DeploymentStatus,
                                 VersionState)
@@ -13,7 +13,7 @@ from .containers import _first_line
 from .workers import live_worker_ids
 
 
-def advance_deployments(db: sqlite_utils.Database) -> None:
+def advance_deployments(db: Database) -> None:
     """Move each container's latest deployment on from what the live workers report about its
     version (workers that are lost, suspect or stopped count for nothing, so none holds a
     deployment up), and switch the container's traffic to the version once one live worker
@@ -34,7 +34,7 @@ def advance_deployments(db: sqlite_utils.Database) -> None:
                          "WHERE id = ?", [active, now(), c["id"]])
         deployment = next(iter(db.query(
             "SELECT * FROM deployments WHERE container_id = ? "
-            "ORDER BY created_at DESC, rowid DESC LIMIT 1", [c["id"]])), None)
+            "ORDER BY created_at DESC, id DESC LIMIT 1", [c["id"]])), None)
         if deployment is None or deployment["version_id"] != active:
             continue
         status, error = deployment_status(deployment["status"], deployment["error"], live,

@@ -8,7 +8,7 @@ import math
 import random
 import time
 
-import sqlite_utils
+from .engine import POSTGRES, Database
 
 from ...common.protocol import FINISHED_STATUSES, RECORD_STATUSES
 from ...errors import BadRequest, NotFound
@@ -246,7 +246,7 @@ def bare(row: dict, reason: str) -> dict:
     return kept
 
 
-def record_finished(db: sqlite_utils.Database, row: dict) -> None:
+def record_finished(db: Database, row: dict) -> None:
     """Store a finished synchronous call in one write (nothing to recover if the caller's
     process dies mid-call: the caller got no answer and sees the failure). Every field is
     checked first (see checked())."""
@@ -262,7 +262,7 @@ def record_finished(db: sqlite_utils.Database, row: dict) -> None:
                                   "duration_ms", "max_rss_kb", "cold")])
 
 
-def enqueue(db: sqlite_utils.Database, invocation_id: str, container: str, version: str | None,
+def enqueue(db: Database, invocation_id: str, container: str, version: str | None,
             function: str, trigger: str, event_text: str) -> None:
     db.conn.execute(
         "INSERT INTO invocations (id, container, version, function, trigger, status, attempt, "
@@ -270,7 +270,7 @@ def enqueue(db: sqlite_utils.Database, invocation_id: str, container: str, versi
         [invocation_id, container, version, function, trigger, event_text, now()])
 
 
-def claim_queued(db: sqlite_utils.Database, owner: str, limit: int, lease_s: float) -> list[dict]:
+def claim_queued(db: Database, owner: str, limit: int, lease_s: float) -> list[dict]:
     with transaction(db) as conn:
         t = now()
         rows = conn.execute(
@@ -286,7 +286,7 @@ def claim_queued(db: sqlite_utils.Database, owner: str, limit: int, lease_s: flo
     return [db["invocations"].get(i) for i in claimed]
 
 
-def finish(db: sqlite_utils.Database, invocation_id: str, owner: str, result: dict) -> None:
+def finish(db: Database, invocation_id: str, owner: str, result: dict) -> None:
     # A call stopped from outside (cancelled, or past its job's timeout) keeps the status and
     # the reason it was given; the rest of the worker's report is still stored. Every field
     # is checked first (see checked()): a forged one is dropped, never the whole report.
@@ -305,13 +305,13 @@ def finish(db: sqlite_utils.Database, invocation_id: str, owner: str, result: di
          result["duration_ms"], result["max_rss_kb"], result["cold"], invocation_id, owner])
 
 
-def release(db: sqlite_utils.Database, invocation_id: str, owner: str) -> None:
+def release(db: Database, invocation_id: str, owner: str) -> None:
     """Give back a claimed call that never reached a worker: queued again, its attempt not
     counted."""
     _requeue(db, invocation_id, owner)
 
 
-def defer(db: sqlite_utils.Database, invocation_id: str, owner: str, not_before: float,
+def defer(db: Database, invocation_id: str, owner: str, not_before: float,
           unavailable_since: float) -> None:
     """release(), to be claimed again no sooner than `not_before`: no worker could take the
     call yet (nothing ran). Only while this owner still holds it running: a call cancelled
@@ -320,7 +320,7 @@ def defer(db: sqlite_utils.Database, invocation_id: str, owner: str, not_before:
              unavailable_since=unavailable_since)
 
 
-def _requeue(db: sqlite_utils.Database, invocation_id: str, owner: str, **also) -> None:
+def _requeue(db: Database, invocation_id: str, owner: str, **also) -> None:
     sets = "".join(f", {column} = ?" for column in also)
     db.conn.execute("UPDATE invocations SET status = 'queued', attempt = attempt - 1, "
                     f"owner = NULL, lease_until = NULL, started_at = NULL{sets} "
@@ -328,7 +328,7 @@ def _requeue(db: sqlite_utils.Database, invocation_id: str, owner: str, **also) 
                     [*also.values(), invocation_id, owner])
 
 
-def stop(db: sqlite_utils.Database, invocation_id: str, status: str, error: dict) -> str | None:
+def stop(db: Database, invocation_id: str, status: str, error: dict) -> str | None:
     """Mark a queued or running call as stopped from outside (`cancelled`, or `timed_out` by
     its job's timeout) with the reason. Returns the status it had (None: no such record); a
     finished call is left as it is."""
@@ -347,7 +347,7 @@ def stop_in_transaction(conn, invocation_id: str, status: str, error: dict) -> s
     return row[0]
 
 
-def recover(db: sqlite_utils.Database, owner: str, lease_expired_only: bool) -> int:
+def recover(db: Database, owner: str, lease_expired_only: bool) -> int:
     """Calls left `running` by a dispatcher that is gone: retried once, then failed with the
     reason. With lease_expired_only=False (we just took over the dispatcher lease, so the
     previous holder is dead) every call not ours is recovered at once."""
@@ -390,7 +390,7 @@ def public(row: dict, full: bool = True) -> dict:
     return out
 
 
-def get(db: sqlite_utils.Database, invocation_id: str) -> dict:
+def get(db: Database, invocation_id: str) -> dict:
     rows = list(db.query("SELECT * FROM invocations WHERE id = ?", [invocation_id]))
     if not rows and _just_issued(invocation_id):
         # Synchronous records are written in batches just after the answer: a caller that
@@ -412,7 +412,7 @@ def _just_issued(invocation_id: str) -> bool:
     return invocation_id.startswith("inv_") and abs(time.time() * 1000 - issued_ms) < 5000
 
 
-def list_recent(db: sqlite_utils.Database, container: str | None, status: str | None,
+def list_recent(db: Database, container: str | None, status: str | None,
                 limit: int, since: float | None = None, full: bool = False
                 ) -> tuple[list[dict], int]:
     """The newest records first; `since` (Unix time) keeps those created at or after it.
@@ -441,7 +441,7 @@ def list_recent(db: sqlite_utils.Database, container: str | None, status: str | 
     return rows, cursor
 
 
-def finished_after(db: sqlite_utils.Database, cursor: int, container: str | None,
+def finished_after(db: Database, cursor: int, container: str | None,
                    status: str | None, limit: int, full: bool = False
                    ) -> tuple[list[dict], int]:
     """Calls that finished after finish number `cursor`, in the order they finished, each
@@ -479,13 +479,17 @@ def _limit(limit: int) -> int:
     return max(1, min(limit, 1000))
 
 
-def _last_finish(db: sqlite_utils.Database) -> int:
-    row = db.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = "
-                          "'invocation_finishes'").fetchone()
+def _last_finish(db: Database) -> int:
+    """The newest finish number given (SQLite: its AUTOINCREMENT counter, which retention
+    never lowers; PostgreSQL: the newest one committed, in the reader's snapshot)."""
+    if db.dialect is POSTGRES:
+        return db.execute("SELECT coalesce(max(seq), 0) FROM invocation_finishes").fetchone()[0]
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = "
+                     "'invocation_finishes'").fetchone()
     return row[0] if row else 0
 
 
-def prune(db: sqlite_utils.Database, created_before: float, batch: int = 1000) -> int:
+def prune(db: Database, created_before: float, batch: int = 1000) -> int:
     """Retention: remove records created before `created_before`, in batches (one short
     write transaction each). Never a call still queued or running, nor one a job run still
     points at (the job's history shows it; job history retention removes the run first)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 
-import sqlite_utils
+from .engine import Database
 
 from .db import now, transaction
 from . import invocations
@@ -26,9 +26,9 @@ def insert(conn, job_id: str, trigger: str, scheduled_at: float, attempt: int, s
     """Write a run; False when that (job, trigger, scheduled time, attempt) exists already,
     which is what makes a scheduled time fire at most once."""
     cursor = conn.execute(
-        "INSERT OR IGNORE INTO job_runs (job_id, trigger, scheduled_at, attempt, status, "
+        "INSERT INTO job_runs (job_id, trigger, scheduled_at, attempt, status, "
         "reason, invocation_id, fired_at, retry_at, count, fencing) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         [job_id, trigger, scheduled_at, attempt, status, reason, invocation_id, fired_at,
          retry_at, count, fencing])
     return cursor.rowcount == 1
@@ -75,7 +75,7 @@ def pending(conn) -> list[dict]:
     return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
-def work_waiting(db: sqlite_utils.Database, t: float) -> bool:
+def work_waiting(db: Database, t: float) -> bool:
     """Whether the scheduler has anything to do now (read without taking the write lock):
     a job or a retry due, or a run whose call is under way."""
     return bool(db.conn.execute(
@@ -106,7 +106,7 @@ def observe_lateness(conn, samples: list[float]) -> None:
                      "total_s = total_s + excluded.total_s", [stored, len(values), sum(values)])
 
 
-def lateness_histogram(db: sqlite_utils.Database) -> tuple[list[tuple[float, int]], float]:
+def lateness_histogram(db: Database) -> tuple[list[tuple[float, int]], float]:
     """([(upper bound, cumulative count)] for every bucket, sum of seconds)."""
     stored = {le: (count, total) for le, count, total in db.conn.execute(
         "SELECT le, count, total_s FROM job_lateness").fetchall()}
@@ -117,7 +117,7 @@ def lateness_histogram(db: sqlite_utils.Database) -> tuple[list[tuple[float, int
     return buckets, sum(total for _, total in stored.values())
 
 
-def manual(db: sqlite_utils.Database, job: dict) -> dict:
+def manual(db: Database, job: dict) -> dict:
     """A run by hand: queued at once, whatever the policy (it still counts as a run under way
     for the policy of later fires)."""
     with transaction(db) as conn:
@@ -132,7 +132,7 @@ def manual(db: sqlite_utils.Database, job: dict) -> dict:
     return get(db, job["id"], "manual", t, 1)
 
 
-def get(db: sqlite_utils.Database, job_id: str, trigger: str, scheduled_at: float,
+def get(db: Database, job_id: str, trigger: str, scheduled_at: float,
         attempt: int) -> dict:
     rows = list(db.query(_RUNS_SQL + " WHERE r.job_id = ? AND r.trigger = ? AND "
                          "r.scheduled_at = ? AND r.attempt = ?",
@@ -169,7 +169,7 @@ def public(row: dict) -> dict:
     }
 
 
-def list_for(db: sqlite_utils.Database, job_id: str, limit: int = 50,
+def list_for(db: Database, job_id: str, limit: int = 50,
              status: str | None = None) -> list[dict]:
     sql, args = _RUNS_SQL + " WHERE r.job_id = ?", [job_id]
     if status:
@@ -185,7 +185,7 @@ def _quoted(statuses: tuple[str, ...]) -> str:
     return ", ".join(f"'{status}'" for status in statuses)
 
 
-def prune(db: sqlite_utils.Database, t: float, batch: int = 5000) -> int:
+def prune(db: Database, t: float, batch: int = 5000) -> int:
     """History retention: drop finished runs scheduled longer than their job's history_days
     ago, always keeping the last 3 successes and the last failure of each job. One job at a
     time, in batches, so the write lock is never held long."""

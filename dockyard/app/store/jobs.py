@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 
-import sqlite_utils
+from .engine import Database
 
 from ...common import jobs as job_rules
 from ...common import schedule as schedules
@@ -37,26 +37,26 @@ def _next_fire(definition: dict, t: float, anchor: float) -> float | None:
     return schedules.parse(definition["schedule"], definition["timezone"]).next_after(t, anchor)
 
 
-def get(db: sqlite_utils.Database, name: str) -> dict:
+def get(db: Database, name: str) -> dict:
     rows = list(db.query("SELECT * FROM jobs WHERE name = ?", [name]))
     if not rows:
         raise NotFound(f"no job named '{clipped(name)}'; `dockyard jobs ls` lists them")
     return rows[0]
 
 
-def list_all(db: sqlite_utils.Database) -> list[dict]:
+def list_all(db: Database) -> list[dict]:
     return list(db.query(
         "SELECT j.*, (SELECT r.status FROM job_runs r WHERE r.job_id = j.id "
         "ORDER BY r.id DESC LIMIT 1) AS last_status FROM jobs j ORDER BY j.name"))
 
 
-def with_last_status(db: sqlite_utils.Database, row: dict) -> dict:
+def with_last_status(db: Database, row: dict) -> dict:
     last = db.conn.execute("SELECT status FROM job_runs WHERE job_id = ? ORDER BY id DESC "
                            "LIMIT 1", [row["id"]]).fetchone()
     return dict(row, last_status=last[0] if last else None)
 
 
-def _insert(db: sqlite_utils.Database, name: str, source: str, definition: dict,
+def _insert(db: Database, name: str, source: str, definition: dict,
             version: str | None, t: float) -> None:
     anchor = round(t, 3)
     db["jobs"].insert({
@@ -78,7 +78,7 @@ def _stored(definition: dict) -> dict:
     return out
 
 
-def create(db: sqlite_utils.Database, name: str, definition: dict) -> dict:
+def create(db: Database, name: str, definition: dict) -> dict:
     with transaction(db):
         if db["jobs"].count_where("name = ?", [name]):
             raise Conflict(f"a job named '{name}' exists already; change it with PATCH "
@@ -93,7 +93,7 @@ def check_editable(row: dict) -> None:
                        f"'{row['container']}'; change it there and redeploy")
 
 
-def update(db: sqlite_utils.Database, name: str, changes: dict) -> dict:
+def update(db: Database, name: str, changes: dict) -> dict:
     """Apply changed settings (already checked); a new schedule or timezone starts counting
     from now, as does an @every interval."""
     with transaction(db):
@@ -104,7 +104,7 @@ def update(db: sqlite_utils.Database, name: str, changes: dict) -> dict:
     return get(db, name)
 
 
-def _rewrite(db: sqlite_utils.Database, row: dict, definition: dict, t: float,
+def _rewrite(db: Database, row: dict, definition: dict, t: float,
              version: str | None = None) -> None:
     values = _stored(definition)
     timing_changed = (definition["schedule"], definition["timezone"]) != (
@@ -120,7 +120,7 @@ def _rewrite(db: sqlite_utils.Database, row: dict, definition: dict, t: float,
     db["jobs"].update(row["id"], values)
 
 
-def delete(db: sqlite_utils.Database, name: str) -> None:
+def delete(db: Database, name: str) -> None:
     with transaction(db) as conn:
         row = get(db, name)
         check_editable(row)
@@ -132,7 +132,7 @@ def _delete(conn, job_id: str) -> None:
     conn.execute("DELETE FROM jobs WHERE id = ?", [job_id])
 
 
-def set_enabled(db: sqlite_utils.Database, name: str, enabled: bool) -> dict:
+def set_enabled(db: Database, name: str, enabled: bool) -> dict:
     """Pause or resume. Resuming counts from now: the fires a paused job did not make are not
     replayed."""
     with transaction(db):
@@ -149,7 +149,7 @@ def set_enabled(db: sqlite_utils.Database, name: str, enabled: bool) -> dict:
     return get(db, name)
 
 
-def active_manifest(db: sqlite_utils.Database, container: str) -> Manifest | None:
+def active_manifest(db: Database, container: str) -> Manifest | None:
     """The manifest of a container's active version (None: no such container, or none
     active)."""
     rows = list(db.query("SELECT v.manifest FROM containers c JOIN versions v "
@@ -157,7 +157,7 @@ def active_manifest(db: sqlite_utils.Database, container: str) -> Manifest | Non
     return Manifest.from_dict(json.loads(rows[0]["manifest"])) if rows else None
 
 
-def container_exists(db: sqlite_utils.Database, container: str) -> bool:
+def container_exists(db: Database, container: str) -> bool:
     return bool(db["containers"].count_where("name = ?", [container]))
 
 
@@ -167,7 +167,7 @@ def manifest_job_name(container: str, job: str) -> str:
     return f"{container}.{job}"
 
 
-def _desired_manifest_jobs(db: sqlite_utils.Database) -> dict[str, tuple[str, str, dict]]:
+def _desired_manifest_jobs(db: Database) -> dict[str, tuple[str, str, dict]]:
     desired = {}
     for row in db.query("SELECT c.name AS container, v.version, v.manifest FROM containers c "
                         "JOIN versions v ON v.id = c.active_version_id"):
@@ -181,7 +181,7 @@ def _desired_manifest_jobs(db: sqlite_utils.Database) -> dict[str, tuple[str, st
     return desired
 
 
-def sync_manifest_jobs(db: sqlite_utils.Database) -> tuple[int, int, int]:
+def sync_manifest_jobs(db: Database) -> tuple[int, int, int]:
     """Make the manifest jobs those of each container's active version: add the new ones,
     rewrite the changed ones (keeping their history and counters), remove those gone with
     their version or container. A job whose definition did not change keeps its state (a
@@ -212,7 +212,7 @@ def sync_manifest_jobs(db: sqlite_utils.Database) -> tuple[int, int, int]:
     return added, changed, removed
 
 
-def containers_signature(db: sqlite_utils.Database) -> tuple:
+def containers_signature(db: Database) -> tuple:
     """Changes whenever a container's active version changes (the scheduler then syncs the
     manifest jobs)."""
     return tuple(db.conn.execute("SELECT id, active_version_id FROM containers ORDER BY id"
@@ -221,7 +221,7 @@ def containers_signature(db: sqlite_utils.Database) -> tuple:
 
 # -- the scheduler's reads ------------------------------------------------------------------
 
-def due(db: sqlite_utils.Database, t: float) -> list[dict]:
+def due(db: Database, t: float) -> list[dict]:
     return list(db.query("SELECT * FROM jobs WHERE enabled = 1 AND next_fire_at <= ? "
                          "ORDER BY next_fire_at", [t]))
 
@@ -241,20 +241,22 @@ def count(conn, job_id: str, **increments: int) -> None:
 
 def mark(conn, job_id: str, **values: float) -> None:
     """Set last_fire_at / last_success_at."""
-    sets = ", ".join(f"{key} = max(coalesce({key}, 0), ?)" for key in values)
+    sets = ", ".join(f"{key} = {conn.dialect.greatest(f'coalesce({key}, 0)', '?')}"
+                     for key in values)
     conn.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*values.values(), job_id])
 
 
-def earliest_wake(db: sqlite_utils.Database) -> float | None:
+def earliest_wake(db: Database) -> float | None:
     """The next time the scheduler has something to do: a fire or a retry."""
     row = db.conn.execute(
         "SELECT min(t) FROM (SELECT min(next_fire_at) AS t FROM jobs WHERE enabled = 1 "
-        "UNION ALL SELECT min(retry_at) FROM job_runs WHERE status = 'waiting')").fetchone()
+        "UNION ALL SELECT min(retry_at) FROM job_runs WHERE status = 'waiting') AS wakes"
+    ).fetchone()
     return row[0]
 
 
 # -- metrics --------------------------------------------------------------------------------
 
-def counters(db: sqlite_utils.Database) -> list[dict]:
+def counters(db: Database) -> list[dict]:
     return list(db.query("SELECT name, fires, failures, skipped, missed, last_success_at, "
                          "next_fire_at, enabled FROM jobs ORDER BY name"))

@@ -1,14 +1,14 @@
-"""A lease row in SQLite that makes exactly one process the holder of a role (the async
+"""A lease row in the database that makes exactly one process the holder of a role (the async
 dispatcher, the scheduler), with a fencing number that grows on every takeover."""
 
 from __future__ import annotations
 
-import sqlite_utils
+from .engine import Database
 
 from .db import now, transaction
 
 
-def acquire(db: sqlite_utils.Database, name: str, holder: str, ttl_s: float) -> int | None:
+def acquire(db: Database, name: str, holder: str, ttl_s: float) -> int | None:
     """Take or renew the lease. Returns the fencing number while we hold it, None if another
     live holder has it. A changed number means we just took over."""
     with transaction(db) as conn:
@@ -30,7 +30,7 @@ def acquire(db: sqlite_utils.Database, name: str, holder: str, ttl_s: float) -> 
         return None
 
 
-def release(db: sqlite_utils.Database, name: str, holder: str) -> None:
+def release(db: Database, name: str, holder: str) -> None:
     db.conn.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND holder = ?",
                     [name, holder])
 
@@ -40,26 +40,24 @@ class LeaseLost(Exception):
     holder meant to write is not written."""
 
 
-class holding:
-    """`with holding(db, name, holder, fencing):` a BEGIN IMMEDIATE transaction that commits
-    only while `holder` still holds the lease with that fencing number; otherwise it rolls
-    back and raises LeaseLost. A holder that was paused past its expiry (a stopped process, a
-    long GC) and woke up cannot write over its successor."""
+class holding(transaction):
+    """`with holding(db, name, holder, fencing):` a write transaction that commits only while
+    `holder` still holds the lease with that fencing number; otherwise it rolls back and
+    raises LeaseLost. A holder that was paused past its expiry (a stopped process, a long GC)
+    and woke up cannot write over its successor: the check and the writes are one
+    transaction under the write lock, which a takeover (acquire) needs too."""
 
-    def __init__(self, db: sqlite_utils.Database, name: str, holder: str, fencing: int):
-        self.conn = db.conn
+    def __init__(self, db: Database, name: str, holder: str, fencing: int):
+        super().__init__(db)
         self.name, self.holder, self.fencing = name, holder, fencing
 
     def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
-        row = self.conn.execute("SELECT holder, fencing, expires_at FROM leases WHERE name = ?",
-                                [self.name]).fetchone()
+        conn = super().__enter__()
+        row = conn.execute("SELECT holder, fencing, expires_at FROM leases WHERE name = ?",
+                           [self.name]).fetchone()
         if row is None or row[0] != self.holder or row[1] != self.fencing or row[2] < now():
-            self.conn.execute("ROLLBACK")
-            raise LeaseLost(f"the {self.name} lease is no longer held with fencing "
-                            f"{self.fencing} (now: {row[1] if row else 'none'})")
-        return self.conn
-
-    def __exit__(self, exc_type, exc, tb):
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-        return False
+            error = LeaseLost(f"the {self.name} lease is no longer held with fencing "
+                              f"{self.fencing} (now: {row[1] if row else 'none'})")
+            super().__exit__(LeaseLost, error, None)
+            raise error
+        return conn

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sqlite_utils
+from .engine import Database
 
 from ...common.protocol import Status
 from .db import now
@@ -13,28 +13,28 @@ from .workers import WORKER_TTL_S
 FAILED = (Status.FAILED, Status.TIMED_OUT, Status.CRASHED)
 
 
-def invocation_totals(db: sqlite_utils.Database) -> list[dict]:
+def invocation_totals(db: Database) -> list[dict]:
     """Per container and status: the number of invocations and their summed duration (ms)."""
     return list(db.query("SELECT container, status, count(*) AS n, "
                          "coalesce(sum(duration_ms), 0) AS ms FROM invocations "
                          "GROUP BY container, status"))
 
 
-def container_count(db: sqlite_utils.Database) -> int:
+def container_count(db: Database) -> int:
     return db["containers"].count
 
 
-def worker_version_states(db: sqlite_utils.Database) -> list[dict]:
+def worker_version_states(db: Database) -> list[dict]:
     return list(db.query("SELECT state, count(*) AS n FROM worker_versions GROUP BY state"))
 
 
-def worker_figures(db: sqlite_utils.Database) -> list[dict]:
+def worker_figures(db: Database) -> list[dict]:
     """Per registered worker: its name and id, its state (an `up` worker whose heartbeat is
     stale is `lost`), whether it is up, the calls in flight its last heartbeat reported, and
     the calls recorded as run on it, with the failed ones."""
+    failed = db.dialect.true_count(f"status IN ({', '.join('?' * len(FAILED))})")
     calls = {r["worker_id"]: r for r in db.query(
-        "SELECT worker_id, count(*) AS n, "
-        f"sum(status IN ({', '.join('?' * len(FAILED))})) AS failed "
+        f"SELECT worker_id, count(*) AS n, {failed} AS failed "
         "FROM invocations WHERE worker_id IS NOT NULL AND status NOT IN (?, ?) "
         "GROUP BY worker_id", [*FAILED, Status.QUEUED, Status.RUNNING])}
     cutoff = now() - WORKER_TTL_S

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-import sqlite_utils
+from .engine import Database
 
 from ...errors import NotFound
 from .db import routing_generation
@@ -23,7 +23,7 @@ _SERVING_SQL = _ROUTE_SQL.format(
 _PINNED_SQL = _ROUTE_SQL.format(join="v.container_id = c.id", extra=" AND v.version = ?")
 
 
-def route(db: sqlite_utils.Database, container: str, version: str | None
+def route(db: Database, container: str, version: str | None
           ) -> tuple[tuple[int, str, str], list[dict]] | None:
     """((version id, version name, manifest text), [{"id", "address"} of ready workers]), or
     None when the container or version does not exist (see `missing`)."""
@@ -39,7 +39,7 @@ def route(db: sqlite_utils.Database, container: str, version: str | None
                                    if r[3] is not None]
 
 
-def version_states(db: sqlite_utils.Database, version_id: int) -> list[dict]:
+def version_states(db: Database, version_id: int) -> list[dict]:
     """What each live worker reports about one version ({"worker", "state", "error"}): why a
     call found no ready instance of it."""
     return [{"worker": r[0], "state": r[1], "error": r[2]} for r in db.conn.execute(
@@ -48,13 +48,13 @@ def version_states(db: sqlite_utils.Database, version_id: int) -> list[dict]:
         "WHERE wv.version_id = ? ORDER BY wv.worker_id", [time.time() - WORKER_TTL_S, version_id])]
 
 
-def generation(db: sqlite_utils.Database) -> int:
+def generation(db: Database) -> int:
     """The routing generation: the counter the triggers bump on every route change (what
     transaction() compares to bump the routing hint)."""
     return routing_generation(db.conn)
 
 
-def missing(db: sqlite_utils.Database, container: str, version: str | None) -> NotFound:
+def missing(db: Database, container: str, version: str | None) -> NotFound:
     """Why `route` found nothing, as the error to raise."""
     if not db["containers"].count_where("name = ?", [container]):
         return NotFound(f"no container named '{container}'; `dockyard ls` lists them")

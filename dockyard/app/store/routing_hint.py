@@ -7,7 +7,7 @@ record writers of every web process: ~40 µs of CPU per call under load).
 
 A counter bumped under a lock: a process that kept a route with the value it read before
 looking the route up sees any change committed since (whatever happens to the database: a
-restored one does not stall it). SQLite stays the truth: a route is looked up there whenever
+restored one does not stall it). The database stays the truth: a route is looked up there whenever
 the hint moved, and at least once a second anyway."""
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import os
 import struct
 import threading
 from pathlib import Path
+
+from .engine import hint_path
 
 _VALUE = struct.Struct("=Q")
 _hints: dict[str, "RoutingHint"] = {}
@@ -48,14 +50,16 @@ class RoutingHint:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
-def routing_hint(db_path: str) -> RoutingHint:
-    """The hint beside the database at `db_path` (one mapping per process)."""
-    hint = _hints.get(db_path)
+def routing_hint(target) -> RoutingHint:
+    """The hint of the database `target` (engine.hint_path: beside a SQLite file, in the
+    data dir for PostgreSQL), one mapping per process."""
+    key = str(target)
+    hint = _hints.get(key)
     if hint is None:
         with _lock:
-            hint = _hints.get(db_path)
+            hint = _hints.get(key)
             if hint is None:
-                hint = _hints[db_path] = RoutingHint(Path(db_path).with_name("routing.hint"))
+                hint = _hints[key] = RoutingHint(hint_path(target))
     return hint
 
 

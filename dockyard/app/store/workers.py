@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 
-import sqlite_utils
+from .engine import Database
 
 from ...common.protocol import ROUTABLE_STATES
 from ...errors import Conflict, NotFound
@@ -20,7 +20,7 @@ ROUTABLE = ROUTABLE_STATES
 GONE_STATES = ("stopped", "lost")
 
 
-def register(db: sqlite_utils.Database, info: dict) -> dict:
+def register(db: Database, info: dict) -> dict:
     """A worker's row: the one it had before (`previous_id`, which it keeps in its worker
     folder), else the one of its name when that worker is gone, else a new one. A name a
     live worker holds is refused. A row taken over starts with no versions: the worker's
@@ -77,7 +77,7 @@ def _delete(conn, worker_id: str) -> None:
     conn.execute("DELETE FROM workers WHERE id = ?", [worker_id])
 
 
-def remove(db: sqlite_utils.Database, name: str) -> dict:
+def remove(db: Database, name: str) -> dict:
     """`dockyard workers rm NAME` (or id): forget a worker that is gone. A live one is
     refused (it would register again on its next heartbeat)."""
     t = now()
@@ -92,7 +92,7 @@ def remove(db: sqlite_utils.Database, name: str) -> dict:
     return {"id": row["id"], "name": row["name"], "removed": True}
 
 
-def forget_gone(db: sqlite_utils.Database, after_s: float, t: float) -> int:
+def forget_gone(db: Database, after_s: float, t: float) -> int:
     """Forget workers not seen for `after_s`: stopped or lost ones, and any silent for that
     long and past the heartbeat's time to live. Returns how many."""
     stale = t - after_s
@@ -105,12 +105,12 @@ def forget_gone(db: sqlite_utils.Database, after_s: float, t: float) -> int:
     return len(ids)
 
 
-def live_worker_ids(db: sqlite_utils.Database) -> list[str]:
+def live_worker_ids(db: Database) -> list[str]:
     return [r["id"] for r in db.query(
         "SELECT id FROM workers WHERE state = 'up' AND last_seen > ?", [now() - WORKER_TTL_S])]
 
 
-def heartbeat(db: sqlite_utils.Database, worker_id: str, states: list[dict],
+def heartbeat(db: Database, worker_id: str, states: list[dict],
               stopping: bool = False, in_flight: int | None = None) -> None:
     with transaction(db) as conn:
         if not db["workers"].count_where("id = ?", [worker_id]):
@@ -147,14 +147,14 @@ def _latest_deployment_id(conn, version_id: int) -> str | None:
     return row[0] if row else None
 
 
-def advance_deployments(db: sqlite_utils.Database) -> None:
+def advance_deployments(db: Database) -> None:
     """Move deployments on from the live workers' reports (app/store/deployments.py owns a
     deployment's states). Runs inside the caller's transaction."""
     from .deployments import advance_deployments as advance   # which imports this module
     advance(db)
 
 
-def mark_lost(db: sqlite_utils.Database, worker_id: str) -> None:
+def mark_lost(db: Database, worker_id: str) -> None:
     """A worker we could not reach takes no more calls until its next heartbeat says it is
     up (instead of until its heartbeat goes stale)."""
     with transaction(db) as conn:   # a route changes: see routing_hint.py
@@ -162,7 +162,7 @@ def mark_lost(db: sqlite_utils.Database, worker_id: str) -> None:
                      [worker_id])
 
 
-def mark_unreachable(db: sqlite_utils.Database, worker_id: str, state: str) -> None:
+def mark_unreachable(db: Database, worker_id: str, state: str) -> None:
     """A control-plane process found a worker `suspect` (it stopped answering its pings or
     left a call frame unacknowledged) or `lost` (its connection closed): out of routing for
     everyone at once, until its own heartbeat says `up` again (see app/liveness.py)."""
@@ -173,7 +173,7 @@ def mark_unreachable(db: sqlite_utils.Database, worker_id: str, state: str) -> N
                      " AND state != ?", [state, worker_id, state])
 
 
-def mark_answering(db: sqlite_utils.Database, worker_id: str) -> None:
+def mark_answering(db: Database, worker_id: str) -> None:
     """A worker marked `suspect` answers its pings again: back in routing (a `lost` one comes
     back through its heartbeat only)."""
     with transaction(db) as conn:   # a route changes: see routing_hint.py
@@ -181,7 +181,7 @@ def mark_answering(db: sqlite_utils.Database, worker_id: str) -> None:
                      [worker_id])
 
 
-def recently_seen(db: sqlite_utils.Database) -> list[dict]:
+def recently_seen(db: Database) -> list[dict]:
     """Workers heard from within the heartbeat's lifetime, whatever their state: those the
     control plane's processes keep pinging ({"id", "address", "state"})."""
     return [dict(r) for r in db.query(
@@ -189,14 +189,14 @@ def recently_seen(db: sqlite_utils.Database) -> list[dict]:
         "AND state != 'stopped'", [now() - WORKER_TTL_S])]
 
 
-def set_local_worker_state(db: sqlite_utils.Database, state: str, reason: str = "") -> None:
+def set_local_worker_state(db: Database, state: str, reason: str = "") -> None:
     """What `serve` knows of the worker it runs itself (running, restarting, stopped), so
     that a 503 can say why no worker is there."""
     db["settings"].insert({"key": "local_worker", "value": json.dumps(
         {"state": state, "reason": reason, "at": now()})}, replace=True)
 
 
-def local_worker_state(db: sqlite_utils.Database) -> dict | None:
+def local_worker_state(db: Database) -> dict | None:
     rows = list(db.query("SELECT value FROM settings WHERE key = 'local_worker'"))
     try:
         return json.loads(rows[0]["value"]) if rows else None
@@ -204,12 +204,12 @@ def local_worker_state(db: sqlite_utils.Database) -> dict | None:
         return None
 
 
-def live_workers(db: sqlite_utils.Database) -> list[dict]:
+def live_workers(db: Database) -> list[dict]:
     return list(db.query("SELECT id, address FROM workers WHERE state = 'up' AND last_seen > ?",
                          [now() - WORKER_TTL_S]))
 
 
-def list_workers(db: sqlite_utils.Database) -> list[dict]:
+def list_workers(db: Database) -> list[dict]:
     cutoff = now() - WORKER_TTL_S
     out = []
     for w in db.query("SELECT * FROM workers ORDER BY registered_at"):
@@ -232,7 +232,7 @@ def list_workers(db: sqlite_utils.Database) -> list[dict]:
     return out
 
 
-def deployment_detail(db: sqlite_utils.Database, deployment_id: str) -> dict:
+def deployment_detail(db: Database, deployment_id: str) -> dict:
     """A deployment and what each live worker did for it: for the version's latest deployment
     the workers' reports as they come in (only the log lines written since it began), for an
     earlier one what they had reported when the next one began."""
@@ -271,7 +271,7 @@ def deployment_detail(db: sqlite_utils.Database, deployment_id: str) -> dict:
             "finished_at": dep["finished_at"], "workers": workers}
 
 
-def deployment_log_base(db: sqlite_utils.Database, deployment_id: str,
+def deployment_log_base(db: Database, deployment_id: str,
                         worker_id: str) -> str:
     row = db.conn.execute("SELECT log_base FROM deployment_workers WHERE deployment_id = ? "
                           "AND worker_id = ?", [deployment_id, worker_id]).fetchone()
