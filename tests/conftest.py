@@ -25,7 +25,7 @@ import requests
 
 # A real PostgreSQL server for the session (started on first use), a fresh database per test,
 # and the store's database on each engine: see tests/postgres.py.
-from postgres import db_url, pg_url, postgres_server  # noqa: F401
+from postgres import db_url, pg_url, postgres_server, store_target  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = Path(__file__).resolve().parent / "functions"

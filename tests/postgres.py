@@ -432,3 +432,13 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "dockyard.db")
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store_target(db_url, tmp_path):
+    """db_url as the control plane names its database: a SQLite path, or a PostgreSQL URL
+    with its routing hint file (engine.DbUrl) under tmp_path."""
+    from dockyard.app.store.engine import DbUrl, is_postgres
+    if is_postgres(db_url):
+        return DbUrl(db_url, tmp_path / "routing.hint")
+    return db_url

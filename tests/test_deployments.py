@@ -13,8 +13,8 @@ from dockyard.common.manifest import Manifest
 
 
 @pytest.fixture
-def db(tmp_path):
-    path = tmp_path / "dockyard.db"
+def db(store_target):
+    path = store_target
     migrate(path)
     database = connect(path)
     yield database

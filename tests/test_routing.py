@@ -8,6 +8,7 @@ outside dockyard's transactions (by hand, in another tool) is seen within a seco
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -23,8 +24,8 @@ def _manifest(name: str) -> str:
 
 
 @pytest.fixture
-def db(tmp_path):
-    path = tmp_path / "dockyard.db"
+def db(store_target):
+    path = store_target
     migrate(path)
     database = connect(path)
     conn = database.conn
@@ -34,7 +35,7 @@ def db(tmp_path):
         conn.execute("INSERT INTO versions (id, container_id, version, manifest) "
                      "VALUES (?, 1, ?, ?)", [vid, version, _manifest("app")])
     conn.execute("INSERT INTO workers (id, address, state, last_seen) "
-                 "VALUES ('w1', 'unix:/w1', 'up', strftime('%s', 'now') + 0.0)")
+                 "VALUES ('w1', 'unix:/w1', 'up', ?)", [time.time()])
     conn.execute("INSERT INTO worker_versions (worker_id, version_id, state) "
                  "VALUES ('w1', 10, 'ready'), ('w1', 11, 'ready')")
     invoke._routes.clear()

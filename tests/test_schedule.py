@@ -187,8 +187,8 @@ class Clock:
 
 
 @pytest.fixture
-def sched(tmp_path):
-    path = tmp_path / "dockyard.db"
+def sched(store_target):
+    path = store_target
     migrate(path)
     db = connect(path)
     clock = Clock()

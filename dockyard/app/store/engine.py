@@ -46,6 +46,8 @@ def hint_path(target) -> Path:
     """The routing hint page of the database `target`."""
     if isinstance(target, DbUrl):
         return target.hint_path
+    if is_postgres(target):
+        raise ValueError("a PostgreSQL database is named with its hint file: DbUrl(url, path)")
     return Path(target).with_name("routing.hint")
 
 

@@ -102,8 +102,8 @@ def observe_lateness(conn, samples: list[float]) -> None:
     for le, values in buckets.items():
         stored = -1.0 if math.isinf(le) else le
         conn.execute("INSERT INTO job_lateness (le, count, total_s) VALUES (?, ?, ?) "
-                     "ON CONFLICT (le) DO UPDATE SET count = count + excluded.count, "
-                     "total_s = total_s + excluded.total_s", [stored, len(values), sum(values)])
+                     "ON CONFLICT (le) DO UPDATE SET count = job_lateness.count + excluded.count, "
+                     "total_s = job_lateness.total_s + excluded.total_s", [stored, len(values), sum(values)])
 
 
 def lateness_histogram(db: Database) -> tuple[list[tuple[float, int]], float]:
@@ -199,9 +199,9 @@ def prune(db: Database, t: float, batch: int = 5000) -> int:
             with transaction(db) as conn:
                 keep = [row[0] for row in conn.execute(
                     "SELECT id FROM (SELECT id FROM job_runs WHERE job_id = ? AND status = "
-                    "'succeeded' ORDER BY id DESC LIMIT ?) UNION ALL SELECT id FROM (SELECT id "
+                    "'succeeded' ORDER BY id DESC LIMIT ?) AS successes UNION ALL SELECT id FROM (SELECT id "
                     f"FROM job_runs WHERE job_id = ? AND status IN ({_quoted(FAILURES)}) "
-                    "ORDER BY id DESC LIMIT 1)",
+                    "ORDER BY id DESC LIMIT 1) AS failures",
                     [job_id, KEEP_SUCCESSES, job_id]).fetchall()]
                 marks = ", ".join("?" * len(keep)) or "NULL"
                 cursor = conn.execute(

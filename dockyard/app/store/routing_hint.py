@@ -19,7 +19,7 @@ import struct
 import threading
 from pathlib import Path
 
-from .engine import hint_path
+from .engine import DbUrl, hint_path
 
 _VALUE = struct.Struct("=Q")
 _hints: dict[str, "RoutingHint"] = {}
@@ -53,7 +53,7 @@ class RoutingHint:
 def routing_hint(target) -> RoutingHint:
     """The hint of the database `target` (engine.hint_path: beside a SQLite file, in the
     data dir for PostgreSQL), one mapping per process."""
-    key = str(target)
+    key = str(target.hint_path) if isinstance(target, DbUrl) else str(target)
     hint = _hints.get(key)
     if hint is None:
         with _lock:
