@@ -281,3 +281,27 @@ def test_every_statement_the_store_writes_is_one_text_for_both_engines():
         text = source.read_text()
         assert not sqlite_only.findall(text), source.name
     assert is_postgres("postgresql://x/y") and POSTGRES.name == "postgresql"
+
+
+def test_a_nul_character_a_tenant_wrote_costs_no_write(target):
+    """A function that prints a NUL character, or a build that logs one: SQLite keeps it,
+    PostgreSQL (whose text cannot hold it) keeps U+FFFD in its place; neither fails the
+    record or the heartbeat that carries it."""
+    from dockyard.app.store import workers as worker_store
+
+    db = connect(target)
+    try:
+        with transaction(db):
+            invocations.record_finished(db, {
+                "id": "inv_nul", "container": "app", "version": "v1", "function": "f",
+                "trigger": "http", "status": "succeeded", "stdout": "a\x00b",
+                "created_at": time.time()})
+        stored = invocations.get(db, "inv_nul")["stdout"]
+        assert stored == ("a\ufffdb" if is_postgres(target) else "a\x00b")
+        worker = worker_store.register(db, {"name": "w-nul", "address": "unix:/x", "pid": 1})
+        worker_store.heartbeat(db, worker["id"], [{"version_id": 1, "state": "failed",
+                                                   "error": "bad\x00", "log": "log\x00line"}])
+        row = db.execute("SELECT error, log FROM worker_versions").fetchone()
+        assert row[1].startswith("log") and row[1].endswith("line") and len(row[1]) == 8
+    finally:
+        db.close()

@@ -151,7 +151,7 @@ class Database:
 
     def execute(self, sql: str, params=()):
         if self.dialect is POSTGRES:
-            return self.raw.execute(_pg_sql(sql), list(params) or None)
+            return self.raw.execute(_pg_sql(sql), _pg_params(params) or None)
         return self.raw.execute(sql, params)
 
     def query(self, sql: str, params=()):
@@ -178,6 +178,13 @@ def _pg_sql(sql: str) -> str:
     """`?` parameters in psycopg's style (a literal % doubled). The store's SQL has no `?`
     inside a string literal."""
     return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _pg_params(params) -> list:
+    """PostgreSQL's text holds no NUL character (SQLite's does): one that a function printed
+    or a build logged is stored as U+FFFD rather than failing the whole write."""
+    return [p.replace("\x00", "\ufffd") if p.__class__ is str and "\x00" in p else p
+            for p in params]
 
 
 def open_sqlite(path) -> Database:
