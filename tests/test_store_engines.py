@@ -305,3 +305,24 @@ def test_a_nul_character_a_tenant_wrote_costs_no_write(target):
         assert row[1].startswith("log") and row[1].endswith("line") and len(row[1]) == 8
     finally:
         db.close()
+
+
+def test_a_lost_connection_is_replaced_on_the_next_use(pg_target):
+    """A database restarted or a connection killed: the query that finds it fails, and the
+    thread's next get_db opens a new connection instead of failing for ever."""
+    from dockyard.app.store.db import get_db
+    from dockyard.app.store.engine import transient_errors
+
+    db = get_db(pg_target)
+    pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
+    killer = connect(pg_target)
+    try:
+        killer.execute("SELECT pg_terminate_backend(?)", [pid])
+    finally:
+        killer.close()
+    with pytest.raises(transient_errors()):
+        db.execute("SELECT 1")
+    again = get_db(pg_target)
+    assert again is not db
+    assert again.execute("SELECT 1").fetchone()[0] == 1
+    again.close()

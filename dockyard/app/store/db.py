@@ -32,7 +32,7 @@ def get_db(target) -> Database:
         cache = _local.dbs = {}
     key = str(target)
     db = cache.get(key)
-    if db is None or db.broken:
+    if db is None or not db.usable:
         db = cache[key] = connect(target)
     return db
 

@@ -167,6 +167,14 @@ class Database:
         self.raw.close()
 
     @property
+    def usable(self) -> bool:
+        """False once the connection is lost (a database restarted, a connection killed):
+        the thread's next get_db opens another."""
+        if self.broken:
+            return False
+        return not (self.dialect is POSTGRES and self.raw.closed)
+
+    @property
     def in_transaction(self) -> bool:
         if self.dialect is POSTGRES:
             return self.raw.info.transaction_status != 0   # psycopg: IDLE is 0
