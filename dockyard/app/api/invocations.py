@@ -6,7 +6,7 @@ from flask import Blueprint, jsonify, request
 
 from ...common.durations import parse_duration
 from ...errors import BadRequest
-from ..auth import require
+from ..auth import check_record_read, require
 from ..invoke.cancel import cancel
 from ..store.db import now
 from ..state import connections, database
@@ -49,8 +49,8 @@ def since_seconds(text: str) -> float:
 
 
 @bp.get("/api/invocations/<invocation_id>")
-@require()
 def get_invocation(invocation_id: str):
+    check_record_read(invocation_id)
     return jsonify(store.get(database(), invocation_id))
 
 

@@ -8,7 +8,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from ...common.protocol import Status
 from ...errors import NotFound
-from ..auth import check_invoke
+from ..auth import check_invoke, record_location
 from ..invoke.execute import route
 from ..state import database
 from ..store import invocations as store
@@ -31,6 +31,6 @@ def invoke(target: str, function: str):
     store.enqueue(db, invocation_id, container, version or None, function, "async", event_text)
     response = jsonify({"invocation_id": invocation_id, "status": Status.QUEUED})
     response.status_code = 202
-    response.headers["Location"] = f"/api/invocations/{invocation_id}"
+    response.headers["Location"] = record_location(invocation_id)
     response.headers["X-Dockyard-Invocation-Id"] = invocation_id
     return response
