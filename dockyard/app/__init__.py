@@ -1,5 +1,6 @@
-"""The control plane: a Flask app whose state lives only in SQLite and the data dir, so any
-number of gunicorn processes can serve it."""
+"""The control plane: a Flask app whose state lives only in its database (SQLite in the data
+dir, or a shared PostgreSQL) and the data dir, so any number of gunicorn processes, on any
+number of hosts, can serve it."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         DIRECT_CALLS=True,
         # A web process's threads (gunicorn's --threads) and how many of them one container's
         # synchronous calls never take: kept for the other containers (0: no bound). `serve`
-        # sets both: its 8 threads plus `--web-reserve` (default 4). See sync_invoke.py.
+        # sets both: its 8 threads plus `--web-reserve` (default 4). See invoke/sync.py.
         WEB_THREADS=12,
         WEB_RESERVE=4,
     )
@@ -63,6 +64,6 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.register_blueprint(module.bp)
     errors.init_app(app)
     auth.init_app(app)
-    # Synchronous calls are served in front of Flask (see sync_invoke.py).
+    # Synchronous calls are served in front of Flask (see invoke/sync.py).
     app.wsgi_app = SyncInvoke(app)
     return app

@@ -44,7 +44,13 @@ class ArtifactStore:
         """The package file on this host, fetched from the shared database when missing
         (FileNotFoundError when neither has it)."""
         path = self.path(sha256)
-        if path.exists() or self.shared_db is None:
+        if self.shared_db is None:
+            return path
+        if not chunks.has(_db(self.shared_db), sha256):
+            # Removed by retention on another host: this host's copy goes too.
+            path.unlink(missing_ok=True)
+            raise FileNotFoundError(sha256)
+        if path.exists():
             return path
         digest = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(dir=self.uploads, prefix=PREFIX)

@@ -108,7 +108,7 @@ class ServeOptions:
     web_workers: int = 2
     threads: int = 8
     # Threads per web process on top of `threads` that one container's synchronous calls
-    # never take: kept for the other containers (see app/sync_invoke.py). 0: no bound.
+    # never take: kept for the other containers (see app/invoke/sync.py). 0: no bound.
     web_reserve: int = 4
     local_worker: bool = True
     invoke_auth: bool = False

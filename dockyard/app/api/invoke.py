@@ -1,6 +1,6 @@
 """`POST /invoke/<container>[@<version>]/<function>` with `Prefer: respond-async` or
 `?async=1`: the call is recorded as queued before the 202, and the dispatcher runs it.
-Synchronous calls never reach Flask: app/sync_invoke.py serves them in front of it."""
+Synchronous calls never reach Flask: app/invoke/sync.py serves them in front of it."""
 
 from __future__ import annotations
 

@@ -207,7 +207,7 @@ class DirectCalls:
         processes = []
         for i, child in enumerate(children):
             fd, slot_fd = fds[1 + 2 * i], fds[2 + 2 * i]
-            # The reply's result stays the bytes the process encoded (see sync_invoke.py).
+            # The reply's result stays the bytes the process encoded (see invoke/sync.py).
             channel = FrameSocket(socket.socket(fileno=fd), raw_results=True)
             # A process that stops reading its calls cannot hold this thread: a call it has
             # not taken within its queue time would be answered not_started anyway.

@@ -81,12 +81,12 @@ class Dispatcher:
             pass
 
     def _loop(self) -> None:
-        db = get_db(self.db_target)
         renew_at = 0.0
         while not self.stop_event.is_set():
             more = False   # every thread was busy or got a call: more may be queued
             self.freed.clear()
             try:
+                db = get_db(self.db_target)   # the thread's connection, or a new one if lost
                 if time.monotonic() >= renew_at:
                     fencing = leases.acquire(db, LEASE_NAME, self.holder, LEASE_TTL_S)
                     if fencing is not None and fencing != self.fencing:
@@ -100,12 +100,16 @@ class Dispatcher:
                         free = self.threads - self.busy
                     rows = []
                     if free > 0:
-                        rows = store.claim_queued(db, self.holder, free, RUNNING_LEASE_S)
+                        rows = store.claim_queued(db, self.holder, free, RUNNING_LEASE_S,
+                                                  fencing=(LEASE_NAME, self.fencing))
                         for row in rows:
                             with self.lock:
                                 self.busy += 1
                             self.executor.submit(self._run, row)
                     more = len(rows) == free
+            except leases.LeaseLost as exc:
+                log.warning("dispatcher inactive: %s", exc)
+                self.fencing, renew_at = None, 0.0
             except Exception:  # noqa: BLE001 - keep dispatching whatever happened
                 log.exception("dispatcher loop error")
             if more:

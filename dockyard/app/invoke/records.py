@@ -53,7 +53,6 @@ class RecordWriter:
             atexit.register(self.flush)
 
     def _run(self) -> None:
-        db = get_db(self.db_target)
         while True:
             batch = [self.queue.get()]
             # Linger a moment so a busy process commits many records at once.
@@ -63,7 +62,8 @@ class RecordWriter:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            self._write(db, batch)
+            # The thread's connection, or a new one if it was lost.
+            self._write(get_db(self.db_target), batch)
 
     def _write(self, db, batch: list[dict]) -> None:
         try:

@@ -81,7 +81,7 @@ class transaction:
         db.execute("COMMIT")
         if after is not None and after != self.generation:
             # A route changed: say so to every process of this host before anyone is told it
-            # is done (other hosts hear it through the database: see routes_listener.py).
+            # is done (other hosts hear it through the database: see route_listener.py).
             bump_hint(db.path)
         return False
 

@@ -270,8 +270,14 @@ def enqueue(db: Database, invocation_id: str, container: str, version: str | Non
         [invocation_id, container, version, function, trigger, event_text, now()])
 
 
-def claim_queued(db: Database, owner: str, limit: int, lease_s: float) -> list[dict]:
-    with transaction(db) as conn:
+def claim_queued(db: Database, owner: str, limit: int, lease_s: float,
+                 fencing: tuple[str, int] | None = None) -> list[dict]:
+    """Claim up to `limit` queued calls for `owner`. With `fencing` (lease name, number), only
+    while the owner still holds that lease with that number (leases.LeaseLost otherwise): a
+    dispatcher that stalled past its lease claims nothing its successor may claim."""
+    from .leases import holding
+
+    with (holding(db, fencing[0], owner, fencing[1]) if fencing else transaction(db)) as conn:
         t = now()
         rows = conn.execute(
             "SELECT id FROM invocations WHERE status = 'queued' "
