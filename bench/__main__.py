@@ -2,7 +2,10 @@
 path, deploys, cold starts, redeploys under load, scaling and memory, each beside its baseline
 measured in the same run on the same machine, and print the table; then the build of a
 one-dependency package before and after builds were split in two steps (bench/build.py), and
-one of two workers frozen and killed (bench/failover.py)."""
+one of two workers frozen and killed (bench/failover.py). The warm path is measured twice: on
+the default store (SQLite in the data dir) and on a second `serve --db` whose store is a
+throwaway PostgreSQL server started for the run (skipped, with one line saying why, where
+PostgreSQL is not installed)."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import psutil
 
 from . import load
 from .load import concurrent, latencies, percentile
-from .servers import NOOP, BareFlask, Dockyard, package, tiny_wheelhouse
+from .servers import NOOP, BareFlask, Dockyard, package, postgres_database, tiny_wheelhouse
 
 BURN = ("def f(event):\n    total = 0\n    for i in range(400_000):\n        total += i * i\n"
         "    return total\n")
@@ -82,17 +85,23 @@ def rps(url: str, clients: int, seconds: float) -> float:
     return round(len(samples) / seconds, 1)
 
 
-def warm_path(results: dict, dockyard: Dockyard, quick: bool) -> None:
-    dockyard.deploy(package("noop", NOOP, '[functions]\nf = "main:f"\n'))
-    url = dockyard.url + "/invoke/noop/f"
+def warm_path(results: dict, dockyard: Dockyard, quick: bool,
+              on_postgres: Dockyard | None = None) -> None:
+    """The warm path of `dockyard` (SQLite) and, when given, of `on_postgres` (the same serve
+    with --db postgresql://...) beside bare Flask: "warm_*", "warm_pg_*", "bare_flask_*"."""
+    targets = []
+    for name, server in (("warm", dockyard), ("warm_pg", on_postgres)):
+        if server is not None:
+            server.deploy(package("noop", NOOP, '[functions]\nf = "main:f"\n'))
+            targets.append((name, server.url + "/invoke/noop/f"))
     bare = BareFlask()
     try:
-        # Interleaved rounds, so a burst of noise on this shared machine hits both sides:
+        # Interleaved rounds, so a burst of noise on this shared machine hits every side:
         # latencies pooled over the rounds, throughput the median round.
         rounds = 3
         count = (1000 if quick else 3000) // rounds
         seconds = 2.0 if quick else 3.0
-        targets = (("warm", url), ("bare_flask", bare.url + "/echo"))
+        targets.append(("bare_flask", bare.url + "/echo"))
         lat = {name: [] for name, _ in targets}
         rates = {(name, c): [] for name, _ in targets for c in (1, 8)}
         for _ in range(rounds):
@@ -220,10 +229,17 @@ def idle_memory(results: dict, dockyard: Dockyard) -> None:
 
 ROWS = [
     # label, value key, baseline key, target text
-    ("warm invoke p50 (ms)", "warm_p50_ms", "bare_flask_p50_ms", "<= 1.6x bare"),
-    ("warm invoke p99 (ms)", "warm_p99_ms", "bare_flask_p99_ms", ""),
-    ("throughput c1 (req/s)", "warm_rps_c1", "bare_flask_rps_c1", ""),
-    ("throughput c8 (req/s)", "warm_rps_c8", "bare_flask_rps_c8", ">= 0.6x bare"),
+    # The warm path on each store: SQLite in the data dir (the default), then serve --db
+    # postgresql://... (the throwaway server's).
+    ("warm invoke p50, SQLite (ms)", "warm_p50_ms", "bare_flask_p50_ms", "<= 1.6x bare"),
+    ("warm invoke p50, PostgreSQL (ms)", "warm_pg_p50_ms", "bare_flask_p50_ms", "<= 1.6x bare"),
+    ("warm invoke p99, SQLite (ms)", "warm_p99_ms", "bare_flask_p99_ms", ""),
+    ("warm invoke p99, PostgreSQL (ms)", "warm_pg_p99_ms", "bare_flask_p99_ms", ""),
+    ("throughput c1, SQLite (req/s)", "warm_rps_c1", "bare_flask_rps_c1", ""),
+    ("throughput c1, PostgreSQL (req/s)", "warm_pg_rps_c1", "bare_flask_rps_c1", ""),
+    ("throughput c8, SQLite (req/s)", "warm_rps_c8", "bare_flask_rps_c8", ">= 0.6x bare"),
+    ("throughput c8, PostgreSQL (req/s)", "warm_pg_rps_c8", "bare_flask_rps_c8",
+     ">= 0.6x bare"),
     ("pipe round trip, floor (us)", "pipe_rtt_us", None, ""),
     ("fresh python per call (ms)", "fresh_python_ms", "warm_p50_ms", "what dockyard avoids"),
     ("deploy -> first call, no deps (s)", "deploy_first_call_s", "deploy_first_call_noview_s",
@@ -303,11 +319,26 @@ def main() -> int:
     args = parser.parse_args()
     results: dict = {}
     wheelhouse = tiny_wheelhouse(Path(tempfile.mkdtemp(prefix="dockyard-bench-wheels-")))
-    results["pipe_rtt_us"] = pipe_round_trip_us()
-    results["fresh_python_ms"] = fresh_python_ms()
-    dockyard = Dockyard(["--find-links", str(wheelhouse), "--offline"])
+    dockyard = None
     try:
-        warm_path(results, dockyard, args.quick)
+        results["pipe_rtt_us"] = pipe_round_trip_us()
+        results["fresh_python_ms"] = fresh_python_ms()
+        serve_args = ["--find-links", str(wheelhouse), "--offline"]
+        dockyard = Dockyard(serve_args)
+        # The same serve with its store in PostgreSQL, for the warm path only; it and its
+        # server are gone before the rest is measured.
+        with postgres_database() as (db_url, why):
+            on_postgres = None
+            if db_url is None:
+                print(f"PostgreSQL rows skipped: {why}", flush=True)
+            try:
+                if db_url is not None:
+                    on_postgres = Dockyard([*serve_args, "--db", db_url],
+                                           prefix="dockyard-bench-pg-")
+                warm_path(results, dockyard, args.quick, on_postgres)
+            finally:
+                if on_postgres is not None:
+                    on_postgres.stop()
         plain = deploy_to_first_call(dockyard, "fresh", NOOP, '[functions]\nf = "main:f"\n')
         results["deploy_first_call_s"] = plain["total_s"]
         results["deploy_breakdown"] = plain
@@ -322,7 +353,8 @@ def main() -> int:
         idle_memory(results, dockyard)
         results["throttled_429"] = sum(load.throttled.values())
     finally:
-        dockyard.stop()
+        if dockyard is not None:
+            dockyard.stop()
         shutil.rmtree(wheelhouse, ignore_errors=True)
     print_table(results)
     results["build_ms"] = build_split(args.quick)

@@ -1,9 +1,11 @@
-"""Starting what the benchmarks measure: a real `dockyard serve` on a free port and the bare
-Flask baseline under the same gunicorn settings."""
+"""Starting what the benchmarks measure: a real `dockyard serve` on a free port, the bare
+Flask baseline under the same gunicorn settings, and a throwaway PostgreSQL server for a
+`serve --db` (devtools/postgres.py, the tests' server too)."""
 
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import signal
@@ -13,9 +15,12 @@ import sys
 import tempfile
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
+
+from devtools.postgres import PostgresServer, unavailable_reason
 
 # The function every warm-path measurement calls: it returns its event.
 NOOP = "def f(event):\n    return event\n"
@@ -30,6 +35,9 @@ def free_port() -> int:
 
 
 class Dockyard:
+    """`dockyard serve` on its own temp data dir: its state in SQLite there (the default),
+    or in PostgreSQL when extra_args has `--db URL`; never by a DOCKYARD_DB of the caller's."""
+
     def __init__(self, extra_args: list[str] = (), prefix: str = "dockyard-bench-"):
         self.root = Path(tempfile.mkdtemp(prefix=prefix))
         if "--no-view" in extra_args:
@@ -37,10 +45,18 @@ class Dockyard:
             self.root.chmod(0o711)
         self.data = self.root / "data"
         self.log = open(self.root / "serve.log", "w")
+        env = {k: v for k, v in os.environ.items() if k != "DOCKYARD_DB"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dockyard", "--data", str(self.data), "serve", "--port", "0",
              "--deploy-dir", "", *extra_args],
-            stdout=subprocess.PIPE, stderr=self.log, text=True)
+            stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        try:
+            self._wait_started(extra_args)
+        except BaseException:
+            self.stop()   # neither the server nor its folder outlives a failed or interrupted start
+            raise
+
+    def _wait_started(self, extra_args) -> None:
         self.url = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and self.url is None:
@@ -51,8 +67,8 @@ class Dockyard:
             if found:
                 self.url = found.group(1)
         if not self.url:
-            self.stop()
-            raise RuntimeError("dockyard serve did not start; see " + str(self.root))
+            raise RuntimeError("dockyard serve did not start:\n" +
+                               (self.root / "serve.log").read_text(errors="replace")[-3000:])
         self.http = requests.Session()
         self.http.headers["Authorization"] = "Bearer " + (
             self.data / "tokens" / "admin").read_text().strip()
@@ -87,8 +103,26 @@ class Dockyard:
                 self.proc.wait(120)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
         self.log.close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_database(name: str = "dockyard_bench"):
+    """A throwaway PostgreSQL server with one empty database: yields (its URL, "") for
+    `serve --db`, or (None, why) when no server can be started here (PostgreSQL not
+    installed). The server is stopped and its folder removed however the block ends."""
+    why = unavailable_reason()
+    if why:
+        yield None, why
+        return
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server.url(server.create_database(name)), ""
+    finally:
+        server.stop()
 
 
 class BareFlask:
