@@ -45,6 +45,8 @@ class ArtifactStore:
         (FileNotFoundError when neither has it)."""
         path = self.path(sha256)
         if self.shared_db is None:
+            if not path.exists():
+                raise FileNotFoundError(sha256)
             return path
         if not chunks.has(_db(self.shared_db), sha256):
             # Removed by retention on another host: this host's copy goes too.
