@@ -326,3 +326,67 @@ def test_a_lost_connection_is_replaced_on_the_next_use(pg_target):
     assert again is not db
     assert again.execute("SELECT 1").fetchone()[0] == 1
     again.close()
+
+
+def test_a_synchronous_call_recorded_running_then_finished(target):
+    """A web process records its call `running` as it hands it over, then finished in place
+    (one finish number); a call cancelled meanwhile keeps its status; a dispatcher taking
+    over never requeues it (it is not queued work); and one its web process left behind is
+    failed once its lease has passed."""
+    db = connect(target)
+    try:
+        t = time.time()
+        row = {"id": "inv_sync1", "container": "app", "version": "v1", "function": "f",
+               "trigger": "http", "input": "{}", "created_at": t, "started_at": t}
+        with transaction(db):
+            invocations.record_started(db, row, "web:host:1", t + 60)
+        assert invocations.get(db, "inv_sync1")["status"] == "running"
+        assert invocations.recover(db, "dispatcher-2", lease_expired_only=False) == 0
+        with transaction(db):
+            invocations.record_finished(db, dict(row, status="succeeded", output="1",
+                                                 finished_at=t + 1, duration_ms=3.0))
+        done = invocations.get(db, "inv_sync1")
+        assert (done["status"], done["output"], done["duration_ms"]) == ("succeeded", 1, 3.0)
+        rows, _ = invocations.finished_after(db, 0, None, None, 100)
+        assert [r["id"] for r in rows] == ["inv_sync1"]
+        with pytest.raises(ValueError):       # a record is finished once
+            invocations.record_finished(db, dict(row, status="failed"))
+
+        with transaction(db):
+            invocations.record_started(db, dict(row, id="inv_sync2"), "web:host:1", t + 60)
+        assert invocations.stop(db, "inv_sync2", "cancelled",
+                                {"type": "Cancelled", "message": "asked"}) == "running"
+        with transaction(db):
+            invocations.record_finished(db, dict(row, id="inv_sync2", status="crashed",
+                                                 stdout="partial"))
+        stopped = invocations.get(db, "inv_sync2")
+        assert (stopped["status"], stopped["stdout"]) == ("cancelled", "partial")
+
+        with transaction(db):
+            invocations.record_started(db, dict(row, id="inv_sync3"), "web:host:1", t - 1)
+            invocations.record_started(db, dict(row, id="inv_sync4"), "web:host:1", t + 60)
+        assert invocations.abandoned_web_calls(db, time.time()) == 1
+        lost = invocations.get(db, "inv_sync3")
+        assert lost["status"] == "failed" and lost["error"]["type"] == "Lost"
+        assert invocations.get(db, "inv_sync4")["status"] == "running"
+        invocations.forget_started(db, "inv_sync4")
+        with pytest.raises(Exception):
+            invocations.get(db, "inv_sync4")
+    finally:
+        db.close()
+
+
+def test_a_dispatcher_past_its_lease_claims_nothing(target):
+    db = connect(target)
+    try:
+        invocations.enqueue(db, "inv_q1", "app", None, "f", "async", "{}")
+        assert leases.acquire(db, "dispatcher", "d1", 30) == 1
+        db.execute("UPDATE leases SET expires_at = ? WHERE name = 'dispatcher'",
+                   [time.time() - 1])
+        assert leases.acquire(db, "dispatcher", "d2", 30) == 2
+        with pytest.raises(leases.LeaseLost):
+            invocations.claim_queued(db, "d1", 10, 60, fencing=("dispatcher", 1))
+        claimed = invocations.claim_queued(db, "d2", 10, 60, fencing=("dispatcher", 2))
+        assert [c["id"] for c in claimed] == ["inv_q1"]
+    finally:
+        db.close()

@@ -20,6 +20,7 @@ from ..store.db import get_db
 from .execute import execute
 from ..store import invocations as store
 from ..store import leases
+from .cancel import tell_workers
 from .worker_client import WorkerConnections
 
 log = logging.getLogger("dockyard.dispatcher")
@@ -50,6 +51,7 @@ class Dispatcher:
         self.freed = threading.Event()       # a thread finished its call
         self.thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
         self.fencing: int | None = None
+        self.running: dict[str, dict] = {}   # the calls its threads run, by id
 
     def _defer(self, db, row: dict, result: dict) -> bool:
         """Nothing ran: put the call back in the queue, to be claimed again in RETRY_S, and
@@ -70,9 +72,48 @@ class Dispatcher:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self, wait: bool = True) -> None:
+    def stop_claiming(self) -> None:
+        """Claim no more calls (serve is stopping); the calls running go on."""
         self.stop_event.set()
-        self.thread.join(timeout=5)
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+
+    def in_flight(self) -> list[dict]:
+        """The calls this dispatcher runs now (their records as claimed)."""
+        with self.lock:
+            return list(self.running.values())
+
+    def halt(self, reason: str) -> int:
+        """Stop every call this dispatcher runs, now: each is recorded cancelled with
+        `reason` (a worker's answer after that does not change it), and the workers are told
+        to kill them (in the background). Returns how many."""
+        self.stop_claiming()
+        db = get_db(self.db_target)
+        stopped = []
+        for row in self.in_flight():
+            try:
+                previous = store.stop(db, row["id"], Status.CANCELLED,
+                                      {"type": "Cancelled", "message": reason})
+            except Exception:  # noqa: BLE001 - the others are still stopped
+                log.exception("%s: could not record it cancelled", row["id"])
+                continue
+            if previous in (Status.QUEUED, Status.RUNNING):
+                stopped.append(row["id"])
+        if stopped:
+            threading.Thread(target=self._tell, args=(stopped,), name="halt",
+                             daemon=True).start()
+        return len(stopped)
+
+    def _tell(self, ids: list[str]) -> None:
+        db = get_db(self.db_target)
+        for invocation_id in ids:
+            try:
+                tell_workers(db, self.connections, invocation_id)
+            except Exception:  # noqa: BLE001 - best effort: the call is recorded cancelled
+                log.exception("%s: could not tell the workers to stop it", invocation_id)
+
+    def stop(self, wait: bool = True) -> None:
+        self.stop_claiming()
         self.executor.shutdown(wait=wait)
         self.connections.close()
         try:
@@ -95,6 +136,11 @@ class Dispatcher:
                                  fencing, recovered)
                     self.fencing = fencing
                     renew_at = time.monotonic() + LEASE_TTL_S / 3
+                    if fencing is not None:
+                        lost = store.abandoned_web_calls(db, time.time())
+                        if lost:
+                            log.warning("%d synchronous call(s) left running by a web process "
+                                        "that is gone: recorded failed", lost)
                 if self.fencing is not None:
                     with self.lock:
                         free = self.threads - self.busy
@@ -105,6 +151,7 @@ class Dispatcher:
                         for row in rows:
                             with self.lock:
                                 self.busy += 1
+                                self.running[row["id"]] = row
                             self.executor.submit(self._run, row)
                     more = len(rows) == free
             except leases.LeaseLost as exc:
@@ -143,4 +190,5 @@ class Dispatcher:
         finally:
             with self.lock:
                 self.busy -= 1
+                self.running.pop(row["id"], None)
             self.freed.set()

@@ -135,11 +135,13 @@ def no_ready_instance(db: Database, target: Target) -> Unavailable:
 
 def execute(db: Database, connections: WorkerConnections, invocation_id: str,
             container: str, version: str | None, function: str, event, trigger: str,
-            queue_wait: float | None = None, direct: DirectCalls | None = None) -> dict:
+            queue_wait: float | None = None, direct: DirectCalls | None = None,
+            on_start=None) -> dict:
     """Run one call to completion and return the worker's outcome as a result dict with
     `status` and everything the invocation record needs. Raises NotFound / Unavailable
     before anything ran. With `direct`, a call to a worker on this host goes straight to a
-    free process of the version when it can (see direct_calls.py)."""
+    free process of the version when it can (see direct_calls.py). `on_start(target,
+    worker)` is called once, as the call is first handed to a worker."""
     avoid: set[str] = set()
     last_error = None
     liveness = connections.liveness
@@ -155,6 +157,9 @@ def execute(db: Database, connections: WorkerConnections, invocation_id: str,
                           "this process, or stopped answering")
             avoid.add(worker["id"])
             continue
+        if on_start is not None:
+            on_start(target, worker)
+            on_start = None
         try:
             reply = _run_on(connections, direct, view, target, invocation_id, function, event,
                             trigger, queue_wait)

@@ -1,7 +1,9 @@
-"""Writes finished synchronous invocation records in batches, off the request path: one
-transaction per batch instead of one per call (with several gunicorn processes, per-call
-commits contend for SQLite's write lock and cost more CPU than the call itself). A record
-lands a millisecond or so after its answer was sent; a graceful stop flushes what is queued.
+"""Writes synchronous invocation records in batches, off the request path: one transaction
+per batch instead of one per call (with several gunicorn processes, per-call commits contend
+for the database's write lock and cost more CPU than the call itself). A call is recorded
+`running` when it is handed to a worker and finished when it ends; a call that ends before
+its batch is written is written once, finished. A record lands a millisecond or so after
+its answer was sent; a graceful stop flushes what is queued.
 
 One call's record never costs another's: every field is checked before it is bound (see
 store.invocations.checked), a batch that still fails is written again record by record, and
@@ -20,7 +22,8 @@ from pathlib import Path
 
 from ..store.db import get_db, transaction
 from ..store.engine import transient_errors
-from ..store.invocations import bare, record_finished
+from ..store.invocations import (bare, forget_started, record_finished,
+                                 record_started)
 
 TRANSIENT = transient_errors()
 log = logging.getLogger("dockyard.records")
@@ -36,11 +39,39 @@ class RecordWriter:
         self.pid = None
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
+        # Calls whose `running` record is committed (see finished()).
+        self.written_starts: set[str] = set()
 
     def put(self, record: dict) -> None:
+        """A finished call's record."""
         if self.pid != os.getpid():
             self._start()
         self.queue.put(record)
+
+    def finished(self, record: dict) -> None:
+        """A finished call's record. A call whose `running` record is written already is
+        finished at once, in the caller's thread: whoever got its answer reads it finished.
+        Any other goes with the next batch (with its start, if that is still queued)."""
+        invocation_id = record.get("id")
+        if invocation_id not in self.written_starts:
+            self.put(record)
+            return
+        self.written_starts.discard(invocation_id)
+        try:
+            with transaction(get_db(self.db_target)):
+                record_finished(get_db(self.db_target), record)
+        except Exception:  # noqa: BLE001 - the batch writer retries it and says why
+            self.put(record)
+
+    def started(self, record: dict, owner: str, lease_until: float) -> None:
+        """A call handed to a worker: recorded `running` (see store.record_started)."""
+        if self.pid != os.getpid():
+            self._start()
+        self.queue.put(Started(record, owner, lease_until))
+
+    def forget(self, invocation_id: str) -> None:
+        """A started call that ran nothing after all: its `running` record goes."""
+        self.queue.put(Forget(invocation_id))
 
     def _start(self) -> None:
         # Started lazily in each process (gunicorn forks after the app is imported).
@@ -65,18 +96,36 @@ class RecordWriter:
             # The thread's connection, or a new one if it was lost.
             self._write(get_db(self.db_target), batch)
 
-    def _write(self, db, batch: list[dict]) -> None:
+    def _write(self, db, batch: list) -> None:
+        starts, forgets, batch = _collapsed(batch)
         try:
             with transaction(db):
+                for op in starts:
+                    record_started(db, op.record, op.owner, op.lease_until)
                 for record in batch:
                     record_finished(db, record)
+                for op in forgets:
+                    forget_started(db, op.invocation_id)
+            self._started(starts)
             return
         except Exception as exc:  # noqa: BLE001 - never lose the thread, nor the batch
-            if len(batch) == 1:
+            if len(batch) == 1 and not starts and not forgets:
                 self._write_alone(db, batch[0], exc)
                 return
             log.warning("a batch of %d invocation records failed (%s: %s); storing them one "
                         "by one", len(batch), type(exc).__name__, exc)
+        for op in [*starts, *forgets]:
+            try:
+                with transaction(db):
+                    if isinstance(op, Started):
+                        record_started(db, op.record, op.owner, op.lease_until)
+                        self._started([op])
+                    else:
+                        forget_started(db, op.invocation_id)
+            except Exception as exc:  # noqa: BLE001 - its finish still comes
+                log.error("could not record invocation %s as %s: %s",
+                          getattr(op, "invocation_id", None) or op.record.get("id"),
+                          "started" if isinstance(op, Started) else "not started", exc)
         for i, record in enumerate(batch):
             if not self._write_one(db, record):
                 # The database itself fails (locked, full, unwritable), not this record: the
@@ -86,6 +135,12 @@ class RecordWriter:
                     log.error("could not store %d more invocation record(s): %s", len(rest),
                               ", ".join(str(r.get("id")) for r in rest[:5]))
                 return
+
+    def _started(self, starts: list) -> None:
+        for op in starts:
+            self.written_starts.add(op.record.get("id"))
+        if len(self.written_starts) > 100_000:     # finishes that never came (a bug): bound
+            self.written_starts.clear()
 
     def _write_one(self, db, record: dict) -> bool:
         """Store one record; False if the database failed rather than the record."""
@@ -123,3 +178,35 @@ class RecordWriter:
                 break
         if batch:
             self._write(get_db(self.db_target), batch)
+
+
+class Started:
+    __slots__ = ("record", "owner", "lease_until")
+
+    def __init__(self, record: dict, owner: str, lease_until: float):
+        self.record, self.owner, self.lease_until = record, owner, lease_until
+
+
+class Forget:
+    __slots__ = ("invocation_id",)
+
+    def __init__(self, invocation_id: str):
+        self.invocation_id = invocation_id
+
+
+def _collapsed(batch: list) -> tuple[list[Started], list[Forget], list[dict]]:
+    """The batch's starts, forgets and finishes, each call's ops merged: a call started and
+    finished within one batch is written once, finished; one started and forgotten, never."""
+    starts: dict[str, Started] = {}
+    forgets: list[Forget] = []
+    finishes: list[dict] = []
+    for op in batch:
+        if op.__class__ is Started:
+            starts[op.record.get("id")] = op
+        elif op.__class__ is Forget:
+            if starts.pop(op.invocation_id, None) is None:
+                forgets.append(op)
+        else:
+            starts.pop(op.get("id"), None)
+            finishes.append(op)
+    return list(starts.values()), forgets, finishes

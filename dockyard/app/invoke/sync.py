@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from http import HTTPStatus
 
@@ -145,12 +146,28 @@ class SyncInvoke:
 
     def _call(self, invocation_id, container, version, function, event, event_text):
         started = now()
-        result = execute(get_db(self.db_target), self.connections, invocation_id, container,
-                         version, function, event, "http", direct=self.direct)
+        begun = False
+
+        def on_start(target, worker):
+            nonlocal begun
+            begun = True
+            self.records.started({
+                "id": invocation_id, "container": container, "version": target.version,
+                "function": function, "trigger": "http", "input": event_text,
+                "worker_id": worker["id"], "created_at": started, "started_at": started},
+                web_owner(), started + target.manifest.limits.timeout_s + START_LEASE_MARGIN_S)
+        try:
+            result = execute(get_db(self.db_target), self.connections, invocation_id,
+                             container, version, function, event, "http", direct=self.direct,
+                             on_start=on_start)
+        except BaseException:
+            if begun:   # it ran nothing after all (an error here means that): no record
+                self.records.forget(invocation_id)
+            raise
         finished = now()
         output, text = answer(result)
         ok = output is not None
-        self.records.put({
+        self.records.finished({
             "id": invocation_id, "container": container, "version": result.get("version"),
             "function": function, "trigger": "http", "status": result["status"],
             "input": event_text, "output": text,
@@ -172,6 +189,21 @@ class SyncInvoke:
         body = dumps({"error": result.get("error") or {"type": result["status"]},
                       "invocation_id": invocation_id})
         return status_line(code), headers, body
+
+
+# How long past its timeout a call's `running` record is kept before it counts as left behind
+# by a web process that is gone (store.invocations.abandoned_web_calls).
+START_LEASE_MARGIN_S = 120.0
+_owner: tuple[int, str] = (0, "")
+
+
+def web_owner() -> str:
+    """This web process, as the owner of the records of the calls it serves."""
+    global _owner
+    pid = os.getpid()
+    if _owner[0] != pid:
+        _owner = (pid, f"{store.WEB_OWNER}{socket.gethostname()}:{pid}")
+    return _owner[1]
 
 
 def answer(result: dict) -> tuple[bytes | None, str | None]:

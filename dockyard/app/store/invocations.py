@@ -246,20 +246,63 @@ def bare(row: dict, reason: str) -> dict:
     return kept
 
 
+# The owner of a synchronous call's record while it runs: the web process serving it.
+WEB_OWNER = "web:"
+_RECORD_KEYS = ("id", "container", "version", "function", "trigger", "status", "input",
+                "output", "error", "stdout", "stderr", "worker_id", "created_at", "started_at",
+                "finished_at", "duration_ms", "max_rss_kb", "cold")
+# What a finish writes over a record started `running`; a call stopped from outside meanwhile
+# (cancelled) keeps the status and the reason it was given, as finish() does.
+_FINISH_SETS = ", ".join(
+    f"{key} = excluded.{key}" for key in _RECORD_KEYS
+    if key not in ("id", "status", "error", "created_at")) + (
+    ", status = CASE WHEN invocations.status IN ('queued', 'running') THEN excluded.status "
+    "ELSE invocations.status END, error = CASE WHEN invocations.status IN ('queued', "
+    "'running') THEN excluded.error ELSE invocations.error END, owner = NULL, "
+    "lease_until = NULL")
+_FINISH_SQL = (f"INSERT INTO invocations ({', '.join(_RECORD_KEYS)}, attempt) VALUES "
+               f"({', '.join('?' * len(_RECORD_KEYS))}, 1) ON CONFLICT (id) DO UPDATE SET "
+               + _FINISH_SETS + " WHERE invocations.owner LIKE 'web:%'")
+
+
+def record_started(db: Database, row: dict, owner: str, lease_until: float) -> None:
+    """A synchronous call handed to a worker: its record, `running`, owned by the web process
+    serving it until `lease_until` (its timeout and a margin: past that a record still running
+    is one its web process left behind, see abandoned_web_calls). Written before its finish
+    (or in its place, see RecordWriter), never after."""
+    row = checked(dict(row, status="running"))
+    db.execute(
+        f"INSERT INTO invocations ({', '.join(_RECORD_KEYS)}, attempt, owner, lease_until) "
+        f"VALUES ({', '.join('?' * len(_RECORD_KEYS))}, 1, ?, ?) ON CONFLICT (id) DO NOTHING",
+        [*(row.get(key) for key in _RECORD_KEYS), owner, lease_until])
+
+
 def record_finished(db: Database, row: dict) -> None:
-    """Store a finished synchronous call in one write (nothing to recover if the caller's
-    process dies mid-call: the caller got no answer and sees the failure). Every field is
-    checked first (see checked())."""
+    """Store a finished synchronous call in one write: a new record, or the one written when
+    it started. Every field is checked first (see checked())."""
     row = checked(row)
-    db.conn.execute(
-        "INSERT INTO invocations (id, container, version, function, trigger, status, attempt, "
-        "input, output, error, stdout, stderr, worker_id, created_at, started_at, finished_at, "
-        "duration_ms, max_rss_kb, cold) VALUES "
-        "(?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [row.get(key) for key in ("id", "container", "version", "function", "trigger",
-                                  "status", "input", "output", "error", "stdout", "stderr",
-                                  "worker_id", "created_at", "started_at", "finished_at",
-                                  "duration_ms", "max_rss_kb", "cold")])
+    if db.execute(_FINISH_SQL, [row.get(key) for key in _RECORD_KEYS]).rowcount != 1:
+        # Only a record a web process started is finished in place.
+        raise ValueError(f"invocation {row.get('id')} is recorded already")
+
+
+def forget_started(db: Database, invocation_id: str) -> None:
+    """A call recorded as started that ran nothing after all (every worker turned it away):
+    no record, as if it had not started."""
+    db.execute("DELETE FROM invocations WHERE id = ? AND status = 'running' AND owner LIKE ?",
+               [invocation_id, WEB_OWNER + "%"])
+
+
+def abandoned_web_calls(db: Database, t: float) -> int:
+    """Synchronous calls still `running` past their lease: the web process serving them is
+    gone (killed, or its host is). They fail with the reason; returns how many."""
+    error = json.dumps({"type": "Lost", "message": "the web process serving this call "
+                        "stopped before it ended; whether it ran is unknown",
+                        "may_have_run": True})
+    cursor = db.execute("UPDATE invocations SET status = 'failed', error = ?, finished_at = ?, "
+                        "owner = NULL, lease_until = NULL WHERE status = 'running' "
+                        "AND owner LIKE ? AND lease_until < ?", [error, t, WEB_OWNER + "%", t])
+    return cursor.rowcount
 
 
 def enqueue(db: Database, invocation_id: str, container: str, version: str | None,
@@ -359,12 +402,15 @@ def recover(db: Database, owner: str, lease_expired_only: bool) -> int:
     previous holder is dead) every call not ours is recovered at once."""
     t = now()
     with transaction(db) as conn:
+        # Never a synchronous call's record (owned by a web process, not by a dispatcher).
         if lease_expired_only:
             rows = conn.execute("SELECT id, attempt FROM invocations WHERE status = 'running' "
-                                "AND lease_until < ?", [t]).fetchall()
+                                "AND lease_until < ? AND (owner IS NULL OR owner NOT LIKE ?)",
+                                [t, WEB_OWNER + "%"]).fetchall()
         else:
             rows = conn.execute("SELECT id, attempt FROM invocations WHERE status = 'running' "
-                                "AND (owner IS NULL OR owner != ?)", [owner]).fetchall()
+                                "AND (owner IS NULL OR (owner != ? AND owner NOT LIKE ?))",
+                                [owner, WEB_OWNER + "%"]).fetchall()
         for inv_id, attempt in rows:
             if attempt < MAX_ATTEMPTS:
                 conn.execute("UPDATE invocations SET status = 'queued', owner = NULL, "
