@@ -25,7 +25,9 @@ from dockyard.app.store.db import connect, migrate
 from dockyard.app.deployfolder.client import Unreachable, failure_reason
 from dockyard.app.deployfolder.entry import Entry, EntryState
 from dockyard.app.deployfolder.deployer import RETRY_S, FolderDeployer
-from dockyard.app.deployfolder.files import Kind, Marker, entry_of, incomplete_reason
+from dockyard.app.deployfolder.files import (Kind, Marker, entry_of, incomplete_reason,
+                                             unopened_reason)
+from dockyard.app.deployfolder.watch import GIVE_UP_ENV
 
 MISSING_DEPENDENCY = "dockyard-no-such-distribution"
 FUNCTIONS_ECHO = Path(__file__).resolve().parent / "functions" / "echo"
@@ -268,6 +270,91 @@ def test_an_archive_is_whole_only_with_its_end(tmp_path):
     assert incomplete_reason(tmp_path / "whole.tgz", Kind.ARCHIVE) is None
     (tmp_path / "empty.zip").write_bytes(b"")
     assert incomplete_reason(tmp_path / "empty.zip", Kind.ARCHIVE)
+    # Still after a long while: the archive reader's own words.
+    assert unopened_reason(half) == "not a zip archive: File is not a zip file"
+    assert unopened_reason(tmp_path / "half.tar.gz") == (
+        "not a tar.gz archive: Compressed file ended before the end-of-stream marker was "
+        "reached")
+    assert unopened_reason(tmp_path / "empty.zip") == "not a zip archive: File is not a zip file"
+
+
+GIVE_UP_S = 4   # instead of 30 s: how long a still archive may fail to open
+
+
+@pytest.fixture(scope="module")
+def impatient(private_tmp, tmp_path_factory):
+    """serve watching a folder of its own, giving up on an archive that does not open after
+    GIVE_UP_S seconds unchanged: (server, folder). Its markers are read by polling (a busy
+    host may have no inotify instance left for a test's observer)."""
+    folder = tmp_path_factory.mktemp("watched-impatient")
+    data = private_tmp / "deploy-folder-impatient" / "data"
+    data.parent.mkdir()
+    server = Server(data, ["--deploy-dir", str(folder), "--offline"],
+                    env=dict(os.environ, **{GIVE_UP_ENV: str(GIVE_UP_S)}))
+    yield server, folder
+    assert server.stop() == 0, server.log_path.read_text()[-3000:]
+    assert not server.leftovers
+
+
+@pytest.mark.parametrize("entry, garbage, words", [
+    ("df-stuck.zip", b"PK\x03\x04" + b"\x00garbage" * 4000,
+     "not a zip archive: File is not a zip file"),
+    ("df-stuck.tar.gz", gzip.compress(b"garbage" * 40000)[:-40],   # a stream cut short
+     "not a tar.gz archive: Compressed file ended before the end-of-stream marker"),
+])
+def test_a_still_archive_that_never_opens_fails_and_is_tried_again_once_changed(
+        impatient, tmp_path, entry, garbage, words):
+    srv, folder = impatient
+    (folder / entry).write_bytes(garbage)
+    written_at = time.monotonic()
+    failed = marker(folder, entry, Marker.FAILED)
+    pending = marker(folder, entry, Marker.PENDING)
+    wait_for(f"{entry}.pending", lambda: pending.exists() or failed.exists(), server=srv)
+    assert not failed.exists()   # waited first
+    wait_for(f"{entry}.failed", failed.exists, server=srv)
+    assert time.monotonic() - written_at >= GIVE_UP_S
+    text = failed.read_text().strip()
+    assert text.startswith(words), text
+    assert f"unchanged for {GIVE_UP_S} s" in text and "copy a whole archive" in text, text
+    assert not pending.exists()
+    listed = entries(srv)[entry]
+    assert (listed["state"], listed["error"]) == ("failed", text)
+    # A later change is tried again: a whole archive copied over it is deployed.
+    name = entry.split(".")[0]
+    package = make_package(tmp_path, "echo", name=name)
+    if entry.endswith(".zip"):
+        (folder / entry).write_bytes(zip_folder(package))
+    else:
+        with tarfile.open(folder / entry, "w:gz") as tar:
+            tar.add(package, arcname=name)
+    # The .failed marker stays until the new attempt, which replaces it.
+    wait_for(f"{entry}.failed replaced", lambda: not failed.exists(), server=srv)
+    wait_deployed(srv, folder, entry)
+    assert srv.invoke(f"{name}/echo", {"again": 1}).json() == {"again": 1}
+    (folder / entry).unlink()
+    wait_for(f"{entry}.undeployed", marker(folder, entry, Marker.UNDEPLOYED).exists, server=srv)
+
+
+def test_an_archive_still_growing_stays_pending_past_the_give_up_time(impatient, tmp_path):
+    srv, folder = impatient
+    package = make_package(tmp_path, "echo", name="df-growing")
+    (package / "blob.bin").write_bytes(os.urandom(1024 * 1024))
+    data = zip_folder(package)
+    entry = "df-growing.zip"
+    step = len(data) // 40 + 1
+    started, seen = time.monotonic(), set()
+    with open(folder / entry, "wb") as out:
+        for start in range(0, len(data), step):
+            if start:
+                time.sleep(0.25)
+            out.write(data[start:start + step])
+            out.flush()
+            seen |= {m for m in (Marker.PENDING, Marker.FAILED) if marker(folder, entry, m).exists()}
+    assert time.monotonic() - started > 2 * GIVE_UP_S
+    wait_deployed(srv, folder, entry)
+    assert seen == {Marker.PENDING}, seen
+    (folder / entry).unlink()
+    wait_for(f"{entry}.undeployed", marker(folder, entry, Marker.UNDEPLOYED).exists, server=srv)
 
 
 def test_noise_and_markers_are_told_apart(tmp_path):

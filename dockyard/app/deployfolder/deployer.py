@@ -65,6 +65,12 @@ class FolderDeployer:
             entry.error = reason
             self.set_state(entry, EntryState.PENDING)
 
+    def not_an_archive(self, entry: Entry, sig: tuple, reason: str) -> None:
+        """An archive that stopped changing long ago and still does not open: `.failed`, and
+        tried again once it changes."""
+        entry.attempted, entry.waiting_since = sig, None
+        self._fail(entry, reason)
+
     def attempt(self, entry: Entry, path: Path, sig: tuple) -> None:
         """Deploy the package as it is now (whole and still): refused if another entry holds
         its container name, else uploaded, and its deployment followed."""

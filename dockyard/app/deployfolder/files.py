@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import gzip
 import os
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -141,6 +142,26 @@ def incomplete_reason(path: Path, kind: Kind) -> str | None:
     except (OSError, zlib.error):
         return None
     return None
+
+
+def unopened_reason(path: Path) -> str:
+    """Why an archive that is not whole does not open, in the archive reader's words, for an
+    archive that has stopped changing: `not a zip archive: File is not a zip file`."""
+    is_zip = path.name.endswith(".zip")
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path):
+                pass
+            # zipfile finds an end record that does not reach the end of the file.
+            words = "bytes after its end of central directory"
+        else:
+            with gzip.open(path) as stream:
+                while stream.read(1 << 20):
+                    pass
+            words = "the gzip stream does not end"
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
+        words = str(exc) or type(exc).__name__
+    return f"not a {'zip' if is_zip else 'tar.gz'} archive: {words[:200]}"
 
 
 def _zip_has_end(tail: bytes, tail_start: int, size: int) -> bool:

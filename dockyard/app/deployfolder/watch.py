@@ -24,12 +24,15 @@ from ..store.db import connect
 from .client import ControlPlane
 from .entry import EntryState
 from .deployer import SETTLE_S, FolderDeployer
-from .files import Marker, entry_of, incomplete_reason, kind_of, marker_path, signature
+from .files import (Marker, entry_of, incomplete_reason, kind_of, marker_path, signature,
+                    unopened_reason)
 from ..store import deployfolder as store
 
 log = logging.getLogger("dockyard.deploywatch")
 
 RECHECK_S = 1.0           # how often an archive that is not whole yet is looked at again
+GIVE_UP_S = 30.0          # an archive unchanged this long that still does not open is failed
+GIVE_UP_ENV = "DOCKYARD_DEPLOY_GIVE_UP_S"   # seconds instead of GIVE_UP_S
 FOLLOW_S = 0.25           # how often a deployment under way is asked for its progress
 FOLDER_GONE_EXIT = 3      # the watched folder vanished: serve stops watching it
 STILL_WRITTEN = "it is still being written"
@@ -64,6 +67,7 @@ class Watcher:
         self.deployer = FolderDeployer(folder, api, self.db, self._schedule)
         self.entries = self.deployer.entries
         self.stopping = False
+        self.give_up_s = _seconds_from_env(GIVE_UP_ENV, GIVE_UP_S)
 
     def stop(self) -> None:
         """From a signal handler: only enqueue."""
@@ -227,10 +231,31 @@ class Watcher:
             self._schedule(name, SETTLE_S)
             return
         if reason:
+            unchanged_for = moment - entry.seen_at
+            if unchanged_for >= self.give_up_s:
+                self.deployer.not_an_archive(
+                    entry, sig, f"{unopened_reason(path)} (unchanged for {self.give_up_s:g} s); "
+                                "copy a whole archive over it to deploy it")
+                return
             self.deployer.note_waiting(entry, reason, at_once=True)
-            self._schedule(name, RECHECK_S)
+            self._schedule(name, min(RECHECK_S, self.give_up_s - unchanged_for))
             return
         self.deployer.attempt(entry, path, sig)
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value > 0:
+        return value
+    log.warning("%s=%r is not a number of seconds above 0; using %gs", name, text, default)
+    return default
+
 
 def _mtime(path: Path) -> float:
     try:
