@@ -5,6 +5,7 @@ worker's port), the host's own addresses, or the host's abstract Unix sockets.""
 from __future__ import annotations
 
 import os
+import os
 import secrets
 import shutil
 import socket
@@ -128,6 +129,15 @@ def test_a_function_with_network_reaches_other_hosts_but_not_the_host(server, pk
         # A namespace of its own: no host interface is visible.
         names = server.invoke("net-probe/interfaces", None).json()
         assert host_on_link not in names and not any(n.startswith("dyh") for n in names)
+        # Its pasta holds no inotify instance (a user has 128: one per function process
+        # would starve the deploy folder's watcher, and pasta itself, of them).
+        pastas = [process for process in server.descendants()
+                  if process.name() in ("pasta", "passt", "passt.avx2", "pasta.avx2")]
+        assert pastas
+        for process in pastas:
+            links = [os.readlink(f"/proc/{process.pid}/fd/{fd}")
+                     for fd in os.listdir(f"/proc/{process.pid}/fd")]
+            assert not [link for link in links if "inotify" in link], links
     finally:
         for listener in (loopback, everywhere, abstract):
             listener.close()

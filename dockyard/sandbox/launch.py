@@ -223,7 +223,10 @@ def start_nat(nat, host_net):
             os.execv(nat["pasta"], [nat["pasta"], "--foreground", "--quiet", "--config-net",
                                     "--no-map-gw", "-t", "none", "-u", "none", "-T", "none",
                                     "-U", "none", "--runas", "0", "--netns-only",
-                                    "--netns", "/proc/self/fd/3"])
+                                    # Its end is this process's (killed with the child, or
+                                    # by the parent-death signal): no inotify instance of its
+                                    # own to watch the namespace (a user has only 128).
+                                    "--no-netns-quit", "--netns", "/proc/self/fd/3"])
         except BaseException as exc:  # noqa: BLE001 - the reason goes to the monitor
             os.write(2, f"{exc}\n".encode())
         os._exit(SETUP_FAILED_EXIT)
