@@ -268,7 +268,8 @@ def test_cancel_kills_a_running_call(server, containers):
 @pytest.mark.parametrize("body, status, message", [
     ({"target": "cron-jobs/tick", "schedule": "61 * * * *"}, 400,
      "schedule '61 * * * *': not a cron expression (Bad minute)"),
-    ({"target": "cron-jobs/tick", "schedule": "0 0 31 2 *"}, 400, "Bad day-of-month"),
+    ({"target": "cron-jobs/tick", "schedule": "0 0 31 2 *"}, 400,
+     "schedule '0 0 31 2 *': never fires: no month it names has day 31"),
     ({"target": "cron-jobs/tick", "schedule": "@at 2026-02-31T09:00"}, 400,
      "day is out of range for month"),
     ({"target": "cron-jobs/tick", "schedule": "@at 2001-01-01T00:00"}, 400, "is in the past"),

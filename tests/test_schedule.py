@@ -97,7 +97,9 @@ def test_explain_and_timezone_in_words():
 
 @pytest.mark.parametrize("text, tz, message", [
     ("61 * * * *", "UTC", "not a cron expression (Bad minute)"),
-    ("0 0 31 2 *", "UTC", "not a cron expression (Bad day-of-month)"),
+    ("0 0 31 2 *", "UTC", "never fires: no month it names has day 31"),
+    ("0 0 31 2,4 *", "UTC", "never fires: no month it names has day 31"),
+    ("0 0 32 1 *", "UTC", "not a cron expression (Bad day-of-month)"),
     ("1 2 3", "UTC", "it has 3 fields"),
     ("@fortnightly", "UTC", "unknown macro"),
     ("@every 5x", "UTC", "use @every N followed by s, m or h"),

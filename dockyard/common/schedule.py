@@ -146,6 +146,7 @@ def parse(text: str, timezone_name: str = "UTC", now: float | None = None) -> Sc
         try:
             CronSim(expr, datetime(2000, 1, 1))
         except CronSimError as exc:
+            _check_day_in_months(expr)
             raise ScheduleError(f"not a cron expression ({exc})") from None
         except Exception as exc:  # noqa: BLE001 - a malformed field can trip more than that
             raise ScheduleError(f"not a cron expression ({type(exc).__name__}: "
@@ -154,6 +155,22 @@ def parse(text: str, timezone_name: str = "UTC", now: float | None = None) -> Sc
     if now is not None and schedule.kind != "every" and schedule.next_after(now) is None:
         raise ScheduleError("is in the past" if schedule.kind == "at" else "never fires")
     return schedule
+
+
+def _check_day_in_months(expr: str) -> None:
+    """cronsim refuses a day of month that none of the months has (`0 0 31 2 *`) with the
+    words it uses for a day out of range: say that such a schedule never fires."""
+    fields = expr.split()
+    month = len(fields) - 2
+    try:
+        sim = CronSim(" ".join(fields[:month] + ["*"] + fields[month + 1:]),
+                      datetime(2000, 1, 1))
+    except Exception:  # noqa: BLE001 - the day itself is wrong: cronsim's words say so
+        return
+    days = getattr(sim, "days", None)
+    day = f"day {min(days)}" if days else "the day it names"
+    raise ScheduleError(f"never fires: no month it names has {day} (February has at most 29 "
+                        "days; April, June, September and November 30)")
 
 
 def _every_seconds(text: str) -> int:
