@@ -320,6 +320,11 @@ def claim_queued(db: Database, owner: str, limit: int, lease_s: float,
     dispatcher that stalled past its lease claims nothing its successor may claim."""
     from .leases import holding
 
+    # Most polls find nothing: a read answers that without the write lock (which the web
+    # processes' record writers wait for).
+    if db.execute("SELECT 1 FROM invocations WHERE status = 'queued' AND (not_before IS NULL "
+                  "OR not_before <= ?) LIMIT 1", [now()]).fetchone() is None:
+        return []
     with (holding(db, fencing[0], owner, fencing[1]) if fencing else transaction(db)) as conn:
         t = now()
         rows = conn.execute(
