@@ -146,7 +146,7 @@ def test_logs_of_a_container_and_follow(server, pkg):
     assert [i["id"] for i in listed["invocations"]] == heads
     assert "neither an invocation id" in one_line_error(
         server.cli("logs", "nothere", check=False))
-    assert "no invocation 'inv_0000'" in one_line_error(
+    assert "no invocation with id 'inv_0000'" in one_line_error(
         server.cli("logs", "inv_0000", check=False))
 
 

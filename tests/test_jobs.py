@@ -318,7 +318,7 @@ def test_the_cli_as_a_new_user(server, containers):
         assert "job cli-tick added: Every 1 second" in added.stdout
         assert "cli-tick" in server.cli("jobs", "ls").stdout
         shown = server.cli("jobs", "show", "cli-tick").stdout
-        assert "next fires:" in shown and shown.count(":00+00:00") + shown.count("+00:00") >= 5
+        assert "next fires:" in shown and shown.count(" UTC\n") >= 5   # times say their zone
         wait_for(lambda: len([r for r in runs_of(server, "cli-tick")
                               if r["status"] == "succeeded"]) >= 2, 20, "two runs")
         table = server.cli("jobs", "runs", "cli-tick").stdout

@@ -16,7 +16,8 @@ from click.core import ParameterSource
 from ..common.protocol import SETTLED_DEPLOYMENT_STATUSES, DeploymentStatus
 from ..errors import DockyardError
 from ..runner.server import UNIX_PATH_MAX, UNIX_PREFIX
-from .client import Client, discover, package_bytes, token_hint
+from . import times
+from .client import Client, Found, find_server, package_bytes
 from .templates import write_template
 
 
@@ -25,12 +26,28 @@ def _fail(exc: DockyardError):
 
 
 class Context:
-    def __init__(self, url, token, data, as_json):
+    def __init__(self, url, token, data, as_json, verbose=False, tz=None):
         self.url, self.token, self.data, self.as_json = url, token, data, as_json
+        self.verbose, self.tz = verbose, tz
+        self.found: Found | None = None
+
+    def find(self) -> Found:
+        """The server and token (once per command); says on stderr which server it picked
+        when several ran, and with --verbose how it found them."""
+        if self.found is None:
+            self.found = find_server(self.url, self.token, self.data,
+                                     _given_in(self.url, "DOCKYARD_URL", "--url"),
+                                     _given_in(self.token, "DOCKYARD_TOKEN", "--token"))
+            if self.found.choice:
+                click.echo(self.found.choice, err=True)
+            if self.verbose:
+                for line in self.found.describe():
+                    click.echo(line, err=True)
+        return self.found
 
     def client(self) -> Client:
-        url, token = discover(self.url, self.token, self.data)
-        return Client(url, token)
+        found = self.find()
+        return Client(found.url, found.token)
 
     def emit(self, obj, human) -> None:
         if self.as_json:
@@ -39,34 +56,50 @@ class Context:
             human(obj)
 
 
+def _given_in(value, variable: str, flag: str) -> str:
+    return variable if value and os.environ.get(variable) == value else flag
+
+
 pass_ctx = click.make_pass_decorator(Context)
 
 
 # The global options, also taken after the verb (`dockyard ls --json`, `dockyard serve --data
 # DIR`): each command gets them under names of their own, merged into the Context before its
 # callback runs. A command with an option of the same spelling keeps its own (`worker --token`
-# is the worker token).
+# is the worker token). A command where some mean nothing (`serve`, `worker`, `init`) names
+# the ones it takes (`global_options=`); the others are not offered there.
 GLOBAL_OPTIONS = (
-    ("--url", "global_url", "url", "Control plane URL (default: from the data dir)."),
-    ("--token", "global_token", "token", "Admin token (default: from the data dir)."),
-    ("--data", "global_data", "data", "Data dir (default ./.dockyard)."),
-    ("--json", "global_json", "as_json", "Print JSON for scripts."),
+    ("--url", "global_url", "url", "Control plane URL (default: the server running from the "
+     "data dir, else one started in this folder, else the most recent one).", ()),
+    ("--token", "global_token", "token", "Admin token (default: from the server's data dir).",
+     ()),
+    ("--data", "global_data", "data", "Data dir (default ./.dockyard).", ()),
+    ("--json", "global_json", "as_json", "Print JSON for scripts.", ()),
+    ("--verbose", "global_verbose", "verbose", "Say which server, data dir and token the "
+     "command used (on stderr).", ("-v",)),
+    ("--tz", "global_tz", "tz", "Zone of the times printed: an IANA name, UTC (the default) "
+     "or local.", ()),
 )
+FLAGS = ("--json", "--verbose")
+METAVARS = {"--url": "URL", "--token": "TOKEN", "--data": "DIR", "--tz": "ZONE"}
+ALL_GLOBALS = tuple(flag for flag, *_ in GLOBAL_OPTIONS)
 
 
 class GlobalOptions:
     """Adds the global options to a command and merges what it was given into the Context."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, global_options=ALL_GLOBALS, **kwargs):
         super().__init__(*args, **kwargs)
+        self.global_options = global_options
         taken = {opt for param in self.params for opt in getattr(param, "opts", ())}
-        for flag, name, _, text in GLOBAL_OPTIONS:
-            if flag not in taken:
-                self.params.append(click.Option([flag, name], is_flag=flag == "--json",
-                                                default=None, help=text))
+        for flag, name, _, text, short in GLOBAL_OPTIONS:
+            if flag in global_options and flag not in taken:
+                self.params.append(click.Option([flag, *short, name], is_flag=flag in FLAGS,
+                                                default=None, help=text,
+                                                metavar=METAVARS.get(flag)))
 
     def invoke(self, ctx):
-        given = {attr: ctx.params.pop(name, None) for _, name, attr, _ in GLOBAL_OPTIONS}
+        given = {attr: ctx.params.pop(name, None) for _, name, attr, _, _ in GLOBAL_OPTIONS}
         obj = ctx.find_object(Context)
         if obj is not None:
             for attr, value in given.items():
@@ -75,6 +108,9 @@ class GlobalOptions:
             if given["token"]:
                 _warn_if_on_command_line(ctx, "global_token",
                                          "DOCKYARD_TOKEN (or the data dir's token)")
+            times.use(obj.tz)
+            if "--tz" in self.global_options and not isinstance(self, click.Group):
+                times.shown_zone()   # a zone it does not know: said before anything runs
         return super().invoke(ctx)
 
 
@@ -95,16 +131,22 @@ class Group(GlobalOptions, click.Group):
 
 
 @click.group(cls=Group)
-@click.option("--url", envvar="DOCKYARD_URL", help="Control plane URL (default: from the data dir).")
-@click.option("--token", envvar="DOCKYARD_TOKEN", help="Admin token (default: from the data dir).")
-@click.option("--data", envvar="DOCKYARD_HOME", help="Data dir (default ./.dockyard).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--url", envvar="DOCKYARD_URL", show_envvar=True, metavar="URL",
+              help=GLOBAL_OPTIONS[0][3])
+@click.option("--token", envvar="DOCKYARD_TOKEN", show_envvar=True, metavar="TOKEN",
+              help=GLOBAL_OPTIONS[1][3])
+@click.option("--data", envvar="DOCKYARD_HOME", show_envvar=True, metavar="DIR",
+              help=GLOBAL_OPTIONS[2][3])
+@click.option("--json", "as_json", is_flag=True, help=GLOBAL_OPTIONS[3][3])
+@click.option("--verbose", "-v", is_flag=True, help=GLOBAL_OPTIONS[4][3])
+@click.option("--tz", envvar="DOCKYARD_TZ", show_envvar=True, metavar="ZONE",
+              help=GLOBAL_OPTIONS[5][3])
 @click.version_option(package_name="dockyard")
 @click.pass_context
-def cli(ctx, url, token, data, as_json):
+def cli(ctx, url, token, data, as_json, verbose, tz):
     """dockyard: deploy Python functions as containers and call them over HTTP."""
     _warn_if_on_command_line(ctx, "token", "DOCKYARD_TOKEN (or the data dir's token)")
-    ctx.obj = Context(url, token, data, as_json)
+    ctx.obj = Context(url, token, data, as_json, verbose, tz)
 
 
 def _warn_if_on_command_line(ctx, param: str, instead: str) -> None:
@@ -116,9 +158,8 @@ def _warn_if_on_command_line(ctx, param: str, instead: str) -> None:
 
 
 def _age(ts) -> str:
-    if not ts:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    """An epoch time for people, with its zone (see times.py)."""
+    return times.at(ts)
 
 
 def _table(rows: list[list], headers: list[str]) -> None:
@@ -129,8 +170,10 @@ def _table(rows: list[list], headers: list[str]) -> None:
 
 # -- serving ------------------------------------------------------------------------------
 
-@cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@cli.command(global_options=("--data",),
+             short_help="Run the control plane, a local worker and the deploy folder.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; mind --invoke-auth).")
 @click.option("--port", default=8080, show_default=True, type=int, help="0 picks a free port.")
 @click.option("--deploy-dir", default="deploy", show_default=True,
               help="Watched folder: packages dropped in are deployed, removed ones undeployed.")
@@ -138,7 +181,8 @@ def _table(rows: list[list], headers: list[str]) -> None:
               help="Poll the deploy folder every SECONDS instead of inotify (network "
                    "filesystems).")
 @click.option("--no-deploy-dir", is_flag=True, help="Watch no deploy folder.")
-@click.option("--web-workers", default=2, show_default=True, type=int)
+@click.option("--web-workers", default=2, show_default=True, type=int,
+              help="Web (gunicorn) processes answering the API and /invoke.")
 @click.option("--web-reserve", default=4, show_default=True, type=click.IntRange(min=0),
               metavar="N", help="Threads of each web process kept for the other containers: "
               "one container's synchronous calls hold at most 8 of a process's 8 + N, past "
@@ -150,7 +194,8 @@ def _table(rows: list[list], headers: list[str]) -> None:
 @click.option("--index-url", envvar="DOCKYARD_INDEX_URL", metavar="URL",
               help="Package index for venv builds; one with a password is better given in "
                    "DOCKYARD_INDEX_URL (an argument is visible in the process list).")
-@click.option("--find-links", multiple=True, help="Wheelhouse folder for venv builds.")
+@click.option("--find-links", multiple=True, metavar="DIR",
+              help="Wheelhouse folder for venv builds (may be given several times).")
 @click.option("--offline", is_flag=True, help="Never reach a package index.")
 @click.option("--python", "python", help="Interpreter venvs are built from.")
 @click.option("--uid-base", type=int, default=None,
@@ -221,7 +266,8 @@ def _uv_args(find_links, offline, python) -> list[str]:
     return args
 
 
-@cli.command()
+@cli.command(global_options=("--data",),
+             short_help="Run a worker that serves a control plane's containers.")
 @click.option("--server", "servers", multiple=True, envvar="DOCKYARD_SERVER", metavar="URL",
               help="A control plane's URL. Give it once per control plane sharing one store "
                    "(or DOCKYARD_SERVER=URL,URL2): the worker uses the first, and the next "
@@ -242,9 +288,10 @@ def _uv_args(find_links, offline, python) -> list[str]:
 @click.option("--index-url", envvar="DOCKYARD_INDEX_URL", metavar="URL",
               help="Package index for venv builds; one with a password is better given in "
                    "DOCKYARD_INDEX_URL (an argument is visible in the process list).")
-@click.option("--find-links", multiple=True)
-@click.option("--offline", is_flag=True)
-@click.option("--python", "python")
+@click.option("--find-links", multiple=True, metavar="DIR",
+              help="Wheelhouse folder for venv builds (may be given several times).")
+@click.option("--offline", is_flag=True, help="Never reach a package index.")
+@click.option("--python", "python", help="Interpreter venvs are built from.")
 @click.option("--uid-base", type=int, default=None,
               help="Where the host-wide uid registry starts giving uids to containers.")
 @click.option("--no-view", is_flag=True,
@@ -323,7 +370,7 @@ def _worker_token(click_ctx, token_file, worker_token) -> str:
 
 # -- packages -----------------------------------------------------------------------------
 
-@cli.command()
+@cli.command(global_options=(), short_help="Create a new container package NAME.")
 @click.argument("name")
 def init(name):
     """Create a new container package NAME from a template."""
@@ -335,7 +382,7 @@ def init(name):
                f"dockyard deploy {path} --wait")
 
 
-@cli.command()
+@cli.command(short_help="Deploy a package (folder, .zip or .tar.gz).")
 @click.argument("path")
 @click.option("--wait", is_flag=True, help="Wait until the version serves on every live worker, "
               "or fails on some (exit 3: partial) or all (exit 1).")
@@ -449,47 +496,7 @@ def _wait_deployment(ctx, client, deployment_id: str, timeout: float, what: str,
         time.sleep(0.2)
 
 
-@cli.command()
-@click.argument("target")
-@click.argument("event", required=False)
-@click.option("--async", "asynchronous", is_flag=True, help="Queue it; print its invocation id (the JSON answer with --json).")
-@pass_ctx
-def invoke(ctx, target, event, asynchronous):
-    """Call NAME/FUNCTION (or NAME@VERSION/FUNCTION) with an optional JSON event."""
-    if "/" not in target:
-        raise click.ClickException("name the function as NAME/FUNCTION, e.g. hello/greet")
-    if event == "-":
-        event = sys.stdin.read()
-    if event:
-        try:
-            json.loads(event)
-        except ValueError as exc:
-            raise click.ClickException(f"the event is not valid JSON: {exc}") from None
-    client = ctx.client()
-    response = client.invoke(target, event, asynchronous)
-    try:
-        body = response.json()
-    except ValueError:
-        body = {"error": {"type": "BadResponse", "message": response.text[:200]}}
-    if response.status_code >= 400:
-        if ctx.as_json:
-            click.echo(json.dumps(body, indent=2))
-        error = body.get("error") or {}
-        inv = body.get("invocation_id")  # only an answer about a recorded call has one
-        message = str(error.get("message") or response.reason).splitlines()[0]
-        if response.status_code == 401:
-            message = f"{message.rstrip('.')}; {token_hint(client.token)}"
-        raise click.ClickException(f"{error.get('type')}: {message}"
-                                   + (f" (dockyard logs {inv})" if inv else ""))
-    if ctx.as_json:
-        click.echo(json.dumps(body, indent=2))
-    elif asynchronous:
-        click.echo(body["invocation_id"])  # alone: `dockyard logs $(dockyard invoke --async …)`
-    else:
-        click.echo(json.dumps(body))
-
-
-@cli.command(name="ls")
+@cli.command(name="ls", short_help="List containers.")
 @pass_ctx
 def list_containers(ctx):
     """List containers."""
@@ -505,18 +512,25 @@ def list_containers(ctx):
     ctx.emit(data, human)
 
 
-@cli.command()
+@cli.command(short_help="Serve an earlier version of NAME (default: the previous one).")
 @click.argument("name")
-@click.argument("version")
+@click.argument("version", required=False)
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait until VERSION serves (or its deployment fails).")
 @click.option("--timeout", default=600, show_default=True, type=float,
               help="How long --wait waits, in seconds.")
 @pass_ctx
 def rollback(ctx, name, version, wait, timeout):
-    """Make VERSION the active version of NAME again. Nothing changes if no worker is there to
-    deploy it, or if its deployment fails."""
+    """Make VERSION the active version of NAME again; without VERSION, the version before
+    the one serving (uploaded before it, and not one that failed to deploy). Nothing changes
+    if no worker is there to deploy it, or if its deployment fails."""
     client = ctx.client()
+    if version is None:
+        from .versions import previous_version
+        current, version, skipped = previous_version(client, name)
+        click.echo(f"rolling {name} back from {current} to {version}, the version before it"
+                   + (f" (skipping {', '.join(skipped)}: failed to deploy)" if skipped else ""),
+                   err=True)
     record = client.json("POST", f"/api/containers/{name}/activate", json={"version": version})
     what = f"{name}@{version}"
     if wait and record.get("deployment") and record.get("deployment_status") != "ready":
@@ -545,7 +559,7 @@ def rollback(ctx, name, version, wait, timeout):
                                    f"(see dockyard deployments {name})")
 
 
-@cli.command(name="rm")
+@cli.command(name="rm", short_help="Undeploy container NAME (and delete its versions).")
 @click.argument("name")
 @click.option("--keep-versions", is_flag=True,
               help="Only take it out of service: keep its versions and package files.")
@@ -565,7 +579,7 @@ def remove(ctx, name, keep_versions):
     ctx.emit(data, human)
 
 
-@cli.group(invoke_without_command=True)
+@cli.group(invoke_without_command=True, short_help="List workers; `workers rm NAME` forgets one.")
 @click.pass_context
 def workers(click_ctx):
     """List workers: name, state, last seen, versions, calls in flight (`workers rm NAME`
@@ -586,7 +600,7 @@ def workers(click_ctx):
     ctx.emit(data, human)
 
 
-@workers.command(name="rm")
+@workers.command(name="rm", short_help="Forget worker NAME (one that is stopped or lost).")
 @click.argument("name")
 @pass_ctx
 def workers_rm(ctx, name):
@@ -595,11 +609,13 @@ def workers_rm(ctx, name):
     ctx.emit(data, lambda d: click.echo(f"worker {d['name']} ({d['id']}) forgotten"))
 
 
+from .calls import invoke  # noqa: E402 - needs Context from above
 from .history import deployments, invocations, logs  # noqa: E402 - needs Context from above
 from .jobs import jobs  # noqa: E402 - needs Context and _table from above
 from .status import status  # noqa: E402
 from .versions import versions  # noqa: E402
 
+cli.add_command(invoke)
 cli.add_command(deployments)
 cli.add_command(invocations)
 cli.add_command(logs)

@@ -13,7 +13,7 @@ from . import Command, pass_ctx, _age, _table
 from .client import ClientError
 from .jobs import _duration
 
-DEPLOYMENT_ID_RE = re.compile(r"dep_[0-9a-f]+")  # container names have no "_"
+DEPLOYMENT_ID_RE = re.compile(r"dep_.*")  # container names have no "_"
 
 
 class WorkerNames:
@@ -43,7 +43,7 @@ class WorkerNames:
 
 
 
-@click.command(cls=Command)
+@click.command(cls=Command, short_help="Show a deployment (NAME: its latest) and build logs.")
 @click.argument("target", metavar="NAME|ID")
 @pass_ctx
 def deployments(ctx, target):
@@ -56,7 +56,14 @@ def deployments(ctx, target):
         if not deployment_id:
             raise click.ClickException(f"{target} has no deployment yet; activate a version "
                                        f"with `dockyard rollback {target} VERSION`")
-    ctx.emit(client.json("GET", f"/api/deployments/{deployment_id}"), show_deployment)
+    try:
+        deployment = client.json("GET", f"/api/deployments/{deployment_id}")
+    except ClientError as exc:
+        if getattr(exc, "status", None) != 404 or deployment_id != target:
+            raise
+        raise click.ClickException(f"no deployment with id '{target}'; `dockyard deployments "
+                                   "NAME` shows a container's latest one") from None
+    ctx.emit(deployment, show_deployment)
 
 
 def show_deployment(d: dict) -> None:
@@ -76,11 +83,12 @@ def show_deployment(d: dict) -> None:
             click.echo(w["log"].rstrip("\n"))
 
 
-@click.command(cls=Command)
+@click.command(cls=Command, short_help="List recent invocations (of container NAME).")
 @click.argument("name", required=False)
 @click.option("--status", help="Only calls with this status (succeeded, failed, …).")
 @click.option("--since", help="Only calls made in this last stretch: 90s, 10m, 2h, 7d.")
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--limit", type=int, default=20, show_default=True,
+              help="How many calls to list, newest first.")
 @pass_ctx
 def invocations(ctx, name, status, since, limit):
     """List recent invocations, newest first (of container NAME, if given)."""
@@ -105,13 +113,13 @@ def invocations(ctx, name, status, since, limit):
     ctx.emit(data, human)
 
 
-INVOCATION_ID_RE = re.compile(r"inv_[0-9a-f]+")  # container names have no "_"
+INVOCATION_ID_RE = re.compile(r"inv_.*")  # container names have no "_"
 RECENT = 20
 PAGE = 200
 POLL_S = 0.5
 
 
-@click.command(cls=Command)
+@click.command(cls=Command, short_help="Show a call (ID), or a container's calls (NAME).")
 @click.argument("target", metavar="ID|NAME")
 @click.option("--follow", "-f", is_flag=True,
               help="NAME: print each call as it finishes, until Ctrl-C.")
@@ -124,8 +132,7 @@ def logs(ctx, target, follow):
     if INVOCATION_ID_RE.fullmatch(target):
         if follow:
             raise click.UsageError("--follow follows a container: dockyard logs NAME --follow")
-        ctx.emit(client.json("GET", f"/api/invocations/{target}"),
-                 lambda i: show_invocation(i, worker))
+        ctx.emit(_invocation(client, target), lambda i: show_invocation(i, worker))
         return
     recent = client.json("GET", "/api/invocations",
                          params={"container": target, "limit": RECENT, "full": 1})
@@ -148,6 +155,18 @@ def logs(ctx, target, follow):
         _follow(ctx, client, target, recent["cursor"], worker)
     except KeyboardInterrupt:
         pass   # Ctrl-C is how a follow ends
+
+
+def _invocation(client, invocation_id: str) -> dict:
+    try:
+        return client.json("GET", f"/api/invocations/{invocation_id}")
+    except ClientError as exc:
+        if getattr(exc, "status", None) != 404:
+            raise
+        raise click.ClickException(
+            f"no invocation with id '{invocation_id}' (records older than serve's "
+            "--keep-invocations are removed); `dockyard invocations` lists recent ones"
+        ) from None
 
 
 def _check_container(client, name: str) -> None:

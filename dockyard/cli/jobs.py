@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
 
 import click
+from click.core import ParameterSource
 
-from ..common.schedule import ScheduleError, zone
 from ..common.protocol import FINISHED_STATUSES
-from . import Group, pass_ctx, _table
-
-
-
+from . import Context, Group, pass_ctx, _table
+from .times import at_iso, at_job
 
 
 def _when(ts, timezone_name: str = "UTC") -> str:
-    if not ts:
-        return "-"
-    try:
-        tz = zone(timezone_name)
-    except ScheduleError:
-        tz = None
-    return datetime.fromtimestamp(ts, tz).strftime("%Y-%m-%d %H:%M:%S")
+    """A job's time in its zone, with the CLI's zone beside it (see times.at_job)."""
+    return at_job(ts, timezone_name)
 
 
 def _duration(ms) -> str:
@@ -32,7 +24,7 @@ def _duration(ms) -> str:
     return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
 
 
-@click.group(cls=Group)
+@click.group(cls=Group, short_help="Cron jobs: scheduled calls of a container's function.")
 def jobs():
     """Cron jobs: scheduled calls of a container's function."""
 
@@ -56,7 +48,7 @@ def list_jobs(ctx):
     ctx.emit(data, human)
 
 
-@jobs.command()
+@jobs.command(short_help="Add a job: NAME TARGET SCHEDULE [options].")
 @click.argument("name")
 @click.argument("target")
 @click.argument("schedule")
@@ -66,14 +58,17 @@ def list_jobs(ctx):
 @click.option("--concurrency", type=click.Choice(["forbid", "replace", "allow"]),
               default="forbid", show_default=True,
               help="When a fire comes while the previous run is still going.")
-@click.option("--retries", type=int, default=0, show_default=True)
+@click.option("--retries", type=int, default=0, show_default=True,
+              help="How many times a failed, timed-out or crashed run is tried again.")
 @click.option("--retry-backoff", type=float, default=10.0, show_default=True,
               help="Seconds before the first retry; doubles each time, up to 10 minutes.")
 @click.option("--timeout", type=float, help="Seconds a run may take (at most the "
               "container's timeout_s).")
 @click.option("--starting-deadline", type=float, default=300.0, show_default=True,
               help="Seconds after its time a missed fire may still start.")
-@click.option("--history-days", type=float, default=7.0, show_default=True)
+@click.option("--history-days", type=float, default=7.0, show_default=True,
+              help="Days of run history kept (always the last 3 successes and the last "
+                   "failure).")
 @click.option("--paused", is_flag=True, help="Add it paused.")
 @pass_ctx
 def add(ctx, name, target, schedule, payload, timezone_name, concurrency, retries,
@@ -87,15 +82,85 @@ def add(ctx, name, target, schedule, payload, timezone_name, concurrency, retrie
             "starting_deadline_s": starting_deadline, "history_days": history_days,
             "enabled": not paused}
     if payload is not None:
-        try:
-            body["payload"] = json.loads(payload)
-        except ValueError as exc:
-            raise click.ClickException(f"--payload is not valid JSON: {exc}") from None
+        body["payload"] = _payload(payload)
     job = ctx.client().json("POST", "/api/jobs", json=body)
 
     def human(j):
         click.echo(f"job {j['name']} added: {j['explain']}")
-        click.echo(f"next fire: {j['next_fire'] or '-'}" if j["enabled"] else "paused")
+        click.echo(f"next fire: {at_iso(j['next_fire'], j['timezone'])}" if j["enabled"]
+                   else "paused")
+    ctx.emit(job, human)
+
+
+def _payload(text: str):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise click.ClickException(f"--payload is not valid JSON: {exc}") from None
+
+
+def _seconds_or_none(ctx, param, value):
+    """`--timeout SECONDS`, or `none` for no timeout of the job's own."""
+    if value is None or value.lower() in ("none", "off"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter("give seconds (e.g. 30) or none") from None
+
+
+# What `jobs edit` may change: option -> the job's field.
+EDIT_FIELDS = {"target": "target", "schedule": "schedule", "payload": "payload",
+               "timezone_name": "timezone", "concurrency": "concurrency", "retries": "retries",
+               "retry_backoff": "retry_backoff_s", "timeout": "timeout_s",
+               "starting_deadline": "starting_deadline_s", "history_days": "history_days"}
+
+
+@jobs.command(short_help="Change job NAME's schedule, payload, zone or settings.")
+@click.argument("name")
+@click.option("--target", metavar="TARGET",
+              help="Call another function: CONTAINER/FUNCTION or CONTAINER#module:function.")
+@click.option("--schedule", metavar="SCHEDULE", help="A new schedule (as for jobs add).")
+@click.option("--payload", metavar="JSON", help="The event each fire sends (null: none).")
+@click.option("--timezone", "timezone_name", metavar="ZONE",
+              help="IANA timezone of the schedule, e.g. Europe/Berlin.")
+@click.option("--concurrency", type=click.Choice(["forbid", "replace", "allow"]),
+              help="When a fire comes while the previous run is still going.")
+@click.option("--retries", type=int,
+              help="How many times a failed, timed-out or crashed run is tried again.")
+@click.option("--retry-backoff", type=float, metavar="SECONDS",
+              help="Seconds before the first retry; doubles each time, up to 10 minutes.")
+@click.option("--timeout", metavar="SECONDS|none", callback=_seconds_or_none,
+              help="Seconds a run may take (at most the container's timeout_s); none: the "
+                   "container's.")
+@click.option("--starting-deadline", type=float, metavar="SECONDS",
+              help="Seconds after its time a missed fire may still start.")
+@click.option("--history-days", type=float, metavar="DAYS",
+              help="Days of run history kept.")
+@click.pass_context
+def edit(click_ctx, name, **options):
+    """Change job NAME: only the settings given change (a new schedule or timezone counts
+    from now). Jobs from a dockyard.toml change with the package, not here; pause and resume
+    them with `jobs pause|resume`."""
+    ctx = click_ctx.find_object(Context)
+    body = {}
+    for option, key in EDIT_FIELDS.items():
+        if click_ctx.get_parameter_source(option) is ParameterSource.DEFAULT:
+            continue
+        value = options[option]
+        body[key] = _payload(value) if option == "payload" else value
+    if not body:
+        raise click.ClickException("say what to change, e.g. --schedule '@every 5m', --payload "
+                               "JSON or --timezone Europe/Berlin (dockyard jobs edit --help "
+                               "lists them)")
+    job = ctx.client().json("PATCH", f"/api/jobs/{name}", json=body)
+
+    def human(j):
+        click.echo(f"job {j['name']} changed ({', '.join(sorted(body))}): {j['explain']}")
+        click.echo(f"target: {j['target']}  timezone: {j['timezone']}  payload: "
+                   f"{json.dumps(j['payload'])}")
+        click.echo(f"next fire: {at_iso(j['next_fire'], j['timezone'])}" if j["enabled"]
+                   else "paused")
     ctx.emit(job, human)
 
 
@@ -125,11 +190,11 @@ def show(ctx, name):
                    f"{_when(j['last_success_at'], j['timezone'])}")
         click.echo("next fires:" if j["next_fires"] else "next fires: none")
         for when in j["next_fires"]:
-            click.echo(f"  {when}")
+            click.echo(f"  {at_iso(when, j['timezone'])}")
     ctx.emit(job, human)
 
 
-@jobs.command()
+@jobs.command(short_help="Run job NAME now, by hand.")
 @click.argument("name")
 @click.option("--wait", is_flag=True, help="Wait for the run to finish and show its outcome.")
 @pass_ctx
@@ -170,14 +235,14 @@ def pause(ctx, name):
     ctx.emit(job, lambda j: click.echo(f"{j['name']} paused"))
 
 
-@jobs.command()
+@jobs.command(short_help="Resume job NAME (missed fires are not replayed).")
 @click.argument("name")
 @pass_ctx
 def resume(ctx, name):
     """Resume job NAME (the fires it missed while paused are not replayed)."""
     job = ctx.client().json("POST", f"/api/jobs/{name}/resume")
     ctx.emit(job, lambda j: click.echo(f"{j['name']} resumed; next fire: "
-                                       f"{j['next_fire'] or '-'}"))
+                                       f"{at_iso(j['next_fire'], j['timezone'])}"))
 
 
 @jobs.command(name="rm")
@@ -191,7 +256,8 @@ def remove(ctx, name):
 
 @jobs.command()
 @click.argument("name")
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--limit", type=int, default=20, show_default=True,
+              help="How many runs to show, newest first.")
 @click.option("--status", help="Only runs with this status.")
 @pass_ctx
 def runs(ctx, name, limit, status):

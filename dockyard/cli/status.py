@@ -10,12 +10,13 @@ from .history import show_deployment
 
 
 
-@click.command(cls=Command)
+@click.command(cls=Command, short_help="The server, workers and containers; or container NAME.")
 @click.argument("name", required=False)
 @pass_ctx
 def status(ctx, name):
-    """The server, workers and containers (serving version, last deployment, instances, last
-    error); with NAME, that container in detail with its last deployment and build log."""
+    """The server (and how the CLI found it: which server, data dir and token), workers and
+    containers (serving version, last deployment, instances, last error); with NAME, that
+    container in detail with its last deployment and build log."""
     client = ctx.client()
     if name:
         container = client.json("GET", f"/api/containers/{name}")
@@ -30,6 +31,7 @@ def status(ctx, name):
                  _show_container)
         return
     data = {"server": client.json("GET", "/api/server"),
+            "cli": ctx.find().as_json(),
             "workers": client.json("GET", "/api/workers")["workers"],
             "containers": client.json("GET", "/api/containers")["containers"]}
     ctx.emit(data, _show_overview)
@@ -40,6 +42,8 @@ def _show_overview(d: dict) -> None:
     up = f"up {_uptime(s['uptime_s'])}" if s.get("uptime_s") is not None else "uptime unknown"
     click.echo(f"server  {s.get('url') or '-'}  dockyard {s.get('version') or '?'}  {up}  "
                f"data {s['data_dir']}")
+    found = d["cli"]
+    click.echo(f"found   {found['found_by']}; sent {found['token']}")
     if s.get("retention"):
         click.echo(f"retention  {_retention(s['retention'])}")
     click.echo("")
@@ -71,8 +75,7 @@ def _show_container(d: dict) -> None:
             ("instances", f"{c.get('instances', 0)} running"),
             ("functions", ", ".join(f"{k} = {v}" for k, v in
                                     (active.get("functions") or {}).items()) or "-"),
-            ("limits", " ".join(f"{k}={v}" for k, v in (active.get("limits") or {}).items() if v is not None)
-             or "-"),
+            ("limits", _limits(active.get("limits") or {})),
             ("updated", _age(c["updated_at"])),
             ("last error", _error(c.get("last_error")))]
     click.echo(c["name"])
@@ -91,6 +94,26 @@ def _show_container(d: dict) -> None:
     else:
         click.echo(f"no deployment yet; activate a version with `dockyard rollback "
                    f"{c['name']} VERSION`")
+
+
+# How a limit reads for people: the manifest's key -> (name, unit).
+LIMIT_WORDS = {"timeout_s": ("timeout", "s"), "memory_mb": ("memory", "MB"),
+               "tmp_mb": ("tmp", "MB"), "queue_timeout_s": ("queue timeout", "s")}
+
+
+def _limits(limits: dict) -> str:
+    """`timeout 30 s, memory 512 MB, concurrency 1, instances 1, network on, …`."""
+    words = []
+    for key, value in limits.items():
+        if value is None:
+            continue
+        name, unit = LIMIT_WORDS.get(key, (key.replace("_", " "), ""))
+        if isinstance(value, bool):
+            text = "on" if value else "off"
+        else:
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+        words.append(f"{name} {text}" + (f" {unit}" if unit else ""))
+    return ", ".join(words) or "-"
 
 
 def _error(error: dict | None, width: int | None = None) -> str:

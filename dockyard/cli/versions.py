@@ -19,12 +19,13 @@ class VersionsGroup(Group):
         return super().resolve_command(ctx, args)
 
 
-@click.group(cls=VersionsGroup, subcommand_metavar="NAME | ls NAME | prune NAME --keep N")
+@click.group(cls=VersionsGroup, subcommand_metavar="NAME | ls NAME | prune NAME --keep N",
+             short_help="List the versions of container NAME, or prune old ones.")
 def versions():
     """List the versions of container NAME, or prune old ones."""
 
 
-@versions.command(name="ls")
+@versions.command(name="ls", short_help="List the versions of a container, newest first.")
 @click.argument("name")
 @pass_ctx
 def list_versions(ctx, name):
@@ -38,7 +39,7 @@ def list_versions(ctx, name):
     ctx.emit(data, human)
 
 
-@versions.command()
+@versions.command(short_help="Delete the versions of NAME older than its N newest.")
 @click.argument("name")
 @click.option("--keep", metavar="N", help="How many of the newest versions to keep (N >= 1).")
 @click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
@@ -71,3 +72,30 @@ def prune(ctx, name, keep, dry_run):
             _table([[v["version"], ", ".join(v["reasons"])] for v in d["kept"]],
                    ["VERSION", "WHY"])
     ctx.emit(data, human)
+
+
+def previous_version(client, name: str) -> tuple[str, str, list[str]]:
+    """(the version serving, the one to roll back to, the ones skipped between them): the
+    newest version uploaded before the one serving (or, with none serving, the active one)
+    that no live worker reports failed."""
+    listed = client.json("GET", f"/api/containers/{name}/versions")["versions"]  # newest first
+    current = (next((v for v in listed if v["serving"]), None)
+               or next((v for v in listed if v["active"]), None))
+    if current is None:
+        raise click.ClickException(f"{name} has no version serving or active to roll back "
+                                   f"from; name the one to deploy: dockyard rollback {name} "
+                                   f"VERSION (dockyard versions {name} lists them)")
+    failed = {v["version"] for w in client.json("GET", "/api/workers")["workers"]
+              if w["state"] == "up" for v in w["versions"]
+              if v["container"] == name and v["state"] == "failed"}
+    older = listed[listed.index(current) + 1:]
+    for n, candidate in enumerate(older):
+        if candidate["version"] not in failed:
+            return (current["version"], candidate["version"],
+                    [v["version"] for v in older[:n]])
+    why = ("the others before it failed to deploy" if older
+           else "it is the oldest version it has")
+    state = "serves" if current["serving"] else "is active"
+    raise click.ClickException(f"{name}@{current['version']} {state} and there is no version "
+                               f"before it to roll back to ({why}); name one: dockyard "
+                               f"rollback {name} VERSION (dockyard versions {name} lists them)")

@@ -1,0 +1,238 @@
+"""Everyday CLI use, through the real CLI against a real `serve`: times that say their zone,
+errors that name what is missing, help that fits, `rollback NAME` to the version before,
+`invoke -v` / `--id` / `@FILE` / `-`, and `jobs edit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
+
+import click
+
+from dockyard.cli import cli
+
+MISSING = "dockyard-no-such-distribution"   # not in the wheelhouse: the build fails offline
+
+
+def one_line_error(done) -> str:
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
+    return lines[0]
+
+
+def shown(epoch: float, zone) -> str:
+    moment = datetime.fromtimestamp(epoch, zone)
+    return f"{moment:%Y-%m-%d %H:%M:%S} {moment.tzname()}"
+
+
+# -- times --------------------------------------------------------------------------------
+
+def test_every_time_says_its_zone_and_a_job_shows_its_own_beside(server, pkg):
+    server.cli("deploy", str(pkg("echo", name="ev-times", version="1")), "--wait")
+    server.cli("jobs", "add", "ev-berlin", "ev-times/echo", "@every 1h", "--timezone",
+               "Europe/Berlin", "--payload", '"cron"')
+    ran = json.loads(server.cli("jobs", "run", "ev-berlin", "--wait", "--json").stdout)
+    call = server.api("GET", f"/api/invocations/{ran['invocation_id']}").json()
+    run_row = server.api("GET", "/api/jobs/ev-berlin/runs").json()["runs"][0]
+    berlin, utc = ZoneInfo("Europe/Berlin"), timezone.utc
+
+    # The call in `invocations`: UTC by default, said.
+    row = next(line for line in server.cli("invocations", "ev-times").stdout.splitlines()
+               if line.startswith(call["id"]))
+    assert row.endswith(shown(call["created_at"], utc)) and row.endswith(" UTC"), row
+    # The job's run: in the job's zone, UTC beside it (the same clock as `invocations`).
+    runs = server.cli("jobs", "runs", "ev-berlin").stdout.splitlines()
+    fired = datetime.fromtimestamp(run_row["fired_at"], utc)
+    assert (f"{shown(run_row['fired_at'], berlin)} ({fired:%H:%M:%S} UTC)"
+            in runs[1]), runs
+    # Another zone for the CLI: --tz before or after the verb, or DOCKYARD_TZ.
+    for args, env in ((["--tz", "Europe/Berlin", "invocations", "ev-times"], {}),
+                      (["invocations", "ev-times", "--tz", "Europe/Berlin"], {}),
+                      (["invocations", "ev-times"], {"DOCKYARD_TZ": "Europe/Berlin"})):
+        out = cli_run(server, *args, env=env).stdout
+        assert shown(call["created_at"], berlin) in out, (args, out)
+    # The job's run with the CLI in the job's own zone: once.
+    same = cli_run(server, "--tz", "Europe/Berlin", "jobs", "runs", "ev-berlin").stdout
+    assert f"{shown(run_row['fired_at'], berlin)}  " in same and " UTC)" not in same
+    # `local`: this machine's zone, named.
+    local = datetime.fromtimestamp(call["created_at"]).astimezone()
+    out = cli_run(server, "--tz", "local", "invocations", "ev-times").stdout
+    assert f"{local:%Y-%m-%d %H:%M:%S} {local.tzname()}" in out
+    # Next fires and the last success: the job's zone with UTC beside.
+    show = server.cli("jobs", "show", "ev-berlin").stdout
+    fires = [line.strip() for line in show.splitlines() if line.startswith("  20")]
+    assert len(fires) == 5 and all(
+        re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d CES?T \((\d{4}-\d\d-\d\d )?"
+                     r"\d\d:\d\d:\d\d UTC\)", f) for f in fires), fires
+    assert f"last success: {shown(run_row['fired_at'], berlin)}" in show
+    # Everything else that prints a time says its zone too.
+    for args in (["ls"], ["versions", "ev-times"], ["workers"], ["deployments", "ev-times"],
+                 ["status", "ev-times"]):
+        out = server.cli(*args).stdout
+        stamps = re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d( \S+)?", out)
+        assert stamps and all(zone == " UTC" for zone in stamps), (args, out)
+    # A zone nobody knows: one line, before anything runs.
+    bad = cli_run(server, "--tz", "Mars/Olympus", "ls", check=False)
+    assert "unknown zone 'Mars/Olympus'" in one_line_error(bad)
+    assert json.loads(server.cli("jobs", "runs", "ev-berlin", "--json").stdout)[
+        "runs"][0]["fired_at"] == run_row["fired_at"]   # --json keeps epoch seconds
+
+
+def cli_run(server, *args: str, env: dict | None = None, check: bool = True):
+    """server.cli with more environment."""
+    full = dict(os.environ, DOCKYARD_URL=server.url, DOCKYARD_TOKEN=server.admin, **(env or {}))
+    done = subprocess.run([sys.executable, "-m", "dockyard", "--data", str(server.data), *args],
+                          capture_output=True, text=True, env=full, timeout=300)
+    if check:
+        assert done.returncode == 0, (done.stdout, done.stderr)
+    return done
+
+
+# -- errors that name what is missing ---------------------------------------------------------
+
+def test_errors_name_what_is_missing(server, pkg):
+    assert one_line_error(server.cli("deployments", "dep_nope", check=False)) == (
+        "Error: no deployment with id 'dep_nope'; `dockyard deployments NAME` shows a "
+        "container's latest one")
+    assert one_line_error(server.cli("logs", "inv_nope", check=False)).startswith(
+        "Error: no invocation with id 'inv_nope' (records older than serve's "
+        "--keep-invocations are removed)")
+    server.cli("deploy", str(pkg("echo", name="ev-errors", version="1")), "--wait")
+    never = server.cli("jobs", "add", "ev-never", "ev-errors/echo", "0 0 31 2 *",
+                       check=False)
+    assert one_line_error(never).startswith(
+        "Error: BadRequest: schedule '0 0 31 2 *': never fires: no month it names has day 31")
+    detail = server.cli("status", "ev-errors").stdout
+    limits = next(line for line in detail.splitlines() if line.strip().startswith("limits"))
+    assert "network on" in limits and "timeout 30 s" in limits and "True" not in limits
+    assert "memory 512 MB" in limits and "=" not in limits
+
+
+# -- help that fits -------------------------------------------------------------------------
+
+def commands(group: click.Group, prefix=()):
+    for name, command in sorted(group.commands.items()):
+        yield prefix + (name,), command
+        if isinstance(command, click.Group):
+            yield from commands(command, prefix + (name,))
+
+
+def test_help_lists_every_verb_whole_and_only_options_that_mean_something(server):
+    groups = [()] + [path for path, c in commands(cli) if isinstance(c, click.Group)]
+    for path in groups:
+        out = server.cli(*path, "--help").stdout
+        listing = out.split("Commands:\n", 1)[1].splitlines()
+        assert listing and all(re.match(r"  [a-z]", line) for line in listing), out
+        assert not any("..." in line or "…" in line for line in listing), out
+    for path, command in commands(cli):
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                assert param.help, f"dockyard {' '.join(path)} {param.opts[0]} has no help"
+    serve_help = server.cli("serve", "--help").stdout
+    assert "--data" in serve_help
+    assert not re.search(r"--(url|token|json|verbose|tz)\b", serve_help), serve_help
+    worker_help = server.cli("worker", "--help").stdout
+    assert "--server URL" in worker_help and "--token TEXT" in worker_help
+    assert not re.search(r"--(url|json|verbose|tz)\b", worker_help), worker_help
+    init_help = server.cli("init", "--help").stdout
+    assert not re.search(r"--(data|url|token|json)\b", init_help), init_help
+    for flag in ("--url", "--token", "--data", "--json", "--verbose", "--tz"):
+        assert flag in server.cli("ls", "--help").stdout
+
+
+# -- rollback to the version before ---------------------------------------------------------
+
+def test_rollback_without_a_version_goes_to_the_one_before(server, pkg):
+    for version, extra in (("1", ""), ("2", f'dependencies = ["{MISSING}"]\n'), ("3", "")):
+        server.cli("deploy", str(pkg("echo", name="ev-roll", version=version,
+                                     manifest_extra=extra)), "--wait", check=version != "2")
+    assert server.invoke("ev-roll/echo", 0).headers["X-Dockyard-Version"] == "3"
+    rolled = server.cli("rollback", "ev-roll")
+    assert rolled.stderr.splitlines()[0] == (
+        "rolling ev-roll back from 3 to 1, the version before it (skipping 2: failed to "
+        "deploy)"), rolled.stderr
+    assert "ev-roll now serves 1" in rolled.stdout
+    assert server.invoke("ev-roll/echo", 0).headers["X-Dockyard-Version"] == "1"
+    oldest = server.cli("rollback", "ev-roll", check=False)
+    assert one_line_error(oldest) == (
+        "Error: ev-roll@1 serves and there is no version before it to roll back to (it is "
+        "the oldest version it has); name one: dockyard rollback ev-roll VERSION (dockyard "
+        "versions ev-roll lists them)")
+    server.cli("rollback", "ev-roll", "3")
+    as_json = server.cli("rollback", "ev-roll", "--json")
+    assert json.loads(as_json.stdout)["version"] == "1"
+    assert "from 3 to 1" in as_json.stderr
+
+
+# -- invoke -v, --id, @FILE and - -----------------------------------------------------------
+
+def test_invoke_verbose_id_and_events_from_files(server, pkg, tmp_path):
+    server.cli("deploy", str(pkg("echo", name="ev-invoke", version="1")), "--wait")
+    worker = server.api("GET", "/api/workers").json()["workers"][0]["name"]
+    done = server.cli("invoke", "ev-invoke/echo", '{"a": 1}', "-v")
+    assert json.loads(done.stdout) == {"a": 1}
+    line = done.stderr.splitlines()[-1]
+    match = re.fullmatch(r"invocation (inv_[0-9a-f]+)  version 1  duration [0-9.]+ ms  "
+                         rf"worker {re.escape(worker)}", line)
+    assert match, done.stderr
+    assert done.stderr.splitlines()[0] == f"server: {server.url}, from DOCKYARD_URL"
+    record = server.api("GET", f"/api/invocations/{match.group(1)}").json()
+    assert record["input"] == {"a": 1} and record["status"] == "succeeded"
+    # The same with --verbose before the verb.
+    assert "  version 1  " in server.cli("--verbose", "invoke", "ev-invoke/echo").stderr
+    # --id: the id alone on stderr, the result alone on stdout.
+    ided = server.cli("invoke", "--id", "ev-invoke/echo", '"x"')
+    assert ided.stdout == '"x"\n' and re.fullmatch(r"inv_[0-9a-f]+\n", ided.stderr)
+    assert "succeeded" in server.cli("logs", ided.stderr.strip()).stdout
+    # A failed call: its details, then the one-line error.
+    failed = server.cli("invoke", "-v", "ev-invoke/boom", check=False)
+    assert failed.returncode == 1 and "  version 1  " in failed.stderr
+    assert failed.stderr.splitlines()[-1].startswith("Error: ValueError: boom")
+    # The event from a file, or from stdin.
+    event = tmp_path / "event.json"
+    event.write_text('{"from": "file"}')
+    assert json.loads(server.cli("invoke", "ev-invoke/echo", f"@{event}").stdout) == {
+        "from": "file"}
+    assert json.loads(server.cli("invoke", "ev-invoke/echo", "-",
+                                 input='{"from": "stdin"}').stdout) == {"from": "stdin"}
+    missing = server.cli("invoke", "ev-invoke/echo", f"@{tmp_path / 'nope.json'}",
+                         check=False)
+    assert f"cannot read the event from {tmp_path / 'nope.json'}" in one_line_error(missing)
+    event.write_text("{nope")
+    assert "not valid JSON" in one_line_error(
+        server.cli("invoke", "ev-invoke/echo", f"@{event}", check=False))
+
+
+# -- jobs edit ------------------------------------------------------------------------------
+
+def test_jobs_edit_changes_what_it_is_given(server, pkg):
+    server.cli("deploy", str(pkg("echo", name="ev-edit", version="1")), "--wait")
+    server.cli("jobs", "add", "ev-edit-job", "ev-edit/echo", "@every 1h", "--payload", '"a"',
+               "--timeout", "5")
+    out = server.cli("jobs", "edit", "ev-edit-job", "--schedule", "0 6 * * *", "--payload",
+                     '{"b": 2}', "--timezone", "Europe/Berlin").stdout
+    assert out.startswith("job ev-edit-job changed (payload, schedule, timezone): At 06:00 "
+                          "every day (Europe/Berlin time)"), out
+    assert re.search(r"next fire: \d{4}-\d\d-\d\d 06:00:00 CES?T \(", out), out
+    job = server.api("GET", "/api/jobs/ev-edit-job").json()
+    assert (job["schedule"], job["timezone"], job["payload"]) == (
+        "0 6 * * *", "Europe/Berlin", {"b": 2})
+    assert job["timeout_s"] == 5 and job["target"] == "ev-edit/echo"   # untouched
+    edited = json.loads(server.cli("jobs", "edit", "ev-edit-job", "--timeout", "none",
+                                   "--retries", "2", "--target", "ev-edit/aecho",
+                                   "--json").stdout)
+    assert edited["timeout_s"] is None and edited["retries"] == 2
+    assert edited["target"] == "ev-edit/aecho" and edited["payload"] == {"b": 2}
+    assert "say what to change" in one_line_error(
+        server.cli("jobs", "edit", "ev-edit-job", check=False))
+    assert "never fires" in one_line_error(
+        server.cli("jobs", "edit", "ev-edit-job", "--schedule", "0 0 30 2 *", check=False))
+    assert "no job named 'ev-nope'" in one_line_error(
+        server.cli("jobs", "edit", "ev-nope", "--retries", "1", check=False))
