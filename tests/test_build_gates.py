@@ -331,11 +331,13 @@ def test_no_credential_reaches_a_build(indexed, pkg):
     def sample():
         # Every process of this data dir's uids (the containers' and their fetch uids).
         while not stop.is_set():
+            # Only the uids are read for every process of the host (a busy host has many, and
+            # a short-lived one must not be missed); command lines only for the matches.
             uids = instance_uids(srv.data)
-            for proc in psutil.process_iter(["uids", "cmdline"]):
+            for proc in psutil.process_iter(["uids"]):
                 try:
                     if proc.info["uids"] and proc.info["uids"].real in uids:
-                        cmd = "\0".join(proc.info["cmdline"] or [])
+                        cmd = "\0".join(proc.cmdline())
                         watched.setdefault(proc.info["uids"].real, set()).add(cmd)
                 except psutil.Error:
                     pass
