@@ -62,6 +62,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     from .api import containers, deployfolder, health, invocations, invoke, jobs, workers
     for module in (containers, deployfolder, health, invocations, invoke, jobs, workers):
         app.register_blueprint(module.bp)
+    from .ui import bp as dashboard
+    app.register_blueprint(dashboard)   # /ui/: the dashboard
     errors.init_app(app)
     auth.init_app(app)
     # Synchronous calls are served in front of Flask (see invoke/sync.py).

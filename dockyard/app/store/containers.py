@@ -406,3 +406,23 @@ def validate_activate_body(body) -> str:
     if not isinstance(body, dict) or not isinstance(body.get("version"), str):
         raise BadRequest('send {"version": "<version>"} to activate a version')
     return body["version"]
+
+
+def recent_deployments(db: Database, name: str | None = None, limit: int = 20,
+                       statuses: tuple[str, ...] | None = None) -> list[dict]:
+    """Deployments, the newest first, with their container's and version's names: one
+    container's (`name`), or every container's; only those in `statuses` if given."""
+    where, args = [], []
+    if name is not None:
+        where.append("c.name = ?")
+        args.append(name)
+    if statuses:
+        where.append(f"d.status IN ({', '.join('?' * len(statuses))})")
+        args += list(statuses)
+    sql = ("SELECT d.id, d.status, d.error, d.created_at, d.finished_at, c.name AS container, "
+           "v.version FROM deployments d JOIN containers c ON c.id = d.container_id "
+           "JOIN versions v ON v.id = d.version_id")
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY d.created_at DESC, d.id DESC LIMIT ?"
+    return list(db.query(sql, [*args, max(1, min(limit, 200))]))

@@ -566,3 +566,130 @@ def prune(db: Database, created_before: float, batch: int = 1000) -> int:
         deleted += len(ids)
         if len(ids) < batch:
             return deleted
+
+
+# -- reads for the dashboard ----------------------------------------------------------------
+#
+# Each one is bounded by an index: a time window on `created_at` (or `container,
+# created_at`, `status, created_at`), and a page of rows at most.
+
+TRIGGERS = ("http", "async", "cron", "manual")
+FAILURE_STATUSES = ("failed", "timed_out", "crashed")
+_FAILURES_SQL = ", ".join(f"'{s}'" for s in FAILURE_STATUSES)
+
+
+def page(db: Database, *, container: str | None = None, function: str | None = None,
+         status: str | None = None, trigger: str | None = None, since: float | None = None,
+         before: tuple[float, str] | None = None, limit: int = 50) -> tuple[list[dict], bool]:
+    """One page of records, newest first, without their texts; `before` (created_at, id)
+    of the last row of the page before (keyset paging: as fast on the thousandth page as on
+    the first). Returns the rows and whether there are older ones."""
+    if status and status not in STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+    where, args = [], []
+    for column, value in (("container", container), ("function", function),
+                          ("status", status), ("trigger", trigger)):
+        if value:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if since is not None:
+        where.append("created_at >= ?")
+        args.append(since)
+    if before is not None:
+        where.append("created_at <= ? AND NOT (created_at = ? AND id >= ?)")
+        args += [before[0], before[0], before[1]]
+    limit = _limit(limit)
+    sql = ("SELECT id, container, version, function, trigger, status, attempt, worker_id, "
+           "created_at, started_at, finished_at, duration_ms, max_rss_kb, cold, error "
+           "FROM invocations")
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    rows = [public(r, full=False) for r in db.query(sql, [*args, limit + 1])]
+    return rows[:limit], len(rows) > limit
+
+
+# Percentiles and the split of a slice of time are read from the newest calls of the window
+# (a sample, said on the page when it is one) rather than from every row: counting is done
+# within an index, but reading a column of 100 000 rows is not.
+DURATION_SAMPLE = 5000
+SLICE_SAMPLE = 200
+
+
+def window_figures(db: Database, since: float) -> dict:
+    """Calls created since `since` (Unix time): how many, how many failed (failed, timed out
+    or crashed), the success rate of those that finished (all counted within the indexes),
+    and the p50/p99 duration of the newest DURATION_SAMPLE of them (`sampled`: fewer than
+    all were read)."""
+    calls = db.execute("SELECT count(*) FROM invocations WHERE created_at >= ?",
+                       [since]).fetchone()[0]
+    counts = {status: db.execute("SELECT count(*) FROM invocations WHERE status = ? "
+                                 "AND created_at >= ?", [status, since]).fetchone()[0]
+              for status in ("succeeded", *FAILURE_STATUSES)}
+    errors = sum(counts[status] for status in FAILURE_STATUSES)
+    finished = counts["succeeded"] + errors
+    durations = sorted(row[0] for row in db.execute(
+        "SELECT duration_ms FROM invocations WHERE created_at >= ? ORDER BY created_at DESC "
+        "LIMIT ?", [since, DURATION_SAMPLE]).fetchall() if row[0] is not None)
+    return {"calls": calls, "errors": errors,
+            "success_rate": (finished - errors) / finished if finished else None,
+            "p50_ms": _quantile(durations, 0.50), "p99_ms": _quantile(durations, 0.99),
+            "sampled": calls > DURATION_SAMPLE}
+
+
+def unfinished(db: Database, limit: int = 50) -> list[dict]:
+    """Calls queued or running, the newest first."""
+    rows = []
+    for status in ("running", "queued"):
+        rows += db.query(
+            "SELECT id, container, version, function, trigger, status, attempt, worker_id, "
+            "created_at, started_at, finished_at, duration_ms, max_rss_kb, cold, error "
+            "FROM invocations WHERE status = ? ORDER BY created_at DESC LIMIT ?",
+            [status, _limit(limit)])
+    return [public(r, full=False) for r in rows][:limit]
+
+
+def per_version(db: Database, container: str, since: float, buckets: int = 24
+                ) -> tuple[dict[str, list[dict]], bool]:
+    """A container's calls since `since`, per version, in `buckets` equal slices of time up
+    to now: calls, errors, p50 and p99 duration of each slice. Each slice's calls are counted
+    within the index; the split by version, the errors and the durations come from its newest
+    SLICE_SAMPLE calls (scaled up to the count). Returns the series and whether any slice was
+    sampled."""
+    t = now()
+    width = max(1.0, (t - since) / buckets)
+    found: dict[str, list] = {}
+    sampled = False
+    for i in range(buckets):
+        start, end = since + i * width, since + (i + 1) * width
+        total = db.execute("SELECT count(*) FROM invocations WHERE container = ? AND "
+                           "created_at >= ? AND created_at < ?",
+                           [container, start, end]).fetchone()[0]
+        if not total:
+            continue
+        rows = db.execute("SELECT version, status, duration_ms FROM invocations WHERE "
+                          "container = ? AND created_at >= ? AND created_at < ? "
+                          "ORDER BY created_at DESC LIMIT ?",
+                          [container, start, end, SLICE_SAMPLE]).fetchall()
+        sampled = sampled or total > len(rows)
+        scale = total / max(1, len(rows))
+        split: dict[str, list] = {}
+        for version, status, duration in rows:
+            split.setdefault(version or "?", []).append((status in FAILURE_STATUSES, duration))
+        for version, calls in split.items():
+            slots = found.setdefault(version, [None] * buckets)
+            durations = sorted(d for _, d in calls if d is not None)
+            slots[i] = {"calls": round(len(calls) * scale),
+                        "errors": round(sum(1 for failed, _ in calls if failed) * scale),
+                        "p50_ms": _quantile(durations, 0.50),
+                        "p99_ms": _quantile(durations, 0.99)}
+    series = {}
+    for version, slots in found.items():
+        series[version] = [dict(slot or {"calls": 0, "errors": 0, "p50_ms": None,
+                                         "p99_ms": None}, start=since + i * width)
+                           for i, slot in enumerate(slots)]
+    return series, sampled
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else None
