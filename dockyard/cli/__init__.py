@@ -610,6 +610,7 @@ def workers_rm(ctx, name):
 
 
 from .calls import invoke  # noqa: E402 - needs Context from above
+from .cancel import cancel  # noqa: E402 - needs Context from above
 from .history import deployments, invocations, logs  # noqa: E402 - needs Context from above
 from .jobs import jobs  # noqa: E402 - needs Context and _table from above
 from .status import status  # noqa: E402
@@ -619,6 +620,7 @@ cli.add_command(invoke)
 cli.add_command(deployments)
 cli.add_command(invocations)
 cli.add_command(logs)
+cli.add_command(cancel)
 cli.add_command(jobs)
 cli.add_command(status)
 cli.add_command(versions)

@@ -122,7 +122,8 @@ POLL_S = 0.5
 @click.command(cls=Command, short_help="Show a call (ID), or a container's calls (NAME).")
 @click.argument("target", metavar="ID|NAME")
 @click.option("--follow", "-f", is_flag=True,
-              help="NAME: print each call as it finishes, until Ctrl-C.")
+              help="NAME: print each call as it finishes, until Ctrl-C; ID: wait for the "
+                   "call to end, then print it.")
 @pass_ctx
 def logs(ctx, target, follow):
     """Show one invocation (ID): status, timing, output, error. For a container NAME: its
@@ -130,9 +131,18 @@ def logs(ctx, target, follow):
     client = ctx.client()
     worker = WorkerNames(client)
     if INVOCATION_ID_RE.fullmatch(target):
-        if follow:
-            raise click.UsageError("--follow follows a container: dockyard logs NAME --follow")
-        ctx.emit(_invocation(client, target), lambda i: show_invocation(i, worker))
+        call = _invocation(client, target)
+        if follow and call["status"] in ("queued", "running"):
+            if not ctx.as_json:
+                click.echo(f"{target} is {call['status']}; waiting for its end (Ctrl-C stops "
+                           "waiting, not the call)", err=True)
+            try:
+                while call["status"] in ("queued", "running"):
+                    time.sleep(POLL_S)
+                    call = _invocation(client, target)
+            except KeyboardInterrupt:
+                pass
+        ctx.emit(call, lambda i: show_invocation(i, worker))
         return
     recent = client.json("GET", "/api/invocations",
                          params={"container": target, "limit": RECENT, "full": 1})
@@ -200,8 +210,16 @@ def _print_call(ctx, call: dict, worker: WorkerNames) -> None:
 
 def show_invocation(i: dict, worker=lambda worker_id: worker_id or "-") -> None:
     """One call for people: what ran, the REPORT line, its output, and its error."""
-    click.echo(f"{i['id']}  {i['container']}@{i['version']}/{i['function']}  "
+    version = i["version"] or ("(serving)" if i["status"] == "queued" else "-")
+    click.echo(f"{i['id']}  {i['container']}@{version}/{i['function']}  "
                f"{i['status']}  trigger={i['trigger']} attempt={i['attempt']}")
+    if i["status"] in ("queued", "running"):
+        since = i.get("started_at") or i.get("created_at")
+        click.echo(f"{i['status']} for {max(0.0, time.time() - since):.1f} s on worker "
+                   f"{worker(i.get('worker_id'))}; its output comes with its end "
+                   f"(`dockyard logs {i['id']} --follow` waits for it)" if since else
+                   i["status"])
+        return
     duration = f"{i['duration_ms']:.2f} ms" if i["duration_ms"] is not None else "-"
     memory = f"{i['max_rss_kb'] / 1024:.1f} MB" if i["max_rss_kb"] else "-"
     click.echo(f"REPORT duration: {duration}  max memory used: {memory}  "

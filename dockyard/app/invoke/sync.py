@@ -25,6 +25,7 @@ from ..auth import INVOKE_KINDS, check_header, is_local
 from ..errors import error_body
 from ..store.db import get_db, now
 from .execute import execute, http_status
+from .lambda_api import PREFIX as LAMBDA_PREFIX, LambdaApi
 from ..store import invocations as store
 
 log = logging.getLogger("dockyard.invoke")
@@ -101,11 +102,14 @@ class SyncInvoke:
         self.invoke_auth = bool(app.config["INVOKE_AUTH"])
         self.max_event = int(app.config["MAX_EVENT_BYTES"])
         self.threads = WebThreads(int(app.config["WEB_THREADS"]), int(app.config["WEB_RESERVE"]))
+        self.lambda_api = LambdaApi(self)   # the Lambda-compatible routes (lambda_api.py)
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
         if (environ.get("REQUEST_METHOD") != "POST" or not path.startswith(PREFIX)
                 or wants_async(environ)):
+            if path.startswith(LAMBDA_PREFIX):
+                return self.lambda_api(environ, start_response)
             return self.flask_wsgi(environ, start_response)
         target, slash, function = path[len(PREFIX):].partition("/")
         if not slash or not target or not function or "/" in function:

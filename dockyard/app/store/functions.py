@@ -1,0 +1,27 @@
+"""What the Lambda-compatible API lists: each container's serving version (its `$LATEST`), or
+every version, with the fields a function configuration is made of."""
+
+from __future__ import annotations
+
+from .engine import Database
+
+_COLUMNS = ("c.name AS container, v.version, v.manifest, v.content_sha256, v.artifact_size, "
+            "v.created_at")
+
+
+def serving(db: Database, container: str | None = None) -> list[dict]:
+    """The serving version of each container that has one (of one container when named),
+    by container name."""
+    where, params = ("WHERE c.name = ?", [container]) if container else ("", [])
+    return list(db.query(
+        f"SELECT {_COLUMNS} FROM containers c JOIN versions v "
+        f"ON v.id = coalesce(c.serving_version_id, c.active_version_id) {where} "
+        "ORDER BY c.name", params))
+
+
+def versions(db: Database, container: str | None = None) -> list[dict]:
+    """Every version of every container (of one container when named), oldest first."""
+    where, params = ("WHERE c.name = ?", [container]) if container else ("", [])
+    return list(db.query(
+        f"SELECT {_COLUMNS} FROM containers c JOIN versions v ON v.container_id = c.id "
+        f"{where} ORDER BY c.name, v.created_at, v.id", params))

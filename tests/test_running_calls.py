@@ -1,0 +1,89 @@
+"""A synchronous call is recorded `running` when it is handed to a worker: it shows in
+`dockyard invocations --status running` and `dockyard logs ID` while it runs, `dockyard logs
+ID --follow` waits for its end, and `dockyard cancel ID` stops it. A quick call is still
+written once, finished."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+from conftest import ROOT
+from failover_cluster import wait_for
+
+
+def _running(server, container: str) -> list[dict]:
+    listed = server.cli("--json", "invocations", container, "--status", "running")
+    return json.loads(listed.stdout)["invocations"]
+
+
+def test_a_running_call_is_seen_followed_and_cancelled(server, pkg):
+    server.deploy(pkg("echo", name="running-calls"))
+    answers: list = []
+    caller = threading.Thread(target=lambda: answers.append(
+        server.invoke("running-calls/print_then_sleep", {"s": 60})))
+    caller.start()
+    try:
+        calls = wait_for("the call listed as running",
+                         lambda: _running(server, "running-calls"), 30, 0.1)
+        assert len(calls) == 1
+        call_id = calls[0]["id"]
+        shown = server.cli("--json", "logs", call_id)
+        record = json.loads(shown.stdout)
+        assert record["status"] == "running" and record["worker_id"]
+        assert record["input"] == {"s": 60} and record["finished_at"] is None
+
+        env = dict(server_env(server))
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "dockyard", "--data", str(server.data), "logs", call_id,
+             "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env, cwd=ROOT)
+        try:
+            cancelled = server.cli("cancel", call_id)
+            assert f"{call_id}: cancelled" in cancelled.stdout
+            out, err = follower.communicate(timeout=60)
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
+        assert follower.returncode == 0, err
+        assert "cancelled" in out
+    finally:
+        caller.join(90)
+    answer = answers[0]
+    assert answer.status_code == 409, answer.text
+    assert answer.headers["X-Dockyard-Invocation-Id"] == call_id
+    final = json.loads(server.cli("--json", "logs", call_id).stdout)
+    assert final["status"] == "cancelled"
+    assert "before the sleep" in final["stdout"]
+    # Cancelling it again says it has ended; an unknown id says there is no such call.
+    again = server.cli("cancel", call_id, check=False)
+    assert again.returncode == 1 and "finished already" in again.stderr
+    unknown = server.cli("cancel", "inv_0000", check=False)
+    assert unknown.returncode == 1 and "no call with id 'inv_0000'" in unknown.stderr
+
+
+def test_a_quick_call_is_recorded_once_finished(server, pkg):
+    server.deploy(pkg("echo", name="quick-calls"))
+    cursor = server.api("GET", "/api/invocations?container=quick-calls").json()["cursor"]
+    ids = [server.invoke("quick-calls/echo", n).headers["X-Dockyard-Invocation-Id"]
+           for n in range(30)]
+    finished: list[str] = []
+
+    def all_finished():
+        nonlocal cursor
+        page = server.api("GET", f"/api/invocations?container=quick-calls&after={cursor}"
+                          ).json()
+        finished.extend(r["id"] for r in page["invocations"])
+        cursor = page["cursor"]
+        return len(finished) >= len(ids)
+    wait_for("every call finished", all_finished, 30, 0.1)
+    assert sorted(finished) == sorted(ids)
+    assert not _running(server, "quick-calls")
+
+
+def server_env(server) -> dict:
+    import os
+    return dict(os.environ, DOCKYARD_URL=server.url, DOCKYARD_TOKEN=server.admin)
