@@ -277,6 +277,8 @@ def test_run_pause_and_resume_a_job(signed_in):
     assert [r["trigger"] for r in runs] == ["manual"]
     page = ui.client.get("/ui/jobs/often")
     assert runs[0]["invocation_id"] in page.text and "run queued as" in page.text
+    call = ui.client.get(f"/ui/invocations/{runs[0]['invocation_id']}")
+    assert 'id="job-link">often</a>' in call.text
     assert ui.post("/ui/jobs/often/pause", csrf=False).status_code == 400
     assert ui.api.get("/api/jobs/often").get_json()["enabled"] is True
     assert ui.post("/ui/jobs/often/pause").status_code == 302

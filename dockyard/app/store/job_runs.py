@@ -223,3 +223,10 @@ def error_text(error_json: str | None) -> str | None:
         return error_json[:500]
     return f"{error.get('type')}: {error.get('message')}"[:500]
 
+
+
+def job_of_invocation(db: Database, invocation_id: str) -> str | None:
+    """The name of the job whose run made this call (None: no job's)."""
+    row = db.execute("SELECT j.name FROM job_runs r JOIN jobs j ON j.id = r.job_id "
+                     "WHERE r.invocation_id = ? LIMIT 1", [invocation_id]).fetchone()
+    return row[0] if row else None

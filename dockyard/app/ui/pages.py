@@ -137,8 +137,10 @@ def invocations():
 
 @bp.get("/invocations/<invocation_id>")
 def invocation(invocation_id: str):
-    record = invocation_store.get(database(), invocation_id)
+    db = database()
+    record = invocation_store.get(db, invocation_id)
     return render_template("ui/invocation.html", inv=record,
+                           job=job_runs.job_of_invocation(db, invocation_id),
                            live=record["status"] in ("queued", "running"))
 
 
