@@ -165,9 +165,28 @@ class Liveness:
                 # for the worker's next heartbeat to be routed to again.
                 self._mark(view, UP)
             return
+        if self._said_it_stops(view):
+            # Its last heartbeat said it stops (a clean stop, which it logs itself): out of
+            # routing here, nothing to mark.
+            log.debug("worker %s at %s stopped (%s)", view.worker_id, view.address, why)
+            return
         log.warning("worker %s at %s is %s: %s", view.worker_id, view.address, state, why)
         if was == UP:
             self._mark(view, state)
+
+    def _said_it_stops(self, view: WorkerView) -> bool:
+        """Whether the worker told the control plane it stops (its last heartbeat): it is no
+        longer among the workers heard from that have not. A fresh read (the watcher's is up
+        to a second old), only when a worker leaves this process's routing."""
+        if self.db_target is None:
+            return False
+        from ..store.db import get_db
+        from ..store import workers as worker_store
+        try:
+            seen = worker_store.recently_seen(get_db(self.db_target))
+        except Exception:  # noqa: BLE001 - unknown: it is said as a loss
+            return False
+        return all(row["id"] != view.worker_id for row in seen)
 
     def _mark(self, view: WorkerView, state: str) -> None:
         """Out of routing for every process (best effort: the heartbeat's expiry is the
