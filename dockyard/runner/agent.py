@@ -1,7 +1,8 @@
 """The worker agent: registers with the control plane, heartbeats, reconciles the desired set
-of versions, serves calls on its invoke endpoint, and on SIGTERM drains and stops everything.
-One main loop does all of it; signal handlers only enqueue and wake the loop (gunicorn's
-arbiter does the same)."""
+of versions, serves calls on its invoke endpoint, and on SIGTERM (or Ctrl-C) drains and stops
+everything; a second one (or SIGUSR1, serve's way of asking) stops the calls under way at
+once. One main loop does all of it; signal handlers only enqueue and wake the loop
+(gunicorn's arbiter does the same)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,15 @@ BOOTSTRAP = Path(__file__).resolve().parent.parent / "sandbox" / "bootstrap.py"
 # under this worker's name, live for the worker TTL (15 s): until then a 409 from the next
 # one may be that row, and registering is tried again (it then takes the row over).
 REGISTER_LANDED_S = 20.0
+# Stopping the calls at once: each process is stopped within HALT_GRACE_S (killed if it has
+# not exited), and a call it had in hand is answered cancelled with the reason, which is
+# DOCKYARD_STOP_REASON (serve gives its worker "server stopped") or "worker stopped". The
+# web threads whose direct call ended ask what became of it: they are answered until none
+# has asked for HALT_QUIET_S (at most HALT_LINGER_S).
+HALT_GRACE_S = 0.3
+HALT_QUIET_S = 0.3
+HALT_LINGER_S = 2.0
+STOP_REASON_ENV = "DOCKYARD_STOP_REASON"
 
 
 @dataclass
@@ -78,6 +88,10 @@ class Agent:
         self.nonce = secrets.token_hex(8)
         self.signals: list[int] = []
         self.stopping = False
+        self.halted: str | None = None    # why the calls were stopped at once, once they were
+        self.halt_until = 0.0             # how long after that this worker lingers at most
+        self.last_lost = 0.0              # when a web thread last asked about a call it lost
+        self.ctrl_c = True                # whether Ctrl-C stops this worker (not under serve)
         self.swept = False      # the start's sweep of what removed versions left
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_read, False)
@@ -119,6 +133,27 @@ class Agent:
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self.signals.append(signum)
         self.wake()
+
+    def _handle_signals(self) -> None:
+        """SIGTERM, Ctrl-C and SIGHUP stop the worker, SIGUSR1 stops it with its calls at
+        once. A SIGINT or SIGHUP it was started with ignored stays ignored (serve starts its
+        worker so: the terminal's Ctrl-C reaches serve's whole process group, and serve acts
+        on it), with a handler that does nothing rather than SIG_IGN, so that the processes
+        this worker starts get the default again."""
+        for signum in (signal.SIGINT, signal.SIGHUP):
+            if signal.getsignal(signum) == signal.SIG_IGN:
+                signal.signal(signum, _ignored)
+                self.ctrl_c = self.ctrl_c and signum != signal.SIGINT
+            else:
+                signal.signal(signum, self._on_signal)
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._on_signal)
+
+    @property
+    def halt_asked(self) -> bool:
+        """A second stop signal came, or SIGUSR1."""
+        signals = list(self.signals)
+        return len(signals) > 1 or signal.SIGUSR1 in signals
 
     def _sleep(self, seconds: float) -> None:
         ready, _, _ = select.select([self.wake_read], [], [], seconds)
@@ -286,8 +321,7 @@ class Agent:
                                            queue_wait=queue_wait)
             finally:
                 self.calls.pop(call_id, None)
-            if call_id in self.cancelled:
-                reply = _cancelled(reply)
+            reply = self._if_stopped(call_id, reply)
         reply["type"] = Frame.RESULT
         reply["id"] = call_id
         return reply
@@ -325,6 +359,7 @@ class Agent:
         """What became of a call a web thread sent down a direct channel and got no proper
         reply to (see Child.lost). The process is looked for in every pool not yet stopped:
         a draining version's too."""
+        self.last_lost = time.monotonic()
         call_id = str(frame.get("id"))
         child = None
         if frame.get("agent") == self.nonce:     # not a process of an earlier worker run
@@ -335,8 +370,8 @@ class Agent:
         else:
             reply = child.lost(str(frame.get("why")), call_id,
                                float(frame.get("timeout") or child.timeout_s or 0))
-        if call_id in self.cancelled and reply.get("status") != Status.NOT_RUNNING:
-            reply = _cancelled(reply)
+        if reply.get("status") != Status.NOT_RUNNING:
+            reply = self._if_stopped(call_id, reply)
         reply["type"] = Frame.RESULT
         reply["id"] = call_id
         return reply
@@ -361,6 +396,15 @@ class Agent:
             self._background(self._cancel_when_started, call_id)
         return {"type": Frame.CANCEL, "id": call_id, "found": True}
 
+    def _if_stopped(self, call_id: str, reply: dict) -> dict:
+        """The reply of a call that was cancelled, or whose process a halt stopped with the
+        call in hand: cancelled, with why."""
+        if call_id in self.cancelled:
+            return _cancelled(reply)
+        if self.halted and reply.get("status") == Status.CRASHED:
+            return _cancelled(reply, self.halted)
+        return reply
+
     def _cancel_when_started(self, call_id: str) -> None:
         while call_id in self.calls:
             runtime = self.calls.get(call_id)
@@ -384,8 +428,7 @@ class Agent:
             time.sleep(WATCH_S)
 
     def run(self) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
+        self._handle_signals()
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                          daemon=True).start()
         threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
@@ -393,7 +436,6 @@ class Agent:
         next_beat = 0.0
         while not self.stopping:
             if self.signals:
-                self.signals.clear()
                 self.stopping = True
                 break
             now = time.monotonic()
@@ -439,9 +481,9 @@ class Agent:
                 delay = min(delay * 2, 5.0)
 
     def shutdown(self) -> int:
-        """Tell the control plane to stop routing here, finish in-flight calls, stop every
-        child tree, exit 0."""
-        log.info("stopping: draining %d version(s)", len(self.runtimes))
+        """Tell the control plane to stop routing here, finish in-flight calls (or stop them at
+        once: see halt), stop every child tree, exit 0."""
+        self.stopping = True
         if self.worker_id:
             try:
                 self.heartbeat(stopping=True)
@@ -450,14 +492,73 @@ class Agent:
         threads = [threading.Thread(target=r.stop, daemon=True) for r in self.runtimes.values()]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        said = None
+        while any(t.is_alive() for t in threads):
+            if self.halted is None and self.halt_asked:
+                self.halt()
+            if self.halted is None:
+                said = self._say_waiting(said, len(threads))
+            elif time.monotonic() > self.halt_until:
+                break   # a build may hold its version's stop: it goes with this process
+            self._sleep(0.1)
+        if self.halted is not None:
+            self._linger()
         spares.close()
         self.server.shutdown()
         self.server.close_connections()
         self.server.server_close()
         log.info("stopped")
         return 0
+
+    def _calls_in_flight(self) -> int:
+        """The calls relayed here (running or waiting for a process) and those web threads
+        sent straight to a process, each counted once."""
+        ids = set(self.calls)
+        for pool in live_pools():
+            for child in list(pool.children):
+                busy, _, _, _, call_id = child.direct_state()
+                if busy:
+                    ids.add(call_id or f"process {child.number}")
+        return len(ids)
+
+    def _say_waiting(self, said: int | None, versions: int) -> int:
+        """Say what the stop waits for, when that changes."""
+        calls = self._calls_in_flight()
+        if calls != said:
+            if not calls:
+                log.info("stopping: %d version(s), no calls in flight", versions)
+            else:
+                log.info("stopping: waiting for %d call%s%s", calls, "" if calls == 1 else "s",
+                         f"; Ctrl-C again to stop {'it' if calls == 1 else 'them'} now"
+                         if self.ctrl_c else "")
+        return calls
+
+    def halt(self) -> None:
+        """Stop every call now: every process is stopped (killed within HALT_GRACE_S, and
+        none started in its place), and a call it had in hand is answered cancelled with
+        the reason."""
+        self.halted = os.environ.get(STOP_REASON_ENV) or "worker stopped"
+        self.halt_until = time.monotonic() + HALT_GRACE_S + HALT_LINGER_S
+        calls = self._calls_in_flight()
+        log.info("stopping %d call%s now (%s)", calls, "" if calls == 1 else "s", self.halted)
+        threads = [threading.Thread(target=pool.stop, args=(HALT_GRACE_S,), daemon=True)
+                   for pool in live_pools()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.last_lost = time.monotonic()
+
+    def _linger(self) -> None:
+        """After a halt: answer the calls relayed here and the web threads asking about the
+        direct calls that ended, until they are done (at most HALT_LINGER_S after it)."""
+        while time.monotonic() < self.halt_until and (
+                self.calls or time.monotonic() - self.last_lost < HALT_QUIET_S):
+            time.sleep(0.02)
+
+
+def _ignored(signum, frame) -> None:  # noqa: ARG001
+    """A signal this worker was started with ignored."""
 
 
 def _error_message(response) -> str:
@@ -468,9 +569,8 @@ def _error_message(response) -> str:
         return f"the control plane answered {response.status_code}"
 
 
-def _cancelled(reply: dict) -> dict:
-    return dict(reply, status=Status.CANCELLED, error={
-        "type": "Cancelled", "message": "cancelled; its process tree was killed"})
+def _cancelled(reply: dict, message: str = "cancelled; its process tree was killed") -> dict:
+    return dict(reply, status=Status.CANCELLED, error={"type": "Cancelled", "message": message})
 
 
 class _Fd:
