@@ -1,6 +1,7 @@
 """`dockyard serve`: the control plane under gunicorn, the async dispatcher, the scheduler, the
-deploy-folder watcher and one local worker, supervised together; SIGTERM / Ctrl-C drains and
-stops them all."""
+deploy-folder watcher and one local worker, supervised together. SIGTERM / Ctrl-C stops them
+all once the calls under way have ended (saying what it waits for, and answering health
+checks meanwhile); a second one stops those calls at once."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ import resource
 import select
 import signal
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,9 @@ from ..app.invoke.dispatcher import Dispatcher
 from ..app.jobs.retention import Retention
 from ..app.processes.scheduler import SchedulerProcess
 from ..app.processes.watcher import WatcherProcess
+from ..app.processes.web import WebServer
 from ..app.processes.worker import LocalWorkerProcess
+from .serve_stop import ServeStop
 from ..common.protocol import WORKER_CONFIG_EXIT
 
 log = logging.getLogger("dockyard.serve")
@@ -52,11 +53,15 @@ def _raise_open_files(wanted: int = 65536) -> None:
 
 
 def _die_with_parent() -> None:
-    """Children get SIGTERM if serve itself is killed, so nothing is left behind."""
+    """Children get SIGTERM if serve itself is killed, so nothing is left behind. Ctrl-C
+    reaches the terminal's whole process group: it is serve's to act on (see serve_stop.py),
+    so they start with it ignored (gunicorn and the worker keep it so), and SIGHUP too."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def retention_options(keep_invocations: str, keep_versions: str, prune_every: str,
@@ -118,14 +123,14 @@ class ServeOptions:
     retention: Retention = field(default_factory=Retention)
 
 
-class Supervisor:
+class Supervisor(ServeStop):
     def __init__(self, options: ServeOptions):
         self.options = options
         self.data = DataDir.at(options.data)
         self.signals: list[int] = []
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_write, False)
-        self.gunicorn: subprocess.Popen | None = None
+        self.web: WebServer | None = None
         self.worker: LocalWorkerProcess | None = None
         self.dispatcher: Dispatcher | None = None
         self.scheduler: SchedulerProcess | None = None
@@ -176,15 +181,10 @@ class Supervisor:
         lone container always had), the reserve is on top."""
         return self.options.threads + self.options.web_reserve
 
-    def _start_gunicorn(self, sock: socket.socket) -> None:
-        fd = sock.fileno()
-        cmd = [sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}",
-               "--workers", str(self.options.web_workers), "--worker-class", "gthread",
-               "--threads", str(self.web_threads), "--keep-alive", "75",
-               "--graceful-timeout", "60", "--timeout", "120", "--log-level", "warning",
-               "--name", "dockyard-web", "dockyard.app:create_app()"]
-        self.gunicorn = subprocess.Popen(cmd, pass_fds=(fd,), env=self._env(),
-                                         preexec_fn=_die_with_parent)
+    def _start_web(self, sock: socket.socket) -> None:
+        self.web = WebServer(self.options.web_workers, self.web_threads, self._env(),
+                             _die_with_parent)
+        self.web.start(sock)
 
     def _start_worker(self) -> None:
         self.worker = LocalWorkerProcess(self.data, self.url, self.options.worker_args,
@@ -212,7 +212,7 @@ class Supervisor:
     def _wait_healthy(self, timeout: float = 60.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if self.gunicorn.poll() is not None:
+            if self.web.poll() is not None:
                 raise SystemExit("dockyard: the web server exited while starting; see above")
             try:
                 if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
@@ -255,7 +255,7 @@ class Supervisor:
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
-        self._start_gunicorn(sock)
+        self._start_web(sock)
         try:
             self._wait_healthy()
         except SystemExit:
@@ -287,6 +287,7 @@ class Supervisor:
               flush=True)
         code = self._supervise()
         self._stop()
+        print("stopped", flush=True)
         return code
 
     def _open_database(self) -> None:
@@ -329,8 +330,8 @@ class Supervisor:
             ready, _, _ = select.select([self.wake_read], [], [], 0.5)
             if ready:
                 os.read(self.wake_read, 4096)
-            if self.gunicorn.poll() is not None:
-                log.error("the web server exited (code %s); stopping", self.gunicorn.returncode)
+            if self.web.poll() is not None:
+                log.error("the web server exited (code %s); stopping", self.web.returncode)
                 return 1
             if self.deploy_watcher is not None and not self.signals:
                 self.deploy_watcher.check()
@@ -345,27 +346,9 @@ class Supervisor:
         return 0
 
     def _stop(self) -> None:
-        if self.deploy_watcher:
-            self.deploy_watcher.stop()
-        # No new fires, then no new calls; the calls under way finish on a worker that is
-        # still up, and only then does the worker drain.
-        if self.scheduler:
-            self.scheduler.stop()
-        if self.dispatcher:
-            self.dispatcher.stop(wait=True)
-        # The worker drains while the web server finishes what it has under way.
-        if self.worker is not None:
-            self.worker.terminate()
-        if self.gunicorn is not None and self.gunicorn.poll() is None:
-            self.gunicorn.send_signal(signal.SIGTERM)
-        if self.worker is not None:
-            self.worker.wait_stopped()
-        if self.gunicorn is not None:
-            try:
-                self.gunicorn.wait(timeout=70)
-            except subprocess.TimeoutExpired:
-                self.gunicorn.kill()
-                self.gunicorn.wait()
+        """Everything serve started (see serve_stop.py), then the notes that point the CLI
+        here."""
+        self.stop_processes()
         if self.routes is not None:
             self.routes.stop()
         if self.server_note is not None:

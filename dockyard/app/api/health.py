@@ -15,6 +15,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                      HistogramMetricFamily)
 
 from ..auth import check_metrics, require
+from ..serve_state import stopping
 from ..state import database, extension
 from ..store import job_runs
 from ..store import jobs as job_store
@@ -43,7 +44,12 @@ def index():
 
 @bp.get("/healthz")
 def healthz():
-    return jsonify({"status": "ok", "workers": len(worker_store.live_worker_ids(database()))})
+    """503 `stopping` while the serve this runs under stops: it takes no new calls (those
+    under way go on), and a load balancer takes it out."""
+    workers = len(worker_store.live_worker_ids(database()))
+    if stopping():
+        return jsonify({"status": "stopping", "workers": workers}), 503
+    return jsonify({"status": "ok", "workers": workers})
 
 
 @bp.get("/api/server")

@@ -34,6 +34,9 @@ RUNNING_LEASE_S = 24 * 3600.0   # the dispatcher lease, not this, detects a dead
 UNAVAILABLE_RETRY_S = 120.0
 RETRY_S = 1.0
 QUEUE_WAIT_S = 1.0
+# A call halted (serve stopped at once) that is still under way this much later: its worker is
+# told to kill it.
+HALT_TELL_AFTER_S = 0.8
 
 
 class Dispatcher:
@@ -86,7 +89,8 @@ class Dispatcher:
     def halt(self, reason: str) -> int:
         """Stop every call this dispatcher runs, now: each is recorded cancelled with
         `reason` (a worker's answer after that does not change it), and the workers are told
-        to kill them (in the background). Returns how many."""
+        to kill those still under way HALT_TELL_AFTER_S later (serve's local worker stops its
+        own at once). Returns how many."""
         self.stop_claiming()
         db = get_db(self.db_target)
         stopped = []
@@ -105,8 +109,9 @@ class Dispatcher:
         return len(stopped)
 
     def _tell(self, ids: list[str]) -> None:
+        time.sleep(HALT_TELL_AFTER_S)
         db = get_db(self.db_target)
-        for invocation_id in ids:
+        for invocation_id in [i for i in ids if i in self.running]:
             try:
                 tell_workers(db, self.connections, invocation_id)
             except Exception:  # noqa: BLE001 - best effort: the call is recorded cancelled

@@ -84,12 +84,13 @@ class SupervisedProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
-    def wait_stopped(self) -> None:
-        """Wait up to stop_grace_s for the process to exit, then kill it."""
+    def wait_stopped(self, timeout: float | None = None) -> None:
+        """Wait up to `timeout` (default: stop_grace_s) for the process to exit, then kill
+        it."""
         if self.proc is None:
             return
         try:
-            self.proc.wait(timeout=self.stop_grace_s)
+            self.proc.wait(timeout=self.stop_grace_s if timeout is None else max(0.0, timeout))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

@@ -7,16 +7,22 @@ recorded for the 503s that say why no worker is there."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 
 from ...common.protocol import WORKER_CONFIG_EXIT
+from ...runner.agent import STOP_REASON_ENV
 from ...runner.server import UNIX_PATH_MAX
 from ..datadir import LOCK_FD_ENV, DataDir
 from ..store.db import connect
 from ..store import workers as worker_store
 from .supervised import SupervisedProcess, log
+
+# Why a call serve stopped at once ended (a second Ctrl-C), in its record.
+STOP_REASON = "server stopped"
+
 
 class LocalWorkerProcess(SupervisedProcess):
     name = "local worker"
@@ -51,6 +57,8 @@ class LocalWorkerProcess(SupervisedProcess):
 
     def env(self) -> dict:
         env = dict(self.base_env, DOCKYARD_TOKEN=self.data.read_token("worker") or "")
+        # What the calls it stops at once are told (see halt).
+        env[STOP_REASON_ENV] = STOP_REASON
         if self.lock_fd is not None:
             env[LOCK_FD_ENV] = str(self.lock_fd)
         return env
@@ -63,6 +71,12 @@ class LocalWorkerProcess(SupervisedProcess):
 
     def spawned(self) -> None:
         self._state("running")
+
+    def halt(self) -> None:
+        """Stop every call it runs, now (each answered cancelled, "server stopped"), and exit
+        (SIGUSR1: two SIGTERMs sent at once may arrive as one)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
 
     def exited(self, code: int) -> bool:
         if code == WORKER_CONFIG_EXIT:
