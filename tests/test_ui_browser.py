@@ -96,6 +96,22 @@ def screenshot_on_failure(driver, folder: Path):
         raise
 
 
+def docs_screenshot(driver, url: str, name: str) -> None:
+    """With DOCKYARD_UI_SCREENSHOTS=FOLDER, a screenshot of the page at `url` for the docs
+    (the README's are made with DOCKYARD_UI_SCREENSHOTS=docs)."""
+    folder = os.environ.get("DOCKYARD_UI_SCREENSHOTS")
+    if not folder:
+        return
+    driver.get(url)
+    wait(driver, EC.presence_of_element_located((By.ID, "sign-out")))
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1366, max(700, min(height + 20, 2400)))
+    try:
+        driver.save_screenshot(str(ROOT / folder / name))
+    finally:
+        driver.set_window_size(1366, 900)
+
+
 def wait(driver, condition, timeout: float = WAIT_S):
     return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
 
@@ -153,6 +169,8 @@ def test_invoke_from_the_container_page(page, dashboard_server):
     link.click()
     text_in(page, "#result", "hello, browser!")
     assert '"who": "browser"' in page.find_element(By.ID, "event").text
+    docs_screenshot(page, url + "/ui/", "dashboard-overview.png")
+    docs_screenshot(page, url + "/ui/containers/hello", "dashboard-container.png")
 
 
 def test_a_job_run_now_appears_without_a_reload(page, dashboard_server):
