@@ -39,6 +39,9 @@ LIMITS = {
     "processes": (int, 1, 65536),
     "tmp_mb": (int, 1, 65536),
     "cpus": ((int, float), 0.05, 1024),
+    # Seconds a call waits for a free instance (then 429): long enough for a process to pick
+    # up a call it is free for, short enough that a web thread is never held for long.
+    "queue_timeout_s": ((int, float), 0.1, 300),
 }
 JOB_KEYS = {"name", "function", "schedule", *JOB_SETTINGS}
 
@@ -73,6 +76,7 @@ class Limits:
     processes: int = 64
     tmp_mb: int = 512                # size of the private /tmp (and of /dev/shm)
     cpus: float | None = None        # a CPU share (cgroup quota); None: one CPU
+    queue_timeout_s: float = 10      # how long a call waits for a busy instance (then 429)
 
 
 @dataclass
@@ -218,6 +222,10 @@ def _limits(raw) -> Limits:
         if key == "timeout_s":
             if not low < value <= high:
                 raise _bad(f"limits.timeout_s must be more than 0 and at most {high}")
+        elif key == "queue_timeout_s":
+            if not low <= value <= high:
+                raise _bad(f"limits.queue_timeout_s must be between {low} and {high} (the "
+                           "seconds a call waits for a busy instance before a 429)")
         elif not low <= value <= high:
             raise _bad(f"limits.{key} must be between {low} and {high}")
         values[key] = value
