@@ -1,14 +1,15 @@
 """The Lambda-compatible API on dockyard's own port, for boto3 and the AWS CLI unchanged:
 `POST /2015-03-31/functions/{FunctionName}/invocations` (Invoke), and the reads of
-lambda_catalog.py (ListFunctions, GetFunction, GetFunctionConfiguration).
+lambda_catalog.py (ListFunctions, GetFunction, GetFunctionConfiguration) and the aliases
+of lambda_aliases.py.
 
 Served in front of Flask by the synchronous route's WSGI wrapper (SyncInvoke hands every path
 under PREFIX here), and a synchronous Invoke is that route's own call: the same thread bound
 (WebThreads), the same gates (a declared function), the same records (trigger `lambda`); an
 Event call is queued through the durable async path as `/invoke`'s are. What differs is only
-the shape: names (CONTAINER.FUNCTION, an ARN, NAME:QUALIFIER), headers and errors as botocore
-reads them (see lambda_errors.py), and SigV4 signatures checked with a token as the secret
-(see sigv4.py)."""
+the shape: names (CONTAINER.FUNCTION, an ARN, NAME:QUALIFIER; a qualifier is a version,
+an alias or $LATEST), headers and errors as botocore reads them (see lambda_errors.py), and
+SigV4 signatures checked with a token as the secret (see sigv4.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from ...errors import DockyardError
 from ..auth import INVOKE_KINDS, invocation_key
 from ..store import invocations as store
 from ..store.db import get_db
-from . import lambda_catalog
+from ..store import aliases as alias_store
+from . import lambda_aliases, lambda_catalog
 from .execute import route
 from .lambda_catalog import only_function
 from .lambda_errors import LambdaError, answer_error, from_dockyard
@@ -137,14 +139,51 @@ class LambdaApi:
         if method == "GET" and not parts:
             self._authorize(environ, self._body(environ), required=True, kinds=READ_KINDS)
             return lambda_catalog.list_functions(self._db(), query)
+        if len(parts) in (2, 3) and parts[1] == "aliases":
+            return self.aliases(environ, method, parts, query)
         if method == "GET" and len(parts) in (1, 2) and parts[1:] in ([], ["configuration"]):
             self._authorize(environ, self._body(environ), required=True, kinds=READ_KINDS)
             container, function, qualifier = parse_name(parts[0], query.get("Qualifier"))
-            return lambda_catalog.get_function(self._db(), container, function, qualifier,
+            return lambda_catalog.get_function(self._db(), container, function,
+                                               self._version(container, qualifier,
+                                                             draw=False),
                                                configuration_only=len(parts) == 2)
         raise LambdaError(404, "UnknownOperationException",
                           f"dockyard does not serve {method} {path[:200]} of the Lambda API "
                           "(see 'Lambda-compatible API' in the README)")
+
+    def aliases(self, environ, method: str, parts: list[str], query: dict):
+        """CreateAlias, ListAliases, GetAlias, UpdateAlias, DeleteAlias: reading takes the
+        invoke or the admin token's signature, changing the admin token's."""
+        body = self._body(environ)
+        writes = method in ("POST", "PUT", "DELETE")
+        self._authorize(environ, body, required=True, kinds={"admin"} if writes else READ_KINDS)
+        container, function, _ = parse_name(parts[0], None)
+        shown, db = f"{container}.{function}" if function else container, self._db()
+        if len(parts) == 2 and method == "POST":
+            return lambda_aliases.create(db, container, shown, body)
+        if len(parts) == 2 and method == "GET":
+            return lambda_aliases.list_aliases(db, container, shown, query)
+        if len(parts) == 3 and method == "GET":
+            return lambda_aliases.get(db, container, shown, parts[2])
+        if len(parts) == 3 and method == "PUT":
+            return lambda_aliases.update(db, container, shown, parts[2], body)
+        if len(parts) == 3 and method == "DELETE":
+            return lambda_aliases.delete(db, container, parts[2])
+        raise LambdaError(405, "UnknownOperationException",
+                          f"{method} is not an operation on aliases")
+
+    def _version(self, container: str, qualifier: str | None, draw: bool = True) -> str | None:
+        """The dockyard version a qualifier names for one call (None: the serving one): an
+        alias's (drawn by its weights; without `draw`, its own version), or the version of
+        that name."""
+        version = version_of(qualifier)
+        if version is None:
+            return None
+        alias = alias_store.get(self._db(), container, version)
+        if alias is None:
+            return version
+        return alias_store.pick(alias) if draw else version_of(alias["function_version"])
 
     def _db(self):
         return get_db(self.sync.db_target)
@@ -192,7 +231,7 @@ class LambdaApi:
         self._authorize(environ, body, required=self.sync.invoke_auth or False,
                         kinds=INVOKE_KINDS)
         container, function, qualifier = parse_name(name, qualifier)
-        version = version_of(qualifier)
+        version = self._version(container, qualifier)
         if function is None or kind != "RequestResponse":
             # The gates a synchronous call passes in execute(), passed here first.
             target = route(self._db(), container, version)[0]

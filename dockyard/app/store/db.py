@@ -299,9 +299,20 @@ def _m9_artifact_chunks(db: Database) -> None:
                f"data {blob} NOT NULL, PRIMARY KEY (sha256, n))")
 
 
+def _m10_aliases(db: Database) -> None:
+    """Lambda-style aliases of a container: a name for a version (or $LATEST), optionally
+    with one more version taking a share (0.0-1.0) of the calls; `revision` changes on
+    every update (Lambda's RevisionId)."""
+    db.execute("CREATE TABLE aliases (container TEXT NOT NULL, name TEXT NOT NULL, "
+               "function_version TEXT NOT NULL, extra_version TEXT, "
+               "extra_weight DOUBLE PRECISION, description TEXT NOT NULL DEFAULT '', "
+               "revision TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+               "updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (container, name))")
+
+
 # Steps after the PostgreSQL baseline (schema_pg.py, the schema of SQLITE_STEPS): one text
 # for both engines.
-SHARED_STEPS = [_m9_artifact_chunks]
+SHARED_STEPS = [_m9_artifact_chunks, _m10_aliases]
 VERSION = len(SQLITE_STEPS) + len(SHARED_STEPS)
 MIGRATE_LOCK = WRITE_LOCK - 1
 
