@@ -6,7 +6,10 @@ common/direct.py).
 The worker keeps everything but the call itself: it starts, replaces and drains the processes,
 times each call from what this thread writes in its line of the pool page's call ledger (when
 it sent a call, its queue time and timeout, when it had the answer: never from the slot the
-function can write) and kills one past its timeout. A web thread asks it
+function can write) and kills one past its timeout. A call waits in its socket while the
+process is busy, for its queue time at most: one the process has not read by then is
+withdrawn (answered all-busy: the process answers it `not_started` when it gets to it, so it
+never runs). A web thread asks it
 for channels to a version once (and again whenever the pool's epoch moves), and tells it when a
 call went wrong: no answer by the call's queue time plus its timeout, the channel closed (the
 process died: the worker says whether the call had started), or the reply broke the protocol.
@@ -16,9 +19,12 @@ relays it through the worker, which queues, starts processes on demand and answe
 
 from __future__ import annotations
 
+import array
+import fcntl
 import logging
 import os
 import socket
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -26,7 +32,8 @@ from dataclasses import dataclass
 from ...common.direct import LedgerEntry, PoolPage, Slot
 from ...common.frames import FrameCut, FrameSocket
 from ...common.protocol import Frame, Status
-from ...runner.process import QUEUE_WAIT_S, REPLY_MAX_BYTES, SEND_WAIT_S, is_reply, translate
+from ...runner.process import (REPLY_MAX_BYTES, SEND_GRACE_S, SEND_WAIT_S, is_reply,
+                               not_started, translate)
 from .worker_client import UNIX_PREFIX, WORKER_DIED, WorkerConnections, WorkerGone
 
 log = logging.getLogger("dockyard.direct")
@@ -99,9 +106,10 @@ class DirectCalls:
             return self.local.versions
 
     def call(self, address: str, version_id: int, call_id: str, function: str, event,
-             timeout: float) -> dict | None:
-        """Run the call on a process of the version, straight; its reply (as the worker
-        would have answered it), or None if it was not sent (relay it)."""
+             timeout: float, queue_wait: float) -> dict | None:
+        """Run the call on a process of the version, straight, if that process takes it
+        within `queue_wait`; its reply (as the worker would have answered it; all-busy if it
+        was withdrawn), or None if it was not sent (relay it)."""
         if not address.startswith(UNIX_PREFIX):
             return None
         versions = self._mine()
@@ -122,17 +130,19 @@ class DirectCalls:
             return None
         number, channel, _, entry = channels.pick()
         sent = time.monotonic()
+        start_by = sent + queue_wait
         if entry is not None:
             # Before the send: the worker times the call from this, not from the slot.
-            entry.sent(call_id, sent + QUEUE_WAIT_S, timeout)
+            entry.sent(call_id, start_by, timeout)
         frame = {"type": Frame.INVOKE, "id": call_id, "invocation_id": call_id,
-                 "function": function, "event": event, "start_by": sent + QUEUE_WAIT_S,
+                 "function": function, "event": event, "start_by": start_by,
                  "timeout": timeout}
         # The whole call is bounded, whatever the process does with its end of the socket.
-        budget = QUEUE_WAIT_S + timeout + REPLY_GRACE_S
+        budget = queue_wait + timeout + REPLY_GRACE_S
         try:
-            channel.set_recv_timeout(budget)
-            channel.send_by(frame, sent + SEND_WAIT_S)
+            # The first wait for the reply lasts the queue time (see _receive).
+            channel.set_recv_timeout(queue_wait)
+            channel.send_by(frame, start_by + SEND_GRACE_S)
         except TimeoutError:
             # It did not take the call within its queue time (perhaps part of it): it is
             # stuck or hostile, and the call, never whole there, never ran.
@@ -146,7 +156,14 @@ class DirectCalls:
             return None
         why = None
         try:
-            answer = channel.recv_until(sent + budget, REPLY_MAX_BYTES)
+            answer = _receive(channel, start_by, sent + budget)
+        except _Withdrawn:
+            # Every process it could go to stayed busy: the call never ran, and never will.
+            # Its ledger line stays as sent: to the worker, a call whose caller left, over
+            # once the process is between calls (an answer now would shift the timing of
+            # the call in hand).
+            self._drop(key)
+            return not_started()
         except TimeoutError:
             why = "timeout"
         except FrameCut:
@@ -216,6 +233,40 @@ class DirectCalls:
                               page.entry(fd)))
         return _Channels(page, int(reply.get("epoch") or 0), processes,
                          str(reply.get("agent") or ""))
+
+
+class _Withdrawn(Exception):
+    """The process had not read the call when its queue time was over."""
+
+
+def _receive(channel: FrameSocket, start_by: float, deadline: float):
+    """The reply on `channel` (whose receive timeout is the call's queue time), by
+    `deadline`. _Withdrawn if no byte of it came by `start_by` and the process had not read
+    the whole call by then: it answers `not_started` when it does (past its start-by)."""
+    try:
+        return channel.recv_until(deadline, REPLY_MAX_BYTES)
+    except TimeoutError:
+        if channel.buffer or time.monotonic() >= deadline:
+            raise   # part of a reply came and the rest did not, or out of time
+    late = start_by - time.monotonic()
+    if late >= 0:
+        time.sleep(late + 0.001)    # a kernel timeout may end a hair early
+    if _unsent(channel.sock):
+        raise _Withdrawn
+    channel.set_recv_timeout(max(deadline - time.monotonic(), 0.001))
+    return channel.recv_until(deadline, REPLY_MAX_BYTES)
+
+
+def _unsent(sock: socket.socket) -> bool:
+    """Whether some of what this end wrote is still unread at the other end (the kernel's
+    count of the bytes it holds for the peer; a process reads a call only to take it, or to
+    answer it past its start-by). False when it cannot be told."""
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, count)
+    except OSError:
+        return False
+    return count[0] > 0
 
 
 def _answered(entry: LedgerEntry | None) -> None:

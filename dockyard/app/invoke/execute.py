@@ -19,7 +19,6 @@ from ..store.routing_hint import routing_hint
 from ..store import routing
 from ..store import workers as worker_store
 from .direct_calls import DirectCalls
-from ...runner.process import QUEUE_WAIT_S
 from .liveness import Liveness, WorkerView
 from .worker_client import WORKER_DIED, NotAdmitted, WorkerConnections, WorkerGone
 
@@ -28,6 +27,10 @@ log = logging.getLogger("dockyard.invoke")
 HTTP_STATUS = {Status.SUCCEEDED: 200, Status.FAILED: 500, Status.TIMED_OUT: 504,
                Status.CRASHED: 502, Status.UNAVAILABLE: 503, Status.CANCELLED: 409}
 ERROR_STATUS = {"FunctionNotFound": 404}
+# A call every instance stayed busy for, through its whole queue time: 429, as the web tier's
+# own TooManyRequests (invoke/sync.py), with Retry-After (this many seconds).
+BUSY_TYPE = "TooManyRequests"
+BUSY_RETRY_AFTER_S = 1
 # A pinned call may have to build and start its version first.
 ON_DEMAND_GRACE_S = 300.0
 ROUTE_ATTEMPTS = 4
@@ -199,11 +202,29 @@ def execute(db: Database, connections: WorkerConnections, invocation_id: str,
         if status == Status.CRASHED and isinstance(reply.get("error"), dict):
             # The process died with the call in hand: it may have run (part of) it.
             reply["error"].setdefault("may_have_run", True)
+        if status == Status.UNAVAILABLE and (reply.get("error") or {}).get("busy"):
+            reply["error"] = busy_error(target, queue_time(target, queue_wait))
         reply["version"] = target.version
         reply["worker_id"] = worker["id"]
         return reply
     raise Unavailable(f"no worker could take the call to '{container}': {last_error}",
                       retry_after=1)
+
+
+def queue_time(target: Target, queue_wait: float | None) -> float:
+    """How long a call waits for a free instance: `queue_wait` (the dispatcher's, shorter:
+    a queued call goes back to its queue), at most the container's queue_timeout_s."""
+    limit = float(target.manifest.limits.queue_timeout_s)
+    return limit if queue_wait is None else min(max(0.0, queue_wait), limit)
+
+
+def busy_error(target: Target, waited: float) -> dict:
+    """The 429's error for a call every instance stayed busy for, through its queue time."""
+    return {"type": BUSY_TYPE,
+            "message": f"every instance of {target.container}@{target.version} stayed busy "
+                       f"for {waited:g}s, the call's queue time; retry after "
+                       f"{BUSY_RETRY_AFTER_S}s, or raise `instances` or `queue_timeout_s` "
+                       "under [limits] in dockyard.toml"}
 
 
 def _run_on(connections: WorkerConnections, direct: DirectCalls | None, view: WorkerView,
@@ -213,24 +234,24 @@ def _run_on(connections: WorkerConnections, direct: DirectCalls | None, view: Wo
     else relayed through the worker, fenced (see WorkerConnections.call). WorkerGone as
     `call` raises it."""
     timeout = float(target.manifest.limits.timeout_s)
+    wait = queue_time(target, queue_wait)
     if direct is not None:
         reply = direct.call(view.address, target.version_id, invocation_id, function, event,
-                            timeout)
+                            timeout, wait)
         if reply is not None:
             return reply
     # Relayed through the worker (which queues, and starts processes on demand).
     frame = {"type": Frame.INVOKE, "id": invocation_id, "version_id": target.version_id,
              "container": target.container, "version": target.version,
              "function": function, "event": event, "timeout": timeout, "trigger": trigger,
-             "pinned": target.pinned}
-    if queue_wait is not None:
-        frame["queue_wait"] = queue_wait
+             "pinned": target.pinned, "queue_wait": wait}
     # It must start by then: after its wait for a free instance (or its on-demand start).
-    start_within = ON_DEMAND_GRACE_S if target.pinned else \
-        min(QUEUE_WAIT_S, max(0.0, queue_wait if queue_wait is not None else QUEUE_WAIT_S))
+    start_within = ON_DEMAND_GRACE_S if target.pinned else wait
     return connections.call(view, frame, start_within, timeout, RELAY_GRACE_S)
 
 
 def http_status(result: dict) -> int:
     error = result.get("error") or {}
+    if result["status"] == Status.UNAVAILABLE and error.get("type") == BUSY_TYPE:
+        return 429
     return ERROR_STATUS.get(error.get("type"), HTTP_STATUS.get(result["status"], 500))

@@ -188,7 +188,7 @@ class SyncInvoke:
         if ok:
             return "200 OK", headers, output
         code = http_status(result)
-        if code == 503:
+        if code in (429, 503):
             headers.append(("Retry-After", "1"))
         body = dumps({"error": result.get("error") or {"type": result["status"]},
                       "invocation_id": invocation_id})
