@@ -24,7 +24,7 @@ import requests
 from ..common.protocol import Frame, Role, Status
 from ..sandbox.isolation import Isolation
 from .diff import diff_versions, identity
-from .pool import QUEUE_WAIT_S, find_child, live_pools
+from .pool import find_child, live_pools
 from .process import crashed
 from .server import InvokeServer
 from .servers import ControlPlanes, Unreachable
@@ -308,7 +308,7 @@ class Agent:
                     child_frame = {"type": Frame.INVOKE, "id": call_id, "invocation_id": call_id,
                                    "function": frame["function"], "event": frame.get("event"),
                                    "deadline": time.time() + timeout}
-                    queue_wait = _queue_wait(frame)
+                    queue_wait = _queue_wait(frame, runtime.manifest.limits.queue_timeout_s)
                     if "start_by" in frame:
                         # A fenced call (see runner/fence.py): the process refuses it past
                         # its start-by, and it waits for a free one no longer than that.
@@ -583,12 +583,13 @@ class _Fd:
         os.close(self.fd)
 
 
-def _queue_wait(frame: dict) -> float:
+def _queue_wait(frame: dict, limit: float) -> float:
     """How long a call may wait for a free instance: the frame's `queue_wait` (a queued call
     is put back in its queue sooner rather than hold a dispatcher thread), at most the
-    default."""
+    version's queue_timeout_s (`limit`, also the default)."""
+    limit = float(limit)
     try:
-        asked = float(frame.get("queue_wait", QUEUE_WAIT_S))
+        asked = float(frame.get("queue_wait", limit))
     except (TypeError, ValueError):
-        return QUEUE_WAIT_S
-    return min(max(asked, 0.0), QUEUE_WAIT_S)
+        return limit
+    return min(max(asked, 0.0), limit)

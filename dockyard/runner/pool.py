@@ -28,6 +28,12 @@ MIN_UPTIME_S = 1.0
 STOP_GRACE_S = 5.0
 # Processes that left the pool, kept a while for a web process asking what became of its call.
 GONE_KEPT = 32
+# A process handed a call is given this long to read it, past the end of the call's wait for a
+# free process: a process that frees up just before then takes the call.
+TAKE_S = 0.25
+# How often a call waiting for a process that has not read its request socket looks again
+# (nothing tells the pool when such a process reads it).
+BLOCKED_LOOK_S = 0.02
 
 
 class PoolFailed(Exception):
@@ -83,6 +89,15 @@ def one_line(text) -> str:
 
 def _reply(status: str, message: str, error_type: str) -> dict:
     return {"status": status, "error": {"type": error_type, "message": message}}
+
+
+def busy_reply(what: str) -> dict:
+    """Every process stayed busy for the call's queue time: it did not run. `busy` marks it
+    for the control plane, which answers it 429 (as process.not_started)."""
+    reply = _reply(Status.UNAVAILABLE, f"all instances of {what} are busy; retry shortly or "
+                   "raise `instances`/`concurrency`", "Unavailable")
+    reply["error"]["busy"] = True
+    return reply
 
 
 def _direct_call(child: Child) -> str | None:
@@ -307,9 +322,19 @@ class Pool:
     # -- calls ----------------------------------------------------------------------------
 
     def invoke(self, frame: dict, timeout: float, queue_wait: float = QUEUE_WAIT_S) -> dict:
-        child = self._acquire(queue_wait)
-        if isinstance(child, dict):
-            return child
+        """Run a call on a free process, waiting up to `queue_wait` for one (and for a fenced
+        call, until TAKE_S before its start-by); all busy until then: the busy reply."""
+        fenced = frame.get("start_by")
+        if fenced is not None:
+            queue_wait = min(queue_wait, float(fenced) - time.monotonic() - TAKE_S)
+        acquired = self._acquire(max(0.0, queue_wait))
+        if isinstance(acquired, dict):
+            return acquired
+        child, deadline = acquired
+        # A process waits for the call no longer than its start-by (see Child._read_reply).
+        start_by = max(deadline, time.monotonic()) + TAKE_S
+        frame = dict(frame, start_by=start_by if fenced is None else
+                     min(start_by, float(fenced)))
         try:
             reply = child.invoke(frame, timeout)
         finally:
@@ -319,7 +344,10 @@ class Pool:
                 self.cond.notify()
         return reply
 
-    def _acquire(self, queue_wait: float) -> Child | dict:
+    def _acquire(self, queue_wait: float) -> tuple[Child, float] | dict:
+        """A free process and the end of the call's wait for one (later than `queue_wait`
+        after a cold start); the busy reply once `queue_wait` is over. A process freed just
+        as the wait ends is taken: each wake-up looks for a free process before the time."""
         deadline = time.monotonic() + queue_wait
         with self.cond:
             while True:
@@ -328,9 +356,12 @@ class Pool:
                 if not self.accepting:
                     return _reply(Status.NOT_RUNNING, f"{self.what} is not running here",
                                   "NotRunning")
-                best, best_load = None, 0
+                best, best_load, blocked = None, 0, False
                 for child in self.children:
                     if child.state is ProcessState.RUNNING and child.in_flight < self.concurrency:
+                        if child.slot is not None and child.request_blocked():
+                            blocked = True   # busy still with what an earlier call waited for
+                            continue
                         # A process busy with a call sent straight to it counts as one more.
                         load = child.in_flight + (child.slot is not None and
                                                   child.direct_busy())
@@ -341,7 +372,7 @@ class Pool:
                         self._forget(best)
                         continue
                     best.in_flight += 1
-                    return best
+                    return best, deadline
                 now = time.monotonic()
                 wake = deadline
                 if len(self.children) + self.starting < self.max_instances and not self.starting:
@@ -360,9 +391,9 @@ class Pool:
                         wake = self.retry_at
                 remaining = deadline - now
                 if remaining <= 0:
-                    return _reply(Status.UNAVAILABLE, f"all instances of {self.what} are busy; "
-                                  "retry shortly or raise `instances`/`concurrency`",
-                                  "Unavailable")
+                    return busy_reply(self.what)
+                if blocked:
+                    wake = min(wake, now + BLOCKED_LOOK_S)
                 self.cond.wait(max(0.0, min(wake, deadline) - now))
 
     def cancel(self, call_id: str) -> bool:

@@ -4,6 +4,8 @@ when it dies, and kills its whole tree."""
 
 from __future__ import annotations
 
+import array
+import fcntl
 import itertools
 import logging
 import os
@@ -11,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,11 +41,15 @@ OUTPUT_CAP = 64 * 1024
 # A reply holds a result and the call's output: a child that announces more is broken or
 # hostile, and the worker never reads it into memory.
 REPLY_MAX_BYTES = 16 * 1024 * 1024
-# How long a call may wait for a free process: in the pool (relayed calls), or in a
-# one-at-a-time process's sockets, after which the process answers it `not_started`.
-QUEUE_WAIT_S = 5.0
-# A call is sent whole to a one-at-a-time process within this, or the process is not reading.
-SEND_WAIT_S = QUEUE_WAIT_S + 1.0
+# How long a call may wait for a free process by default (a version's own is its manifest's
+# limits.queue_timeout_s): in the pool (relayed calls), or in a one-at-a-time process's
+# sockets, after which the process answers it `not_started` (the caller has given up on it
+# by then: see Child._read_reply and app/invoke/direct_calls.py).
+QUEUE_WAIT_S = 10.0
+# A call is sent whole to a one-at-a-time process within its queue time and this, or the
+# process is not reading.
+SEND_GRACE_S = 1.0
+SEND_WAIT_S = QUEUE_WAIT_S + SEND_GRACE_S
 # How long the worker waits to write a small frame to a child's request socket.
 CONTROL_WAIT_S = 0.5
 # Of a stop's grace, what is left for SIGTERM before SIGKILL (at most).
@@ -77,6 +84,7 @@ class ChildSpec:
     sandbox: dict | None = None     # the launcher's spec (a private view); None: no namespaces
     cpu_budget_s: float | None = None  # CPU seconds per call, enforced from outside
     cpu_by_kernel: bool = False     # the worker may set the child's RLIMIT_CPU (prlimit)
+    queue_wait: float = QUEUE_WAIT_S    # the version's queue_timeout_s
 
 
 @dataclass
@@ -93,15 +101,27 @@ class _Control:
 
     def __init__(self, fd: int):
         self.sock = socket.socket(fileno=fd)
+        # Bytes written so far (the writer holds the child's write lock); None once a write
+        # failed part of the way, when nobody can say.
+        self.written: int | None = 0
+
+    def _count(self, size: int) -> None:
+        if self.written is not None:
+            self.written += size
 
     def write(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except BaseException:
+            self.written = None
+            raise
+        self._count(len(data))
 
     def flush(self) -> None:
         pass
 
     def send_fd(self, data: bytes, fd: int) -> None:
-        socket.send_fds(self.sock, [data], [fd])
+        self._count(socket.send_fds(self.sock, [data], [fd]))
 
     def send_nowait(self, data: bytes, fd: int | None = None) -> None:
         """Send a small frame now or not at all (OSError): a process that does not read its
@@ -110,8 +130,9 @@ class _Control:
             sent = self.sock.send(data, socket.MSG_DONTWAIT)
         else:
             sent = socket.send_fds(self.sock, [data], [fd], socket.MSG_DONTWAIT)
+        self._count(sent)
         if sent < len(data):    # a frame of a few bytes is not split in practice
-            self.sock.sendall(data[sent:])
+            self.write(data[sent:])
 
     def close(self) -> None:
         self.sock.close()
@@ -136,6 +157,10 @@ class Child:
         self._dead: dict | None = None
         self._pending: dict[str, _Pending] = {}
         self.calls: set[str] = set()    # ids of the calls in flight here (for cancel)
+        # Relayed calls given up on at their start-by while still unread in the request
+        # socket: the process answers each `not_started` when it gets to it, and that reply
+        # is skipped (see _read_reply).
+        self.withdrawn: set[str] = set()
         self._write_lock = threading.Lock()
         # One-at-a-time processes serve direct channels too: the worker's account of their
         # calls is its witness (the pool page's ledger, set by the pool), the process's own
@@ -224,7 +249,7 @@ class Child:
                 log.warning("%s: no slot page, so no direct channels: %s", self.what, exc)
             self.witness = Witness(self.ledger_page, self.number, self._their_requests)
             self.direct_watch = DirectWatch(self.witness, self.slot, self.cpu_budget,
-                                            QUEUE_WAIT_S)
+                                            self.spec.queue_wait)
         change_state(self, ProcessState.RUNNING, self.what)
         if not self.direct:
             threading.Thread(target=self._read_replies, name=f"child-{self.pid}",
@@ -358,28 +383,33 @@ class Child:
                 return self._invoke_direct(frame, timeout, time.monotonic() + timeout)
             witness.relayed_sent(frame["id"], timeout)
             try:
-                # Calls from web processes may be ahead of it: the watchdog times the calls
-                # from the later of this one's sending and the last answer; this wait is the
-                # backstop.
-                start_by = time.monotonic() + QUEUE_WAIT_S
-                # A fenced call keeps its own start-by when that is sooner.
-                frame = dict(frame, start_by=min(start_by, frame.get("start_by", start_by)),
-                             timeout=timeout)
-                return self._invoke_direct(frame, timeout,
-                                           time.monotonic() + timeout + SEND_WAIT_S)
+                # Calls from web processes may be ahead of it: it waits behind them until its
+                # start-by (the end of its queue time in the pool, or a fenced call's own),
+                # and is withdrawn then if the process has not taken it. The watchdog times
+                # the calls from the later of this one's sending and the last answer.
+                start_by = time.monotonic() + self.spec.queue_wait
+                start_by = min(start_by, float(frame.get("start_by", start_by)))
+                frame = dict(frame, start_by=start_by, timeout=timeout)
+                return self._invoke_direct(frame, timeout, start_by + timeout + SEND_GRACE_S,
+                                           start_by)
             finally:
                 witness.relayed_answered(frame["id"])
         return self._invoke_relayed(frame, timeout)
 
-    def _invoke_direct(self, frame: dict, timeout: float, deadline: float) -> dict:
+    def _invoke_direct(self, frame: dict, timeout: float, deadline: float,
+                       start_by: float | None = None) -> dict:
         """A call to a one-at-a-time process over its request socket: this thread reads the
-        reply."""
+        reply. With `start_by`, a call the process has not taken by then is withdrawn: the
+        all-busy answer, then."""
         if self.cpu_budget is not None:
             self.cpu_budget.arm()
         try:
             with self._write_lock:  # a channel may be handed over meanwhile
                 self._requests.write(encode_frame(frame))
-            reply = self._replies.read(deadline)
+                written = self._requests.written
+            reply = self._read_reply(frame["id"], start_by, deadline, written)
+            if reply is _WITHDRAWN:
+                return not_started()
         except TimeoutError:
             return self._timed_out(frame, timeout)
         except OSError as exc:
@@ -399,6 +429,65 @@ class Child:
         if self.cpu_budget is not None:
             self.cpu_budget.settle()
         return self._finish(translate(reply))
+
+    def _read_reply(self, call_id: str, start_by: float | None, deadline: float,
+                    written: int | None):
+        """The reply to the relayed call `call_id` (those to calls withdrawn earlier are
+        skipped), by `deadline`; _WITHDRAWN if the call (the request socket's bytes up to
+        `written`) was still unread there after `start_by`: the process then answers it
+        `not_started` whenever it reads it, so it never runs. TimeoutError past
+        `deadline`."""
+        if start_by is not None:
+            while True:
+                try:
+                    return self._next_reply(start_by)
+                except TimeoutError:
+                    if time.monotonic() > start_by:
+                        break
+            left = self._unread_requests(CONTROL_WAIT_S)
+            if left is not None and written is not None and left[0] > left[1] - written:
+                # More is unread than was written since: some of this call is.
+                if self.witness is not None:
+                    self.witness.relayed_withdrawn(call_id)
+                self.withdrawn.add(call_id)
+                return _WITHDRAWN
+        return self._next_reply(deadline)
+
+    def _unread_requests(self, wait: float) -> tuple[int, int] | None:
+        """(bytes still unread in the request socket, bytes written to it so far): the
+        kernel's count, on the worker's copy of the process's end, and the worker's. None
+        when it cannot be told (another write under way for `wait`, the process gone)."""
+        lock = self._write_lock
+        if not (lock.acquire(timeout=wait) if wait > 0 else lock.acquire(blocking=False)):
+            return None
+        try:
+            requests, theirs = self._requests, self._their_requests
+            if requests is None or theirs is None or requests.written is None:
+                return None
+            count = array.array("i", [0])
+            fcntl.ioctl(theirs.fileno(), termios.FIONREAD, count)
+            return count[0], requests.written
+        except OSError:
+            return None
+        finally:
+            self._write_lock.release()
+
+    def _next_reply(self, deadline: float):
+        while True:
+            reply = self._replies.read(deadline)
+            stale = reply.get("id") if isinstance(reply, dict) else None
+            if not isinstance(stale, str) or stale not in self.withdrawn:
+                return reply
+            self.withdrawn.discard(stale)
+
+    def request_blocked(self) -> bool:
+        """Whether a relayed call withdrawn earlier may still be unread in the request
+        socket: the process has not read it since (it is busy), and a call written behind it
+        would wait at least as long (the pool waits for a free process instead)."""
+        if not self.withdrawn:
+            return False
+        left = self._unread_requests(0)
+        return left is None or left[0] > 0
 
     def _invoke_relayed(self, frame: dict, timeout: float) -> dict:
         """A call to a process that serves several at once: a reader thread hands over the
@@ -780,11 +869,16 @@ def _timed_out_reply(timeout: float) -> dict:
                                  "stopped"}}
 
 
+# The reply a call that was never started gets in place of a reply: see _read_reply.
+_WITHDRAWN = object()
+
+
 def not_started() -> dict:
-    """The answer to a call no process took within its queue time: it did not run."""
+    """The answer to a call no process took within its queue time: it did not run. `busy`
+    marks it for the control plane, which answers it 429 (see app/invoke/execute.py)."""
     return {"status": Status.UNAVAILABLE, "error": {
-        "type": "Unavailable", "message": "all instances are busy; retry shortly or raise "
-                                          "`instances`/`concurrency`"}}
+        "type": "Unavailable", "busy": True,
+        "message": "all instances are busy; retry shortly or raise `instances`/`concurrency`"}}
 
 
 def _not_running(what: str) -> dict:

@@ -15,7 +15,7 @@ from ..common.manifest import Manifest
 from ..sandbox.view import CODE as VIEW_CODE
 from ..sandbox.view import VENV as VIEW_VENV
 from ..sandbox.view import sandbox_spec
-from .pool import Pool, QUEUE_WAIT_S, one_line
+from .pool import Pool, one_line
 from .process import ChildSpec, LoadError
 from .states import VersionState, change_state
 from .venvs import Builder, VersionPaths
@@ -196,7 +196,11 @@ class VersionRuntime:
             return self.pool
 
     def invoke(self, frame: dict, timeout: float, pinned: bool = False,
-               queue_wait: float = QUEUE_WAIT_S) -> dict:
+               queue_wait: float | None = None) -> dict:
+        """Run a call on this version's pool, waiting for a free process up to `queue_wait`
+        (default: the manifest's queue_timeout_s)."""
+        if queue_wait is None:
+            queue_wait = float(self.manifest.limits.queue_timeout_s)
         pool = self.pool
         if pool is None:
             if not pinned and self.role != Role.SERVE:
@@ -277,7 +281,7 @@ def child_spec_factory(isolation, bootstrap_path: str, view_root: Path):
                           cpu_s=0 if isolation.cpu_by_kernel else limits.timeout_s),
                 what=runtime.what, cgroup=make_cgroup, sandbox=sandbox,
                 cpu_budget_s=limits.timeout_s if one_at_a_time else None,
-                cpu_by_kernel=isolation.cpu_by_kernel)
+                cpu_by_kernel=isolation.cpu_by_kernel, queue_wait=float(limits.queue_timeout_s))
         argv, user, group = isolation.command(
             [str(paths.python), "-I", "-B", bootstrap_path], uid, gid, limits.network)
         rlimits = {name: value for name, (value, _) in isolation.rlimits(limits).items()}
@@ -287,6 +291,7 @@ def child_spec_factory(isolation, bootstrap_path: str, view_root: Path):
             init=dict(init, code_dir=str(paths.code), rlimits=rlimits,
                       cpu_s=limits.timeout_s if one_at_a_time else 0),
             what=runtime.what, user=user, group=group,
-            owner=(uid, gid) if uid is not None else None, cgroup=make_cgroup)
+            owner=(uid, gid) if uid is not None else None, cgroup=make_cgroup,
+            queue_wait=float(limits.queue_timeout_s))
 
     return make

@@ -112,6 +112,12 @@ class Witness:
             if self.relayed.pop(call_id, None) is not None:
                 self.last_answer = time.monotonic()
 
+    def relayed_withdrawn(self, call_id: str) -> None:
+        """A relayed call given up on while still unread (see Child._read_reply): no answer,
+        so the call in hand is still timed from when it began."""
+        with self.lock:
+            self.relayed.pop(call_id, None)
+
     def orphans_done(self) -> None:
         """The calls whose web threads left mid-call (nobody marks them answered) count as
         over: the process says it has no call in hand. Its word ends them early, never late:
