@@ -24,6 +24,7 @@ import requests
 from ..common.protocol import Frame, Role, Status
 from ..sandbox.isolation import Isolation
 from .diff import diff_versions, identity
+from .failures import FailureMemory
 from .pool import find_child, live_pools
 from .process import crashed
 from .server import InvokeServer
@@ -104,6 +105,8 @@ class Agent:
         isolation = config.isolation
         private = isolation.view is not None
         config.worker_dir.mkdir(parents=True, exist_ok=True)
+        # Versions whose code failed to load, kept across restarts (see failures.py).
+        self.failed_versions = FailureMemory(config.worker_dir / "failed-versions.json")
         os.chmod(config.worker_dir, 0o700 if private else 0o711)
         # The bootstrap must be readable by the children's uid wherever dockyard is installed.
         self.bootstrap = config.worker_dir / ".bootstrap.py"
@@ -233,7 +236,8 @@ class Agent:
             old = self.runtimes.pop(spec["version_id"])
             self._background(self._remove, old)
         for spec in [*diff.replaced, *diff.added]:
-            runtime = VersionRuntime(spec, self.builder, self.make_child_spec, self.wake)
+            runtime = VersionRuntime(spec, self.builder, self.make_child_spec, self.wake,
+                                     self.failed_versions)
             self.runtimes[spec["version_id"]] = runtime
             if spec["role"] == Role.SERVE:
                 self._background(runtime.serve)
@@ -248,6 +252,7 @@ class Agent:
                 self._background(runtime.to_standby)
         for version_id in diff.removed:
             runtime = self.runtimes.pop(version_id)
+            self.failed_versions.forget(version_id)
             self._background(self._remove, runtime)
 
     def retry_failed(self) -> None:

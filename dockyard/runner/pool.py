@@ -237,8 +237,10 @@ class Pool:
                         self.failed = reason
                         self._changed()
                 self.cond.notify_all()
-        if failure is not None:
+        if failure is not None and not (reason and isinstance(failure, LoadError)):
+            # (A load error is told once, with the giving up below.)
             log.warning("%s: a process failed to start: %s", self.what, one_line(failure))
+        if failure is not None:
             if errors is not None:
                 errors.append(failure)
             if reason:

@@ -16,6 +16,7 @@ from ..sandbox.view import CODE as VIEW_CODE
 from ..sandbox.view import VENV as VIEW_VENV
 from ..sandbox.view import sandbox_spec
 from .pool import Pool, one_line
+from .failures import FailureMemory
 from .process import ChildSpec, LoadError
 from .states import VersionState, change_state
 from .venvs import Builder, VersionPaths
@@ -45,8 +46,9 @@ def retry_delay(failures: int) -> float:
 
 class VersionRuntime:
     def __init__(self, spec: dict, builder: Builder, make_child_spec: Callable,
-                 on_change: Callable[[], None]):
+                 on_change: Callable[[], None], memory: FailureMemory | None = None):
         self.spec = spec
+        self.memory = memory                  # failures kept across the worker's restarts
         self.version_id = spec["version_id"]
         self.manifest = Manifest.from_dict(spec["manifest"])
         self.what = f"{spec['container']}@{spec['version']}"
@@ -119,6 +121,8 @@ class VersionRuntime:
         self.final = reason.startswith(FINAL_REASONS)
         if self.final:
             self.retry_at = None
+            if self.memory is not None:
+                self.memory.remember(self.spec, reason, self.log_lines)
             self.say("not tried again: the same code fails the same way; deploy a fixed "
                      "version (or deploy this one again to retry)")
         else:
@@ -154,6 +158,16 @@ class VersionRuntime:
             if (self.state in (VersionState.READY, VersionState.IDLE) and self.pool is not None
                     and self.pool.instances == self.manifest.limits.instances):
                 return  # already serving (an on-demand pool of a standby is replaced)
+            kept = self.memory.recall(self.spec) if self.memory is not None else None
+            if kept is not None and self.state is not VersionState.FAILED:
+                # Failed to load for this deployment before this worker's restart: the same
+                # code fails the same way, so it is not built again.
+                self.log_lines = list(kept.get("log") or [])
+                self.say("not built again after a restart: it failed to load for this "
+                         "deployment; deploy it again to retry")
+                self.final, self.retry_at, self.failures = True, None, 1
+                self._set(VersionState.FAILED, kept.get("reason") or "failed before a restart")
+                return
             try:
                 self._build()
                 instances = self.manifest.limits.instances
@@ -166,12 +180,15 @@ class VersionRuntime:
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 if isinstance(exc, LoadError):
                     reason = "import failed: " + reason
-                log.warning("%s failed: %s", self.what, one_line(exc))
-                self.say(f"failed: {exc}")
+                if self.state is not VersionState.FAILED:   # the pool said it already
+                    log.warning("%s failed: %s", self.what, one_line(exc))
+                    self.say(f"failed: {exc}")
                 self._failed(reason)
                 return
             old, self.pool = self.pool, pool
             self.failures, self.retry_at, self.final = 0, None, False
+            if self.memory is not None:
+                self.memory.forget(self.version_id)
             self.say(f"{instances} process(es) ready" if instances else
                      "scaled to zero; the first call starts a process")
             self._set(VersionState.READY if instances else VersionState.IDLE)

@@ -532,14 +532,18 @@ class FunctionNotFound(LookupError):
     pass
 
 
+def _import_machinery(filename: str) -> bool:
+    return filename.startswith("<frozen importlib") or filename == importlib.__file__
+
+
 def describe(exc, function=""):
     if isinstance(exc, SystemExit):
         message = f"{function or 'the function'} called sys.exit({exc.code!r})"
     else:
         message = str(exc)
     frames = traceback.extract_tb(exc.__traceback__)
-    # Drop the bootstrap's own frames: the user cares about theirs.
-    frames = [f for f in frames if f.filename != __file__]
+    # Drop the bootstrap's own frames and the import machinery's: the user cares about theirs.
+    frames = [f for f in frames if f.filename != __file__ and not _import_machinery(f.filename)]
     text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames)) + \
         "".join(traceback.format_exception_only(type(exc), exc))
     return {"type": type(exc).__name__, "message": message, "traceback": text}
