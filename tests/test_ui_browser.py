@@ -18,6 +18,11 @@ import requests
 
 from conftest import ROOT, Server, make_package
 
+if os.environ.get("CI") == "true" and not (shutil.which("chromium")
+                                          and shutil.which("chromedriver")):
+    # A fresh CI machine: the test run sets it up (as root with apt-get), or says why not.
+    from devtools.packages import install
+    install("chromium", "chromium-driver")
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 INSTALL = ("the browser tests need Debian's chromium and chromium-driver: "
