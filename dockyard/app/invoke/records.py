@@ -39,8 +39,12 @@ class RecordWriter:
         self.pid = None
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
-        # Calls whose `running` record is committed (see finished()).
+        # Calls whose `running` record is committed, and those of the batch being written (see
+        # finished()); the batch is drained under `drain`, and `written` says when it is done.
         self.written_starts: set[str] = set()
+        self.writing: set[str] = set()
+        self.drain = threading.Lock()
+        self.written = threading.Condition()
 
     def put(self, record: dict) -> None:
         """A finished call's record."""
@@ -53,8 +57,17 @@ class RecordWriter:
         finished at once, in the caller's thread: whoever got its answer reads it finished.
         Any other goes with the next batch (with its start, if that is still queued)."""
         invocation_id = record.get("id")
+        with self.drain:
+            # Either its start is still queued (then the finish goes with it, written once)
+            # or the writer has it: then it is written (or being written) and the finish
+            # waits for that, so that no reader of the answer sees the call still running.
+            if invocation_id not in self.writing and invocation_id not in self.written_starts:
+                self.put(record)
+                return
+        with self.written:
+            self.written.wait_for(lambda: invocation_id not in self.writing, timeout=5)
         if invocation_id not in self.written_starts:
-            self.put(record)
+            self.put(record)      # its start failed to be written: the batch path says why
             return
         self.written_starts.discard(invocation_id)
         try:
@@ -88,13 +101,20 @@ class RecordWriter:
             batch = [self.queue.get()]
             # Linger a moment so a busy process commits many records at once.
             time.sleep(LINGER_S)
-            while len(batch) < BATCH:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            # The thread's connection, or a new one if it was lost.
-            self._write(get_db(self.db_target), batch)
+            with self.drain:
+                while len(batch) < BATCH:
+                    try:
+                        batch.append(self.queue.get_nowait())
+                    except queue.Empty:
+                        break
+                self.writing = {op.record.get("id") for op in batch if op.__class__ is Started}
+            try:
+                # The thread's connection, or a new one if it was lost.
+                self._write(get_db(self.db_target), batch)
+            finally:
+                with self.written:
+                    self.writing = set()
+                    self.written.notify_all()
 
     def _write(self, db, batch: list) -> None:
         starts, forgets, batch = _collapsed(batch)
