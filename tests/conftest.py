@@ -255,6 +255,26 @@ class Server:
         return self.proc.returncode
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM, and a kill if it has not ended within `timeout`: a process's graceful stop."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def one_line_error(done) -> str:
+    """A CLI command's error: exit 1, one line `Error: …` on stderr, no traceback."""
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
+    return lines[0]
+
+
 def instance_uids(data: Path) -> set[int]:
     """The uids the host-wide registry gave this data dir's containers."""
     try:

@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 import requests
 
+from conftest import terminate
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -51,12 +53,7 @@ class WorkerProcess:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.thaw()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.log.close()
 
 

@@ -14,17 +14,10 @@ from zoneinfo import ZoneInfo
 
 import click
 
+from conftest import one_line_error
 from dockyard.cli import cli
 
 MISSING = "dockyard-no-such-distribution"   # not in the wheelhouse: the build fails offline
-
-
-def one_line_error(done) -> str:
-    assert done.returncode == 1, (done.stdout, done.stderr)
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
-    return lines[0]
 
 
 def shown(epoch: float, zone) -> str:

@@ -14,15 +14,7 @@ import time
 
 import pytest
 
-from conftest import Server
-
-
-def one_line_error(done) -> str:
-    assert done.returncode == 1, (done.stdout, done.stderr)
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
-    return lines[0]
+from conftest import Server, one_line_error
 
 
 def test_status(server, pkg):

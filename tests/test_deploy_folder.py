@@ -582,7 +582,7 @@ def deployer(tmp_path):
                           lambda name, delay: scheduled.append((name, delay)))
     made.scheduled = scheduled
     yield made
-    db.conn.close()
+    db.close()
 
 
 def deployed_entry(deployer, name: str, container: str, version: str) -> Entry:

@@ -18,7 +18,7 @@ def db(store_target):
     migrate(path)
     database = connect(path)
     yield database
-    database.conn.close()
+    database.close()
 
 
 def _upload(db, version: str) -> dict:
@@ -86,10 +86,10 @@ def test_deploying_the_serving_version_again_keeps_its_workers_routable(db):
     worker = workers.register(db, {"address": "unix:/w"})["id"]
     v1 = _upload(db, "v1")
     _report(db, worker, v1, "ready", _deployment(db, v1)["id"])
-    rows = db.conn.execute("SELECT count(*) FROM worker_versions WHERE version_id = ? AND "
+    rows = db.execute("SELECT count(*) FROM worker_versions WHERE version_id = ? AND "
                            "state = 'ready'", [v1["id"]]).fetchone()[0]
     containers.activate(db, "app", "v1")   # already active and serving: nothing to do
-    assert db.conn.execute("SELECT count(*) FROM worker_versions WHERE version_id = ? AND "
+    assert db.execute("SELECT count(*) FROM worker_versions WHERE version_id = ? AND "
                            "state = 'ready'", [v1["id"]]).fetchone()[0] == rows == 1
 
 

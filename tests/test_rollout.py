@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, Server, make_package, sandbox_processes, zip_folder
+from conftest import ROOT, Server, make_package, sandbox_processes, terminate, zip_folder
 from dockyard.app.store.deployments import deployment_status
 from dockyard.common.manifest import parse_manifest
 from dockyard.common.protocol import DeploymentStatus, Role
@@ -172,12 +171,7 @@ class Worker:
     def stop(self) -> None:
         if self.proc.poll() is None:
             procs = psutil.Process(self.proc.pid).children(recursive=True)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc)
             psutil.wait_procs(procs, timeout=10)
         for p in sandbox_processes(self.data):
             try:

@@ -28,7 +28,7 @@ def db(store_target):
     path = store_target
     migrate(path)
     database = connect(path)
-    conn = database.conn
+    conn = database
     conn.execute("INSERT INTO containers (id, name, active_version_id, serving_version_id) "
                  "VALUES (1, 'app', 10, 10)")
     for vid, version in ((10, "v1"), (11, "v2")):
@@ -134,19 +134,19 @@ def test_a_write_made_outside_dockyard_is_seen_within_a_second(db, monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(invoke.time, "monotonic", lambda: clock[0])
     assert invoke.route(db, "app", None)[0].version == "v1"
-    db.conn.execute("UPDATE containers SET serving_version_id = 11 WHERE id = 1")
+    db.execute("UPDATE containers SET serving_version_id = 11 WHERE id = 1")
     clock[0] += invoke.ROUTE_MAX_AGE_S + 0.01
     assert invoke.route(db, "app", None)[0].version == "v2"
 
 
 def test_heartbeats_and_records_leave_the_generation_alone(db):
     before = routing.generation(db)
-    db.conn.execute("UPDATE workers SET last_seen = last_seen + 1, state = 'up'")
-    db.conn.execute("UPDATE worker_versions SET state = 'ready', updated_at = 5")
-    db.conn.execute("INSERT INTO invocations (id, container, status) VALUES ('inv_1', 'app', "
+    db.execute("UPDATE workers SET last_seen = last_seen + 1, state = 'up'")
+    db.execute("UPDATE worker_versions SET state = 'ready', updated_at = 5")
+    db.execute("INSERT INTO invocations (id, container, status) VALUES ('inv_1', 'app', "
                     "'succeeded')")
     assert routing.generation(db) == before
-    db.conn.execute("UPDATE workers SET address = 'unix:/elsewhere'")
+    db.execute("UPDATE workers SET address = 'unix:/elsewhere'")
     assert routing.generation(db) == before + 1
 
 

@@ -199,7 +199,7 @@ def sched(store_target, monkeypatch):
     monkeypatch.setattr(jobs, "now", clock)
     scheduler = Scheduler(path, None, clock=clock)
     yield db, scheduler, clock
-    db.conn.close()
+    db.close()
 
 
 def make_job(db, name: str, schedule: str, **settings) -> dict:
@@ -215,7 +215,7 @@ def runs(db, job: dict) -> list[dict]:
 
 def set_call(db, invocation_id: str, status: str) -> None:
     t = time.time()
-    db.conn.execute("UPDATE invocations SET status = ?, started_at = coalesce(started_at, ?), "
+    db.execute("UPDATE invocations SET status = ?, started_at = coalesce(started_at, ?), "
                     "finished_at = CASE WHEN ? IN ('queued', 'running') THEN NULL ELSE ? END, "
                     "error = ? WHERE id = ?",
                     [status, t, status, t, json.dumps({"type": "E", "message": "no"})
@@ -298,7 +298,7 @@ def test_a_jobs_own_timeout_stops_the_run(sched):
     job = make_job(db, "slowpoke", "@every 1h", timeout_s=5)
     run = job_runs.manual(db, job)
     set_call(db, run["invocation_id"], "running")
-    db.conn.execute("UPDATE invocations SET started_at = ? WHERE id = ?",
+    db.execute("UPDATE invocations SET started_at = ? WHERE id = ?",
                     [clock.t, run["invocation_id"]])
     tick(db, scheduler, clock, 1)
     assert runs(db, job)[0]["status"] == "running"
@@ -325,7 +325,7 @@ def test_a_scheduler_that_lost_its_lease_writes_nothing(sched):
     scheduler.step(db)
     assert scheduler.fencing == 1
     # Another scheduler took over while this one was stalled.
-    db.conn.execute("UPDATE leases SET holder = 'other', fencing = 2, expires_at = ? "
+    db.execute("UPDATE leases SET holder = 'other', fencing = 2, expires_at = ? "
                     "WHERE name = ?", [time.time() + 60, LEASE_NAME])
     clock.t += 1.01
     scheduler.renew_at = float("inf")     # it has not noticed yet
@@ -343,10 +343,10 @@ def test_history_keeps_the_last_successes_and_the_last_failure(sched):
     statuses = ["failed", "succeeded", "succeeded", "failed", "succeeded", "succeeded",
                 "succeeded", "skipped", "missed"]
     for i, status in enumerate(statuses):
-        db.conn.execute("INSERT INTO job_runs (job_id, trigger, scheduled_at, attempt, status, "
+        db.execute("INSERT INTO job_runs (job_id, trigger, scheduled_at, attempt, status, "
                         "fired_at, finished_at, count) VALUES (?, 'cron', ?, 1, ?, ?, ?, 1)",
                         [job["id"], old + i, status, old + i, old + i])
-    db.conn.execute("INSERT INTO job_runs (job_id, trigger, scheduled_at, attempt, status, "
+    db.execute("INSERT INTO job_runs (job_id, trigger, scheduled_at, attempt, status, "
                     "fired_at, count) VALUES (?, 'cron', ?, 1, 'succeeded', ?, 1)",
                     [job["id"], time.time(), time.time()])
     assert job_runs.prune(db, time.time()) == 6

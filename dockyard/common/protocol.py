@@ -55,6 +55,9 @@ RECORD_STATUSES = (Status.QUEUED, Status.RUNNING, Status.SUCCEEDED, Status.FAILE
                    Status.TIMED_OUT, Status.CRASHED, Status.CANCELLED, Status.UNAVAILABLE)
 FINISHED_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CRASHED,
                      Status.CANCELLED, Status.UNAVAILABLE)
+# A call that failed: the function failed, ran out of time, or its process died (a cancel is
+# the caller's doing; unavailable never reached a worker).
+FAILED_STATUSES = (Status.FAILED, Status.TIMED_OUT, Status.CRASHED)
 
 
 class Role:

@@ -88,7 +88,7 @@ class Watcher:
         finally:
             observer.stop()
             observer.join(timeout=5)
-            self.db.conn.close()
+            self.db.close()
         return 0
 
     def _observer(self):

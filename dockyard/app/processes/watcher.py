@@ -69,4 +69,4 @@ class WatcherProcess(SupervisedProcess):
         try:
             store.save_status(db, **status)
         finally:
-            db.conn.close()
+            db.close()

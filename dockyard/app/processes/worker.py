@@ -91,4 +91,4 @@ class LocalWorkerProcess(SupervisedProcess):
         try:
             worker_store.set_local_worker_state(db, state, reason)
         finally:
-            db.conn.close()
+            db.close()

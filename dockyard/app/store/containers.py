@@ -119,10 +119,10 @@ def _activate(db: Database, container: dict, version: dict,
     # so its traffic never loses its workers meanwhile (a failure is forgotten even there).
     serving = container["serving_version_id"] == version["id"] and (
         not retry or latest["status"] == DeploymentStatus.PARTIAL)
-    db.conn.execute("DELETE FROM worker_versions WHERE version_id = ?" +
+    db.execute("DELETE FROM worker_versions WHERE version_id = ?" +
                     (" AND state = 'failed'" if serving else ""), [version["id"]])
     # A deployment of this container still under way is over: superseded by this one.
-    db.conn.execute(
+    db.execute(
         "UPDATE deployments SET status = 'failed', finished_at = ?, error = ? "
         "WHERE container_id = ? AND status IN ('pending', 'in_progress')",
         [t, f"superseded: {container['name']}@{version['version']} was deployed "
@@ -136,7 +136,7 @@ def _activate(db: Database, container: dict, version: dict,
 
 
 def _version_name(db: Database, version_id: int | None) -> str | None:
-    row = db.conn.execute("SELECT version FROM versions WHERE id = ?", [version_id]).fetchone()
+    row = db.execute("SELECT version FROM versions WHERE id = ?", [version_id]).fetchone()
     return row[0] if row else None
 
 
@@ -144,7 +144,7 @@ def _begin_deployment_logs(db: Database, version_id: int,
                            previous: dict | None, deployment_id: str) -> None:
     """A new deployment of a version that workers already hold: each worker's log so far
     belongs to the earlier deployment (kept with it, as it ended), not to the new one."""
-    conn = db.conn
+    conn = db
     rows = conn.execute("SELECT worker_id, state, error, log FROM worker_versions "
                         "WHERE version_id = ?", [version_id]).fetchall()
     for worker_id, state, error, log in rows:
@@ -208,7 +208,7 @@ def _health(db: Database, container_id: int, name: str, live: list[str]) -> dict
     # Instances: the manifest's `instances` of each version a live worker reports ready or
     # draining (heartbeats carry a version's state, not its pool's size; a pool of
     # instances = 0 started on demand is not counted).
-    instances = db.conn.execute(
+    instances = db.execute(
         f"SELECT coalesce(sum({db.dialect.json_number('v.manifest', 'limits', 'instances')}), 0) "
         "FROM worker_versions wv JOIN versions v ON v.id = wv.version_id "
         f"WHERE v.container_id = ? AND wv.state IN ('ready', 'draining') "
@@ -362,13 +362,13 @@ def artifacts_in_use(db: Database, sha256s: list[str]) -> set[str]:
     if not sha256s:
         return set()
     marks = ", ".join("?" * len(sha256s))
-    return {row[0] for row in db.conn.execute(
+    return {row[0] for row in db.execute(
         f"SELECT DISTINCT artifact_sha256 FROM versions WHERE artifact_sha256 IN ({marks})",
         list(sha256s)).fetchall()}
 
 
 def container_names(db: Database) -> list[str]:
-    return [row[0] for row in db.conn.execute("SELECT name FROM containers ORDER BY name")]
+    return [row[0] for row in db.execute("SELECT name FROM containers ORDER BY name")]
 
 
 def desired_versions(db: Database) -> list[dict]:

@@ -8,7 +8,6 @@ import secrets
 import sqlite3
 import threading
 import time
-from pathlib import Path
 
 import sqlite_utils
 
@@ -103,10 +102,8 @@ def bump_hint(target) -> None:
 
 
 def routing_generation(db: Database) -> int | None:
-    """The counter the routing triggers bump (None before the migration that made it)."""
-    if db.dialect is POSTGRES:
-        row = db.execute("SELECT n FROM routing_generation WHERE id = 1").fetchone()
-        return row[0] if row else None
+    """The counter the routing triggers bump (None before the SQLite migration that made it;
+    PostgreSQL's schema has it from the start)."""
     try:
         row = db.execute("SELECT n FROM routing_generation WHERE id = 1").fetchone()
     except sqlite3.OperationalError:

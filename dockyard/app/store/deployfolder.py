@@ -16,12 +16,12 @@ SHOWN = ("name", "kind", "state", "container", "version", "deployment", "error",
 
 
 def _put(db: Database, key: str, value: dict) -> None:
-    db.conn.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) "
+    db.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) "
                     "DO UPDATE SET value = excluded.value", [key, json.dumps(value)])
 
 
 def _get(db: Database, key: str) -> dict | None:
-    row = db.conn.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
+    row = db.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
     try:
         return json.loads(row[0]) if row else None
     except ValueError:

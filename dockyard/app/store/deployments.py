@@ -20,7 +20,7 @@ def advance_deployments(db: Database) -> None:
     has it ready. A version that failed on every live worker gives way to the one serving
     before, if any. Runs inside the caller's transaction."""
     live = set(live_worker_ids(db))
-    conn = db.conn
+    conn = db
     for c in list(db.query("SELECT * FROM containers WHERE active_version_id IS NOT NULL")):
         active = c["active_version_id"]
         rows = {r["worker_id"]: r for r in db.query(

@@ -69,10 +69,6 @@ class Dialect:
             return f"json_extract({column}, '$.{'.'.join(path)}')"
         return f"(({column})::jsonb #>> '{{{','.join(path)}}}')::numeric"
 
-    def true_count(self, condition: str) -> str:
-        """The number of rows where `condition` holds, as an aggregate."""
-        return f"sum(CASE WHEN {condition} THEN 1 ELSE 0 END)"
-
 
 SQLITE = Dialect("sqlite")
 POSTGRES = Dialect("postgresql")
@@ -146,7 +142,6 @@ class Database:
         self.path = target          # which database: the key of what a process keeps of it
         self.raw = raw
         self.dialect = dialect
-        self.conn = self            # what the store's older code calls `conn`
         self.broken = False         # a failed ROLLBACK: get_db opens another
 
     def execute(self, sql: str, params=()):

@@ -10,9 +10,10 @@ import time
 
 from .engine import POSTGRES, Database
 
-from ...common.protocol import FINISHED_STATUSES, RECORD_STATUSES
+from ...common.protocol import FAILED_STATUSES, FINISHED_STATUSES, RECORD_STATUSES
 from ...errors import BadRequest, NotFound
 from .db import now, transaction
+from .leases import holding
 
 STATUSES = RECORD_STATUSES
 FINAL = FINISHED_STATUSES
@@ -307,7 +308,7 @@ def abandoned_web_calls(db: Database, t: float) -> int:
 
 def enqueue(db: Database, invocation_id: str, container: str, version: str | None,
             function: str, trigger: str, event_text: str) -> None:
-    db.conn.execute(
+    db.execute(
         "INSERT INTO invocations (id, container, version, function, trigger, status, attempt, "
         "input, created_at) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?)",
         [invocation_id, container, version, function, trigger, event_text, now()])
@@ -318,8 +319,6 @@ def claim_queued(db: Database, owner: str, limit: int, lease_s: float,
     """Claim up to `limit` queued calls for `owner`. With `fencing` (lease name, number), only
     while the owner still holds that lease with that number (leases.LeaseLost otherwise): a
     dispatcher that stalled past its lease claims nothing its successor may claim."""
-    from .leases import holding
-
     # Most polls find nothing: a read answers that without the write lock (which the web
     # processes' record writers wait for).
     if db.execute("SELECT 1 FROM invocations WHERE status = 'queued' AND (not_before IS NULL "
@@ -347,7 +346,7 @@ def finish(db: Database, invocation_id: str, owner: str, result: dict) -> None:
     result = checked({key: result.get(key) for key in (
         "status", "error", "version", "output", "stdout", "stderr", "worker_id",
         "duration_ms", "max_rss_kb", "cold")})
-    db.conn.execute(
+    db.execute(
         "UPDATE invocations SET "
         "status = CASE WHEN status IN ('queued', 'running') THEN ? ELSE status END, "
         "error = CASE WHEN status IN ('queued', 'running') THEN ? ELSE error END, "
@@ -376,7 +375,7 @@ def defer(db: Database, invocation_id: str, owner: str, not_before: float,
 
 def _requeue(db: Database, invocation_id: str, owner: str, **also) -> None:
     sets = "".join(f", {column} = ?" for column in also)
-    db.conn.execute("UPDATE invocations SET status = 'queued', attempt = attempt - 1, "
+    db.execute("UPDATE invocations SET status = 'queued', attempt = attempt - 1, "
                     f"owner = NULL, lease_until = NULL, started_at = NULL{sets} "
                     "WHERE id = ? AND owner = ? AND status = 'running'",
                     [*also.values(), invocation_id, owner])
@@ -574,7 +573,7 @@ def prune(db: Database, created_before: float, batch: int = 1000) -> int:
 # created_at`, `status, created_at`), and a page of rows at most.
 
 TRIGGERS = ("http", "async", "cron", "manual")
-FAILURE_STATUSES = ("failed", "timed_out", "crashed")
+FAILURE_STATUSES = FAILED_STATUSES
 _FAILURES_SQL = ", ".join(f"'{s}'" for s in FAILURE_STATUSES)
 
 

@@ -11,9 +11,10 @@ from .engine import Database
 
 from .db import now, transaction
 from . import invocations
+from ...common.protocol import FAILED_STATUSES
 
 ACTIVE = ("waiting", "queued", "running")    # waiting: a retry not yet due
-FAILURES = ("failed", "timed_out", "crashed")
+FAILURES = FAILED_STATUSES
 KEEP_SUCCESSES = 3
 # Fire lateness histogram buckets (seconds); the last is +Inf.
 LATENESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, math.inf)
@@ -78,7 +79,7 @@ def pending(conn) -> list[dict]:
 def work_waiting(db: Database, t: float) -> bool:
     """Whether the scheduler has anything to do now (read without taking the write lock):
     a job or a retry due, or a run whose call is under way."""
-    return bool(db.conn.execute(
+    return bool(db.execute(
         "SELECT EXISTS (SELECT 1 FROM jobs WHERE enabled = 1 AND next_fire_at <= ?) "
         "OR EXISTS (SELECT 1 FROM job_runs WHERE status IN ('queued', 'running') "
         "OR (status = 'waiting' AND retry_at <= ?))", [t, t]).fetchone()[0])
@@ -108,7 +109,7 @@ def observe_lateness(conn, samples: list[float]) -> None:
 
 def lateness_histogram(db: Database) -> tuple[list[tuple[float, int]], float]:
     """([(upper bound, cumulative count)] for every bucket, sum of seconds)."""
-    stored = {le: (count, total) for le, count, total in db.conn.execute(
+    stored = {le: (count, total) for le, count, total in db.execute(
         "SELECT le, count, total_s FROM job_lateness").fetchall()}
     buckets, cumulative = [], 0
     for le in LATENESS_BUCKETS:
@@ -190,7 +191,7 @@ def prune(db: Database, t: float, batch: int = 5000) -> int:
     ago, always keeping the last 3 successes and the last failure of each job. One job at a
     time, in batches, so the write lock is never held long."""
     deleted = 0
-    old_jobs = db.conn.execute(
+    old_jobs = db.execute(
         "SELECT j.id, ? - j.history_days * 86400 FROM jobs j WHERE EXISTS (SELECT 1 FROM "
         "job_runs r WHERE r.job_id = j.id AND r.scheduled_at < ? - j.history_days * 86400)",
         [t, t]).fetchall()

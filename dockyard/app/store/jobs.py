@@ -51,7 +51,7 @@ def list_all(db: Database) -> list[dict]:
 
 
 def with_last_status(db: Database, row: dict) -> dict:
-    last = db.conn.execute("SELECT status FROM job_runs WHERE job_id = ? ORDER BY id DESC "
+    last = db.execute("SELECT status FROM job_runs WHERE job_id = ? ORDER BY id DESC "
                            "LIMIT 1", [row["id"]]).fetchone()
     return dict(row, last_status=last[0] if last else None)
 
@@ -215,7 +215,7 @@ def sync_manifest_jobs(db: Database) -> tuple[int, int, int]:
 def containers_signature(db: Database) -> tuple:
     """Changes whenever a container's active version changes (the scheduler then syncs the
     manifest jobs)."""
-    return tuple(db.conn.execute("SELECT id, active_version_id FROM containers ORDER BY id"
+    return tuple(db.execute("SELECT id, active_version_id FROM containers ORDER BY id"
                                  ).fetchall())
 
 
@@ -248,7 +248,7 @@ def mark(conn, job_id: str, **values: float) -> None:
 
 def earliest_wake(db: Database) -> float | None:
     """The next time the scheduler has something to do: a fire or a retry."""
-    row = db.conn.execute(
+    row = db.execute(
         "SELECT min(t) FROM (SELECT min(next_fire_at) AS t FROM jobs WHERE enabled = 1 "
         "UNION ALL SELECT min(retry_at) FROM job_runs WHERE status = 'waiting') AS wakes"
     ).fetchone()

@@ -31,7 +31,7 @@ def acquire(db: Database, name: str, holder: str, ttl_s: float) -> int | None:
 
 
 def release(db: Database, name: str, holder: str) -> None:
-    db.conn.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND holder = ?",
+    db.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND holder = ?",
                     [name, holder])
 
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from .engine import Database
 
-from ...common.protocol import Status
+from ...common.protocol import FAILED_STATUSES, Status
 from .db import now
 from .workers import WORKER_TTL_S
 
-# What counts as a failed call on a worker: the function failed, ran out of time, or its
-# process died (a cancel is the caller's doing; unavailable never reached a worker).
-FAILED = (Status.FAILED, Status.TIMED_OUT, Status.CRASHED)
+FAILED = FAILED_STATUSES   # what counts as a failed call on a worker
 
 
 def invocation_totals(db: Database) -> list[dict]:
@@ -32,7 +30,7 @@ def worker_figures(db: Database) -> list[dict]:
     """Per registered worker: its name and id, its state (an `up` worker whose heartbeat is
     stale is `lost`), whether it is up, the calls in flight its last heartbeat reported, and
     the calls recorded as run on it, with the failed ones."""
-    failed = db.dialect.true_count(f"status IN ({', '.join('?' * len(FAILED))})")
+    failed = f"sum(CASE WHEN status IN ({', '.join('?' * len(FAILED))}) THEN 1 ELSE 0 END)"
     calls = {r["worker_id"]: r for r in db.query(
         f"SELECT worker_id, count(*) AS n, {failed} AS failed "
         "FROM invocations WHERE worker_id IS NOT NULL AND status NOT IN (?, ?) "

@@ -29,9 +29,9 @@ def route(db: Database, container: str, version: str | None
     None when the container or version does not exist (see `missing`)."""
     cutoff = time.time() - WORKER_TTL_S
     if version is None:
-        rows = db.conn.execute(_SERVING_SQL, [cutoff, container]).fetchall()
+        rows = db.execute(_SERVING_SQL, [cutoff, container]).fetchall()
     else:
-        rows = db.conn.execute(_PINNED_SQL, [cutoff, container, version]).fetchall()
+        rows = db.execute(_PINNED_SQL, [cutoff, container, version]).fetchall()
     if not rows:
         return None
     vid, name, manifest, _, _ = rows[0]
@@ -42,7 +42,7 @@ def route(db: Database, container: str, version: str | None
 def version_states(db: Database, version_id: int) -> list[dict]:
     """What each live worker reports about one version ({"worker", "state", "error"}): why a
     call found no ready instance of it."""
-    return [{"worker": r[0], "state": r[1], "error": r[2]} for r in db.conn.execute(
+    return [{"worker": r[0], "state": r[1], "error": r[2]} for r in db.execute(
         "SELECT wv.worker_id, wv.state, wv.error FROM worker_versions wv JOIN workers w "
         "ON w.id = wv.worker_id AND w.state = 'up' AND w.last_seen > ? "
         "WHERE wv.version_id = ? ORDER BY wv.worker_id", [time.time() - WORKER_TTL_S, version_id])]
@@ -51,7 +51,7 @@ def version_states(db: Database, version_id: int) -> list[dict]:
 def generation(db: Database) -> int:
     """The routing generation: the counter the triggers bump on every route change (what
     transaction() compares to bump the routing hint)."""
-    return routing_generation(db.conn)
+    return routing_generation(db)
 
 
 def missing(db: Database, container: str, version: str | None) -> NotFound:

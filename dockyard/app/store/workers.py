@@ -245,7 +245,7 @@ def deployment_detail(db: Database, deployment_id: str) -> dict:
     live = set(live_worker_ids(db))
     workers = []
     seen = set()
-    latest = _latest_deployment_id(db.conn, dep["version_id"]) == deployment_id
+    latest = _latest_deployment_id(db, dep["version_id"]) == deployment_id
     if latest:
         rows = db.query(
             "SELECT wv.worker_id, wv.state, wv.error, wv.log, dw.log_base, w.name "
@@ -273,7 +273,7 @@ def deployment_detail(db: Database, deployment_id: str) -> dict:
 
 def deployment_log_base(db: Database, deployment_id: str,
                         worker_id: str) -> str:
-    row = db.conn.execute("SELECT log_base FROM deployment_workers WHERE deployment_id = ? "
+    row = db.execute("SELECT log_base FROM deployment_workers WHERE deployment_id = ? "
                           "AND worker_id = ?", [deployment_id, worker_id]).fetchone()
     return (row[0] or "") if row else ""
 
