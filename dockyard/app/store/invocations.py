@@ -572,7 +572,7 @@ def prune(db: Database, created_before: float, batch: int = 1000) -> int:
 # Each one is bounded by an index: a time window on `created_at` (or `container,
 # created_at`, `status, created_at`), and a page of rows at most.
 
-TRIGGERS = ("http", "async", "cron", "manual")
+TRIGGERS = ("http", "async", "cron", "manual", "lambda")   # what started a call
 FAILURE_STATUSES = FAILED_STATUSES
 _FAILURES_SQL = ", ".join(f"'{s}'" for s in FAILURE_STATUSES)
 
