@@ -63,6 +63,9 @@ def test_a_running_call_is_seen_followed_and_cancelled(server, pkg):
     assert again.returncode == 1 and "finished already" in again.stderr
     unknown = server.cli("cancel", "inv_0000", check=False)
     assert unknown.returncode == 1 and "no call with id 'inv_0000'" in unknown.stderr
+    # An id is one path segment, whatever it holds (it was sent as a path and a query).
+    odd = server.cli("cancel", "inv_0?key=1/x", check=False)
+    assert odd.returncode == 1 and "no call with id 'inv_0?key=1/x'" in odd.stderr
 
 
 def test_a_quick_call_is_recorded_once_finished(server, pkg):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import click
 
 from . import Command, pass_ctx
@@ -16,7 +18,7 @@ def cancel(ctx, invocation_id):
     its record says `cancelled`. A call that has finished is left as it is."""
     client = ctx.client()
     try:
-        record = client.json("POST", f"/api/invocations/{invocation_id}/cancel")
+        record = client.json("POST", f"/api/invocations/{quote(invocation_id, safe='')}/cancel")
     except ClientError as exc:
         status = getattr(exc, "status", None)
         if status == 404:

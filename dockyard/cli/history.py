@@ -7,6 +7,8 @@ import json
 import re
 import time
 
+from urllib.parse import quote
+
 import click
 
 from . import Command, pass_ctx, _age, _table
@@ -169,7 +171,7 @@ def logs(ctx, target, follow):
 
 def _invocation(client, invocation_id: str) -> dict:
     try:
-        return client.json("GET", f"/api/invocations/{invocation_id}")
+        return client.json("GET", f"/api/invocations/{quote(invocation_id, safe='')}")
     except ClientError as exc:
         if getattr(exc, "status", None) != 404:
             raise
