@@ -266,6 +266,18 @@ def terminate(proc: subprocess.Popen, timeout: float = 60) -> None:
             proc.wait()
 
 
+def poll_until(check, timeout: float, what: str, every: float = 0.05):
+    """`check()`'s first truthy answer within `timeout` seconds; fails saying `what` if none."""
+    end = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} within {timeout:g}s")
+        time.sleep(every)
+
+
 def one_line_error(done) -> str:
     """A CLI command's error: exit 1, one line `Error: …` on stderr, no traceback."""
     assert done.returncode == 1, (done.stdout, done.stderr)

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import container_processes
+from conftest import container_processes, poll_until
 from dockyard.common.direct import Slot
 from dockyard.common.frames import FrameReader, FrameSocket, encode_frame
 
@@ -213,6 +213,7 @@ def _parallel(server, target: str, event, count: int, clients: int,
 
 def test_warm_calls_are_answered_while_the_worker_agent_is_frozen(server, pkg):
     server.deploy(pkg("echo", name="direct-frozen", manifest_extra="[limits]\ninstances = 2\n"))
+    server.deploy(pkg("echo", name="direct-frozen-uncalled"))
     # A web thread opens its channels on its first call (through the agent), and gunicorn
     # starts a thread only when every one it has is busy: after this warm-up, one call at a
     # time is always taken by a thread that has its channels. (The threads answering the 429s
@@ -223,12 +224,20 @@ def test_warm_calls_are_answered_while_the_worker_agent_is_frozen(server, pkg):
     _, agent = _web_and_agent(server)
     agent.suspend()
     try:
+        # Out of routing everywhere (its pings go unanswered): only the direct path is left.
+        poll_until(lambda: all(w["state"] != "up" for w in server.api("GET", "/api/workers")
+                               .json()["workers"]), 30, "the frozen worker was never suspect")
         answers = _parallel(server, "direct-frozen/echo", {"n": 1}, 40, 1, timeout=10)
+        # A version no web thread holds channels to has no way past the stalled agent: a 503
+        # that says why.
+        (stuck,) = _parallel(server, "direct-frozen-uncalled/echo", {"n": 1}, 1, 1, timeout=10)
     finally:
         agent.resume()
     assert [r.status_code for r in answers] == [200] * 40, [r.text for r in answers
                                                             if r.status_code != 200][:3]
     assert all(r.json() == {"n": 1} for r in answers)
+    assert stuck.status_code == 503, stuck.text
+    assert "stopped answering the control plane" in stuck.json()["error"]["message"]
     record = server.api("GET", "/api/invocations/"
                         + answers[-1].headers["X-Dockyard-Invocation-Id"]).json()
     assert record["status"] == "succeeded" and record["output"] == {"n": 1}

@@ -190,6 +190,12 @@ class DirectCalls:
         reply["id"] = call_id
         return reply
 
+    def held(self, version_id: int) -> list[str]:
+        """The workers' addresses this thread holds current channels to `version_id` at: its
+        processes there answer calls whatever the worker agent does meanwhile."""
+        return [address for (address, vid), channels in self._mine().items()
+                if vid == version_id and isinstance(channels, _Channels) and channels.current()]
+
     def _drop(self, key: tuple[str, int]) -> None:
         channels = self._mine().pop(key, None)
         if isinstance(channels, _Channels):

@@ -19,7 +19,7 @@ from ..store.routing_hint import routing_hint
 from ..store import routing
 from ..store import workers as worker_store
 from .direct_calls import DirectCalls
-from .liveness import Liveness, WorkerView
+from .liveness import LOST, Liveness, WorkerView
 from .worker_client import WORKER_DIED, NotAdmitted, WorkerConnections, WorkerGone
 
 log = logging.getLogger("dockyard.invoke")
@@ -104,6 +104,12 @@ def _pick_worker(db: Database, target: Target, routable: list[dict],
         candidates = [w for w in candidates if liveness.has_room(w)] or candidates
     if not candidates:
         if not worker_store.live_workers(db):
+            stalled = [w["id"] for w in worker_store.recently_seen(db)
+                       if w["state"] in ("suspect", "lost")]
+            if stalled:
+                raise Unavailable(f"no worker is answering: {', '.join(sorted(stalled))} "
+                                  "stopped answering the control plane (see `dockyard "
+                                  "workers`)", retry_after=1)
             local = worker_store.local_worker_state(db)
             if local and local.get("state") != "running":
                 raise Unavailable(f"no worker is connected: the local worker {local['reason']}",
@@ -153,7 +159,14 @@ def execute(db: Database, connections: WorkerConnections, invocation_id: str,
         # A retry follows a worker that was gone or no longer ran the version: look again.
         target, routable = route(db, container, version, fresh=attempt > 0)
         target.manifest.resolve_function(function)
-        worker = _pick_worker(db, target, routable, avoid, liveness)
+        try:
+            worker = _pick_worker(db, target, routable, avoid, liveness)
+        except Unavailable:
+            reply = _past_a_stalled_agent(direct, liveness, target, invocation_id, function,
+                                          event, queue_wait, avoid)
+            if reply is None:
+                raise
+            return reply
         view = liveness.view(worker["id"], worker["address"])
         if not liveness.acquire(view):
             last_error = (f"worker {worker['id']} has {liveness.cap} calls in flight from "
@@ -199,16 +212,51 @@ def execute(db: Database, connections: WorkerConnections, invocation_id: str,
             last_error = reply.get("error", {}).get("message")
             time.sleep(0.02 * (attempt + 1))
             continue
-        if status == Status.CRASHED and isinstance(reply.get("error"), dict):
-            # The process died with the call in hand: it may have run (part of) it.
-            reply["error"].setdefault("may_have_run", True)
-        if status == Status.UNAVAILABLE and (reply.get("error") or {}).get("busy"):
-            reply["error"] = busy_error(target, queue_time(target, queue_wait))
-        reply["version"] = target.version
-        reply["worker_id"] = worker["id"]
-        return reply
+        return _finish(reply, target, worker["id"], queue_wait)
     raise Unavailable(f"no worker could take the call to '{container}': {last_error}",
                       retry_after=1)
+
+
+def _past_a_stalled_agent(direct: DirectCalls | None, liveness: Liveness, target: Target,
+                          invocation_id: str, function: str, event, queue_wait: float | None,
+                          avoid: set[str]) -> dict | None:
+    """With no worker to route to, a call still goes straight to a process of the version
+    this thread holds channels to, on a worker that is only suspect (its agent stalled: it
+    left routing, yet its processes answer); never to one whose connection closed (lost).
+    Its reply, or None if it could not go so (no such channels, or not sent)."""
+    if direct is None:
+        return None
+    for address in direct.held(target.version_id):
+        view = liveness.view_at(address)
+        if view is None or view.state == LOST or view.worker_id in avoid:
+            continue
+        if not liveness.acquire(view):
+            continue
+        try:
+            reply = direct.call(address, target.version_id, invocation_id, function, event,
+                                float(target.manifest.limits.timeout_s),
+                                queue_time(target, queue_wait))
+        finally:
+            liveness.release(view)
+        if reply is None:
+            continue
+        log.info("%s went straight to a process on worker %s, which is %s", invocation_id,
+                 view.worker_id, view.state)
+        return _finish(reply, target, view.worker_id, queue_wait)
+    return None
+
+
+def _finish(reply: dict, target: Target, worker_id: str, queue_wait: float | None) -> dict:
+    """A worker's (or process's) reply as the call's result."""
+    status = reply.get("status")
+    if status == Status.CRASHED and isinstance(reply.get("error"), dict):
+        # The process died with the call in hand: it may have run (part of) it.
+        reply["error"].setdefault("may_have_run", True)
+    if status == Status.UNAVAILABLE and (reply.get("error") or {}).get("busy"):
+        reply["error"] = busy_error(target, queue_time(target, queue_wait))
+    reply["version"] = target.version
+    reply["worker_id"] = worker_id
+    return reply
 
 
 def queue_time(target: Target, queue_wait: float | None) -> float:
