@@ -115,7 +115,7 @@ def test_function_names_and_qualifiers(deployed):
         lam.invoke(FunctionName=f"lam.echo:{version}", Qualifier="$LATEST")
     with pytest.raises(lam.exceptions.ResourceNotFoundException) as exc:
         lam.invoke(FunctionName="lam.echo", Qualifier="no-such-version")
-    assert "no version 'no-such-version'" in str(exc.value)
+    assert "neither a version nor an alias named 'no-such-version'" in str(exc.value)
 
 
 def test_event_is_queued_on_the_durable_path(deployed):

@@ -1,4 +1,4 @@
-"""`POST /invoke/<container>[@<version>]/<function>` with `Prefer: respond-async` or
+"""`POST /invoke/<container>[@<version or alias>]/<function>` with `Prefer: respond-async` or
 `?async=1`: the call is recorded as queued before the 202, and the dispatcher runs it.
 Synchronous calls never reach Flask: app/invoke/sync.py serves them in front of it."""
 
@@ -10,6 +10,7 @@ from ...common.protocol import Status
 from ...errors import NotFound
 from ..auth import check_invoke, record_location
 from ..invoke.execute import route
+from ..invoke.qualifiers import resolve
 from ..state import database
 from ..store import invocations as store
 from ..invoke.sync import read_event, wants_async
@@ -27,8 +28,10 @@ def invoke(target: str, function: str):
     event, event_text = read_event(request.environ, current_app.config["MAX_EVENT_BYTES"])
     db = database()
     invocation_id = store.new_id()
-    route(db, container, version or None)[0].manifest.resolve_function(function)
-    store.enqueue(db, invocation_id, container, version or None, function, "async", event_text)
+    # A version, else an alias: its version is drawn now, and the record names it.
+    version = resolve(db, container, version or None)
+    route(db, container, version)[0].manifest.resolve_function(function)
+    store.enqueue(db, invocation_id, container, version, function, "async", event_text)
     response = jsonify({"invocation_id": invocation_id, "status": Status.QUEUED})
     response.status_code = 202
     response.headers["Location"] = record_location(invocation_id)

@@ -25,8 +25,8 @@ from ...errors import DockyardError
 from ..auth import INVOKE_KINDS, invocation_key
 from ..store import invocations as store
 from ..store.db import get_db
-from ..store import aliases as alias_store
 from . import lambda_aliases, lambda_catalog
+from .qualifiers import resolve
 from .execute import route
 from .lambda_catalog import only_function
 from .lambda_errors import LambdaError, answer_error, from_dockyard
@@ -144,9 +144,10 @@ class LambdaApi:
         if method == "GET" and len(parts) in (1, 2) and parts[1:] in ([], ["configuration"]):
             self._authorize(environ, self._body(environ), required=True, kinds=READ_KINDS)
             container, function, qualifier = parse_name(parts[0], query.get("Qualifier"))
-            return lambda_catalog.get_function(self._db(), container, function,
-                                               self._version(container, qualifier,
-                                                             draw=False),
+            db = self._db()
+            return lambda_catalog.get_function(db, container, function,
+                                               resolve(db, container, version_of(qualifier),
+                                                       draw=False),
                                                configuration_only=len(parts) == 2)
         raise LambdaError(404, "UnknownOperationException",
                           f"dockyard does not serve {method} {path[:200]} of the Lambda API "
@@ -172,18 +173,6 @@ class LambdaApi:
             return lambda_aliases.delete(db, container, parts[2])
         raise LambdaError(405, "UnknownOperationException",
                           f"{method} is not an operation on aliases")
-
-    def _version(self, container: str, qualifier: str | None, draw: bool = True) -> str | None:
-        """The dockyard version a qualifier names for one call (None: the serving one): an
-        alias's (drawn by its weights; without `draw`, its own version), or the version of
-        that name."""
-        version = version_of(qualifier)
-        if version is None:
-            return None
-        alias = alias_store.get(self._db(), container, version)
-        if alias is None:
-            return version
-        return alias_store.pick(alias) if draw else version_of(alias["function_version"])
 
     def _db(self):
         return get_db(self.sync.db_target)
@@ -231,9 +220,11 @@ class LambdaApi:
         self._authorize(environ, body, required=self.sync.invoke_auth or False,
                         kinds=INVOKE_KINDS)
         container, function, qualifier = parse_name(name, qualifier)
-        version = self._version(container, qualifier)
+        # A version, else an alias (qualifiers.py): a synchronous call's route resolves it.
+        version = version_of(qualifier)
         if function is None or kind != "RequestResponse":
             # The gates a synchronous call passes in execute(), passed here first.
+            version = resolve(self._db(), container, version)
             target = route(self._db(), container, version)[0]
             function = function or only_function(target.manifest.functions, container)
             target.manifest.resolve_function(function)

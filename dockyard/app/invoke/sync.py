@@ -1,9 +1,9 @@
-"""`POST /invoke/<container>[@<version>]/<function>`, synchronous: the hot path, served as a
-plain WSGI route in front of the Flask app. A profile of a web process under load put half of
-its Python time in Flask's request and response machinery (request context, URL matching,
-sessions, response objects) around a view that needs none of it; this route reads the WSGI
-environ and writes the answer itself, with the same contract: the same errors, headers and
-records. Everything else (async calls included) goes on to Flask.
+"""`POST /invoke/<container>[@<version or alias>]/<function>`, synchronous: the hot path,
+served as a plain WSGI route in front of the Flask app. A profile of a web process under load
+put half of its Python time in Flask's request and response machinery (request context, URL
+matching, sessions, response objects) around a view that needs none of it; this route reads
+the WSGI environ and writes the answer itself, with the same contract: the same errors,
+headers and records. Everything else (async calls included) goes on to Flask.
 
 The web processes are shared by every container, so the route bounds what one container can
 take of them: the result of a call goes out as the bytes the function process encoded
@@ -20,10 +20,11 @@ from http import HTTPStatus
 
 from ...common.protocol import Status
 from ...common.frames import dumps, loads_strict, result_bytes
-from ...errors import BadRequest, DockyardError, TooLarge, Unavailable
+from ...errors import BadRequest, DockyardError, NotFound, TooLarge, Unavailable
 from ..auth import INVOKE_KINDS, check_header, is_local
 from ..errors import error_body
 from ..store.db import get_db, now
+from . import qualifiers
 from .execute import execute, http_status
 from .lambda_api import PREFIX as LAMBDA_PREFIX, LambdaApi
 from ..store import invocations as store
@@ -160,10 +161,24 @@ class SyncInvoke:
                 "function": function, "trigger": "http", "input": event_text,
                 "worker_id": worker["id"], "created_at": started, "started_at": started},
                 web_owner(), started + target.manifest.limits.timeout_s + START_LEASE_MARGIN_S)
+        db = get_db(self.db_target)
+        # After `@`: a version, else an alias (qualifiers.py); a known alias draws its version
+        # here, and any other name goes to execute() as a version first.
+        asked = version
+        if version is not None:
+            version = qualifiers.for_call(db, container, version)
         try:
-            result = execute(get_db(self.db_target), self.connections, invocation_id,
-                             container, version, function, event, "http", direct=self.direct,
-                             on_start=on_start)
+            try:
+                result = execute(db, self.connections, invocation_id, container, version,
+                                 function, event, "http", direct=self.direct,
+                                 on_start=on_start)
+            except NotFound as missing:
+                if begun or asked is None or version != asked:
+                    raise
+                version = qualifiers.after_miss(db, container, asked, missing)
+                result = execute(db, self.connections, invocation_id, container, version,
+                                 function, event, "http", direct=self.direct,
+                                 on_start=on_start)
         except BaseException:
             if begun:   # it ran nothing after all (an error here means that): no record
                 self.records.forget(invocation_id)

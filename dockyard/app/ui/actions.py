@@ -13,6 +13,7 @@ from ...errors import BadRequest, DockyardError, NotFound
 from ..api.containers import poke_workers
 from ..invoke.cancel import cancel
 from ..invoke.execute import route
+from ..invoke.qualifiers import resolve
 from ..invoke.sync import too_large
 from ..state import connections, database
 from ..store import containers as container_store
@@ -79,6 +80,7 @@ def invoke(name: str):
                 loads_strict(text.encode())
             except ValueError as exc:
                 raise BadRequest(f"the event is not valid JSON: {exc}") from None
+        version = resolve(db, name, version)    # a version, else an alias's draw
         route(db, name, version)[0].manifest.resolve_function(function)
         invocation_id = invocation_store.new_id()
         invocation_store.enqueue(db, invocation_id, name, version, function, "async", text)
