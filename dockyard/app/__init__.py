@@ -59,8 +59,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_UPLOAD_BYTES"] + 1024 * 1024
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
-    from .api import containers, deployfolder, health, invocations, invoke, jobs, workers
-    for module in (containers, deployfolder, health, invocations, invoke, jobs, workers):
+    from .api import (containers, deployfolder, health, invocations, invoke, jobs, traffic,
+                      workers)
+    for module in (containers, deployfolder, health, invocations, invoke, jobs, traffic,
+                   workers):
         app.register_blueprint(module.bp)
     from .ui import bp as dashboard
     app.register_blueprint(dashboard)   # /ui/: the dashboard

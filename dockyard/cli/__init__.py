@@ -614,6 +614,7 @@ from .cancel import cancel  # noqa: E402 - needs Context from above
 from .history import deployments, invocations, logs  # noqa: E402 - needs Context from above
 from .jobs import jobs  # noqa: E402 - needs Context and _table from above
 from .status import status  # noqa: E402
+from .traffic import traffic  # noqa: E402
 from .versions import versions  # noqa: E402
 
 cli.add_command(invoke)
@@ -623,6 +624,7 @@ cli.add_command(logs)
 cli.add_command(cancel)
 cli.add_command(jobs)
 cli.add_command(status)
+cli.add_command(traffic)
 cli.add_command(versions)
 
 

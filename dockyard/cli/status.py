@@ -7,6 +7,7 @@ import click
 
 from . import Command, pass_ctx, _age, _table
 from .history import show_deployment
+from .traffic import split_words
 
 
 
@@ -58,7 +59,7 @@ def _show_overview(d: dict) -> None:
     if not d["containers"]:
         click.echo("no containers yet; deploy one with `dockyard deploy PATH`")
         return
-    _table([[c["name"], c["serving_version"] or "-", c["active_version"] or "-",
+    _table([[c["name"], _serving(c), c["active_version"] or "-",
              c.get("last_deployment") or "-", c.get("last_deployment_status") or "-",
              c.get("instances", "-"), _error(c.get("last_error"), 60)]
             for c in d["containers"]],
@@ -66,10 +67,17 @@ def _show_overview(d: dict) -> None:
             "LAST ERROR"])
 
 
+def _serving(c: dict) -> str:
+    """The serving version, or the traffic split (`v1 90% · v2 10%`) when there is one."""
+    if c.get("traffic"):
+        return split_words({"weights": c["traffic"]})
+    return c["serving_version"] or "-"
+
+
 def _show_container(d: dict) -> None:
     c = d["container"]
     active = c.get("active") or {}
-    rows = [("serving", c["serving_version"] or "-"),
+    rows = [("serving", _serving(c)),
             ("active", c["active_version"] or "-"),
             ("versions", f"{c['versions']} (dockyard versions {c['name']})"),
             ("instances", f"{c.get('instances', 0)} running"),

@@ -82,14 +82,32 @@ class StoreCollector:
         seconds = CounterMetricFamily("dockyard_invocation_duration_seconds",
                                       "Time spent in finished invocations",
                                       labels=["container"])
+        per_version = CounterMetricFamily(
+            "dockyard_version_invocations", "Invocations by the version that ran them and "
+            "outcome (watch a rollout: errors of the new version against the old)",
+            labels=["container", "version", "status"])
         per_container: dict[str, float] = {}
+        per_status: dict[tuple[str, str], int] = {}
         for row in metrics_store.invocation_totals(self.db):
-            calls.add_metric([row["container"], row["status"]], row["n"])
+            key = (row["container"], row["status"])
+            per_status[key] = per_status.get(key, 0) + row["n"]
+            if row["version"] is not None:
+                per_version.add_metric([row["container"], row["version"], row["status"]],
+                                       row["n"])
             per_container[row["container"]] = per_container.get(row["container"], 0) + row["ms"]
+        for (container, status), n in per_status.items():
+            calls.add_metric([container, status], n)
         for container, ms in per_container.items():
             seconds.add_metric([container], ms / 1000.0)
         yield calls
+        yield per_version
         yield seconds
+        shares = GaugeMetricFamily("dockyard_traffic_share", "Each version's share of its "
+                                   "container's unpinned calls (its traffic split)",
+                                   labels=["container", "version"])
+        for row in metrics_store.traffic_shares(self.db):
+            shares.add_metric([row["container"], row["version"]], row["share"])
+        yield shares
         workers = GaugeMetricFamily("dockyard_workers_ready", "Workers that are ready")
         workers.add_metric([], len(worker_store.live_worker_ids(self.db)))
         yield workers

@@ -7,14 +7,14 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from ..store.engine import Database
 
 from ...common.protocol import Frame, Status, VersionState
 from ...common.manifest import Manifest
-from ...errors import Unavailable
+from ...errors import NotFound, Unavailable
 from ..store.routing_hint import routing_hint
 from ..store import routing
 from ..store import workers as worker_store
@@ -46,6 +46,9 @@ class Target:
     version: str
     manifest: Manifest
     pinned: bool
+    # The container's traffic split, on its unpinned route: ((version, share), ...) of the
+    # versions besides this one that take a share of the calls.
+    split: tuple[tuple[str, float], ...] = ()
 
 
 @lru_cache(maxsize=1024)
@@ -81,8 +84,8 @@ def route(db: Database, container: str, version: str | None,
         _routes.pop(key, None)
         raise routing.missing(db, container, version)
     (vid, name, manifest), workers = found
-    answer = (Target(container, vid, name, _manifest(vid, manifest), version is not None),
-              workers)
+    answer = (Target(container, vid, name, _manifest(vid, manifest), version is not None,
+                     routing.split(db, container) if version is None else ()), workers)
     if len(_routes) >= ROUTES_KEPT:
         _routes.clear()
     _routes[key] = (hint, t, answer)
@@ -155,9 +158,16 @@ def execute(db: Database, connections: WorkerConnections, invocation_id: str,
     last_error = None
     liveness = connections.liveness
     liveness.start(db.path)
+    drawn: str | None = None
     for attempt in range(ROUTE_ATTEMPTS):
         # A retry follows a worker that was gone or no longer ran the version: look again.
         target, routable = route(db, container, version, fresh=attempt > 0)
+        if target.split:
+            if attempt == 0:
+                drawn = draw(target.split)
+            if drawn is not None:
+                target, routable = _split_route(db, target, routable, drawn, attempt > 0,
+                                                avoid, liveness)
         target.manifest.resolve_function(function)
         try:
             worker = _pick_worker(db, target, routable, avoid, liveness)
@@ -215,6 +225,31 @@ def execute(db: Database, connections: WorkerConnections, invocation_id: str,
         return _finish(reply, target, worker["id"], queue_wait)
     raise Unavailable(f"no worker could take the call to '{container}': {last_error}",
                       retry_after=1)
+
+
+def draw(split: tuple[tuple[str, float], ...], pick=random.random) -> str | None:
+    """The version of a traffic split one call goes to (None: the serving version)."""
+    point, upto = pick(), 0.0
+    for version, share in split:
+        upto += share
+        if point < upto:
+            return version
+    return None
+
+
+def _split_route(db: Database, serving: Target, routable: list[dict], version: str,
+                 fresh: bool, avoid: set[str], liveness: Liveness
+                 ) -> tuple[Target, list[dict]]:
+    """The route of the split's version a call drew, as the container's own route (its
+    calls queue and wait as unpinned calls do). While no worker has that version ready (it
+    is still being built or started, or it failed) the serving version takes the call."""
+    try:
+        target, workers = route(db, serving.container, version, fresh=fresh)
+    except NotFound:    # gone meanwhile (the container's route changes at once): serving runs it
+        return serving, routable
+    if not any(w["id"] not in avoid and liveness.usable(w) for w in workers):
+        return serving, routable
+    return replace(target, pinned=False), workers
 
 
 def _past_a_stalled_agent(direct: DirectCalls | None, liveness: Liveness, target: Target,

@@ -127,12 +127,20 @@ def _activate(db: Database, container: dict, version: dict,
         "WHERE container_id = ? AND status IN ('pending', 'in_progress')",
         [t, f"superseded: {container['name']}@{version['version']} was deployed "
             f"({deployment_id}) before this deployment finished", container["id"]])
+    if container["active_version_id"] != version["id"]:
+        _end_split(db, container["id"])
     db["containers"].update(container["id"], {"active_version_id": version["id"],
                                                "updated_at": t})
     db["deployments"].insert({"id": deployment_id,
                               "container_id": container["id"], "version_id": version["id"],
                               "status": "pending", "created_at": t})
     return db["containers"].get(container["id"])
+
+
+def _end_split(db: Database, container_id: int) -> None:
+    """A deploy, a rollback or an undeploy ends the container's traffic split (see
+    traffic.py): the version it makes active takes all the traffic."""
+    db.execute("DELETE FROM traffic_splits WHERE container_id = ?", [container_id])
 
 
 def _version_name(db: Database, version_id: int | None) -> str | None:
@@ -180,13 +188,22 @@ def latest_deployment(db: Database, version_id: int) -> dict | None:
 def list_containers(db: Database) -> list[dict]:
     out = []
     live = live_worker_ids(db)
+    splits: dict[int, dict[str, float]] = {}
+    for cid, version, weight in db.execute(
+            "SELECT t.container_id, v.version, t.weight FROM traffic_splits t "
+            "JOIN versions v ON v.id = t.version_id ORDER BY v.version").fetchall():
+        splits.setdefault(cid, {})[version] = weight
     for row in db.query(
             "SELECT c.*, a.version AS active_version, s.version AS serving_version, "
             "(SELECT count(*) FROM versions v WHERE v.container_id = c.id) AS versions "
             "FROM containers c LEFT JOIN versions a ON a.id = c.active_version_id "
             "LEFT JOIN versions s ON s.id = c.serving_version_id ORDER BY c.name"):
+        split = splits.get(row["id"])
         out.append({"name": row["name"], "active_version": row["active_version"],
                     "serving_version": row["serving_version"], "versions": row["versions"],
+                    # The traffic split, every version's share (None: the serving one's 100%).
+                    "traffic": {row["serving_version"]: round(max(0.0, 1 - sum(
+                        split.values())), 9), **split} if split else None,
                     "created_at": row["created_at"], "updated_at": row["updated_at"],
                     **_health(db, row["id"], row["name"], live)})
     return out
@@ -278,6 +295,7 @@ def undeploy(db: Database, name: str) -> int:
         conn.execute("UPDATE containers SET active_version_id = NULL, "
                      "serving_version_id = NULL, updated_at = ? WHERE id = ?",
                      [t, container["id"]])
+        _end_split(db, container["id"])
         return conn.execute("SELECT count(*) FROM versions WHERE container_id = ?",
                             [container["id"]]).fetchone()[0]
 
@@ -296,6 +314,8 @@ def delete_container(db: Database, name: str) -> list[str]:
         conn.execute("DELETE FROM deployment_workers WHERE deployment_id IN (SELECT id FROM "
                      "deployments WHERE container_id = ?)", [container["id"]])
         conn.execute("DELETE FROM deployments WHERE container_id = ?", [container["id"]])
+        _end_split(db, container["id"])
+        conn.execute("DELETE FROM aliases WHERE container = ?", [name])
         conn.execute("DELETE FROM versions WHERE container_id = ?", [container["id"]])
         conn.execute("DELETE FROM containers WHERE id = ?", [container["id"]])
     return artifacts
@@ -304,7 +324,7 @@ def delete_container(db: Database, name: str) -> list[str]:
 def prune_versions(db: Database, name: str, keep: int,
                    dry_run: bool = False) -> dict:
     """Delete the versions of `name` older than its `keep` newest, never one that is serving
-    or active, that a worker runs (or builds or drains), that a deployment in progress is
+    or active, in its traffic split or named by an alias, that a worker runs (or builds or drains), that a deployment in progress is
     for, or that calls are queued or running on. Returns what was deleted (each version's
     artifact, which the caller removes once no version uses it) and what was kept and why."""
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
@@ -322,6 +342,15 @@ def prune_versions(db: Database, name: str, keep: int,
                 reasons[row["id"]].append("active")
             if i < keep:
                 reasons[row["id"]].append(f"one of the {keep} newest")
+        for (vid,) in conn.execute("SELECT version_id FROM traffic_splits WHERE "
+                                   "container_id = ?", [container["id"]]).fetchall():
+            reasons[vid].append("in the traffic split")
+        by_name = {row["version"]: row["id"] for row in rows}
+        for alias, version, extra in conn.execute(
+                "SELECT name, function_version, extra_version FROM aliases WHERE container = ? "
+                "ORDER BY name", [name]).fetchall():
+            for named in {version, extra} & by_name.keys():
+                reasons[by_name[named]].append(f"alias {alias}")
         states = ", ".join("?" * len(RUNNING_STATES))
         for vid, worker, state in conn.execute(
                 "SELECT wv.version_id, wv.worker_id, wv.state FROM worker_versions wv "
@@ -333,7 +362,6 @@ def prune_versions(db: Database, name: str, keep: int,
                 "AND status IN ('pending', 'in_progress')", [container["id"]]).fetchall():
             if vid in reasons:
                 reasons[vid].append(f"deployment {deployment} in progress")
-        by_name = {row["version"]: row["id"] for row in rows}
         for version, count in conn.execute(
                 "SELECT version, count(*) FROM invocations WHERE container = ? "
                 "AND status IN ('queued', 'running') AND version IS NOT NULL GROUP BY version",
@@ -373,16 +401,18 @@ def container_names(db: Database) -> list[str]:
 
 def desired_versions(db: Database) -> list[dict]:
     """What every worker should hold: the active and the serving version of each container run
-    (role serve: both while a redeploy is under way); every other version is a standby that
-    starts on demand for pinned calls."""
+    (role serve: both while a redeploy is under way), and so do the versions of its traffic
+    split; every other version is a standby that starts on demand for pinned calls."""
     out = []
     instance = instance_id(db)
     for row in db.query(
             "SELECT v.*, c.name AS container, c.id AS cid, c.created_at AS ccreated, "
             "c.active_version_id, c.serving_version_id, (SELECT d.id FROM deployments d "
-            "WHERE d.version_id = v.id ORDER BY d.created_at DESC LIMIT 1) AS deployment "
+            "WHERE d.version_id = v.id ORDER BY d.created_at DESC LIMIT 1) AS deployment, "
+            "(SELECT count(*) FROM traffic_splits t WHERE t.version_id = v.id) AS split "
             "FROM versions v JOIN containers c ON c.id = v.container_id ORDER BY v.id"):
-        serve = row["id"] in (row["active_version_id"], row["serving_version_id"])
+        serve = row["id"] in (row["active_version_id"], row["serving_version_id"]) or \
+            bool(row["split"])
         out.append({
             "version_id": row["id"], "container": row["container"], "container_id": row["cid"],
             # Container ids are reused after a delete; with the creation time they are not.

@@ -307,9 +307,27 @@ def _m10_aliases(db: Database) -> None:
                "updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (container, name))")
 
 
+def _m11_traffic_splits(db: Database) -> None:
+    """A container's traffic split: versions other than the serving one taking a share
+    (0.0-1.0) of its unpinned calls; the serving version takes the rest. Part of every call's
+    route, so a change bumps the routing generation (triggers, as for the other route
+    tables)."""
+    db.execute("CREATE TABLE traffic_splits (container_id BIGINT NOT NULL, "
+               "version_id BIGINT NOT NULL, weight DOUBLE PRECISION NOT NULL, "
+               "PRIMARY KEY (container_id, version_id))")
+    if db.dialect is POSTGRES:
+        db.execute("CREATE TRIGGER routing_traffic_splits AFTER INSERT OR DELETE OR UPDATE "
+                   "ON traffic_splits FOR EACH ROW EXECUTE FUNCTION dockyard_route_changed()")
+        return
+    for event in ("INSERT", "DELETE", "UPDATE"):
+        db.execute(f"CREATE TRIGGER routing_traffic_splits_{event.lower()} AFTER {event} ON "
+                   "traffic_splits BEGIN UPDATE routing_generation SET n = n + 1 WHERE id = 1; "
+                   "END")
+
+
 # Steps after the PostgreSQL baseline (schema_pg.py, the schema of SQLITE_STEPS): one text
 # for both engines.
-SHARED_STEPS = [_m9_artifact_chunks, _m10_aliases]
+SHARED_STEPS = [_m9_artifact_chunks, _m10_aliases, _m11_traffic_splits]
 VERSION = len(SQLITE_STEPS) + len(SHARED_STEPS)
 MIGRATE_LOCK = WRITE_LOCK - 1
 

@@ -12,10 +12,29 @@ FAILED = FAILED_STATUSES   # what counts as a failed call on a worker
 
 
 def invocation_totals(db: Database) -> list[dict]:
-    """Per container and status: the number of invocations and their summed duration (ms)."""
-    return list(db.query("SELECT container, status, count(*) AS n, "
+    """Per container, version (None: never routed) and status: the number of invocations and
+    their summed duration (ms)."""
+    return list(db.query("SELECT container, version, status, count(*) AS n, "
                          "coalesce(sum(duration_ms), 0) AS ms FROM invocations "
-                         "GROUP BY container, status"))
+                         "GROUP BY container, version, status"))
+
+
+def traffic_shares(db: Database) -> list[dict]:
+    """Per container with a serving version: each version's share of its unpinned calls."""
+    out = []
+    splits: dict[int, list] = {}
+    for cid, version, weight in db.execute(
+            "SELECT t.container_id, v.version, t.weight FROM traffic_splits t "
+            "JOIN versions v ON v.id = t.version_id").fetchall():
+        splits.setdefault(cid, []).append((version, weight))
+    for cid, name, serving in db.execute(
+            "SELECT c.id, c.name, v.version FROM containers c JOIN versions v "
+            "ON v.id = c.serving_version_id").fetchall():
+        split = splits.get(cid, [])
+        out.append({"container": name, "version": serving,
+                    "share": max(0.0, 1.0 - sum(w for _, w in split))})
+        out.extend({"container": name, "version": v, "share": w} for v, w in split)
+    return out
 
 
 def container_count(db: Database) -> int:

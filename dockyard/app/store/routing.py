@@ -39,6 +39,15 @@ def route(db: Database, container: str, version: str | None
                                    if r[3] is not None]
 
 
+def split(db: Database, container: str) -> tuple[tuple[str, float], ...]:
+    """The container's traffic split: ((version, share), ...) of the versions other than the
+    serving one that take a share of its unpinned calls (see traffic.py)."""
+    return tuple((r[0], float(r[1])) for r in db.execute(
+        "SELECT v.version, t.weight FROM traffic_splits t JOIN containers c "
+        "ON c.id = t.container_id JOIN versions v ON v.id = t.version_id WHERE c.name = ? "
+        "ORDER BY v.version", [container]).fetchall())
+
+
 def version_states(db: Database, version_id: int) -> list[dict]:
     """What each live worker reports about one version ({"worker", "state", "error"}): why a
     call found no ready instance of it."""
