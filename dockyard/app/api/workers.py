@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
+from ...common.protocol import VersionState
 from ...errors import BadRequest
 from ..auth import require
 from ..datadir import WORKER_NAME_RE, WORKER_NAME_RULE
@@ -38,9 +39,7 @@ def register():
 @require("worker")
 def heartbeat(worker_id: str):
     body = _body()
-    states = body.get("versions") or []
-    if not isinstance(states, list):
-        raise BadRequest("'versions' must be a list")
+    states = _version_reports(body.get("versions") or [])
     in_flight = body.get("in_flight")
     if in_flight is not None and (not isinstance(in_flight, int) or isinstance(in_flight, bool)
                                   or in_flight < 0):
@@ -50,6 +49,32 @@ def heartbeat(worker_id: str):
                     in_flight=in_flight)
     return jsonify({"desired": container_store.desired_versions(db),
                     "heartbeat_interval": current_app.config["HEARTBEAT_INTERVAL_S"]})
+
+
+# A version id is a row id of the store (SQLite's and PostgreSQL's bigint).
+MAX_ROW_ID = 2 ** 63 - 1
+REPORT_STATES = {value for key, value in vars(VersionState).items() if key.isupper()}
+
+
+def _version_reports(states) -> list[dict]:
+    """A heartbeat's `versions`: one {"version_id", "state", "error", "log", "deployment"}
+    per version the worker holds, each checked before the store reads it."""
+    if not isinstance(states, list):
+        raise BadRequest("'versions' must be a list")
+    for report in states:
+        if not isinstance(report, dict):
+            raise BadRequest("each of 'versions' must be an object with 'version_id' and "
+                             "'state'")
+        version_id = report.get("version_id")
+        if isinstance(version_id, bool) or not isinstance(version_id, int) or \
+                not 0 < version_id <= MAX_ROW_ID:
+            raise BadRequest("'version_id' must be a version's id (a whole number above 0)")
+        if report.get("state") not in REPORT_STATES:
+            raise BadRequest(f"'state' must be one of {', '.join(sorted(REPORT_STATES))}")
+        for key in ("error", "log", "deployment"):
+            if report.get(key) is not None and not isinstance(report[key], str):
+                raise BadRequest(f"'{key}' must be a string or null")
+    return states
 
 
 @bp.get("/api/workers")

@@ -1,0 +1,41 @@
+"""Malformed requests to the JSON API are refused with a 4xx that says what is wrong, never
+answered with a 500 (each case is an input that once did: see test_openapi.py, whose fuzzing
+found them)."""
+
+from __future__ import annotations
+
+import requests
+
+
+def _fake_worker(server, name: str) -> tuple[str, dict]:
+    """A registered worker that is no agent (nothing listens at its address)."""
+    headers = {"Authorization": f"Bearer {server.worker_token}"}
+    made = requests.post(server.url + "/api/workers/register", headers=headers, timeout=30,
+                         json={"name": name, "address": "unix:/nonexistent/invoke.sock"})
+    assert made.status_code == 201, made.text
+    return made.json()["id"], headers
+
+
+def test_a_heartbeat_with_bad_version_reports_is_a_400(server):
+    worker_id, headers = _fake_worker(server, "bad-heartbeats")
+    url = f"{server.url}/api/workers/{worker_id}/heartbeat"
+    try:
+        for versions in ([{"version_id": 2 ** 70, "state": "ready"}],   # past SQLite's INTEGER
+                         [{"version_id": -3, "state": "ready"}],
+                         [{"version_id": "1", "state": "ready"}],
+                         [{"version_id": True, "state": "ready"}],
+                         [{"state": "ready"}],
+                         [{"version_id": 1, "state": "sleeping"}],
+                         [{"version_id": 1, "state": "ready", "error": {"no": 1}}],
+                         [7], "ready"):
+            answer = requests.post(url, headers=headers, json={"versions": versions},
+                                   timeout=30)
+            assert answer.status_code == 400, (versions, answer.text)
+            assert answer.json()["error"]["type"] == "BadRequest"
+        fine = requests.post(url, headers=headers, timeout=30, json={"versions": []})
+        assert fine.status_code == 200, fine.text
+    finally:
+        # Stopped, then forgotten: it never takes a call of another test.
+        stopped = requests.post(url, headers=headers, json={"stopping": True}, timeout=30)
+        assert stopped.status_code == 200, stopped.text
+        assert server.api("DELETE", f"/api/workers/{worker_id}").status_code == 200
