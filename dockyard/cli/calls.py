@@ -53,9 +53,10 @@ def read_event(event: str | None) -> str | None:
                    "stdout).")
 @pass_ctx
 def invoke(ctx, target, event, asynchronous, print_id):
-    """Call NAME/FUNCTION (or NAME@VERSION/FUNCTION) with an optional event: JSON, @FILE (the
-    JSON in a file) or - (read from stdin). The result goes to stdout; --verbose (-v) prints
-    the invocation id, version, duration and worker on stderr, --id the id alone."""
+    """Call NAME/FUNCTION (or NAME@VERSION/FUNCTION, NAME@ALIAS/FUNCTION) with an optional
+    event: JSON, @FILE (the JSON in a file) or - (read from stdin). The result goes to
+    stdout; --verbose (-v) prints the invocation id, version, duration and worker on stderr,
+    --id the id alone."""
     if "/" not in target:
         raise click.ClickException("name the function as NAME/FUNCTION, e.g. hello/greet")
     event = read_event(event)
