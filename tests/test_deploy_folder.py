@@ -652,3 +652,20 @@ def test_a_partial_deployment_is_deployed_and_says_what_failed(deployer):
     text = (deployer.folder / "a.zip.deployed").read_text()
     assert text.startswith("c@v1 deployment dep_1; partial: failed on worker-b")
     assert entry.state is EntryState.DEPLOYED
+
+
+def test_serve_says_it_listens_once_the_folder_is_deployed(private_tmp, tmp_path_factory,
+                                                           tmp_path):
+    """The tour's first call, sent the moment serve says it listens, finds the example."""
+    folder = tmp_path_factory.mktemp("watched-at-start")
+    shutil.copytree(make_package(tmp_path, "echo", name="df-first"), folder / "df-first")
+    (folder / "half.zip").write_bytes(b"PK\x03\x04 not whole yet")   # nothing to wait for
+    data = private_tmp / "deploy-folder-first" / "data"
+    data.parent.mkdir()
+    server = Server(data, ["--deploy-dir", str(folder), "--offline"])
+    try:
+        answer = server.invoke("df-first/echo", {"n": 1})
+        assert answer.status_code == 200 and answer.json() == {"n": 1}, answer.text
+    finally:
+        assert server.stop() == 0
+        assert not server.leftovers

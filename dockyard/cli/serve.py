@@ -37,6 +37,8 @@ from ..common.protocol import WORKER_CONFIG_EXIT
 log = logging.getLogger("dockyard.serve")
 
 PR_SET_PDEATHSIG = 1
+# serve says it listens once the deploy folder's packages are deployed, or after this long.
+DEPLOY_FOLDER_WAIT_S = 60.0
 
 
 def _raise_open_files(wanted: int = 65536) -> None:
@@ -209,6 +211,26 @@ class Supervisor(ServeStop):
                 pass
             time.sleep(0.05)
 
+    def _wait_deploy_folder(self, timeout: float = DEPLOY_FOLDER_WAIT_S) -> None:
+        """Until the packages in the deploy folder are deployed (or failed): a call sent when
+        serve says it listens finds them. At most `timeout`; then serve goes on, saying what
+        is still deploying."""
+        start = time.monotonic()
+        said = False
+        while not self.signals:
+            left = self.deploy_watcher.first_pass_left()
+            if not left:
+                return
+            if not said and time.monotonic() > start + 1.0:
+                print(f"deploying {', '.join(left)} from {self.options.deploy_dir}/ …",
+                      flush=True)
+                said = True
+            if time.monotonic() > start + timeout:
+                print(f"still deploying {', '.join(left)}; taking calls meanwhile "
+                      "(`dockyard status` shows how it goes)", flush=True)
+                return
+            time.sleep(0.1)
+
     def _wait_healthy(self, timeout: float = 60.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -282,6 +304,8 @@ class Supervisor(ServeStop):
         self.deploy_watcher = WatcherProcess(self.data, self.options.deploy_dir, self.url,
                                              self.options.deploy_poll, _die_with_parent)
         self.deploy_watcher.start()
+        if self.options.local_worker:
+            self._wait_deploy_folder()
         print(f"dockyard listening on {self.url}", flush=True)
         print(f"admin token: {self.data.token_path('admin')} (the CLI finds it by itself)",
               flush=True)

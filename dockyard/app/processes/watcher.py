@@ -10,12 +10,18 @@ from pathlib import Path
 
 from ..datadir import DataDir
 from ..store.db import connect
-from ..deployfolder.files import folder_problem
+from ..deployfolder.entry import EntryState
+from ..deployfolder.files import entry_of, folder_problem, kind_of
 from ..deployfolder.watch import FOLDER_GONE_EXIT
 from ..store import deployfolder as store
 from .supervised import SupervisedProcess
 
 log = logging.getLogger("dockyard.serve")
+
+# An entry in one of these states has been looked at and is not on its way anywhere: deployed,
+# failed, undeployed, skipped, or not whole yet (waiting for its writer: nothing to wait for).
+LOOKED_AT = {EntryState.DEPLOYED, EntryState.FAILED, EntryState.UNDEPLOYED, EntryState.SKIPPED,
+             EntryState.PENDING}
 
 class WatcherProcess(SupervisedProcess):
     name = "deploy-folder watcher"
@@ -60,6 +66,26 @@ class WatcherProcess(SupervisedProcess):
             self._record_problem(problem)
             return True
         return False
+
+    def first_pass_left(self) -> list[str]:
+        """The packages in the folder the watcher has not deployed (or failed, or found not
+        whole) yet: what serve waits for before it says it listens, so that the tour's first
+        call finds the example container. [] when no watcher runs."""
+        if self.folder is None or self.proc is None or self.proc.poll() is not None:
+            return []
+        try:
+            present = sorted({found[0] for child in self.folder.iterdir()
+                              if (found := entry_of(self.folder, child))
+                              and kind_of(self.folder / found[0]) is not None})
+        except OSError:
+            return []
+        db = connect(self.data.db_target)
+        try:
+            states = {e.get("name"): e.get("state")
+                      for e in store.load_entries(db, str(self.folder))}
+        finally:
+            db.close()
+        return [name for name in present if states.get(name) not in LOOKED_AT]
 
     def _record_problem(self, problem: str) -> None:
         self._record(enabled=False, folder=str(self.folder), problem=f"{self.folder} {problem}")
