@@ -39,3 +39,24 @@ def test_a_heartbeat_with_bad_version_reports_is_a_400(server):
         stopped = requests.post(url, headers=headers, json={"stopping": True}, timeout=30)
         assert stopped.status_code == 200, stopped.text
         assert server.api("DELETE", f"/api/workers/{worker_id}").status_code == 200
+
+
+def test_numbers_past_the_stores_range_are_a_400(server):
+    for query in ({"after": str(2 ** 70)}, {"limit": str(-2 ** 64)}, {"after": "x"}):
+        answer = server.api("GET", "/api/invocations", params=query)
+        assert answer.status_code == 400, (query, answer.text)
+        assert answer.json()["error"]["type"] == "BadRequest"
+    assert server.api("GET", "/api/invocations", params={"after": "0"}).status_code == 200
+
+
+def test_a_registration_with_bad_fields_is_a_400(server):
+    headers = {"Authorization": f"Bearer {server.worker_token}"}
+    for body in ({"name": "bad-pid", "pid": 2 ** 70}, {"name": "bad-pid", "pid": "12x"},
+                 {"name": "bad-pid", "pid": -1}, {"name": "bad-address", "address": ["x"]},
+                 {"name": "bad-isolation", "isolation": "on"}):
+        answer = requests.post(server.url + "/api/workers/register", headers=headers,
+                               json=body, timeout=30)
+        assert answer.status_code == 400, (body, answer.text)
+        assert answer.json()["error"]["type"] == "BadRequest"
+    names = {w["name"] for w in server.api("GET", "/api/workers").json()["workers"]}
+    assert not names & {"bad-pid", "bad-address", "bad-isolation"}

@@ -6,6 +6,7 @@ from flask import Blueprint, jsonify, request
 
 from ...common.durations import parse_duration
 from ...errors import BadRequest
+from . import MAX_INTEGER
 from ..auth import check_record_read, require
 from ..invoke.cancel import cancel
 from ..store.db import now
@@ -35,9 +36,12 @@ def list_invocations():
 
 def _number(name: str, default: int) -> int:
     try:
-        return int(request.args.get(name, default))
+        number = int(request.args.get(name, default))
     except ValueError:
         raise BadRequest(f"{name} must be a whole number") from None
+    if not -MAX_INTEGER <= number <= MAX_INTEGER:
+        raise BadRequest(f"{name} is out of range")
+    return number
 
 
 def since_seconds(text: str) -> float:

@@ -7,6 +7,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from ...common.protocol import VersionState
 from ...errors import BadRequest
+from . import MAX_INTEGER
 from ..auth import require
 from ..datadir import WORKER_NAME_RE, WORKER_NAME_RULE
 from ..state import database
@@ -30,6 +31,15 @@ def register():
     name = body.get("name")
     if name is not None and not (isinstance(name, str) and WORKER_NAME_RE.fullmatch(name)):
         raise BadRequest(WORKER_NAME_RULE)
+    for key in ("previous_id", "address", "hostname"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise BadRequest(f"'{key}' must be a string")
+    pid = body.get("pid")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)
+                            or not 0 <= pid <= MAX_INTEGER):
+        raise BadRequest("'pid' must be a process id (a whole number, 0 or more)")
+    if body.get("isolation") is not None and not isinstance(body["isolation"], dict):
+        raise BadRequest("'isolation' must be an object")
     worker = store.register(database(), body)
     return jsonify({"id": worker["id"],
                     "heartbeat_interval": current_app.config["HEARTBEAT_INTERVAL_S"]}), 201
@@ -51,8 +61,6 @@ def heartbeat(worker_id: str):
                     "heartbeat_interval": current_app.config["HEARTBEAT_INTERVAL_S"]})
 
 
-# A version id is a row id of the store (SQLite's and PostgreSQL's bigint).
-MAX_ROW_ID = 2 ** 63 - 1
 REPORT_STATES = {value for key, value in vars(VersionState).items() if key.isupper()}
 
 
@@ -67,7 +75,7 @@ def _version_reports(states) -> list[dict]:
                              "'state'")
         version_id = report.get("version_id")
         if isinstance(version_id, bool) or not isinstance(version_id, int) or \
-                not 0 < version_id <= MAX_ROW_ID:
+                not 0 < version_id <= MAX_INTEGER:
             raise BadRequest("'version_id' must be a version's id (a whole number above 0)")
         if report.get("state") not in REPORT_STATES:
             raise BadRequest(f"'state' must be one of {', '.join(sorted(REPORT_STATES))}")
