@@ -32,6 +32,10 @@ def test_a_heartbeat_with_bad_version_reports_is_a_400(server):
                                    timeout=30)
             assert answer.status_code == 400, (versions, answer.text)
             assert answer.json()["error"]["type"] == "BadRequest"
+        for in_flight in (2 ** 70, -1, "3", 1.5):
+            answer = requests.post(url, headers=headers, json={"in_flight": in_flight},
+                                   timeout=30)
+            assert answer.status_code == 400, (in_flight, answer.text)
         fine = requests.post(url, headers=headers, timeout=30, json={"versions": []})
         assert fine.status_code == 200, fine.text
     finally:

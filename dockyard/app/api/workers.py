@@ -52,7 +52,7 @@ def heartbeat(worker_id: str):
     states = _version_reports(body.get("versions") or [])
     in_flight = body.get("in_flight")
     if in_flight is not None and (not isinstance(in_flight, int) or isinstance(in_flight, bool)
-                                  or in_flight < 0):
+                                  or not 0 <= in_flight <= MAX_INTEGER):
         raise BadRequest("'in_flight' must be a whole number of calls")
     db = database()
     store.heartbeat(db, worker_id, states, stopping=bool(body.get("stopping")),
