@@ -108,6 +108,20 @@ def test_errors_name_what_is_missing(server, pkg):
     assert "memory 512 MB" in limits and "=" not in limits
 
 
+def test_a_name_is_one_path_segment_whatever_it_holds(server):
+    """A name with ?, # or % is sent as itself (it was sent as a path and a query)."""
+    for name in ("ev-odd?x=1", "ev#%2e"):
+        for verb, words in ((["status", name], "no container named"),
+                            (["versions", name], "no container named"),
+                            (["traffic", name], "no container named"),
+                            (["rollback", name, "1"], "no container named"),
+                            (["rm", name], "no container named"),
+                            (["jobs", "show", name], "no job named"),
+                            (["workers", "rm", name], "no worker")):
+            line = one_line_error(server.cli(*verb, check=False))
+            assert words in line and repr(name) in line, (verb, line)
+
+
 # -- help that fits -------------------------------------------------------------------------
 
 def commands(group: click.Group, prefix=()):

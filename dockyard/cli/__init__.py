@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from ..common.http_client import api_path
 from ..common.protocol import SETTLED_DEPLOYMENT_STATUSES, DeploymentStatus
 from ..errors import DockyardError
 from ..runner.server import UNIX_PATH_MAX, UNIX_PREFIX
@@ -399,7 +400,7 @@ def deploy(ctx, path, wait, no_activate, timeout):
         record["deployment"] = _wait_deployment(ctx, client, record["deployment"], timeout,
                                                 what, record["container"])
     elif record.get("deployment"):
-        record["deployment"] = client.json("GET", f"/api/deployments/{record['deployment']}")
+        record["deployment"] = client.json("GET", api_path("deployments", record['deployment']))
 
     def human(r):
         note = "" if r["created"] else " (already deployed: same content)"
@@ -442,7 +443,7 @@ def _failure(deployment: dict) -> str:
 def _container_state(client, name: str) -> tuple[str | None, str | None]:
     """(active version, serving version) of a container as the server has them now."""
     try:
-        detail = client.json("GET", f"/api/containers/{name}")
+        detail = client.json("GET", api_path("containers", name))
     except DockyardError:
         return None, None
     return detail.get("active_version"), detail.get("serving_version")
@@ -469,7 +470,7 @@ def _wait_deployment(ctx, client, deployment_id: str, timeout: float, what: str,
     shown: dict[str, int] = {}
     states: dict[str, str] = {}
     while True:
-        dep = client.json("GET", f"/api/deployments/{deployment_id}")
+        dep = client.json("GET", api_path("deployments", deployment_id))
         for w in dep["workers"]:
             lines = (w.get("log") or "").splitlines()
             if not ctx.as_json:
@@ -531,13 +532,14 @@ def rollback(ctx, name, version, wait, timeout):
         click.echo(f"rolling {name} back from {current} to {version}, the version before it"
                    + (f" (skipping {', '.join(skipped)}: failed to deploy)" if skipped else ""),
                    err=True)
-    record = client.json("POST", f"/api/containers/{name}/activate", json={"version": version})
+    record = client.json("POST", api_path("containers", name, "activate"),
+                         json={"version": version})
     what = f"{name}@{version}"
     if wait and record.get("deployment") and record.get("deployment_status") != "ready":
         record["deployment"] = _wait_deployment(ctx, client, record["deployment"], timeout,
                                                 what, name)
     elif record.get("deployment"):
-        record["deployment"] = client.json("GET", f"/api/deployments/{record['deployment']}")
+        record["deployment"] = client.json("GET", api_path("deployments", record['deployment']))
     dep = record.get("deployment")
 
     def human(r):
@@ -567,7 +569,7 @@ def rollback(ctx, name, version, wait, timeout):
 def remove(ctx, name, keep_versions):
     """Undeploy container NAME: its instances stop, and its versions and their package
     files are deleted (with --keep-versions, kept for a later `dockyard rollback`)."""
-    data = ctx.client().json("DELETE", f"/api/containers/{name}",
+    data = ctx.client().json("DELETE", api_path("containers", name),
                              params={"keep_versions": "1"} if keep_versions else None)
 
     def human(d):
@@ -605,7 +607,7 @@ def workers(click_ctx):
 @pass_ctx
 def workers_rm(ctx, name):
     """Forget worker NAME (or its id): one that is stopped or lost; a live one is refused."""
-    data = ctx.client().json("DELETE", f"/api/workers/{name}")
+    data = ctx.client().json("DELETE", api_path("workers", name))
     ctx.emit(data, lambda d: click.echo(f"worker {d['name']} ({d['id']}) forgotten"))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ..common.http_client import api_path
 from . import Command, pass_ctx
 from .client import ClientError, token_hint
 from .history import WorkerNames
@@ -110,7 +111,7 @@ def _worker(client, invocation: str) -> str:
     end = time.monotonic() + RECORD_WAIT_S
     while True:
         try:
-            record = client.json("GET", f"/api/invocations/{invocation}")
+            record = client.json("GET", api_path("invocations", invocation))
             if record.get("worker_id"):
                 return WorkerNames(client)(record["worker_id"])
         except ClientError as exc:

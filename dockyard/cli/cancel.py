@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from urllib.parse import quote
-
 import click
 
+from ..common.http_client import api_path
 from . import Command, pass_ctx
 from .client import ClientError
 
@@ -18,7 +17,7 @@ def cancel(ctx, invocation_id):
     its record says `cancelled`. A call that has finished is left as it is."""
     client = ctx.client()
     try:
-        record = client.json("POST", f"/api/invocations/{quote(invocation_id, safe='')}/cancel")
+        record = client.json("POST", api_path("invocations", invocation_id, "cancel"))
     except ClientError as exc:
         status = getattr(exc, "status", None)
         if status == 404:

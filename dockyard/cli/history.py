@@ -7,10 +7,9 @@ import json
 import re
 import time
 
-from urllib.parse import quote
-
 import click
 
+from ..common.http_client import api_path
 from . import Command, pass_ctx, _age, _table
 from .client import ClientError
 from .jobs import _duration
@@ -54,12 +53,12 @@ def deployments(ctx, target):
     client = ctx.client()
     deployment_id = target
     if not DEPLOYMENT_ID_RE.fullmatch(target):
-        deployment_id = client.json("GET", f"/api/containers/{target}").get("last_deployment")
+        deployment_id = client.json("GET", api_path("containers", target)).get("last_deployment")
         if not deployment_id:
             raise click.ClickException(f"{target} has no deployment yet; activate a version "
                                        f"with `dockyard rollback {target} VERSION`")
     try:
-        deployment = client.json("GET", f"/api/deployments/{deployment_id}")
+        deployment = client.json("GET", api_path("deployments", deployment_id))
     except ClientError as exc:
         if getattr(exc, "status", None) != 404 or deployment_id != target:
             raise
@@ -171,7 +170,7 @@ def logs(ctx, target, follow):
 
 def _invocation(client, invocation_id: str) -> dict:
     try:
-        return client.json("GET", f"/api/invocations/{quote(invocation_id, safe='')}")
+        return client.json("GET", api_path("invocations", invocation_id))
     except ClientError as exc:
         if getattr(exc, "status", None) != 404:
             raise
@@ -183,7 +182,7 @@ def _invocation(client, invocation_id: str) -> dict:
 
 def _check_container(client, name: str) -> None:
     try:
-        client.json("GET", f"/api/containers/{name}")
+        client.json("GET", api_path("containers", name))
     except ClientError as exc:
         if getattr(exc, "status", None) != 404:
             raise

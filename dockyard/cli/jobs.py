@@ -8,6 +8,7 @@ import time
 import click
 from click.core import ParameterSource
 
+from ..common.http_client import api_path
 from ..common.protocol import FINISHED_STATUSES
 from . import Context, Group, pass_ctx, _table
 from .times import at_iso, at_job
@@ -153,7 +154,7 @@ def edit(click_ctx, name, **options):
         raise click.ClickException("say what to change, e.g. --schedule '@every 5m', --payload "
                                "JSON or --timezone Europe/Berlin (dockyard jobs edit --help "
                                "lists them)")
-    job = ctx.client().json("PATCH", f"/api/jobs/{name}", json=body)
+    job = ctx.client().json("PATCH", api_path("jobs", name), json=body)
 
     def human(j):
         click.echo(f"job {j['name']} changed ({', '.join(sorted(body))}): {j['explain']}")
@@ -169,7 +170,7 @@ def edit(click_ctx, name, **options):
 @pass_ctx
 def show(ctx, name):
     """Show a job: its definition, next 5 fire times and counts."""
-    job = ctx.client().json("GET", f"/api/jobs/{name}")
+    job = ctx.client().json("GET", api_path("jobs", name))
 
     def human(j):
         click.echo(f"{j['name']}  {j['target']}  ({j['source']}"
@@ -201,11 +202,11 @@ def show(ctx, name):
 def run(ctx, name, wait):
     """Run job NAME now, by hand (trigger `manual`)."""
     client = ctx.client()
-    started = client.json("POST", f"/api/jobs/{name}/run")
+    started = client.json("POST", api_path("jobs", name, "run"))
     invocation = started["invocation_id"]
     if wait:
         while True:
-            inv = client.json("GET", f"/api/invocations/{invocation}")
+            inv = client.json("GET", api_path("invocations", invocation))
             if inv["status"] in FINISHED_STATUSES:
                 started = dict(started, status=inv["status"], duration_ms=inv["duration_ms"],
                                output=inv.get("output"), error=inv.get("error"))
@@ -231,7 +232,7 @@ def run(ctx, name, wait):
 @pass_ctx
 def pause(ctx, name):
     """Pause job NAME: no fires until it is resumed."""
-    job = ctx.client().json("POST", f"/api/jobs/{name}/pause")
+    job = ctx.client().json("POST", api_path("jobs", name, "pause"))
     ctx.emit(job, lambda j: click.echo(f"{j['name']} paused"))
 
 
@@ -240,7 +241,7 @@ def pause(ctx, name):
 @pass_ctx
 def resume(ctx, name):
     """Resume job NAME (the fires it missed while paused are not replayed)."""
-    job = ctx.client().json("POST", f"/api/jobs/{name}/resume")
+    job = ctx.client().json("POST", api_path("jobs", name, "resume"))
     ctx.emit(job, lambda j: click.echo(f"{j['name']} resumed; next fire: "
                                        f"{at_iso(j['next_fire'], j['timezone'])}"))
 
@@ -250,7 +251,7 @@ def resume(ctx, name):
 @pass_ctx
 def remove(ctx, name):
     """Remove job NAME and its run history."""
-    data = ctx.client().json("DELETE", f"/api/jobs/{name}")
+    data = ctx.client().json("DELETE", api_path("jobs", name))
     ctx.emit(data, lambda d: click.echo(f"{name} removed"))
 
 
@@ -265,7 +266,7 @@ def runs(ctx, name, limit, status):
     params = {"limit": limit}
     if status:
         params["status"] = status
-    data = ctx.client().json("GET", f"/api/jobs/{name}/runs", params=params)
+    data = ctx.client().json("GET", api_path("jobs", name, "runs"), params=params)
 
     def human(d):
         if not d["runs"]:

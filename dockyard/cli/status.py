@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from ..common.http_client import api_path
 from . import Command, pass_ctx, _age, _table
 from .history import show_deployment
 from .traffic import split_words
@@ -20,10 +21,10 @@ def status(ctx, name):
     container in detail with its last deployment and build log."""
     client = ctx.client()
     if name:
-        container = client.json("GET", f"/api/containers/{name}")
+        container = client.json("GET", api_path("containers", name))
         deployment = None
         if container.get("last_deployment"):
-            deployment = client.json("GET", f"/api/deployments/{container['last_deployment']}")
+            deployment = client.json("GET", api_path("deployments", container['last_deployment']))
         workers = client.json("GET", "/api/workers")["workers"]
         held = [{"worker": w["id"], "worker_name": w["name"], "worker_state": w["state"],
                  **v}

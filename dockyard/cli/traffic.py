@@ -3,10 +3,9 @@ between its serving version and others (a gradual rollout)."""
 
 from __future__ import annotations
 
-from urllib.parse import quote
-
 import click
 
+from ..common.http_client import api_path
 from . import Command, pass_ctx, _table
 
 
@@ -56,7 +55,7 @@ def traffic(ctx, name, shares, reset):
     version and others; with VERSION=SHARE (`v2=10%` or `v2=0.1`), give VERSION that share
     and the serving version the rest. A version with no instance ready yet has its share
     served by the serving version; a deploy or rollback ends the split."""
-    path = f"/api/containers/{quote(name, safe='')}/traffic"
+    path = api_path("containers", name, "traffic")
     client = ctx.client()
     if reset and shares:
         raise click.UsageError("give VERSION=SHARE or --reset, not both")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from ..common.http_client import api_path
 from . import Group, pass_ctx, _age, _table
 
 
@@ -30,7 +31,7 @@ def versions():
 @pass_ctx
 def list_versions(ctx, name):
     """List the versions of a container, newest first (`dockyard versions NAME` too)."""
-    data = ctx.client().json("GET", f"/api/containers/{name}/versions")
+    data = ctx.client().json("GET", api_path("containers", name, "versions"))
 
     def human(d):
         _table([[v["version"], "serving" if v["serving"] else ("active" if v["active"] else ""),
@@ -55,7 +56,7 @@ def prune(ctx, name, keep, dry_run):
     if keep_n < 1:
         raise click.ClickException("say how many of the newest versions to keep: --keep N, "
                                    "with N a whole number of at least 1")
-    data = ctx.client().json("POST", f"/api/containers/{name}/versions/prune",
+    data = ctx.client().json("POST", api_path("containers", name, "versions", "prune"),
                              json={"keep": keep_n, "dry_run": dry_run})
 
     def human(d):
@@ -78,7 +79,8 @@ def previous_version(client, name: str) -> tuple[str, str, list[str]]:
     """(the version serving, the one to roll back to, the ones skipped between them): the
     newest version uploaded before the one serving (or, with none serving, the active one)
     that no live worker reports failed."""
-    listed = client.json("GET", f"/api/containers/{name}/versions")["versions"]  # newest first
+    # newest first
+    listed = client.json("GET", api_path("containers", name, "versions"))["versions"]
     current = (next((v for v in listed if v["serving"]), None)
                or next((v for v in listed if v["active"]), None))
     if current is None:

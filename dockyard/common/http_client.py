@@ -4,9 +4,17 @@ deploy-folder watcher)."""
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import requests
 
 from ..errors import DockyardError
+
+
+def api_path(*segments) -> str:
+    """`/api/SEGMENT/...` with each segment quoted whole: a name holding `/`, `?` or `#` stays
+    one path segment (and the server's 404 names it)."""
+    return "/api/" + "/".join(quote(str(segment), safe="") for segment in segments)
 
 
 class ClientError(DockyardError):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from ...common.http_client import Client, ClientError
+from ...common.http_client import Client, ClientError, api_path
 
 LOG_STAMP = re.compile(r"^\d\d:\d\d:\d\d ")   # of each line of a worker's build log
 LOG_CAUSES = ("error:", "cause:", "caused by:")
@@ -39,13 +39,13 @@ class ControlPlane:
                           headers={"Content-Type": "application/octet-stream"})
 
     def deployment(self, deployment_id: str) -> dict | None:
-        return self._call("GET", f"/api/deployments/{deployment_id}", missing_ok=True)
+        return self._call("GET", api_path("deployments", deployment_id), missing_ok=True)
 
     def container(self, name: str) -> dict | None:
-        return self._call("GET", f"/api/containers/{name}", missing_ok=True)
+        return self._call("GET", api_path("containers", name), missing_ok=True)
 
     def delete(self, name: str) -> None:
-        self._call("DELETE", f"/api/containers/{name}", missing_ok=True)
+        self._call("DELETE", api_path("containers", name), missing_ok=True)
 
     def serving_version(self, name: str | None) -> str | None:
         """The version serving `name`'s calls, or None (none, or no answer)."""
