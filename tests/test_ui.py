@@ -265,6 +265,20 @@ def test_activate_an_older_version(signed_in):
     assert "has no version &#39;9.9&#39;" in ui.client.get(refused.headers["Location"]).text
 
 
+def test_a_traffic_split_shows_on_the_container_page(signed_in):
+    ui = signed_in
+    ui.deploy("hello", "1.0")
+    ui.deploy("hello", "2.0")
+    ui.sql("UPDATE containers SET serving_version_id = active_version_id")   # as if ready
+    assert "Traffic split" not in ui.client.get("/ui/containers/hello").text
+    answer = ui.api.post("/api/containers/hello/traffic", json={"weights": {"1.0": 0.25}})
+    assert answer.status_code == 200, answer.text
+    page = ui.client.get("/ui/containers/hello").text
+    assert re.search(r'Traffic split: <b class="mono">2\.0</b> 75\.0 % · '
+                     r'<b class="mono">1\.0</b> 25\.0 %', page), page
+    assert "split 25.0 %" in page
+
+
 def test_run_pause_and_resume_a_job(signed_in):
     ui = signed_in
     ui.deploy("hello", "1.0")
