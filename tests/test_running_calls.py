@@ -34,22 +34,41 @@ def test_a_running_call_is_seen_followed_and_cancelled(server, pkg):
         record = json.loads(shown.stdout)
         assert record["status"] == "running" and record["worker_id"]
         assert record["input"] == {"s": 60} and record["finished_at"] is None
+        # What it printed so far comes from the worker that runs it.
+        so_far = wait_for("its output so far", lambda: (lambda r: r.get("output_so_far") and
+                          "before the sleep" in r["stdout"] and r)(json.loads(server.cli(
+                              "--json", "logs", call_id).stdout)), 30, 0.1)
+        assert so_far["status"] == "running" and so_far["stderr"] == ""
+        human = server.cli("logs", call_id).stdout
+        assert "--- stdout so far\nbefore the sleep" in human, human
 
         env = dict(server_env(server))
         follower = subprocess.Popen(
             [sys.executable, "-m", "dockyard", "--data", str(server.data), "logs", call_id,
              "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=env, cwd=ROOT)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(follower.stdout), daemon=True)
+        reader.start()
         try:
+            # --follow prints what the call prints as it runs...
+            wait_for("the follower printing the call's output",
+                     lambda: "before the sleep\n" in lines, 30, 0.1)
             cancelled = server.cli("cancel", call_id)
             assert f"{call_id}: cancelled" in cancelled.stdout
-            out, err = follower.communicate(timeout=60)
+            follower.wait(timeout=60)
+            reader.join(10)
+            err = follower.stderr.read()
         finally:
             if follower.poll() is None:
                 follower.kill()
                 follower.wait()
+            follower.stdout.close()
+            follower.stderr.close()
         assert follower.returncode == 0, err
-        assert "cancelled" in out
+        out = "".join(lines)
+        # ...then its end, without printing that output again.
+        assert "cancelled" in out and out.count("before the sleep") == 1, out
     finally:
         caller.join(90)
     answer = answers[0]

@@ -123,8 +123,8 @@ POLL_S = 0.5
 @click.command(cls=Command, short_help="Show a call (ID), or a container's calls (NAME).")
 @click.argument("target", metavar="ID|NAME")
 @click.option("--follow", "-f", is_flag=True,
-              help="NAME: print each call as it finishes, until Ctrl-C; ID: wait for the "
-                   "call to end, then print it.")
+              help="NAME: print each call as it finishes, until Ctrl-C; ID: print what the "
+                   "call prints as it runs, then its end.")
 @pass_ctx
 def logs(ctx, target, follow):
     """Show one invocation (ID): status, timing, output, error. For a container NAME: its
@@ -134,15 +134,11 @@ def logs(ctx, target, follow):
     if INVOCATION_ID_RE.fullmatch(target):
         call = _invocation(client, target)
         if follow and call["status"] in ("queued", "running"):
-            if not ctx.as_json:
-                click.echo(f"{target} is {call['status']}; waiting for its end (Ctrl-C stops "
-                           "waiting, not the call)", err=True)
-            try:
-                while call["status"] in ("queued", "running"):
-                    time.sleep(POLL_S)
-                    call = _invocation(client, target)
-            except KeyboardInterrupt:
-                pass
+            if ctx.as_json:
+                call = _wait_end(client, call)
+            else:
+                _follow_call(client, call, worker)
+                return
         ctx.emit(call, lambda i: show_invocation(i, worker))
         return
     recent = client.json("GET", "/api/invocations",
@@ -166,6 +162,44 @@ def logs(ctx, target, follow):
         _follow(ctx, client, target, recent["cursor"], worker)
     except KeyboardInterrupt:
         pass   # Ctrl-C is how a follow ends
+
+
+def _wait_end(client, call: dict) -> dict:
+    """The call's record once it ended (or as it stands at Ctrl-C)."""
+    try:
+        while call["status"] in ("queued", "running"):
+            time.sleep(POLL_S)
+            call = _invocation(client, call["id"])
+    except KeyboardInterrupt:
+        pass
+    return call
+
+
+def _follow_call(client, call: dict, worker: "WorkerNames") -> None:
+    """A call under way, for people: what it prints as it prints it, then its end (REPORT,
+    result or error). Ctrl-C stops following, not the call."""
+    click.echo(f"{call['id']} is {call['status']}; following it (Ctrl-C stops following, "
+               "not the call)", err=True)
+    shown = {"stdout": "", "stderr": ""}
+    try:
+        while call["status"] in ("queued", "running"):
+            for stream in ("stdout", "stderr"):
+                text = call.get(stream) or ""
+                if call.get("output_so_far") and text != shown[stream]:
+                    # The output files are read whole each time (the last 64 KB): print what
+                    # is new, or all of it again if it no longer continues what was shown.
+                    new = text[len(shown[stream]):] if text.startswith(shown[stream]) else text
+                    click.echo(new, nl=False, err=stream == "stderr")
+                    shown[stream] = text
+            time.sleep(POLL_S)
+            call = _invocation(client, call["id"])
+    except KeyboardInterrupt:
+        return
+    for stream in ("stdout", "stderr"):
+        text = call.get(stream) or ""
+        if text.startswith(shown[stream]) and text != shown[stream]:
+            click.echo(text[len(shown[stream]):], nl=False, err=stream == "stderr")
+    show_invocation(call, worker, streams=not any(shown.values()))
 
 
 def _invocation(client, invocation_id: str) -> dict:
@@ -209,24 +243,29 @@ def _print_call(ctx, call: dict, worker: WorkerNames) -> None:
         show_invocation(call, worker)
 
 
-def show_invocation(i: dict, worker=lambda worker_id: worker_id or "-") -> None:
-    """One call for people: what ran, the REPORT line, its output, and its error."""
+def show_invocation(i: dict, worker=lambda worker_id: worker_id or "-",
+                    streams: bool = True) -> None:
+    """One call for people: what ran, the REPORT line, its output, and its error (`streams`:
+    its stdout and stderr too, unless they were printed as it ran)."""
     version = i["version"] or ("(serving)" if i["status"] == "queued" else "-")
     click.echo(f"{i['id']}  {i['container']}@{version}/{i['function']}  "
                f"{i['status']}  trigger={i['trigger']} attempt={i['attempt']}")
     if i["status"] in ("queued", "running"):
         since = i.get("started_at") or i.get("created_at")
         click.echo(f"{i['status']} for {max(0.0, time.time() - since):.1f} s on worker "
-                   f"{worker(i.get('worker_id'))}; its output comes with its end "
-                   f"(`dockyard logs {i['id']} --follow` waits for it)" if since else
-                   i["status"])
+                   f"{worker(i.get('worker_id'))}; `dockyard logs {i['id']} --follow` "
+                   "follows it to its end" if since else i["status"])
+        for stream in ("stdout", "stderr"):
+            if i.get("output_so_far") and i.get(stream):
+                click.echo(f"--- {stream} so far")
+                click.echo(i[stream].rstrip("\n"))
         return
     duration = f"{i['duration_ms']:.2f} ms" if i["duration_ms"] is not None else "-"
     memory = f"{i['max_rss_kb'] / 1024:.1f} MB" if i["max_rss_kb"] else "-"
     click.echo(f"REPORT duration: {duration}  max memory used: {memory}  "
                f"cold start: {'yes' if i['cold'] else 'no'}  "
                f"worker: {worker(i.get('worker_id'))}")
-    for stream in ("stdout", "stderr"):
+    for stream in ("stdout", "stderr") if streams else ():
         if i.get(stream):
             click.echo(f"--- {stream}")
             click.echo(i[stream].rstrip("\n"))

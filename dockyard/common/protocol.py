@@ -16,6 +16,7 @@ class Frame:
     RESULT = "result"            # its reply
     SHUTDOWN = "shutdown"        # worker -> child: finish what you have, then exit
     CANCEL = "cancel"            # control plane -> worker: kill the process running a call
+    OUTPUT = "output"            # control plane -> worker: what a running call printed so far
     HELLO = "hello"              # the first frame on a worker connection (with the token)
     POKE = "poke"                # control plane -> worker: reconcile now
     # Direct channels (a local worker's one-at-a-time processes; see common/direct.py):

@@ -289,6 +289,8 @@ class Agent:
             return None
         if kind == Frame.CANCEL:
             return self.cancel(str(frame.get("id")))
+        if kind == Frame.OUTPUT:
+            return self.output(str(frame.get("id")))
         if kind == Frame.CHANNELS:
             return self.channels(frame)
         if kind == Frame.LOST:
@@ -400,6 +402,20 @@ class Agent:
         if pool is None or not pool.cancel(call_id):
             self._background(self._cancel_when_started, call_id)
         return {"type": Frame.CANCEL, "id": call_id, "found": True}
+
+    def output(self, call_id: str) -> dict:
+        """What the call `call_id` has printed so far, read from its process's output files
+        (the process line-buffers them, and empties them at each reply): `found` is False
+        when no process here has it in hand."""
+        runtime = self.calls.get(call_id)
+        pools = [runtime.pool] if runtime is not None and runtime.pool is not None \
+            else live_pools()
+        child = next((c for pool in pools if (c := pool.holding(call_id)) is not None), None)
+        if child is None:
+            return {"type": Frame.OUTPUT, "id": call_id, "found": False}
+        stdout, stderr = child.read_output()
+        return {"type": Frame.OUTPUT, "id": call_id, "found": True, "stdout": stdout,
+                "stderr": stderr}
 
     def _if_stopped(self, call_id: str, reply: dict) -> dict:
         """The reply of a call that was cancelled, or whose process a halt stopped with the

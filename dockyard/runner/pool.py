@@ -398,12 +398,16 @@ class Pool:
                     wake = min(wake, now + BLOCKED_LOOK_S)
                 self.cond.wait(max(0.0, min(wake, deadline) - now))
 
+    def holding(self, call_id: str) -> Child | None:
+        """The live process that has the call `call_id` in hand, if any."""
+        with self.cond:
+            return next((c for c in [*self.children, *self.gone.values()]
+                         if c.state is not ProcessState.EXITED
+                         and (call_id in c.calls or _direct_call(c) == call_id)), None)
+
     def cancel(self, call_id: str) -> bool:
         """Kill the process running the call `call_id`; False if no process has it (yet)."""
-        with self.cond:
-            child = next((c for c in [*self.children, *self.gone.values()]
-                          if c.state is not ProcessState.EXITED
-                          and (call_id in c.calls or _direct_call(c) == call_id)), None)
+        child = self.holding(call_id)
         if child is None:
             return False
         child.cancel(call_id)

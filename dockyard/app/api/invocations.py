@@ -9,6 +9,7 @@ from ...errors import BadRequest
 from . import MAX_INTEGER
 from ..auth import check_record_read, require
 from ..invoke.cancel import cancel
+from ..invoke.running_output import with_output_so_far
 from ..store.db import now
 from ..state import connections, database
 from ..store import invocations as store
@@ -55,7 +56,9 @@ def since_seconds(text: str) -> float:
 @bp.get("/api/invocations/<invocation_id>")
 def get_invocation(invocation_id: str):
     check_record_read(invocation_id)
-    return jsonify(store.get(database(), invocation_id))
+    db = database()
+    # A running call's output so far comes from the worker that has it.
+    return jsonify(with_output_so_far(db, connections(), store.get(db, invocation_id)))
 
 
 @bp.post("/api/invocations/<invocation_id>/cancel")

@@ -204,6 +204,13 @@ def local_worker_state(db: Database) -> dict | None:
         return None
 
 
+def address_of(db: Database, worker_id: str) -> str | None:
+    """Where a live worker answers (None for one unknown, gone or stopped)."""
+    row = db.execute("SELECT address FROM workers WHERE id = ? AND state = 'up' "
+                     "AND last_seen > ?", [worker_id, now() - WORKER_TTL_S]).fetchone()
+    return row[0] if row and row[0] else None
+
+
 def live_workers(db: Database) -> list[dict]:
     return list(db.query("SELECT id, address FROM workers WHERE state = 'up' AND last_seen > ?",
                          [now() - WORKER_TTL_S]))
