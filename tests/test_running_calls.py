@@ -6,9 +6,12 @@ written once, finished."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
+
+import requests
 
 from conftest import ROOT
 from failover_cluster import wait_for
@@ -41,6 +44,14 @@ def test_a_running_call_is_seen_followed_and_cancelled(server, pkg):
         assert so_far["status"] == "running" and so_far["stderr"] == ""
         human = server.cli("logs", call_id).stdout
         assert "--- stdout so far\nbefore the sleep" in human, human
+        with requests.Session() as browser:   # and the dashboard's page of the call
+            page = browser.get(f"{server.url}/ui/sign-in", timeout=30).text
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+            browser.post(f"{server.url}/ui/sign-in", data={"csrf": csrf, "token": server.admin},
+                         timeout=30)
+            page = browser.get(f"{server.url}/ui/invocations/{call_id}", timeout=30).text
+        assert re.search(r'stdout <span class="dim">so far</span></h2>\s*<pre id="stdout" '
+                         r'class="log">before the sleep', page), page
 
         env = dict(server_env(server))
         follower = subprocess.Popen(

@@ -11,7 +11,8 @@ from werkzeug.exceptions import HTTPException
 from ...common.protocol import RECORD_STATUSES
 from ...errors import BadRequest, DockyardError
 from ..jobs import definitions as job_views
-from ..state import database
+from ..invoke.running_output import with_output_so_far
+from ..state import connections, database
 from ..store import containers as container_store
 from ..store import deployfolder as folder_store
 from ..store import invocations as invocation_store
@@ -138,7 +139,8 @@ def invocations():
 @bp.get("/invocations/<invocation_id>")
 def invocation(invocation_id: str):
     db = database()
-    record = invocation_store.get(db, invocation_id)
+    # A running call's output so far comes from its worker (the page follows it).
+    record = with_output_so_far(db, connections(), invocation_store.get(db, invocation_id))
     return render_template("ui/invocation.html", inv=record,
                            job=job_runs.job_of_invocation(db, invocation_id),
                            live=record["status"] in ("queued", "running"))
