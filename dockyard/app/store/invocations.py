@@ -300,6 +300,11 @@ def abandoned_web_calls(db: Database, t: float) -> int:
     error = json.dumps({"type": "Lost", "message": "the web process serving this call "
                         "stopped before it ended; whether it ran is unknown",
                         "may_have_run": True})
+    # Almost always there is none: a read says so without taking the write lock (which the
+    # web processes' record writers would wait for), as claim_queued does.
+    if db.execute("SELECT 1 FROM invocations WHERE status = 'running' AND owner LIKE ? "
+                  "AND lease_until < ? LIMIT 1", [WEB_OWNER + "%", t]).fetchone() is None:
+        return 0
     cursor = db.execute("UPDATE invocations SET status = 'failed', error = ?, finished_at = ?, "
                         "owner = NULL, lease_until = NULL WHERE status = 'running' "
                         "AND owner LIKE ? AND lease_until < ?", [error, t, WEB_OWNER + "%", t])
