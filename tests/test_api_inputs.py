@@ -64,3 +64,11 @@ def test_a_registration_with_bad_fields_is_a_400(server):
         assert answer.json()["error"]["type"] == "BadRequest"
     names = {w["name"] for w in server.api("GET", "/api/workers").json()["workers"]}
     assert not names & {"bad-pid", "bad-address", "bad-isolation"}
+
+
+def test_a_caller_cannot_move_a_request_with_scriptname_or_pathinfo_headers(server):
+    for header in ({"SCRIPT_NAME": "/elsewhere"}, {"SCRIPT_NAME": "/heal"},
+                   {"PATH_INFO": "/api/containers"}):
+        answer = requests.get(server.url + "/healthz", headers=header, timeout=30)
+        assert answer.status_code == 200, (header, answer.status_code, answer.text[:200])
+        assert answer.json()["status"] == "ok"

@@ -13,3 +13,10 @@ import signal
 def when_ready(server):  # noqa: ARG001 - gunicorn's hook signature
     for signum in (signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+
+
+# No caller moves a request to another path: gunicorn otherwise takes SCRIPT_NAME and PATH_INFO
+# from the request headers of a peer it trusts as a proxy (any caller on this host), and a
+# SCRIPT_NAME that is not a prefix of the path was answered with a 500. dockyard is served at
+# the root of its port; such headers are dropped.
+forwarder_headers = ""
