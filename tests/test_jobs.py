@@ -15,19 +15,10 @@ import psutil
 import pytest
 
 from conftest import Server, container_processes, make_package
+from conftest import poll_until as wait_for
 
 FINAL = ("succeeded", "failed", "timed_out", "crashed", "cancelled")
 
-
-def wait_for(check, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def runs_of(server: Server, name: str) -> list[dict]:

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from conftest import ROOT, Server, instance_uids, make_package, sandbox_processes
+from conftest import poll_until as wait_for
 
 
 @pytest.fixture
@@ -289,13 +290,6 @@ def test_a_worker_sweeps_what_versions_removed_while_it_was_down_left(private_tm
     finally:
         assert again.stop() == 0
 
-
-def wait_for(check, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_serve_without_a_view_runs_functions(wheelhouse, pkg):

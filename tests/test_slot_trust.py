@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from conftest import container_processes
+from conftest import poll_until as wait_for
 from dockyard.app.invoke.worker_client import WorkerConnections
 from dockyard.common.direct import PoolPage, Slot, call_id_ok
 from dockyard.common.frames import FrameSocket
@@ -30,16 +31,6 @@ from dockyard.sandbox.cgroups import CPU_PERIOD_US, Cgroup, CgroupHost
 
 FORGED_LINE = "admin token rotated by slotforger"
 
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
-    """Poll until `predicate()` returns something true; fail with `what` at the deadline."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < end, what
-        time.sleep(every)
 
 
 def new_call_id() -> str:
