@@ -64,6 +64,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     for module in (containers, deployfolder, health, invocations, invoke, jobs, traffic,
                    workers):
         app.register_blueprint(module.bp)
+    from .api import openapi
+    app.register_blueprint(openapi.bp)  # GET /openapi.json: the API's OpenAPI description
     from .ui import bp as dashboard
     app.register_blueprint(dashboard)   # /ui/: the dashboard
     errors.init_app(app)

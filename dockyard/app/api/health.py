@@ -37,6 +37,7 @@ def index():
     """A short index of what this server answers, until a dashboard exists."""
     return jsonify({"name": "dockyard", "version": _version(),
                     "links": {"health": "/healthz", "metrics": "/metrics",
+                              "openapi": "/openapi.json",
                               "containers": "/api/containers",
                               "docs": "README.md and docs/architecture.md in the dockyard "
                                       "source"}})
