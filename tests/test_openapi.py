@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from conftest import ROOT, Server, zip_folder
 from dockyard.app import create_app
@@ -344,6 +346,9 @@ def test_every_status_the_code_can_answer_is_documented(app):
 
 
 # -- fuzzing a real serve with schemathesis -------------------------------------------------
+
+# Hypothesis keeps caches in a folder of its own; not in the checkout.
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "dockyard-tests-hypothesis")
 
 # Examples per operation in the fuzzing phase, valid and invalid inputs alike (the coverage
 # phase adds its own valid boundary cases, a dozen or so per operation); a fixed seed, so that
