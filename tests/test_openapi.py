@@ -192,8 +192,8 @@ def code_statuses(entries, follow: bool = True) -> tuple[set[int], set[int]]:
     from dockyard.app.invoke.sigv4 import SignatureError
     from dockyard.errors import DockyardError
     errors, written = set(), set()
-    todo = [f for f in map(_dockyard_callable, entries) if f]
-    seen = set()
+    views = {f for f in map(_dockyard_callable, entries) if f}
+    todo, seen = list(views), set()
     while todo:
         func = todo.pop()
         if func in seen:
@@ -206,9 +206,11 @@ def code_statuses(entries, follow: bool = True) -> tuple[set[int], set[int]]:
         closure = inspect.getclosurevars(func)
         scope = {**vars(builtins), **func.__globals__, **closure.nonlocals}
         for node in ast.walk(tree):
-            if isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple):
+            # A view's own answer: `return body, 201`, `response.status_code = 202`.
+            if func in views and isinstance(node, ast.Return) and \
+                    isinstance(node.value, ast.Tuple):
                 written |= _int_constants(node.value.elts[-1])
-            elif isinstance(node, ast.Assign) and any(
+            elif func in views and isinstance(node, ast.Assign) and any(
                     isinstance(t, ast.Attribute) and t.attr == "status_code"
                     for t in node.targets):
                 written |= _int_constants(node.value)
