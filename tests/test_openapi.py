@@ -24,7 +24,7 @@ import schemathesis
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
@@ -459,6 +459,7 @@ def _things_to_aim_at(srv: Server, tmp: Path) -> dict:
     }
 
 
+REQUEST_LINE_MAX = 4094   # gunicorn's --limit-request-line, which serve leaves as it is
 FRAMING = {"content-length", "transfer-encoding", "host", "connection", "expect", "te",
            "upgrade", "trailer", "keep-alive"}
 # Where a worker registered by the fuzzer takes calls: nowhere (a fuzzed address could name
@@ -510,6 +511,11 @@ def test_the_api_answers_as_documented(case, fuzzed_server):
         # Headers that frame the HTTP message itself (a Content-Length that is not a number
         # gets gunicorn's own 400 before any route sees the request): requests sets them.
         case.headers = {k: v for k, v in case.headers.items() if k.lower() not in FRAMING}
+    # A request line past gunicorn's limit is refused by gunicorn itself (414, before any
+    # route): not a request the API sees.
+    sent = case.as_transport_kwargs(base_url=srv.url)
+    url = requests.Request("GET", sent["url"], params=sent.get("params")).prepare().url
+    assume(len(case.method) + len(url) - len(srv.url) + len(" HTTP/1.1") <= REQUEST_LINE_MAX)
     if case.path.startswith(LAMBDA):
         case.call_and_validate(base_url=srv.url, auth=SigV4("admin", srv.admin), timeout=60)
     else:
