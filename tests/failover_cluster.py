@@ -76,21 +76,64 @@ def workers(url: str, admin: str) -> list[dict]:
                         timeout=10).json()["workers"]
 
 
-def runs(worker: WorkerProcess) -> collections.Counter:
-    """How often the failover function ran each invocation id on `worker`'s processes: the
-    markers in each process's private /tmp, read through /proc (as root)."""
-    found: collections.Counter = collections.Counter()
-    roots = set()
+def _markers(worker: WorkerProcess) -> dict[tuple, set[str]]:
+    """The failover function's markers in each private /tmp under `worker`, read through /proc
+    (as root), by the view they are in: its /tmp's device and inode, and when the view's
+    oldest process (its first, which it lives as long as) started."""
+    views: dict[tuple, list[psutil.Process]] = {}
     for p in worker.processes():
         try:
             root = os.stat(f"/proc/{p.pid}/root/tmp")
-            if (root.st_dev, root.st_ino) in roots:
-                continue    # the same /tmp seen through another process of the same view
-            roots.add((root.st_dev, root.st_ino))
-            found.update(os.listdir(f"/proc/{p.pid}/root/tmp/runs"))
+            views.setdefault((root.st_dev, root.st_ino), []).append(p)
         except OSError:
             pass
+    found: dict[tuple, set[str]] = {}
+    for root, procs in views.items():
+        for p in procs:
+            try:
+                ids = set(os.listdir(f"/proc/{p.pid}/root/tmp/runs"))
+                first = min(q.create_time() for q in procs if q.is_running())
+            except (OSError, psutil.Error, ValueError):
+                continue
+            found[(*root, first)] = ids
+            break
     return found
+
+
+def runs(worker: WorkerProcess) -> collections.Counter:
+    """How often the failover function ran each invocation id on `worker`'s live processes."""
+    return collections.Counter(i for ids in _markers(worker).values() for i in ids)
+
+
+class RunLog:
+    """How often the failover function ran each call on some workers, processes that ended
+    since included: their markers are read every 0.1 s while it runs (a process replaced
+    after a frozen call takes its private /tmp with it)."""
+
+    def __init__(self, workers: list[WorkerProcess]):
+        self.workers = workers
+        self.seen: dict[tuple, set[str]] = {}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._scan_until_stopped, daemon=True)
+
+    def start(self) -> "RunLog":
+        self.thread.start()
+        return self
+
+    def _scan(self) -> None:
+        for worker in self.workers:
+            for key, ids in _markers(worker).items():
+                self.seen.setdefault(key, set()).update(ids)
+
+    def _scan_until_stopped(self) -> None:
+        while not self.stopped.wait(0.1):
+            self._scan()
+
+    def stop(self) -> collections.Counter:
+        self.stopped.set()
+        self.thread.join(10)
+        self._scan()
+        return collections.Counter(i for ids in self.seen.values() for i in ids)
 
 
 @dataclass
