@@ -221,6 +221,12 @@ def test_warm_calls_are_answered_while_the_worker_agent_is_frozen(server, pkg):
     warm = _parallel(server, "direct-frozen/sleep", {"s": 0.1}, 64, 32, retry_busy=True)
     assert all(r.status_code == 200 for r in warm), [r.text for r in warm
                                                      if r.status_code != 200][:3]
+    # A thread that answered only 429s has none yet: calls one at a time, each on a new
+    # connection, reach every idle thread of both web processes in turn (their pools hand a
+    # task to the thread that waited longest), so each opens its channels.
+    for _ in range(8 * 12):
+        assert requests.post(f"{server.url}/invoke/direct-frozen/echo", data="1",
+                             headers={"Connection": "close"}, timeout=60).status_code == 200
     _, agent = _web_and_agent(server)
     agent.suspend()
     try:

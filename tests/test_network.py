@@ -61,7 +61,14 @@ def other_host():
              f"s = socket.create_server(({remote_address!r}, 8123))\n"
              "print('ready', flush=True)\n"
              "while True:\n"
-             "    c, _ = s.accept(); c.sendall(b'remote says hi'); c.close()\n"],
+             # The caller's request read first: a close with it still unread would be a
+             # reset, which can overtake the answer (on a busy host, it did).
+             "    c, _ = s.accept()\n"
+             "    try:\n"
+             "        c.settimeout(5); c.recv(1024); c.sendall(b'remote says hi')\n"
+             "    except OSError:\n"
+             "        pass\n"
+             "    c.close()\n"],
             stdout=subprocess.PIPE, text=True)
         assert server.stdout.readline().strip() == "ready"
         yield host_address, remote_address
