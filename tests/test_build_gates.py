@@ -249,15 +249,22 @@ class _Index(http.server.ThreadingHTTPServer):
     callers: list[tuple[str, int | None]]
 
 
-def _peer_uid(client: tuple[str, int]) -> int | None:
-    """The uid owning the local TCP socket at `client` (an IPv4 address on this host)."""
-    ip, port = client[0], client[1]
-    local = "".join(f"{int(part):02X}" for part in reversed(ip.split("."))) + f":{port:04X}"
+def _hex_address(address: tuple[str, int]) -> str:
+    """An IPv4 address as /proc/net/tcp writes it."""
+    return "".join(f"{int(part):02X}" for part in reversed(address[0].split("."))) + \
+        f":{address[1]:04X}"
+
+
+def _peer_uid(client: tuple[str, int], server: tuple[str, int]) -> int | None:
+    """The uid owning the client's end of an open connection from `client` to `server` (both
+    on this host): the established socket of that pair, never one of an earlier connection
+    waiting out its close (those are root's)."""
+    ends = (_hex_address(client), _hex_address(server))
     try:
         with open("/proc/net/tcp") as table:
             for line in table.readlines()[1:]:
                 fields = line.split()
-                if fields[1] == local:
+                if (fields[1], fields[2]) == ends and fields[3] == "01":   # ESTABLISHED
                     return int(fields[7])
     except OSError:
         pass
@@ -279,7 +286,8 @@ def _index(folder: Path, user: str, password: str):
         def do_GET(self, head=False):
             authorized = self.headers.get("Authorization") == expected
             seen.append((self.path, authorized))
-            self.server.callers.append((self.path, _peer_uid(self.client_address)))
+            self.server.callers.append((self.path, _peer_uid(
+                self.client_address, self.connection.getsockname())))
             if not authorized:
                 self.send_response(401)
                 self.send_header("WWW-Authenticate", 'Basic realm="index"')
