@@ -90,6 +90,12 @@ def kind_of(path: Path) -> Kind | None:
     return None
 
 
+def packages_in(folder: Path) -> set[str]:
+    """The names of the packages in the folder now (archives, and folders with a manifest)."""
+    return {found[0] for child in folder.iterdir()
+            if (found := entry_of(folder, child)) and kind_of(folder / found[0]) is not None}
+
+
 def signature(path: Path, kind: Kind) -> tuple:
     """Size and mtime of an archive, or of every file of a folder that is not noise: equal
     signatures over a settle window mean nobody is writing."""

@@ -24,8 +24,8 @@ from ..store.db import connect
 from .client import ControlPlane
 from .entry import EntryState
 from .deployer import SETTLE_S, FolderDeployer
-from .files import (Marker, entry_of, incomplete_reason, kind_of, marker_path, signature,
-                    unopened_reason)
+from .files import (Marker, entry_of, incomplete_reason, kind_of, marker_path, packages_in,
+                    signature, unopened_reason)
 from ..store import deployfolder as store
 
 log = logging.getLogger("dockyard.deploywatch")
@@ -115,9 +115,7 @@ class Watcher:
         """Look at everything once: what is in the folder, and what was there when the last
         watcher stopped (removed meanwhile, it is undeployed). Oldest first, so that of two
         packages declaring one container the older keeps it."""
-        present = {found[0] for child in self.folder.iterdir()
-                   if (found := entry_of(self.folder, child))
-                   and kind_of(self.folder / found[0]) is not None}
+        present = packages_in(self.folder)
         order = sorted(set(self.entries) - present) + \
             sorted(present, key=lambda n: (_mtime(self.folder / n), n))
         start = time.monotonic()

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..datadir import DataDir
 from ..store.db import connect
 from ..deployfolder.entry import EntryState
-from ..deployfolder.files import entry_of, folder_problem, kind_of
+from ..deployfolder.files import folder_problem, packages_in
 from ..deployfolder.watch import FOLDER_GONE_EXIT
 from ..store import deployfolder as store
 from .supervised import SupervisedProcess
@@ -74,9 +74,7 @@ class WatcherProcess(SupervisedProcess):
         if self.folder is None or self.proc is None or self.proc.poll() is not None:
             return []
         try:
-            present = sorted({found[0] for child in self.folder.iterdir()
-                              if (found := entry_of(self.folder, child))
-                              and kind_of(self.folder / found[0]) is not None})
+            present = sorted(packages_in(self.folder))
         except OSError:
             return []
         db = connect(self.data.db_target)

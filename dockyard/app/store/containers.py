@@ -11,6 +11,7 @@ from ...common.protocol import DeploymentStatus, Role, VersionState
 from ...common.manifest import Manifest
 from ...errors import BadRequest, Conflict, NotFound, Unavailable
 from .db import now, transaction
+from .routing import shares
 from .workers import deployment_log_base, live_worker_ids, own_log
 
 # Versions a worker is told to keep running, besides the one serving traffic.
@@ -103,7 +104,7 @@ def _activate(db: Database, container: dict, version: dict,
             return container
         retry = True
     if require_worker and not live_worker_ids(db):
-        active = _version_name(db, container["active_version_id"])
+        active = version_name(db, container["active_version_id"])
         raise Unavailable(
             f"no worker is connected to deploy {container['name']}@{version['version']}; "
             "nothing changed" + (f" ({container['name']}@{active} stays active)" if active
@@ -143,7 +144,7 @@ def _end_split(db: Database, container_id: int) -> None:
     db.execute("DELETE FROM traffic_splits WHERE container_id = ?", [container_id])
 
 
-def _version_name(db: Database, version_id: int | None) -> str | None:
+def version_name(db: Database, version_id: int | None) -> str | None:
     row = db.execute("SELECT version FROM versions WHERE id = ?", [version_id]).fetchone()
     return row[0] if row else None
 
@@ -202,8 +203,7 @@ def list_containers(db: Database) -> list[dict]:
         out.append({"name": row["name"], "active_version": row["active_version"],
                     "serving_version": row["serving_version"], "versions": row["versions"],
                     # The traffic split, every version's share (None: the serving one's 100%).
-                    "traffic": {row["serving_version"]: round(max(0.0, 1 - sum(
-                        split.values())), 9), **split} if split else None,
+                    "traffic": shares(row["serving_version"], split) if split else None,
                     "created_at": row["created_at"], "updated_at": row["updated_at"],
                     **_health(db, row["id"], row["name"], live)})
     return out

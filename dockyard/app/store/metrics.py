@@ -6,6 +6,7 @@ from .engine import Database
 
 from ...common.protocol import FAILED_STATUSES, Status
 from .db import now
+from .routing import shares
 from .workers import WORKER_TTL_S
 
 FAILED = FAILED_STATUSES   # what counts as a failed call on a worker
@@ -22,18 +23,16 @@ def invocation_totals(db: Database) -> list[dict]:
 def traffic_shares(db: Database) -> list[dict]:
     """Per container with a serving version: each version's share of its unpinned calls."""
     out = []
-    splits: dict[int, list] = {}
+    splits: dict[int, dict[str, float]] = {}
     for cid, version, weight in db.execute(
             "SELECT t.container_id, v.version, t.weight FROM traffic_splits t "
             "JOIN versions v ON v.id = t.version_id").fetchall():
-        splits.setdefault(cid, []).append((version, weight))
+        splits.setdefault(cid, {})[version] = weight
     for cid, name, serving in db.execute(
             "SELECT c.id, c.name, v.version FROM containers c JOIN versions v "
             "ON v.id = c.serving_version_id").fetchall():
-        split = splits.get(cid, [])
-        out.append({"container": name, "version": serving,
-                    "share": max(0.0, 1.0 - sum(w for _, w in split))})
-        out.extend({"container": name, "version": v, "share": w} for v, w in split)
+        out.extend({"container": name, "version": version, "share": share}
+                   for version, share in shares(serving, splits.get(cid, {})).items())
     return out
 
 

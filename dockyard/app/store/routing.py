@@ -48,6 +48,14 @@ def split(db: Database, container: str) -> tuple[tuple[str, float], ...]:
         "ORDER BY v.version", [container]).fetchall())
 
 
+def shares(serving: str | None, split: dict[str, float]) -> dict[str, float]:
+    """Every version's share of a container's unpinned calls: the split's, and the rest the
+    serving version's (first)."""
+    if serving is None:
+        return dict(split)
+    return {serving: round(max(0.0, 1.0 - sum(split.values())), 9), **split}
+
+
 def version_states(db: Database, version_id: int) -> list[dict]:
     """What each live worker reports about one version ({"worker", "state", "error"}): why a
     call found no ready instance of it."""

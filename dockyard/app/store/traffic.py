@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 
 from ...errors import BadRequest, Conflict
-from .containers import get_container, get_version
+from .containers import get_container, get_version, version_name
 from .db import now, transaction
 from .engine import Database
+from .routing import shares
 
 # Weights are compared with this much slack: 0.1 + 0.2 is not 0.3 in floating point.
 SLACK = 1e-9
@@ -27,13 +28,10 @@ def describe(db: Database, name: str) -> dict:
     """What `GET /api/containers/<name>/traffic` answers: the serving version and every
     version's share of the unpinned calls (the serving one's included)."""
     container = get_container(db, name)
-    serving = _name(db, container["serving_version_id"])
-    extra = split_of(db, container["id"])
-    weights = dict(extra)
-    if serving is not None:
-        weights = {serving: round(max(0.0, 1.0 - sum(extra.values())), 9), **extra}
+    serving = version_name(db, container["serving_version_id"])
     return {"container": name, "serving": serving,
-            "active": _name(db, container["active_version_id"]), "weights": weights}
+            "active": version_name(db, container["active_version_id"]),
+            "weights": shares(serving, split_of(db, container["id"]))}
 
 
 def set_split(db: Database, name: str, weights) -> dict:
@@ -56,10 +54,10 @@ def set_split(db: Database, name: str, weights) -> dict:
                            "one first")
         if container["active_version_id"] != serving:
             raise Conflict(f"a deployment of '{name}' is under way "
-                           f"({_name(db, container['active_version_id'])} is not serving yet); "
+                           f"({version_name(db, container['active_version_id'])} is not serving yet); "
                            "split its traffic once it is done (`dockyard deployments "
                            f"{name}`)")
-        serving_name = _name(db, serving)
+        serving_name = version_name(db, serving)
         ids = {version: get_version(db, container, version)["id"] for version in weights}
         extra = {version: float(w) for version, w in weights.items()
                  if version != serving_name and w > 0}
@@ -79,10 +77,3 @@ def set_split(db: Database, name: str, weights) -> dict:
         conn.execute("UPDATE containers SET updated_at = ? WHERE id = ?",
                      [now(), container["id"]])
     return describe(db, name)
-
-
-def _name(db: Database, version_id: int | None) -> str | None:
-    if version_id is None:
-        return None
-    row = db.execute("SELECT version FROM versions WHERE id = ?", [version_id]).fetchone()
-    return row[0] if row else None
