@@ -290,7 +290,7 @@ class Agent:
         if kind == Frame.CANCEL:
             return self.cancel(str(frame.get("id")))
         if kind == Frame.OUTPUT:
-            return self.output(str(frame.get("id")))
+            return self.output(str(frame.get("id")), str(frame.get("what") or ""))
         if kind == Frame.CHANNELS:
             return self.channels(frame)
         if kind == Frame.LOST:
@@ -403,13 +403,16 @@ class Agent:
             self._background(self._cancel_when_started, call_id)
         return {"type": Frame.CANCEL, "id": call_id, "found": True}
 
-    def output(self, call_id: str) -> dict:
-        """What the call `call_id` has printed so far, read from its process's output files
-        (the process line-buffers them, and empties them at each reply): `found` is False
-        when no process here has it in hand."""
+    def output(self, call_id: str, what: str) -> dict:
+        """What the call `call_id` to `what` (CONTAINER@VERSION) has printed so far, read
+        from its process's output files (the process line-buffers them, and empties them at
+        each reply): `found` is False when no process of that version here has it in hand.
+        Only that version's pool is asked: a process of another one could claim any call id
+        in its slot, and pass its own output off as that call's."""
         runtime = self.calls.get(call_id)
         pools = [runtime.pool] if runtime is not None and runtime.pool is not None \
             else live_pools()
+        pools = [pool for pool in pools if pool is not None and pool.what == what]
         child = next((c for pool in pools if (c := pool.holding(call_id)) is not None), None)
         if child is None:
             return {"type": Frame.OUTPUT, "id": call_id, "found": False}

@@ -19,14 +19,17 @@ ASK_TIMEOUT_S = 2.0
 def with_output_so_far(db: Database, connections: WorkerConnections, record: dict) -> dict:
     """`record` with `stdout` and `stderr` as printed so far, and `output_so_far: true`, when
     it is a running call whose worker answers; else as it is."""
-    if record.get("status") != Status.RUNNING or not record.get("worker_id"):
+    if record.get("status") != Status.RUNNING or not record.get("worker_id") or \
+            not record.get("version"):
         return record
     address = worker_store.address_of(db, record["worker_id"])
     if address is None:
         return record
     try:
-        reply = connections.request(address, {"type": Frame.OUTPUT, "id": record["id"]},
-                                    timeout=ASK_TIMEOUT_S)
+        reply = connections.request(address, {
+            "type": Frame.OUTPUT, "id": record["id"],
+            "what": f"{record.get('container')}@{record.get('version')}"},
+            timeout=ASK_TIMEOUT_S)
     except WorkerGone as exc:
         log.info("%s: its worker cannot say what it printed so far: %s", record["id"], exc)
         return record
