@@ -92,20 +92,11 @@ def test_each_call_is_answered_on_the_channel_it_came_on(process):
     assert b.recv()["result"] == {"from": "b"}
     assert a.recv()["result"] == {"from": "a"}
     assert process.replies.read(time.monotonic() + 10)["result"] == {"from": "worker"}
-    # The process marks its slot just after it sends a reply: look until it has.
-    busy, served, _, ended, call_id = _slot_once_settled(process, 3)
+    # The process marks its slot free before it sends a reply: read as the replies are had.
+    busy, served, _, ended, call_id = process.slot.read()
     # The last call started stays named: the worker tells a call that ran from one never
     # reached when a channel closes.
     assert not busy and served == 3 and ended > 0 and call_id in ("a1", "b1", "w1")
-
-
-def _slot_once_settled(process, served: int, within: float = 10.0):
-    deadline = time.monotonic() + within
-    while True:
-        read = process.slot.read()
-        if (not read[0] and read[1] >= served) or time.monotonic() > deadline:
-            return read
-        time.sleep(0.005)
 
 
 def test_the_slot_shows_the_call_in_hand(process):
@@ -119,7 +110,10 @@ def test_the_slot_shows_the_call_in_hand(process):
     assert busy and call_id == "slow" and served == 0
     assert 0 <= time.monotonic() - started < 1.5
     assert channel.recv()["result"] == "slept"
-    assert _slot_once_settled(process, 1)[:2] == (False, 1)
+    # Free by the time its caller has the reply, which may send its next call at once: a web
+    # thread picking a process then sees this one free, not still busy with the call it
+    # answered.
+    assert process.slot.read()[:2] == (False, 1)
 
 
 def test_a_call_reached_after_its_queue_time_is_answered_not_run(process):
@@ -239,6 +233,12 @@ def test_warm_calls_are_answered_while_the_worker_agent_is_frozen(server, pkg):
         (stuck,) = _parallel(server, "direct-frozen-uncalled/echo", {"n": 1}, 1, 1, timeout=10)
     finally:
         agent.resume()
+    # Back in routing once it answers again (later tests on this serve need it): a version no
+    # web thread holds channels to is reached through the agent again.
+    poll_until(lambda: all(w["state"] == "up" for w in server.api("GET", "/api/workers")
+                           .json()["workers"])
+               and server.invoke("direct-frozen-uncalled/echo", 2).status_code == 200,
+               60, "the worker never came back in routing after the freeze", every=0.2)
     assert [r.status_code for r in answers] == [200] * 40, [r.text for r in answers
                                                             if r.status_code != 200][:3]
     assert all(r.json() == {"n": 1} for r in answers)
@@ -252,7 +252,8 @@ def test_warm_calls_are_answered_while_the_worker_agent_is_frozen(server, pkg):
 def test_calls_wait_their_turn_at_a_busy_process(server, pkg):
     server.deploy(pkg("echo", name="direct-queue"))
     answers = _parallel(server, "direct-queue/sleep", {"s": 0.2}, 8, 8)
-    assert [r.status_code for r in answers] == [200] * 8
+    assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers
+                                                           if r.status_code != 200][:3]
     assert all(r.json() == "slept" for r in answers)
 
 
@@ -312,16 +313,18 @@ def test_a_free_process_takes_the_calls_while_another_is_busy(server, pkg):
     server.deploy(pkg("echo", name="direct-spread", manifest_extra="[limits]\ninstances = 2\n"))
     # Every web thread has its channels (a thread's first call goes through the worker).
     _parallel(server, "direct-spread/echo", 1, 200, 8)
-    slow = threading.Thread(target=lambda: server.invoke("direct-spread/sleep", {"s": 5}))
+    slow = threading.Thread(target=lambda: server.invoke("direct-spread/sleep", {"s": 8}))
     slow.start()
     try:
         deadline = time.monotonic() + 10
         while not any(_busy(server.data, "direct-spread")):
             assert time.monotonic() < deadline, "the slow call never started"
             time.sleep(0.02)
-        answered = {server.invoke("direct-spread/ident").json() for _ in range(20)}
+        answers = [server.invoke("direct-spread/ident") for _ in range(20)]
         # Each went to the process with no call in hand, not behind the slow call.
-        assert slow.is_alive() and len(answered) == 1
+        assert slow.is_alive(), [(r.status_code, r.elapsed.total_seconds()) for r in answers]
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+        assert len({r.text for r in answers}) == 1, [r.text for r in answers]
     finally:
         slow.join()
 

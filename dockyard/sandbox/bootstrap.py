@@ -235,7 +235,9 @@ class Child:
             self.replies.write(frame)
             self.replies.flush()
 
-    def run_call(self, request, channel=None):
+    def run_call(self, request, channel=None, before_reply=None):
+        """Run one call and write its reply; `before_reply()` is called once the call is over,
+        just before the reply goes out."""
         started = time.perf_counter()
         function = request.get("function", "")
         reply = {"type": RESULT, "id": request.get("id")}
@@ -280,6 +282,8 @@ class Child:
         reply["stdout"], reply["stderr"], reply["output_truncated"] = self.output.take()
         reply["max_rss_kb"] = peak_rss_kb()
         reply["cold"], self.cold = self.cold, False
+        if before_reply is not None:
+            before_reply()
         try:
             self.send(reply, encoded, channel)
         except (TypeError, ValueError) as exc:
@@ -408,13 +412,20 @@ class Child:
                 pass
             return
         self.in_flight = 1
-        if self.slot is not None:
-            self.slot.begin(str(request.get("id")), time.monotonic())
+        slot = self.slot
+        if slot is not None:
+            slot.begin(str(request.get("id")), time.monotonic())
+
+        def over():
+            # The slot says free before the reply goes out: a caller who has the reply and
+            # sends its next call at once finds this process free, not still busy with it.
+            if slot is not None and slot.busy:
+                slot.end(time.monotonic())
+
         try:
-            self.run_call(request, channel)
+            self.run_call(request, channel, over)
         finally:
-            if self.slot is not None:
-                self.slot.end(time.monotonic())
+            over()
             self.in_flight = 0
 
     def _finish(self):
@@ -444,18 +455,19 @@ class Slot:
         self.served = 0
         self.ended = self.started = 0.0
         self.size = 0
+        self.busy = False
 
     def begin(self, call_id, started):
         raw = call_id.encode("utf-8")[:128]
         at = self.LAYOUT.size
         self.map[at:at + len(raw)] = raw
-        self.started, self.size = started, len(raw)
+        self.started, self.size, self.busy = started, len(raw), True
         self.LAYOUT.pack_into(self.map, 0, 1, 0, self.served, started, self.ended, len(raw))
 
     def end(self, ended):
         # The call's id stays: the worker tells a call that ran from one never reached.
         self.served += 1
-        self.ended = ended
+        self.ended, self.busy = ended, False
         self.LAYOUT.pack_into(self.map, 0, 0, 0, self.served, self.started, ended, self.size)
 
 
