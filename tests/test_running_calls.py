@@ -14,6 +14,7 @@ import threading
 import requests
 
 from conftest import ROOT
+from dockyard.common.protocol import Frame
 from failover_cluster import wait_for
 
 
@@ -115,6 +116,57 @@ def test_a_quick_call_is_recorded_once_finished(server, pkg):
     wait_for("every call finished", all_finished, 30, 0.1)
     assert sorted(finished) == sorted(ids)
     assert not _running(server, "quick-calls")
+
+
+def test_a_process_of_another_container_cannot_pass_its_output_off_as_a_running_calls(
+        server, pkg):
+    # Deployed first: its pool is the first a worker would look in.
+    server.deploy(pkg("slotforger", name="output-thief"))
+    server.deploy(pkg("echo", name="output-victim"))
+    caller = threading.Thread(target=lambda: server.invoke("output-victim/print_then_sleep",
+                                                           {"s": 60}))
+    caller.start()
+    try:
+        call_id = wait_for("the call listed as running",
+                           lambda: _running(server, "output-victim"), 30, 0.1)[0]["id"]
+        path = f"/api/invocations/{call_id}"
+        wait_for("its output so far", lambda: "before the sleep" in (
+            server.api("GET", path).json().get("stdout") or ""), 30, 0.1)
+        # The thief's process prints, and its slot names the victim's call as its own.
+        claim = server.invoke("output-thief/claim_call", {"id": call_id, "seconds": 3})
+        assert claim.status_code == 200, claim.text
+        reads = [server.api("GET", path).json() for _ in range(20)]
+        assert all(r["status"] == "running" and r["stdout"] == "before the sleep\n"
+                   for r in reads), [r["stdout"] for r in reads if "forged" in r["stdout"]]
+        # The claim was made, and cost the thief its process.
+        wait_for("the thief's process killed", lambda: re.search(
+            r"output-thief@\S+ pid \d+: broke the slot protocol", server.log_path.read_text()),
+            30, 0.1)
+    finally:
+        server.cli("cancel", call_id, check=False)
+        caller.join(90)
+
+
+def test_the_worker_asks_only_the_named_versions_processes_for_a_calls_output(monkeypatch):
+    """Whichever process of another version claims the call id (its slot is the function's to
+    write), the output so far comes from the version the call went to, or from nobody."""
+    from types import SimpleNamespace
+
+    from dockyard.runner import agent
+
+    def pool(what, holds, printed):
+        child = SimpleNamespace(read_output=lambda: (printed, ""))
+        return SimpleNamespace(what=what, holding=lambda call_id: child if holds == call_id
+                               else None)
+
+    thief = pool("thief@v1", "inv_1", "forged")
+    victim = pool("victim@v1", "inv_1", "real")
+    monkeypatch.setattr(agent, "live_pools", lambda: [thief, victim])
+    worker = SimpleNamespace(calls={})
+    assert agent.Agent.output(worker, "inv_1", "victim@v1")["stdout"] == "real"
+    monkeypatch.setattr(agent, "live_pools", lambda: [thief])
+    assert agent.Agent.output(worker, "inv_1", "victim@v1") == {
+        "type": Frame.OUTPUT, "id": "inv_1", "found": False}
 
 
 def server_env(server) -> dict:

@@ -92,6 +92,23 @@ def forge_served(event):
     return "forged"
 
 
+def _claim(page, seconds, served, call_id):
+    time.sleep(0.1)     # past the reply, which takes what was printed during the call
+    print("forged output", flush=True)
+    _keep_writing(page, seconds, 1, served, call_id)
+
+
+def claim_call(event):
+    """Return at once, and leave a thread behind that prints, then shows a call in hand named
+    `id` (another container's call, say) for `seconds`: its output passed off as that
+    call's."""
+    page = _slot_map()
+    served = LAYOUT.unpack_from(page)[2] + 1    # this call's end is counted as it returns
+    threading.Thread(target=_claim, args=(page, float(event.get("seconds", 3)), served,
+                                          str(event["id"])), daemon=True).start()
+    return "claimed"
+
+
 def forge_stranger(event):
     """While its own call is in hand, name a well-formed call that was never sent here."""
     page = _slot_map()
