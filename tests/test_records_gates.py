@@ -292,3 +292,73 @@ def test_a_forged_reply_is_answered_and_recorded_with_checked_fields(server, pkg
     assert record["status"] == ("succeeded" if status == 200 else "failed"), record
     assert record["duration_ms"] is None or isinstance(record["duration_ms"], float)
     assert record["cold"] in (None, True, False)
+
+
+# -- a call's `running` record ---------------------------------------------------------------
+
+def _counting(monkeypatch, name: str) -> list:
+    from dockyard.app.invoke import records
+    calls: list = []
+    real = getattr(records, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args[1:])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(records, name, spy)
+    return calls
+
+
+def _started(writer: RecordWriter, record: dict) -> None:
+    running = {key: record[key] for key in ("id", "container", "version", "function",
+                                            "trigger", "input", "worker_id", "created_at",
+                                            "started_at")}
+    writer.started(running, "web:test", time.time() + 60)
+
+
+def test_a_call_over_before_its_start_is_due_is_written_once_finished(database, monkeypatch):
+    from dockyard.app.invoke import records
+    monkeypatch.setattr(records, "START_AFTER_S", 3600.0)
+    starts = _counting(monkeypatch, "record_started")
+    forgets = _counting(monkeypatch, "forget_started")
+    writer = RecordWriter(database)
+    quick = [_record("quick", output=json.dumps(n)) for n in range(50)]
+    for record in quick:
+        _started(writer, record)
+        writer.finished(record)
+    dropped = _record("quick")
+    _started(writer, dropped)
+    writer.forget(dropped["id"])     # every worker turned it away: it ran nothing
+    rows = _wait_rows(database, "quick", 50)
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in quick)
+    assert all(r["status"] == "succeeded" for r in rows)
+    writer.flush()
+    assert len(_rows(database, "quick")) == 50
+    assert starts == [] and forgets == []
+
+
+def test_a_call_still_running_is_recorded_running_then_finished(database, monkeypatch):
+    from dockyard.app.invoke import records
+    monkeypatch.setattr(records, "START_AFTER_S", 0.3)
+    writer = RecordWriter(database)
+    record = _record("long")
+    _started(writer, record)
+    # Nothing else arrives: the writer wakes for the start when it is due.
+    rows = _wait_rows(database, "long", 1)
+    assert [r["status"] for r in rows] == ["running"]
+    writer.finished(record)
+    # Its start was written: the finish is written before its caller goes on.
+    (row,) = _rows(database, "long")
+    assert row["status"] == "succeeded" and row["output"] == "1"
+
+
+def test_a_start_still_deferred_is_written_by_a_flush(database, monkeypatch):
+    from dockyard.app.invoke import records
+    monkeypatch.setattr(records, "START_AFTER_S", 3600.0)
+    writer = RecordWriter(database)
+    record = _record("stopping")
+    _started(writer, record)
+    wait_for = time.monotonic() + WAIT_S
+    while record["id"] not in writer.deferred and time.monotonic() < wait_for:
+        time.sleep(0.01)
+    writer.flush()      # a graceful stop: the call still running is on record
+    assert [r["status"] for r in _rows(database, "stopping")] == ["running"]

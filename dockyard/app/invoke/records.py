@@ -1,8 +1,9 @@
 """Writes synchronous invocation records in batches, off the request path: one transaction
 per batch instead of one per call (with several gunicorn processes, per-call commits contend
 for the database's write lock and cost more CPU than the call itself). A call is recorded
-`running` when it is handed to a worker and finished when it ends; a call that ends before
-its batch is written is written once, finished. A record lands a millisecond or so after
+`running` once it has run for START_AFTER_S (a moment: any call a person could look at while
+it runs is listed), and finished when it ends; a call that ends sooner is written once,
+finished (most calls: a warm call is a millisecond). A record lands a few milliseconds after
 its answer was sent; a graceful stop flushes what is queued.
 
 One call's record never costs another's: every field is checked before it is bound (see
@@ -30,6 +31,9 @@ log = logging.getLogger("dockyard.records")
 
 BATCH = 256
 LINGER_S = 0.02
+# A call's `running` record is written once it has run this long: a call over by then is
+# written once, with its finish, never twice (and never finished on its caller's thread).
+START_AFTER_S = 0.1
 
 
 class RecordWriter:
@@ -45,6 +49,8 @@ class RecordWriter:
         self.writing: set[str] = set()
         self.drain = threading.Lock()
         self.written = threading.Condition()
+        # Starts too young to write yet, by call id (the writer thread's, and flush's).
+        self.deferred: dict[str, Started] = {}
 
     def put(self, record: dict) -> None:
         """A finished call's record."""
@@ -58,8 +64,8 @@ class RecordWriter:
         Any other goes with the next batch (with its start, if that is still queued)."""
         invocation_id = record.get("id")
         with self.drain:
-            # Either its start is still queued (then the finish goes with it, written once)
-            # or the writer has it: then it is written (or being written) and the finish
+            # Either its start is still queued or deferred (then the finish goes with it,
+            # written once) or the writer has it: then it is written (or being written) and the finish
             # waits for that, so that no reader of the answer sees the call still running.
             if invocation_id not in self.writing and invocation_id not in self.written_starts:
                 self.put(record)
@@ -98,16 +104,26 @@ class RecordWriter:
 
     def _run(self) -> None:
         while True:
-            batch = [self.queue.get()]
-            # Linger a moment so a busy process commits many records at once.
-            time.sleep(LINGER_S)
+            wait = None
+            if self.deferred:
+                oldest = min(op.at for op in self.deferred.values())
+                wait = max(0.0, oldest + START_AFTER_S - time.monotonic())
+            try:
+                ops = [self.queue.get(timeout=wait)]
+                # Linger a moment so a busy process commits many records at once.
+                time.sleep(LINGER_S)
+            except queue.Empty:
+                ops = []    # a deferred start is due
             with self.drain:
-                while len(batch) < BATCH:
+                while len(ops) < BATCH:
                     try:
-                        batch.append(self.queue.get_nowait())
+                        ops.append(self.queue.get_nowait())
                     except queue.Empty:
                         break
+                batch = self._due(ops)
                 self.writing = {op.record.get("id") for op in batch if op.__class__ is Started}
+            if not batch:
+                continue
             try:
                 # The thread's connection, or a new one if it was lost.
                 self._write(get_db(self.db_target), batch)
@@ -115,6 +131,29 @@ class RecordWriter:
                 with self.written:
                     self.writing = set()
                     self.written.notify_all()
+
+    def _due(self, ops: list) -> list:
+        """What to write now of `ops` and the deferred starts: a start once its call has run
+        START_AFTER_S (a younger one waits, and goes with its finish if that comes first);
+        a finish or forget takes its deferred start along (merged by _collapsed)."""
+        now = time.monotonic()
+        batch = []
+        for op in ops:
+            if op.__class__ is Started:
+                if now - op.at < START_AFTER_S:
+                    self.deferred[op.record.get("id")] = op
+                    continue
+            elif op.__class__ is Forget:
+                if self.deferred.pop(op.invocation_id, None) is not None:
+                    continue    # never written: nothing to forget
+            else:
+                self.deferred.pop(op.get("id"), None)
+            batch.append(op)
+        for call_id, op in list(self.deferred.items()):
+            if now - op.at >= START_AFTER_S:
+                del self.deferred[call_id]
+                batch.append(op)
+        return batch
 
     def _write(self, db, batch: list) -> None:
         starts, forgets, batch = _collapsed(batch)
@@ -190,7 +229,8 @@ class RecordWriter:
         return True
 
     def flush(self) -> None:
-        batch = []
+        batch = list(self.deferred.values())
+        self.deferred.clear()
         while True:
             try:
                 batch.append(self.queue.get_nowait())
@@ -201,10 +241,11 @@ class RecordWriter:
 
 
 class Started:
-    __slots__ = ("record", "owner", "lease_until")
+    __slots__ = ("record", "owner", "lease_until", "at")
 
     def __init__(self, record: dict, owner: str, lease_until: float):
         self.record, self.owner, self.lease_until = record, owner, lease_until
+        self.at = time.monotonic()
 
 
 class Forget:
