@@ -80,6 +80,22 @@ def test_a_weighted_alias_draws_each_call(ial):
         assert answer.headers["X-Dockyard-Version"] == expected, target
 
 
+def test_the_versions_an_alias_names_are_kept_warm(ial):
+    """v1 is no longer the container's own, but aliases name it: its processes stay up, and a
+    call through the alias finds one running."""
+    srv = ial["server"]
+
+    def v1_ready():
+        return any(v["container"] == "ial" and v["version"] == "v1" and v["state"] == "ready"
+                   for w in srv.api("GET", "/api/workers").json()["workers"]
+                   for v in w["versions"])
+    poll_until(v1_ready, 60, "the version the aliases name was never started")
+    answer = requests.post(f"{srv.url}/invoke/ial@old/echo", data="1", timeout=60)
+    assert answer.status_code == 200, answer.text
+    record = srv.wait_invocation(answer.headers["X-Dockyard-Invocation-Id"])
+    assert record["version"] == "v1" and record["cold"] is False, record
+
+
 def _finished(srv, invocation_id):
     record = srv.api("GET", f"/api/invocations/{invocation_id}")
     if record.status_code == 200 and record.json()["status"] not in ("queued", "running"):

@@ -94,3 +94,17 @@ def test_prune_keeps_the_split_and_rm_forgets_it(db):
     assert "in the traffic split" in {k["version"]: k["reasons"] for k in pruned["kept"]}["v2"]
     containers.delete_container(db, "app")
     assert db.execute("SELECT count(*) FROM traffic_splits").fetchone()[0] == 0
+
+
+def test_the_versions_an_alias_names_are_kept_running(db):
+    from dockyard.app.store import aliases
+    aliases.create(db, "app", "prod", "v2", None, "")
+    assert _roles(db) == {"v1": "serve", "v2": "serve", "v3": "standby"}
+    aliases.update(db, "app", "prod", {"extra": {"v3": 0.1}})
+    assert _roles(db) == {"v1": "serve", "v2": "serve", "v3": "serve"}
+    # Following $LATEST names no version of its own; a changed alias lets its old one go.
+    aliases.update(db, "app", "prod", {"function_version": "$LATEST", "extra": {}})
+    assert _roles(db) == {"v1": "serve", "v2": "standby", "v3": "standby"}
+    aliases.update(db, "app", "prod", {"function_version": "v3"})
+    aliases.delete(db, "app", "prod")
+    assert _roles(db) == {"v1": "serve", "v2": "standby", "v3": "standby"}

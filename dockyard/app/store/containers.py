@@ -402,17 +402,20 @@ def container_names(db: Database) -> list[str]:
 def desired_versions(db: Database) -> list[dict]:
     """What every worker should hold: the active and the serving version of each container run
     (role serve: both while a redeploy is under way), and so do the versions of its traffic
-    split; every other version is a standby that starts on demand for pinned calls."""
+    split and those its aliases name (their calls are as warm as the container's own); every
+    other version is a standby that starts on demand for pinned calls."""
     out = []
     instance = instance_id(db)
     for row in db.query(
             "SELECT v.*, c.name AS container, c.id AS cid, c.created_at AS ccreated, "
             "c.active_version_id, c.serving_version_id, (SELECT d.id FROM deployments d "
             "WHERE d.version_id = v.id ORDER BY d.created_at DESC LIMIT 1) AS deployment, "
-            "(SELECT count(*) FROM traffic_splits t WHERE t.version_id = v.id) AS split "
+            "(SELECT count(*) FROM traffic_splits t WHERE t.version_id = v.id) AS split, "
+            "(SELECT count(*) FROM aliases a WHERE a.container = c.name AND "
+            "(a.function_version = v.version OR a.extra_version = v.version)) AS aliased "
             "FROM versions v JOIN containers c ON c.id = v.container_id ORDER BY v.id"):
         serve = row["id"] in (row["active_version_id"], row["serving_version_id"]) or \
-            bool(row["split"])
+            bool(row["split"]) or bool(row["aliased"])
         out.append({
             "version_id": row["id"], "container": row["container"], "container_id": row["cid"],
             # Container ids are reused after a delete; with the creation time they are not.
