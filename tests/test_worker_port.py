@@ -391,6 +391,40 @@ def test_a_unix_socket_server_works_end_to_end_and_its_file_is_private(start_ser
     assert not path.exists()
 
 
+def test_a_unix_socket_file_appears_only_once_it_listens(tmp_path):
+    """Whoever finds the socket file can connect (a worker's readiness is the file, for serve
+    and for anyone waiting on it): bound under a name of its own, renamed once it listens; a
+    server that never listened leaves nothing behind."""
+    from dockyard.runner.server import InvokeServer
+    path = tmp_path / "invoke.sock"
+    seen: list[bool] = []
+
+    class Watched(InvokeServer):
+        def server_activate(self):
+            seen.append(path.exists())
+            super().server_activate()
+            seen.append(path.exists())
+
+    server = Watched(f"unix:{path}", TOKEN, lambda frame: None)
+    try:
+        assert seen == [False, True]
+        assert [p.name for p in tmp_path.iterdir()] == ["invoke.sock"]
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(str(path))        # queued: it listens before anyone serves
+    finally:
+        server.server_close()
+    assert list(tmp_path.iterdir()) == []
+
+    class NeverListens(InvokeServer):
+        def server_activate(self):
+            raise OSError(98, "no listening today")
+
+    with pytest.raises(OSError, match="no listening today"):
+        NeverListens(f"unix:{path}", TOKEN, lambda frame: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_unix_socket_server_does_not_remove_a_file_that_is_not_a_socket(tmp_path):
     path = tmp_path / "invoke.sock"
     path.write_text("not a socket")

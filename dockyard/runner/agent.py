@@ -97,6 +97,9 @@ class Agent:
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_read, False)
         os.set_blocking(self.wake_write, False)
+        # From here on a stop signal is a clean stop, even one that comes while this worker
+        # is still starting (run() acts on it at once).
+        self._handle_signals()
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {config.token}"
         # Requests go to one control plane at a time, the next one when it stops answering.
@@ -452,7 +455,6 @@ class Agent:
             time.sleep(WATCH_S)
 
     def run(self) -> int:
-        self._handle_signals()
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                          daemon=True).start()
         threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()

@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import os
 import select
+import secrets
 import socket
 import socketserver
 import stat
@@ -89,6 +90,7 @@ class InvokeServer(socketserver.ThreadingTCPServer):
         self._after_hello: dict[socket.socket, bytes] = {}
         self.unix_path = unix_path(address)
         self._socket_file: tuple[int, int] | None = None
+        self._binding: str | None = None   # the name bound under until it listens
         if self.unix_path is not None:
             self.address_family = socket.AF_UNIX
             address = self.unix_path
@@ -109,13 +111,27 @@ class InvokeServer(socketserver.ThreadingTCPServer):
             super().server_bind()
             return
         _remove_stale_socket(self.unix_path)
-        self.socket.bind(self.unix_path)
+        # Bound under a name of its own, and renamed onto the path once it listens (see
+        # server_activate): whoever finds the file can connect (a bound socket that does not
+        # listen yet refuses). A path too long for that is bound as it is.
+        folder, base = os.path.split(self.unix_path)
+        binding = os.path.join(folder, f".{base[:8]}.{secrets.token_hex(3)}")
+        if len(os.fsencode(binding)) > UNIX_PATH_MAX:
+            binding = self.unix_path
+        self.socket.bind(binding)
+        self._binding = binding
         # Connecting needs write permission on the file. Nobody can connect before listen(),
         # so the mode is 0600 before it matters, whatever the umask was.
-        os.chmod(self.unix_path, 0o600)
-        st = os.lstat(self.unix_path)
+        os.chmod(binding, 0o600)
+        st = os.lstat(binding)
         self._socket_file = (st.st_dev, st.st_ino)
         self.server_address = self.unix_path
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        binding, self._binding = self._binding, None
+        if binding is not None and binding != self.unix_path:
+            os.rename(binding, self.unix_path)
 
     def server_close(self) -> None:
         gate = getattr(self, "gate", None)     # none yet when binding failed
@@ -124,11 +140,12 @@ class InvokeServer(socketserver.ThreadingTCPServer):
         super().server_close()
         if self._socket_file is None:
             return
+        binding, self._binding = self._binding, None
         try:
-            st = os.lstat(self.unix_path)
+            st = os.lstat(binding or self.unix_path)     # never listened: its own name
             # Only our own file: a worker started since may have bound a new one there.
             if (st.st_dev, st.st_ino) == self._socket_file:
-                os.unlink(self.unix_path)
+                os.unlink(binding or self.unix_path)
         except OSError:
             pass
         self._socket_file = None
