@@ -31,6 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = Path(__file__).resolve().parent / "functions"
 UID_REGISTRY = Path("/var/lib/dockyard/uids.json")
 
+# A shell that is not interactive starts `pytest … &` with Ctrl-C ignored, and every process a
+# test starts would inherit that (an ignored signal stays ignored across exec): the tests of
+# what Ctrl-C does would wait on processes that cannot hear it, as `nohup` asks. The suite
+# runs with the default, however it was started (each xdist worker imports this too).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 # -- a wheelhouse with one tiny pure-Python wheel, written by hand (no index needed) -------
 
