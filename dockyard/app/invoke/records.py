@@ -229,8 +229,9 @@ class RecordWriter:
         return True
 
     def flush(self) -> None:
-        batch = list(self.deferred.values())
-        self.deferred.clear()
+        with self.drain:    # the writer thread changes them under it
+            batch = list(self.deferred.values())
+            self.deferred.clear()
         while True:
             try:
                 batch.append(self.queue.get_nowait())
