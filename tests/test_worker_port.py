@@ -424,6 +424,21 @@ def test_a_unix_socket_file_appears_only_once_it_listens(tmp_path):
         NeverListens(f"unix:{path}", TOKEN, lambda frame: None)
     assert list(tmp_path.iterdir()) == []
 
+    class Overtaken(InvokeServer):
+        def server_activate(self):
+            # Another worker's socket lands on the path between the check and the move.
+            with socket.socket(socket.AF_UNIX) as other:
+                other.bind(str(path))
+                inode = path.stat().st_ino
+                with pytest.raises(OSError, match="another process listens on"):
+                    super().server_activate()
+                assert path.stat().st_ino == inode      # left as it was
+            raise OSError(98, "overtaken")
+
+    with pytest.raises(OSError, match="overtaken"):
+        Overtaken(f"unix:{path}", TOKEN, lambda frame: None)
+    assert [p.name for p in tmp_path.iterdir()] == ["invoke.sock"]   # the other's, only
+
 
 def test_a_unix_socket_server_does_not_remove_a_file_that_is_not_a_socket(tmp_path):
     path = tmp_path / "invoke.sock"

@@ -129,9 +129,21 @@ class InvokeServer(socketserver.ThreadingTCPServer):
 
     def server_activate(self) -> None:
         super().server_activate()
-        binding, self._binding = self._binding, None
+        binding = self._binding
         if binding is not None and binding != self.unix_path:
-            os.rename(binding, self.unix_path)
+            # A link, not a rename: a socket another worker put there meanwhile stays.
+            try:
+                os.link(binding, self.unix_path)
+            except FileExistsError:
+                raise OSError(errno.EADDRINUSE,
+                              f"another process listens on {self.unix_path}") from None
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+                os.rename(binding, self.unix_path)     # a file system without hard links
+            else:
+                os.unlink(binding)
+        self._binding = None
 
     def server_close(self) -> None:
         gate = getattr(self, "gate", None)     # none yet when binding failed
