@@ -230,13 +230,32 @@ class VersionRuntime:
                         "message": f"{self.what} failed: {self.error}"}}
             if self.role == Role.SERVE and self.state in (VersionState.BUILDING,
                                                        VersionState.STARTING):
-                return {"status": Status.UNAVAILABLE, "error": {
-                    "type": "Unavailable", "message": f"{self.what} is still starting"}}
+                # Being started for its role (a version an alias or a split has just named,
+                # say): the call waits for that start, within its queue time.
+                pool = self._started_within(frame, queue_wait)
+                if pool is None:
+                    if self.state is VersionState.FAILED:
+                        return {"status": Status.FAILED, "error": {"type": "VersionFailed",
+                                "message": f"{self.what} failed: {self.error}"}}
+                    return {"status": Status.UNAVAILABLE, "error": {
+                        "type": "Unavailable", "message": f"{self.what} is still starting"}}
+                return pool.invoke(frame, timeout, queue_wait)
             pool = self._on_demand_pool()
             if pool is None:
                 return {"status": Status.FAILED, "error": {"type": "VersionFailed",
                         "message": f"{self.what} could not be built: {self.error}"}}
         return pool.invoke(frame, timeout, queue_wait)
+
+    def _started_within(self, frame: dict, queue_wait: float) -> Pool | None:
+        """The pool once the start under way (which holds the lock) is over, if that is
+        within the call's queue time and its start-by; None if not, or if it failed."""
+        wait = queue_wait
+        start_by = frame.get("start_by")
+        if isinstance(start_by, (int, float)):
+            wait = min(wait, float(start_by) - time.monotonic())
+        if wait > 0 and self.lock.acquire(timeout=wait):
+            self.lock.release()
+        return self.pool
 
     def stop(self, final_state: VersionState = VersionState.STOPPED) -> None:
         """Drain in-flight calls, then stop every child (the whole tree)."""
