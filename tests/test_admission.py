@@ -168,9 +168,9 @@ def test_a_peer_of_another_uid_holding_bare_connections_keeps_nobody_else_out(st
     server = start_server()
     holder = Holder(server.address, count=40, uid=NOBODY)
     try:
-        took = _calls(server.address, 100)
-        # Each got in at once: never a wait for a place, nor a retry.
-        assert max(took) < 1.0, max(took)
+        # Each got in: a connection the gate closed would fail its call (NotAdmitted; the
+        # client does not dial again), and a gate that made it wait would end at HANG_S.
+        _calls(server.address, 100)
         lines = server.wait_lines("to make way for a new one", 1)
     finally:
         held = holder.stop()
@@ -198,8 +198,7 @@ def test_many_peers_filling_the_gate_cannot_crowd_out_a_new_one(start_server):
         while _open(socks) > 32 and time.monotonic() < end:
             time.sleep(0.02)
         assert _open(socks) == 32
-        took = _calls(server.address, 20)
-        assert max(took) < 1.0, max(took)
+        _calls(server.address, 20)     # each got in (see above)
         assert server.wait_lines("(the limit), the most of them from its peer", 1)
     finally:
         for sock in socks:
@@ -223,8 +222,7 @@ def test_on_a_unix_socket_a_peer_is_its_uid(start_server, open_dir):
     os.chmod(open_dir / "invoke.sock", 0o666)
     holder = Holder(server.address, count=40, uid=NOBODY)
     try:
-        took = _calls(server.address, 50)
-        assert max(took) < 1.0, max(took)
+        _calls(server.address, 50)     # each got in (see above)
         lines = server.wait_lines("to make way for a new one", 1)
     finally:
         held = holder.stop()
