@@ -156,11 +156,12 @@ class FolderDeployer:
         still under way (or the control plane did not answer)."""
         what = f"{entry.container}@{entry.version} deployment {entry.deployment}"
         try:
+            # The active version is read first: a deployment that fails gives the active
+            # version back to the one before, in the same write. Read after the deployment,
+            # that version would pass for one activated by other means.
+            instead = (self.api.container(entry.container) or {}).get("active_version")
             deployment = self.api.deployment(entry.deployment)
             status = deployment["status"] if deployment else "gone"
-            instead = None
-            if status not in ("ready", "partial", "failed", "gone"):
-                instead = (self.api.container(entry.container) or {}).get("active_version")
         except (Unreachable, ClientError):
             return False
         if status == "ready":
