@@ -225,21 +225,19 @@ class VersionRuntime:
                 # send it back to be routed again rather than start a process for it.
                 return {"status": Status.NOT_RUNNING, "error": {
                     "type": "NotRunning", "message": f"{self.what} is no longer serving"}}
-            if self.state is VersionState.FAILED:
-                return {"status": Status.FAILED, "error": {"type": "VersionFailed",
-                        "message": f"{self.what} failed: {self.error}"}}
-            if self.role == Role.SERVE and self.state in (VersionState.BUILDING,
-                                                       VersionState.STARTING):
+            starting = self.role == Role.SERVE and self.state in (VersionState.BUILDING,
+                                                               VersionState.STARTING)
+            if starting:
                 # Being started for its role (a version an alias or a split has just named,
                 # say): the call waits for that start, within its queue time.
                 pool = self._started_within(frame, queue_wait)
-                if pool is None:
-                    if self.state is VersionState.FAILED:
-                        return {"status": Status.FAILED, "error": {"type": "VersionFailed",
-                                "message": f"{self.what} failed: {self.error}"}}
-                    return {"status": Status.UNAVAILABLE, "error": {
-                        "type": "Unavailable", "message": f"{self.what} is still starting"}}
-                return pool.invoke(frame, timeout, queue_wait)
+        if pool is None:
+            if self.state is VersionState.FAILED:
+                return {"status": Status.FAILED, "error": {"type": "VersionFailed",
+                        "message": f"{self.what} failed: {self.error}"}}
+            if starting:
+                return {"status": Status.UNAVAILABLE, "error": {
+                    "type": "Unavailable", "message": f"{self.what} is still starting"}}
             pool = self._on_demand_pool()
             if pool is None:
                 return {"status": Status.FAILED, "error": {"type": "VersionFailed",

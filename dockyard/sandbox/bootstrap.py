@@ -412,21 +412,19 @@ class Child:
                 pass
             return
         self.in_flight = 1
-        slot = self.slot
-        if slot is not None:
-            slot.begin(str(request.get("id")), time.monotonic())
-
-        def over():
+        if self.slot is not None:
+            self.slot.begin(str(request.get("id")), time.monotonic())
+        try:
             # The slot says free before the reply goes out: a caller who has the reply and
             # sends its next call at once finds this process free, not still busy with it.
-            if slot is not None and slot.busy:
-                slot.end(time.monotonic())
-
-        try:
-            self.run_call(request, channel, over)
+            self.run_call(request, channel, self._call_over)
         finally:
-            over()
+            self._call_over()   # if the call ended before its reply (it raised)
             self.in_flight = 0
+
+    def _call_over(self):
+        if self.slot is not None:
+            self.slot.end(time.monotonic())
 
     def _finish(self):
         """After shutdown: answer every whole call already waiting in a channel (until a
@@ -465,6 +463,9 @@ class Slot:
         self.LAYOUT.pack_into(self.map, 0, 1, 0, self.served, started, self.ended, len(raw))
 
     def end(self, ended):
+        """The call in hand is over (once: a second end of it changes nothing)."""
+        if not self.busy:
+            return
         # The call's id stays: the worker tells a call that ran from one never reached.
         self.served += 1
         self.ended, self.busy = ended, False

@@ -65,8 +65,9 @@ class RecordWriter:
         invocation_id = record.get("id")
         with self.drain:
             # Either its start is still queued or deferred (then the finish goes with it,
-            # written once) or the writer has it: then it is written (or being written) and the finish
-            # waits for that, so that no reader of the answer sees the call still running.
+            # written once) or the writer has it: then it is written (or being written) and
+            # the finish waits for that, so that no reader of the answer sees the call still
+            # running.
             if invocation_id not in self.writing and invocation_id not in self.written_starts:
                 self.put(record)
                 return
