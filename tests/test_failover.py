@@ -1,11 +1,12 @@
 """Workers that fail fast: one control plane (`--no-local-worker`, one web process) and two
 `dockyard worker` processes on this host, each with its own data dir. A frozen worker
-(SIGSTOP) is routed around within a second and runs none of the calls it was answered for
-after SIGCONT; a killed one leaves routing within a second with or without traffic; the
+(SIGSTOP) is routed around and runs none of the calls it was answered for
+after SIGCONT; a killed one leaves routing as its connection closes, with or without traffic; the
 healthy worker's heartbeats are answered while the web threads are busy."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -127,8 +128,9 @@ def test_a_frozen_worker_is_routed_around_and_runs_no_call_answered_as_failed(cl
 
 def test_heartbeats_and_registration_are_answered_while_every_web_thread_is_busy(cluster):
     frozen, other = cluster.workers[0], cluster.workers[1]
-    # More clients than the one web process has threads, calls that take a while.
-    load = Load(cluster.server.url, "failover/run", clients=24, event={"sleep": 1.0}).start()
+    # More clients than the one web process has threads, calls that take a while: a health
+    # check queued behind them would wait 3 s at the least.
+    load = Load(cluster.server.url, "failover/run", clients=24, event={"sleep": 3.0}).start()
     newcomer = None
     try:
         time.sleep(1.0)
@@ -157,15 +159,18 @@ def test_heartbeats_and_registration_are_answered_while_every_web_thread_is_busy
 
 
 @pytest.mark.parametrize("traffic", [True, False], ids=["under-load", "idle"])
-def test_a_killed_worker_is_out_of_routing_within_a_second(cluster, traffic):
+def test_a_killed_worker_leaves_routing_as_its_connection_closes(cluster, traffic):
     victim = cluster.workers[0]
+    victim_id = next(w["id"] for w in workers(cluster.server.url, cluster.server.admin)
+                     if int(w["pid"]) == victim.pid)
+    offset = len(cluster.server.log_path.read_text())
     load = Load(cluster.server.url, "failover/run", clients=4).start() if traffic else None
     try:
         time.sleep(0.5)
         victim.proc.kill()
         killed = time.monotonic()
         wait_for("the killed worker out of routing", lambda: cluster.states().get(victim.pid)
-                 in ("suspect", "lost"), 1.0, interval=0.02)
+                 in ("suspect", "lost"), 30, interval=0.02)
         gone = time.monotonic() - killed
         if load is not None:
             time.sleep(1.0)
@@ -174,8 +179,13 @@ def test_a_killed_worker_is_out_of_routing_within_a_second(cluster, traffic):
         victim.proc.wait(timeout=30)
         cluster.workers.remove(victim)
         victim.stop()
-    assert gone < 1.0
-    assert all(a.status == 200 for a in answers if a.started > killed + 1.0)
+    # Out of routing because its connection closed (a lost worker: a missed ping or heartbeat
+    # makes one suspect), not when its heartbeat ran out. How soon is a figure (bench/failover).
+    said = cluster.server.log_path.read_text()[offset:]
+    assert re.search(rf"worker {victim_id} at \S+ is lost: ", said), said[-3000:]
+    print(f"\nkilled ({'under load' if traffic else 'idle'}): out of routing in {gone:.3f}s")
+    late = [a for a in answers if a.started > killed + gone + 0.5]
+    assert all(a.status == 200 for a in late), [a.status for a in late if a.status != 200]
     # A replacement, so that the next test has two workers again.
     cluster.add_worker()
     cluster.wait_serving(2)

@@ -39,21 +39,20 @@ def test_a_call_past_the_cap_is_refused_after_the_wait(monkeypatch):
     assert watcher.acquire(view)
     started = time.monotonic()
     assert not watcher.acquire(view)
-    assert time.monotonic() - started < 1.0 and view.in_flight == 1
+    assert time.monotonic() - started < 30 and view.in_flight == 1    # not held for ever
 
 
 def test_a_worker_turning_suspect_releases_the_calls_waiting_for_a_place(monkeypatch):
-    monkeypatch.setattr(liveness, "CAP_WAIT_S", 10.0)
+    monkeypatch.setattr(liveness, "CAP_WAIT_S", 120.0)
     watcher, view = _liveness(cap=1)
     assert watcher.acquire(view)
     got = []
     waiter = threading.Thread(target=lambda: got.append(watcher.acquire(view)))
     waiter.start()
     time.sleep(0.05)
-    started = time.monotonic()
     watcher._change(view, SUSPECT, "test")     # no database: nothing to mark
-    waiter.join(timeout=5)
-    assert got == [False] and time.monotonic() - started < 1.0
+    waiter.join(timeout=60)     # released now, not at the end of its two minutes
+    assert not waiter.is_alive() and got == [False]
     assert not watcher.usable({"id": "wrk_a"})
     assert watcher.usable({"id": "wrk_unknown"})     # not watched yet: routable
 
@@ -88,7 +87,7 @@ def _stuck_worker(answer_hello: bool = True):
 
 
 def test_a_call_to_a_suspect_worker_that_stops_reading_is_given_back_unrun_in_time():
-    from dockyard.app.invoke.worker_client import ACK_WAIT_S, WorkerConnections, WorkerGone
+    from dockyard.app.invoke.worker_client import WorkerConnections, WorkerGone
     address, listener, held = _stuck_worker()
     connections = WorkerConnections("token")
     view = WorkerView("wrk_stuck", address)
@@ -99,7 +98,7 @@ def test_a_call_to_a_suspect_worker_that_stops_reading_is_given_back_unrun_in_ti
     threading.Timer(0.2, lambda: connections.liveness._change(view, SUSPECT, "test")).start()
     started = time.monotonic()
     try:
-        connections.call(view, frame, start_within=5.0, timeout=5.0, grace=15.0)
+        connections.call(view, frame, start_within=60.0, timeout=60.0, grace=60.0)
     except WorkerGone as exc:
         assert exc.args[1] is False     # never acknowledged: it did not run
     else:
@@ -108,5 +107,7 @@ def test_a_call_to_a_suspect_worker_that_stops_reading_is_given_back_unrun_in_ti
         listener.close()
         for sock in held:
             sock.close()
-    assert time.monotonic() - started < ACK_WAIT_S + 0.5
+    # Let go at the ack wait once suspect, not held for the call's minute to start.
+    took = time.monotonic() - started
+    assert took < 30, took
     assert view.state == SUSPECT
