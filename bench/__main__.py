@@ -5,7 +5,8 @@ one-dependency package before and after builds were split in two steps (bench/bu
 one of two workers frozen and killed (bench/failover.py). The warm path is measured twice: on
 the default store (SQLite in the data dir) and on a second `serve --db` whose store is a
 throwaway PostgreSQL server started for the run (skipped, with one line saying why, where
-PostgreSQL is not installed)."""
+PostgreSQL is not installed), and on that database a rollback through one control plane is
+timed until a call through a second one takes the version it names (bench/routes.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import psutil
 
 from . import load
 from .load import concurrent, latencies, percentile
+from .routes import route_change
 from .servers import NOOP, BareFlask, Dockyard, package, postgres_database, tiny_wheelhouse
 
 BURN = ("def f(event):\n    total = 0\n    for i in range(400_000):\n        total += i * i\n"
@@ -240,6 +242,11 @@ ROWS = [
     ("throughput c8, SQLite (req/s)", "warm_rps_c8", "bare_flask_rps_c8", ">= 0.6x bare"),
     ("throughput c8, PostgreSQL (req/s)", "warm_pg_rps_c8", "bare_flask_rps_c8",
      ">= 0.6x bare"),
+    ("rollback served, PostgreSQL p50 (ms)", "route_first_p50_ms", None, "< 1000"),
+    ("  then via a 2nd plane, p50 (ms)", "route_lag_p50_ms", "route_max_age_ms",
+     "baseline: no notify"),
+    ("  then via a 2nd plane, max (ms)", "route_lag_max_ms", "route_max_age_ms",
+     "< 1000"),
     ("pipe round trip, floor (us)", "pipe_rtt_us", None, ""),
     ("fresh python per call (ms)", "fresh_python_ms", "warm_p50_ms", "what dockyard avoids"),
     ("deploy -> first call, no deps (s)", "deploy_first_call_s", "deploy_first_call_noview_s",
@@ -336,6 +343,8 @@ def main() -> int:
                     on_postgres = Dockyard([*serve_args, "--db", db_url],
                                            prefix="dockyard-bench-pg-")
                 warm_path(results, dockyard, args.quick, on_postgres)
+                if on_postgres is not None:
+                    route_change(results, on_postgres, db_url, serve_args, args.quick)
             finally:
                 if on_postgres is not None:
                     on_postgres.stop()

@@ -38,12 +38,16 @@ class Dockyard:
     """`dockyard serve` on its own temp data dir: its state in SQLite there (the default),
     or in PostgreSQL when extra_args has `--db URL`; never by a DOCKYARD_DB of the caller's."""
 
-    def __init__(self, extra_args: list[str] = (), prefix: str = "dockyard-bench-"):
+    def __init__(self, extra_args: list[str] = (), prefix: str = "dockyard-bench-",
+                 tokens_of: "Dockyard | None" = None):
         self.root = Path(tempfile.mkdtemp(prefix=prefix))
         if "--no-view" in extra_args:
             # Without a view, children reach their code through host paths.
             self.root.chmod(0o711)
         self.data = self.root / "data"
+        if tokens_of is not None:
+            # A second control plane on the same database takes the first one's tokens.
+            shutil.copytree(tokens_of.data / "tokens", self.data / "tokens")
         self.log = open(self.root / "serve.log", "w")
         env = {k: v for k, v in os.environ.items() if k != "DOCKYARD_DB"}
         self.proc = subprocess.Popen(
