@@ -60,6 +60,23 @@ def test_infinite_loop_is_stopped(server, pkg):
     assert server.invoke("sb-spin/whoami", {}).status_code == 200
 
 
+@pytest.mark.parametrize("signame", ["SIGKILL", "SIGSEGV"])
+def test_a_function_killed_by_a_signal_is_said_so_and_shows_nothing_of_the_sandbox(
+        server, pkg, signame):
+    name = f"sb-{signame.lower()}"
+    server.deploy(pkg("hostile", name=name))
+    response = server.invoke(f"{name}/kill_self", {"signal": signame})
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert error["type"] == "Crashed" and f"killed by {signame}" in error["message"], error
+    inv = server.api("GET", f"/api/invocations/{response.json()['invocation_id']}").json()
+    assert inv["status"] == "crashed" and inv["stdout"] == "about to go\n", inv
+    # The function's own words only: nothing of the processes around it.
+    assert "Traceback" not in inv["stderr"] and "launch.py" not in inv["stderr"], inv
+    assert "dockyard" not in inv["stderr"], inv
+    assert server.invoke(f"{name}/whoami", {}).status_code == 200
+
+
 def test_memory_hog_is_reported_out_of_memory(server, pkg, summary):
     server.deploy(pkg("hostile", name="sb-hog", manifest_extra="[limits]\nmemory_mb = 128\n"
                                                                 "timeout_s = 30\n"))
@@ -69,6 +86,7 @@ def test_memory_hog_is_reported_out_of_memory(server, pkg, summary):
     assert error["reason"] == "out of memory"
     inv = server.api("GET", f"/api/invocations/{response.json()['invocation_id']}").json()
     assert inv["status"] == "crashed" and inv["error"]["reason"] == "out of memory"
+    assert "Traceback" not in inv["stderr"] and "launch.py" not in inv["stderr"], inv
     _healthy(server)
     assert server.invoke("sb-hog/hog", {"mb": 10}).json() == 10 * 1024 * 1024
     if not summary["cgroups"]["on"]:

@@ -368,12 +368,19 @@ def set_rlimits(limits):
 
 # -- the three processes ----------------------------------------------------------------------
 
+def die_by(signum):
+    """End this process by `signum`, as the process it waited for ended (SIGKILL has no
+    handler to reset: it is sent as it is)."""
+    if signum != signal.SIGKILL:
+        signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def exit_like(status):
     """Leave the way a waited-for process left: the same exit code or the same signal."""
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        die_by(signum)
         os._exit(128 + signum)
     code = os.WEXITSTATUS(status)
     if 128 < code <= 128 + 64:
@@ -381,8 +388,7 @@ def exit_like(status):
         # signal n, and the monitor turns that back into the signal.
         signum = code - 128
         if signum not in STOP_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            die_by(signum)
     os._exit(code)
 
 

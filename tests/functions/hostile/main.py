@@ -10,6 +10,13 @@ def spin(event):
         pass
 
 
+def kill_self(event):
+    import signal
+    print("about to go")
+    os.kill(os.getpid(), getattr(signal, event.get("signal", "SIGKILL")))
+    time.sleep(5)
+
+
 def hog(event):
     # Written, not just reserved: the pages are really used.
     return len(b"x" * (int(event["mb"]) * 1024 * 1024))
