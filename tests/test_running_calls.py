@@ -99,6 +99,30 @@ def test_a_running_call_is_seen_followed_and_cancelled(server, pkg):
     assert odd.returncode == 1 and "no call with id 'inv_0?key=1/x'" in odd.stderr
 
 
+def test_a_running_async_call_names_its_worker_and_shows_its_output_so_far(server, pkg):
+    server.deploy(pkg("echo", name="running-async"))
+    queued = server.invoke("running-async/print_then_sleep", {"s": 60}, params={"async": "1"})
+    assert queued.status_code == 202, queued.text
+    call_id = queued.json()["invocation_id"]
+    try:
+        so_far = wait_for("the async call's output so far", lambda: (lambda r: r.get(
+            "output_so_far") and "before the sleep" in r["stdout"] and r)(json.loads(
+                server.cli("--json", "logs", call_id).stdout)), 30, 0.1)
+        assert so_far["status"] == "running" and so_far["trigger"] == "async"
+        workers = {w["id"] for w in server.api("GET", "/api/workers").json()["workers"]}
+        assert so_far["worker_id"] in workers, so_far
+        # Asked for no version: it runs the serving one, which its record names once it ends.
+        assert so_far["version"] is None
+        human = server.cli("logs", call_id).stdout
+        assert "--- stdout so far\nbefore the sleep" in human, human
+    finally:
+        server.cli("cancel", call_id, check=False)
+    final = wait_for("the cancelled call's record", lambda: (lambda r: r["status"] ==
+                     "cancelled" and r)(server.api("GET", f"/api/invocations/{call_id}").json()),
+                     30, 0.1)
+    assert final["version"] and final["worker_id"] == so_far["worker_id"], final
+
+
 def test_a_quick_call_is_recorded_once_finished(server, pkg):
     server.deploy(pkg("echo", name="quick-calls"))
     cursor = server.api("GET", "/api/invocations?container=quick-calls").json()["cursor"]
@@ -167,6 +191,14 @@ def test_the_worker_asks_only_the_named_versions_processes_for_a_calls_output(mo
     monkeypatch.setattr(agent, "live_pools", lambda: [thief])
     assert agent.Agent.output(worker, "inv_1", "victim@v1") == {
         "type": Frame.OUTPUT, "id": "inv_1", "found": False}
+    # A call whose record names no version yet (an async call to the serving one): any
+    # version of its container, never another container's, even one whose name starts alike.
+    lookalike = pool("victimx@v1", "inv_2", "forged")
+    newer = pool("victim@v2", "inv_2", "real")
+    monkeypatch.setattr(agent, "live_pools", lambda: [thief, lookalike, newer])
+    assert agent.Agent.output(worker, "inv_2", "victim")["stdout"] == "real"
+    monkeypatch.setattr(agent, "live_pools", lambda: [thief, lookalike])
+    assert agent.Agent.output(worker, "inv_2", "victim")["found"] is False
 
 
 def server_env(server) -> dict:

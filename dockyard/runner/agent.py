@@ -407,15 +407,17 @@ class Agent:
         return {"type": Frame.CANCEL, "id": call_id, "found": True}
 
     def output(self, call_id: str, what: str) -> dict:
-        """What the call `call_id` to `what` (CONTAINER@VERSION) has printed so far, read
-        from its process's output files (the process line-buffers them, and empties them at
-        each reply): `found` is False when no process of that version here has it in hand.
-        Only that version's pool is asked: a process of another one could claim any call id
-        in its slot, and pass its own output off as that call's."""
+        """What the call `call_id` to `what` (CONTAINER@VERSION, or CONTAINER: any version of
+        it, for a call whose record does not say one yet) has printed so far, read from its
+        process's output files (the process line-buffers them, and empties them at each
+        reply): `found` is False when no process of it here has the call in hand. Only its
+        pools are asked: a process of another container could claim any call id in its
+        slot, and pass its own output off as that call's."""
         runtime = self.calls.get(call_id)
         pools = [runtime.pool] if runtime is not None and runtime.pool is not None \
             else live_pools()
-        pools = [pool for pool in pools if pool is not None and pool.what == what]
+        pools = [pool for pool in pools if pool is not None and (
+            pool.what == what or ("@" not in what and pool.what.startswith(what + "@")))]
         child = next((c for pool in pools if (c := pool.holding(call_id)) is not None), None)
         if child is None:
             return {"type": Frame.OUTPUT, "id": call_id, "found": False}

@@ -171,6 +171,12 @@ class Dispatcher:
             else:
                 self.stop_event.wait(self.poll_s)
 
+    def _handed(self, db, row: dict, worker: dict) -> None:
+        try:
+            store.handed_to(db, row["id"], self.holder, worker["id"])
+        except Exception as exc:  # noqa: BLE001 - only `logs ID` while it runs misses it
+            log.warning("%s: could not note its worker %s: %s", row["id"], worker["id"], exc)
+
     def _run(self, row: dict) -> None:
         try:
             db = get_db(self.db_target)
@@ -178,7 +184,8 @@ class Dispatcher:
             try:
                 result = execute(db, self.connections, row["id"], row["container"],
                                  row["version"], row["function"], event, row["trigger"],
-                                 queue_wait=QUEUE_WAIT_S)
+                                 queue_wait=QUEUE_WAIT_S,
+                                 on_start=lambda _, worker: self._handed(db, row, worker))
             except NotFound as exc:
                 result = {"status": Status.FAILED, "error": exc.to_dict()}
             except DockyardError as exc:

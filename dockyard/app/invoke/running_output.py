@@ -19,8 +19,7 @@ ASK_TIMEOUT_S = 2.0
 def with_output_so_far(db: Database, connections: WorkerConnections, record: dict) -> dict:
     """`record` with `stdout` and `stderr` as printed so far, and `output_so_far: true`, when
     it is a running call whose worker answers; else as it is."""
-    if record.get("status") != Status.RUNNING or not record.get("worker_id") or \
-            not record.get("version"):
+    if record.get("status") != Status.RUNNING or not record.get("worker_id"):
         return record
     address = worker_store.address_of(db, record["worker_id"])
     if address is None:
@@ -28,7 +27,10 @@ def with_output_so_far(db: Database, connections: WorkerConnections, record: dic
     try:
         reply = connections.request(address, {
             "type": Frame.OUTPUT, "id": record["id"],
-            "what": f"{record.get('container')}@{record.get('version')}"},
+            # A queued call's record names the version it asked for, if any (None: the one
+            # serving when it ran), so any version of its container may have it.
+            "what": f"{record['container']}@{record['version']}" if record.get("version")
+            else str(record.get("container"))},
             timeout=ASK_TIMEOUT_S)
     except WorkerGone as exc:
         log.info("%s: its worker cannot say what it printed so far: %s", record["id"], exc)

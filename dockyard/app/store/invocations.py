@@ -344,6 +344,13 @@ def claim_queued(db: Database, owner: str, limit: int, lease_s: float,
     return [db["invocations"].get(i) for i in claimed]
 
 
+def handed_to(db: Database, invocation_id: str, owner: str, worker_id: str) -> None:
+    """A claimed call on its way to `worker_id`: its record says where it runs (and so where
+    `dockyard logs ID` finds its output so far), while this owner still holds it running."""
+    db.execute("UPDATE invocations SET worker_id = ? WHERE id = ? AND owner = ? AND "
+               "status = 'running'", [worker_id, invocation_id, owner])
+
+
 def finish(db: Database, invocation_id: str, owner: str, result: dict) -> None:
     # A call stopped from outside (cancelled, or past its job's timeout) keeps the status and
     # the reason it was given; the rest of the worker's report is still stored. Every field
@@ -380,10 +387,10 @@ def defer(db: Database, invocation_id: str, owner: str, not_before: float,
 
 def _requeue(db: Database, invocation_id: str, owner: str, **also) -> None:
     sets = "".join(f", {column} = ?" for column in also)
-    db.execute("UPDATE invocations SET status = 'queued', attempt = attempt - 1, "
-                    f"owner = NULL, lease_until = NULL, started_at = NULL{sets} "
-                    "WHERE id = ? AND owner = ? AND status = 'running'",
-                    [*also.values(), invocation_id, owner])
+    db.execute("UPDATE invocations SET status = 'queued', attempt = attempt - 1, owner = NULL, "
+               f"lease_until = NULL, started_at = NULL, worker_id = NULL{sets} "
+               "WHERE id = ? AND owner = ? AND status = 'running'",
+               [*also.values(), invocation_id, owner])
 
 
 def stop(db: Database, invocation_id: str, status: str, error: dict) -> str | None:
@@ -423,7 +430,7 @@ def recover(db: Database, owner: str, lease_expired_only: bool) -> int:
         for inv_id, attempt in rows:
             if attempt < MAX_ATTEMPTS:
                 conn.execute("UPDATE invocations SET status = 'queued', owner = NULL, "
-                             "lease_until = NULL WHERE id = ?", [inv_id])
+                             "lease_until = NULL, worker_id = NULL WHERE id = ?", [inv_id])
             else:
                 error = {"type": "Lost", "message": f"the process running this call stopped "
                          f"(attempt {attempt} of {MAX_ATTEMPTS}); not retried again"}
