@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from conftest import one_line_error, poll_until
+from conftest import Server, one_line_error, poll_until
 from dockyard.cli import cli
 
 MISSING = "dockyard-no-such-distribution"   # not in the wheelhouse: the build fails offline
@@ -183,6 +183,38 @@ def test_rollback_without_a_version_goes_to_the_one_before(server, pkg):
     as_json = server.cli("rollback", "ev-roll", "--json")
     assert json.loads(as_json.stdout)["version"] == "1"
     assert "from 3 to 1" in as_json.stderr
+
+
+def test_rollback_skips_a_version_that_failed_to_deploy_after_a_restart_too(
+        private_tmp, wheelhouse, pkg):
+    """After a restart no worker has tried the version that failed (it is not wanted
+    anywhere): its deployment's record says it failed, and that is what counts."""
+    data = private_tmp / "roll-restart" / "data"
+    data.parent.mkdir()
+    args = ["--find-links", str(wheelhouse), "--offline"]
+    server = Server(data, args)
+    try:
+        for version, extra in (("1", ""), ("2", f'dependencies = ["{MISSING}"]\n'), ("3", "")):
+            server.cli("deploy", str(pkg("echo", name="rr", version=version,
+                                         manifest_extra=extra)), "--wait",
+                       check=version != "2")
+        assert server.stop() == 0 and not server.leftovers
+        server = Server(data, args)
+        listed = server.cli("versions", "rr").stdout
+        assert re.search(r"^2\s+failed to deploy\s", listed, re.M), listed
+        assert re.search(r"^3\s+serving\s", listed, re.M), listed
+        versions = json.loads(server.cli("versions", "rr", "--json").stdout)["versions"]
+        assert [(v["version"], v["last_deployment"]["status"]) for v in versions] == [
+            ("3", "ready"), ("2", "failed"), ("1", "ready")]
+        assert MISSING in versions[1]["last_deployment"]["error"]
+        rolled = server.cli("rollback", "rr")
+        assert "from 3 to 1, the version before it (skipping 2: failed to deploy)" in \
+            rolled.stderr, rolled.stderr
+        assert server.invoke("rr/echo", 0).headers["X-Dockyard-Version"] == "1"
+    finally:
+        if server.proc.poll() is None:
+            assert server.stop() == 0, server.log_path.read_text()[-3000:]
+        assert not server.leftovers, server.leftovers
 
 
 # -- invoke -v, --id, @FILE and - -----------------------------------------------------------

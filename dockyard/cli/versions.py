@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from ..common.http_client import api_path
+from ..common.protocol import DeploymentStatus
 from . import Group, pass_ctx, _age, _table
 
 
@@ -34,9 +35,8 @@ def list_versions(ctx, name):
     data = ctx.client().json("GET", api_path("containers", name, "versions"))
 
     def human(d):
-        _table([[v["version"], "serving" if v["serving"] else ("active" if v["active"] else ""),
-                 v["content_sha256"][:12], _age(v["created_at"])] for v in d["versions"]],
-               ["VERSION", "STATE", "CONTENT", "CREATED"])
+        _table([[v["version"], _state(v), v["content_sha256"][:12], _age(v["created_at"])]
+                for v in d["versions"]], ["VERSION", "STATE", "CONTENT", "CREATED"])
     ctx.emit(data, human)
 
 
@@ -75,10 +75,22 @@ def prune(ctx, name, keep, dry_run):
     ctx.emit(data, human)
 
 
+def _failed_to_deploy(version: dict) -> bool:
+    return (version.get("last_deployment") or {}).get("status") == DeploymentStatus.FAILED
+
+
+def _state(version: dict) -> str:
+    if version["serving"]:
+        return "serving"
+    if version["active"]:
+        return "active"
+    return "failed to deploy" if _failed_to_deploy(version) else ""
+
+
 def previous_version(client, name: str) -> tuple[str, str, list[str]]:
     """(the version serving, the one to roll back to, the ones skipped between them): the
     newest version uploaded before the one serving (or, with none serving, the active one)
-    that no live worker reports failed."""
+    whose last deployment did not fail and that no live worker reports failed."""
     # newest first
     listed = client.json("GET", api_path("containers", name, "versions"))["versions"]
     current = (next((v for v in listed if v["serving"]), None)
@@ -90,6 +102,7 @@ def previous_version(client, name: str) -> tuple[str, str, list[str]]:
     failed = {v["version"] for w in client.json("GET", "/api/workers")["workers"]
               if w["state"] == "up" for v in w["versions"]
               if v["container"] == name and v["state"] == "failed"}
+    failed |= {v["version"] for v in listed if _failed_to_deploy(v)}
     older = listed[listed.index(current) + 1:]
     for n, candidate in enumerate(older):
         if candidate["version"] not in failed:

@@ -274,10 +274,19 @@ def container_detail(db: Database, name: str) -> dict:
 
 
 def list_versions(db: Database, name: str) -> list[dict]:
+    """Newest first, each with its latest deployment (`last_deployment`: id, status, finished_at,
+    error; None if it was never deployed): a version whose last deployment failed is no
+    rollback target, and that outlives a restart (the workers' own reports do not)."""
     container = get_container(db, name)
-    return [version_record(r, container) for r in db.query(
-        "SELECT * FROM versions WHERE container_id = ? ORDER BY created_at DESC, id DESC",
-        [container["id"]])]
+    latest: dict[int, dict] = {}
+    for row in db.query("SELECT version_id, id, status, error, finished_at FROM deployments "
+                        "WHERE container_id = ? ORDER BY created_at, id", [container["id"]]):
+        latest[row["version_id"]] = {"id": row["id"], "status": row["status"],
+                                     "finished_at": row["finished_at"],
+                                     "error": row["error"]}
+    return [dict(version_record(r, container), last_deployment=latest.get(r["id"]))
+            for r in db.query("SELECT * FROM versions WHERE container_id = ? "
+                              "ORDER BY created_at DESC, id DESC", [container["id"]])]
 
 
 def undeploy(db: Database, name: str) -> int:
