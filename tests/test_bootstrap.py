@@ -160,6 +160,35 @@ def test_concurrency_runs_calls_in_parallel(child):
     assert c.proc.poll() is None
 
 
+def test_an_excerpt_keeps_the_start_and_the_end_in_whole_lines_and_says_what_it_left_out(
+        tmp_path):
+    from dockyard.sandbox.bootstrap import excerpt
+
+    def cut(data: bytes, cap: int) -> bytes:
+        path = tmp_path / "out"
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return excerpt(fd, len(data), cap)
+        finally:
+            os.close(fd)
+
+    lines = b"".join(b"line %d\n" % i for i in range(100_000))
+    kept = cut(lines, 4096)
+    first, rest = kept.split(b"[... ", 1)
+    count, last = rest.split(b" bytes not kept ...]\n", 1)
+    assert len(kept) <= 4096 and first.startswith(b"line 0\nline 1\n")
+    assert first.endswith(b"\n") and last.startswith(b"line ") and last.endswith(b"line 99999\n")
+    assert len(first) + int(count) + len(last) == len(lines)
+    assert lines.startswith(first) and lines.endswith(last)
+    # What fits is kept whole; one long line is cut where it must, and still says so.
+    assert cut(b"short\n", 4096) == b"short\n"
+    long = cut(b"x" * 100_000, 1000)
+    assert long.startswith(b"x") and long.endswith(b"x") and len(long) <= 1000
+    assert b"\n[... " in long
+    assert b"[... %d bytes not kept ...]" % (100_000 - long.count(b"x")) in long
+
+
 def test_frames(tmp_path):
     r, w = os.pipe()
     with os.fdopen(w, "wb") as out:

@@ -239,3 +239,18 @@ def test_retention(retaining, pkg):
     srv.api("POST", f"/api/invocations/{running}/cancel")
     wait_for(lambda: srv.api("GET", f"/api/invocations/{running}").status_code == 404)
     assert srv.invoke("ret-echo/echo", 2).json() == 2
+
+
+def test_follow_prints_only_what_is_new_even_past_the_kept_output():
+    from dockyard.cli.history import _new_part
+
+    assert _new_part("", "a\n") == "a\n"
+    assert _new_part("a\n", "a\nb\n") == "b\n"
+    # Past 64 KB the output so far is its start, a note, and its end, which moves on.
+    start, note = "".join(f"s{i}\n" for i in range(50)), "[... 10 bytes not kept ...]\n"
+    shown = start + note + "".join(f"t{i}\n" for i in range(100, 300))
+    later = start + "[... 20 bytes not kept ...]\n" + "".join(f"t{i}\n" for i in range(110, 305))
+    assert _new_part(shown, later) == "t300\nt301\nt302\nt303\nt304\n"
+    # More printed between two looks than is kept: from the note on, which says so.
+    far = start + "[... 9000 bytes not kept ...]\n" + "u1\n"
+    assert _new_part(shown, far) == "[... 9000 bytes not kept ...]\nu1\n"

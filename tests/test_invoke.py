@@ -97,8 +97,16 @@ def test_big_output_is_capped(server, pkg):
     server.deploy(pkg("echo", name="inv-big"))
     response = server.invoke("inv-big/big_print", {})
     assert response.status_code == 200, response.text
-    inv = server.api("GET", f"/api/invocations/{response.headers['X-Dockyard-Invocation-Id']}")
-    assert len(inv.json()["stdout"]) < 200_000
+    stdout = server.api("GET", "/api/invocations/"
+                        f"{response.headers['X-Dockyard-Invocation-Id']}").json()["stdout"]
+    # Its start and its end in whole lines, and a line between that says how much is not kept.
+    line = "x" * 1023 + "\n"
+    first, rest = stdout.split("[... ", 1)
+    count, last = rest.split(" bytes not kept ...]\n", 1)
+    assert first and last and first == line * (len(first) // 1024), first[-100:]
+    assert last == line * (len(last) // 1024), last[-100:]
+    assert len(first) + int(count) + len(last) == 5 * 1024 * 1024
+    assert len(stdout) <= 64 * 1024 and "not kept]" not in last
     assert server.invoke("inv-big/echo", 2).json() == 2
 
 

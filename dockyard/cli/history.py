@@ -186,10 +186,8 @@ def _follow_call(client, call: dict, worker: "WorkerNames") -> None:
             for stream in ("stdout", "stderr"):
                 text = call.get(stream) or ""
                 if call.get("output_so_far") and text != shown[stream]:
-                    # The output files are read whole each time (the last 64 KB): print what
-                    # is new, or all of it again if it no longer continues what was shown.
-                    new = text[len(shown[stream]):] if text.startswith(shown[stream]) else text
-                    click.echo(new, nl=False, err=stream == "stderr")
+                    click.echo(_new_part(shown[stream], text), nl=False,
+                               err=stream == "stderr")
                     shown[stream] = text
             time.sleep(POLL_S)
             call = _invocation(client, call["id"])
@@ -197,9 +195,23 @@ def _follow_call(client, call: dict, worker: "WorkerNames") -> None:
         return
     for stream in ("stdout", "stderr"):
         text = call.get(stream) or ""
-        if text.startswith(shown[stream]) and text != shown[stream]:
-            click.echo(text[len(shown[stream]):], nl=False, err=stream == "stderr")
+        if text != shown[stream]:
+            click.echo(_new_part(shown[stream], text), nl=False, err=stream == "stderr")
     show_invocation(call, worker, streams=not any(shown.values()))
+
+
+def _new_part(shown: str, text: str) -> str:
+    """What `text` (a call's output so far, read whole each time: past 64 KB its start and
+    its end, a line between them saying how much was left out) adds to `shown`."""
+    if text.startswith(shown):
+        return text[len(shown):]
+    anchor = shown[-512:]
+    at = text.rfind(anchor) if anchor else -1
+    if at != -1:
+        return text[at + len(anchor):]
+    # More was printed since the last look than is kept: from the line that says so.
+    gap = text.rfind("[... ")
+    return text[gap:] if gap != -1 else text
 
 
 def _invocation(client, invocation_id: str) -> dict:

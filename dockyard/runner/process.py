@@ -23,6 +23,7 @@ from typing import Callable
 from ..common.direct import Slot
 from ..common.protocol import Frame, Status
 from ..common.frames import FrameReader, encode_frame, write_frame
+from ..sandbox.bootstrap import excerpt
 from ..sandbox.isolation import encode_spec
 from . import reply_fields
 from .cpu_budget import CpuBudget, find_server
@@ -783,15 +784,14 @@ class Child:
         return f"exit code {code}"
 
     def read_output(self) -> tuple[str, str]:
-        """What the child wrote since its last reply (after a crash: the last words)."""
+        """What the child wrote since its last reply (after a crash: the last words), cut as
+        the child cuts a reply's output."""
         out = []
         for path in (self.stdout_path, self.stderr_path):
             try:
                 with open(path, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
-                    if size > OUTPUT_CAP:
-                        f.seek(size - OUTPUT_CAP)
-                    out.append(f.read(OUTPUT_CAP).decode("utf-8", "replace"))
+                    out.append(excerpt(f.fileno(), size, OUTPUT_CAP).decode("utf-8", "replace"))
             except OSError:
                 out.append("")
         return out[0], out[1]

@@ -92,6 +92,31 @@ class Context:
     get_remaining_time_in_millis = remaining_ms
 
 
+# Where a cut falls within this many bytes of a line's end, it moves there: whole lines.
+LINE_SLACK = 4096
+MARKER_ROOM = 64     # the note that says how much was left out, at most
+
+
+def excerpt(fd, size, cap):
+    """At most `cap` bytes of the file's `size`: all of it if it fits, else its start and its
+    end, cut at line ends where one is near, with a line between that says how many bytes
+    were left out."""
+    if size <= cap:
+        return os.pread(fd, size, 0)
+    room = max(0, cap - MARKER_ROOM)
+    first = os.pread(fd, room // 2, 0)
+    last = os.pread(fd, room - len(first), size - (room - len(first)))
+    end = first.rfind(b"\n", max(0, len(first) - LINE_SLACK))
+    if end != -1:
+        first = first[:end + 1]
+    start = last.find(b"\n", 0, LINE_SLACK)
+    if start != -1 and start + 1 < len(last):
+        last = last[start + 1:]
+    gap = b"" if not first or first.endswith(b"\n") else b"\n"
+    return (first + gap + f"[... {size - len(first) - len(last)} bytes not kept ...]\n".encode()
+            + last)
+
+
 class Output:
     """The stdout/stderr files the worker opened for us: read back what one call wrote, then
     truncate (they are O_APPEND, so the next write starts at 0 again)."""
@@ -115,12 +140,8 @@ class Output:
             size = os.fstat(fd).st_size
             if not size:
                 continue
-            if size > self.cap:
-                half = self.cap // 2
-                data = os.pread(fd, half, 0) + b"\n...\n" + os.pread(fd, half, size - half)
-                truncated = True
-            else:
-                data = os.pread(fd, size, 0)
+            data = excerpt(fd, size, self.cap)
+            truncated = truncated or size > self.cap
             os.ftruncate(fd, 0)
             texts[fd] = data.decode("utf-8", "replace")
         return texts[1], texts[2], truncated
