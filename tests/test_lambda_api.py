@@ -247,6 +247,25 @@ def test_list_and_get_functions(deployed):
     assert error_code(exc) == "InvalidSignatureException"
 
 
+def test_a_function_whose_version_failed_to_deploy_says_so_in_its_configuration(
+        deployed, tmp_path):
+    srv, lam = deployed["server"], deployed["lam"]
+    # Its only version cannot load: nothing serves, and the configuration says why.
+    srv.deploy(make_package(tmp_path, "broken_import", name="lam-broken"), expect="failed")
+    config = lam.get_function_configuration(FunctionName="lam-broken.echo")
+    assert (config["State"], config["LastUpdateStatus"]) == ("Failed", "Failed"), config
+    assert "ModuleNotFoundError" in config["StateReason"], config
+    assert config["StateReasonCode"] == "FunctionError"
+    with pytest.raises(ClientError) as exc:
+        lam.invoke(FunctionName="lam-broken.echo", Payload=b"{}")
+    assert error_code(exc) == "ResourceNotReadyException"
+    # One that serves is Active, and so is a version of it that never failed.
+    for qualifier in ({}, {"Qualifier": deployed["version"]}):
+        ok = lam.get_function_configuration(FunctionName="lam.echo", **qualifier)
+        assert (ok["State"], ok["LastUpdateStatus"]) == ("Active", "Successful"), ok
+        assert "StateReason" not in ok
+
+
 # -- signatures under --invoke-auth ---------------------------------------------------------
 
 @pytest.fixture(scope="module")

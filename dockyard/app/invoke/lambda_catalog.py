@@ -13,6 +13,7 @@ import sys
 import time
 
 from ...common.frames import dumps
+from ...common.protocol import DeploymentStatus
 from ..store import functions as store
 from .lambda_errors import LambdaError, not_found
 
@@ -62,11 +63,25 @@ def configuration(row: dict, function: str, latest: bool) -> dict:
                                       time.gmtime(row["created_at"] or 0)),
         "CodeSha256": base64.b64encode(bytes.fromhex(row["content_sha256"])).decode("ascii"),
         "Version": version,
-        "State": "Active",
-        "LastUpdateStatus": "Successful",
+        **_state(row.get("deployment_status"), row.get("deployment_error")),
         "PackageType": "Zip",
         "Architectures": [ARCHITECTURE],
     }
+
+
+def _state(deployment: str | None, error: str | None) -> dict:
+    """State and LastUpdateStatus from the version's last deployment: Failed where it failed
+    on every live worker (with its reason), Pending while it is under way, else Active (a
+    version never deployed starts on demand, as an inactive Lambda function does)."""
+    if deployment == DeploymentStatus.FAILED:
+        reason = (error or "its deployment failed").strip().splitlines()[0][:1024]
+        return {"State": "Failed", "StateReason": reason, "StateReasonCode": "FunctionError",
+                "LastUpdateStatus": "Failed", "LastUpdateStatusReason": reason,
+                "LastUpdateStatusReasonCode": "FunctionError"}
+    if deployment in (DeploymentStatus.PENDING, DeploymentStatus.IN_PROGRESS):
+        return {"State": "Pending", "StateReason": "the version is being deployed",
+                "StateReasonCode": "Creating", "LastUpdateStatus": "InProgress"}
+    return {"State": "Active", "LastUpdateStatus": "Successful"}
 
 
 def _functions(row: dict) -> list[str]:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from .engine import Database
 
+_LAST_DEPLOYMENT = ("(SELECT d.{column} FROM deployments d WHERE d.version_id = v.id "
+                    "ORDER BY d.created_at DESC, d.id DESC LIMIT 1)")
 _COLUMNS = ("c.name AS container, v.version, v.manifest, v.content_sha256, v.artifact_size, "
-            "v.created_at")
+            f"v.created_at, {_LAST_DEPLOYMENT.format(column='status')} AS deployment_status, "
+            f"{_LAST_DEPLOYMENT.format(column='error')} AS deployment_error")
 
 
 def serving(db: Database, container: str | None = None) -> list[dict]:
