@@ -99,6 +99,8 @@ def test_alias_refusals(two_versions):
     with pytest.raises(ClientError) as exc:
         lam.create_alias(FunctionName="lal", Name="mine", FunctionVersion="v1")
     assert exc.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert exc.value.response["Error"]["Message"] == (
+        "an invoke token cannot use this route: sign with the admin token")
     with pytest.raises(ClientError) as exc:
         client(two_versions["server"].url, "x", "y", unsigned=True).delete_alias(
             FunctionName="lal", Name="stable")

@@ -303,6 +303,10 @@ def test_invoke_auth_verifies_the_signature(auth_server):
             assert error_code(exc) == code, (code, kind)
             assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == status
             assert exc.value.response["Error"]["Message"]
+            if code == "AccessDeniedException":
+                assert exc.value.response["Error"]["Message"] == (
+                    "a worker token cannot use this route: sign with the invoke or the admin "
+                    "token")
 
 
 def test_a_stale_or_altered_signature_is_refused(auth_server):

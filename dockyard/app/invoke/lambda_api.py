@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 
 from ...common.frames import dumps, loads_strict
 from ...errors import DockyardError
-from ..auth import INVOKE_KINDS, invocation_key
+from ..auth import INVOKE_KINDS, invocation_key, with_article
 from ..store import invocations as store
 from ..store.db import get_db
 from . import lambda_aliases, lambda_catalog
@@ -204,9 +204,10 @@ class LambdaApi:
         except SignatureError as exc:
             raise LambdaError(exc.status, exc.code, exc.message) from None
         if kind not in kinds:
+            allowed = " or the ".join(sorted(kinds, key=lambda k: k != "invoke"))
             raise LambdaError(403, "AccessDeniedException",
-                              f"a {kind} token cannot use this route: sign with the invoke or "
-                              "the admin token")
+                              f"{with_article(kind)} token cannot use this route: sign with "
+                              f"the {allowed} token")
 
     # -- Invoke ------------------------------------------------------------------------------
 
