@@ -72,3 +72,28 @@ def test_a_caller_cannot_move_a_request_with_scriptname_or_pathinfo_headers(serv
         answer = requests.get(server.url + "/healthz", headers=header, timeout=30)
         assert answer.status_code == 200, (header, answer.status_code, answer.text[:200])
         assert answer.json()["status"] == "ok"
+
+
+def test_a_list_asked_for_no_rows_too_many_or_an_unknown_status_is_a_400(server, pkg):
+    server.deploy(pkg("echo", name="inputs-echo"))
+    made = server.api("POST", "/api/jobs", json={"name": "inputs-job",
+                                                 "target": "inputs-echo/echo",
+                                                 "schedule": "@every 1h"})
+    assert made.status_code == 201, made.text
+    for path in ("/api/invocations", "/api/jobs/inputs-job/runs"):
+        for limit in ("0", "-5", "1001", "ten"):
+            answer = server.api("GET", path, params={"limit": limit})
+            assert answer.status_code == 400, (path, limit, answer.text)
+            assert answer.json()["error"]["message"] == (
+                "limit must be a whole number from 1 to 1000"), answer.text
+        assert server.api("GET", path, params={"limit": "1000"}).status_code == 200
+        unknown = server.api("GET", path, params={"status": "bogus"})
+        assert unknown.status_code == 400, (path, unknown.text)
+        assert unknown.json()["error"]["message"].startswith("status must be one of ")
+    runs = server.api("GET", "/api/jobs/inputs-job/runs", params={"status": "skipped"})
+    assert runs.status_code == 200 and runs.json()["runs"] == []
+    # The CLI says so before asking.
+    refused = server.cli("invocations", "--limit", "0", check=False)
+    assert refused.returncode == 2 and "--limit" in refused.stderr
+    bogus = server.cli("jobs", "runs", "inputs-job", "--status", "bogus", check=False)
+    assert bogus.returncode == 1 and "status must be one of waiting, queued" in bogus.stderr

@@ -88,8 +88,8 @@ def show_deployment(d: dict) -> None:
 @click.argument("name", required=False)
 @click.option("--status", help="Only calls with this status (succeeded, failed, …).")
 @click.option("--since", help="Only calls made in this last stretch: 90s, 10m, 2h, 7d.")
-@click.option("--limit", type=int, default=20, show_default=True,
-              help="How many calls to list, newest first.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="How many calls to list, newest first (1 to 1000).")
 @pass_ctx
 def invocations(ctx, name, status, since, limit):
     """List recent invocations, newest first (of container NAME, if given)."""

@@ -257,9 +257,10 @@ def remove(ctx, name):
 
 @jobs.command()
 @click.argument("name")
-@click.option("--limit", type=int, default=20, show_default=True,
-              help="How many runs to show, newest first.")
-@click.option("--status", help="Only runs with this status.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="How many runs to show, newest first (1 to 1000).")
+@click.option("--status", help="Only runs with this status (succeeded, failed, skipped, "
+              "missed, …).")
 @pass_ctx
 def runs(ctx, name, limit, status):
     """Show the runs of job NAME, newest first."""

@@ -6,7 +6,7 @@ from flask import Blueprint, jsonify, request
 
 from ...common.durations import parse_duration
 from ...errors import BadRequest
-from . import MAX_INTEGER
+from . import MAX_INTEGER, page_limit
 from ..auth import check_record_read, require
 from ..invoke.cancel import cancel
 from ..invoke.running_output import with_output_so_far
@@ -21,7 +21,7 @@ bp = Blueprint("invocations", __name__)
 @require()
 def list_invocations():
     args = request.args
-    limit = _number("limit", 50)
+    limit = page_limit(args)
     full = args.get("full", "0") not in ("0", "false", "no", "")
     if "after" in args:
         rows, cursor = store.finished_after(database(), _number("after", 0),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
-from ...errors import BadRequest
+from . import page_limit
 from ..jobs import definitions as job_views
 from ..auth import require
 from ..state import database
@@ -84,10 +84,7 @@ def resume_job(name: str):
 @bp.get("/api/jobs/<name>/runs")
 @require()
 def list_runs(name: str):
-    try:
-        limit = int(request.args.get("limit", 50))
-    except ValueError:
-        raise BadRequest("limit must be a number") from None
+    limit = page_limit(request.args)
     db = database()
     row = store.get(db, name)
     return jsonify({"job": name, "timezone": row["timezone"],

@@ -11,9 +11,13 @@ from .engine import Database
 
 from .db import now, transaction
 from . import invocations
-from ...common.protocol import FAILED_STATUSES
+from ...common.protocol import FAILED_STATUSES, RECORD_STATUSES
+from ...errors import BadRequest
 
 ACTIVE = ("waiting", "queued", "running")    # waiting: a retry not yet due
+# Every status a run can hold (the list's filter accepts exactly these): its call's, or why
+# no call was made for a fire.
+STATUSES = ("waiting", *RECORD_STATUSES, "skipped", "missed")
 FAILURES = FAILED_STATUSES
 KEEP_SUCCESSES = 3
 # Fire lateness histogram buckets (seconds); the last is +Inf.
@@ -174,6 +178,8 @@ def list_for(db: Database, job_id: str, limit: int = 50,
              status: str | None = None) -> list[dict]:
     sql, args = _RUNS_SQL + " WHERE r.job_id = ?", [job_id]
     if status:
+        if status not in STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
         sql += " AND r.status = ?"
         args.append(status)
     sql += " ORDER BY r.scheduled_at DESC, r.attempt DESC LIMIT ?"
