@@ -262,6 +262,11 @@ def test_jobs_edit_changes_what_it_is_given(server, pkg):
     server.cli("deploy", str(pkg("echo", name="ev-edit", version="1")), "--wait")
     server.cli("jobs", "add", "ev-edit-job", "ev-edit/echo", "@every 1h", "--payload", '"a"',
                "--timeout", "5")
+    again = cli_run(server, "jobs", "add", "ev-edit-job", "ev-edit/echo", "@every 2h",
+                    check=False)
+    assert one_line_error(again) == (
+        "Error: Conflict: a job named 'ev-edit-job' exists already; change it with `dockyard "
+        "jobs edit ev-edit-job` (PATCH /api/jobs/ev-edit-job) or remove it first")
     out = server.cli("jobs", "edit", "ev-edit-job", "--schedule", "0 6 * * *", "--payload",
                      '{"b": 2}', "--timezone", "Europe/Berlin").stdout
     assert out.startswith("job ev-edit-job changed (payload, schedule, timezone): At 06:00 "

@@ -259,6 +259,17 @@ def test_a_function_whose_version_failed_to_deploy_says_so_in_its_configuration(
     with pytest.raises(ClientError) as exc:
         lam.invoke(FunctionName="lam-broken.echo", Payload=b"{}")
     assert error_code(exc) == "ResourceNotReadyException"
+    # A container that declares no function: its name alone names none, and it says so.
+    bare = tmp_path / "lam-bare"
+    bare.mkdir()
+    (bare / "main.py").write_text("def f(event):\n    return event\n")
+    (bare / "dockyard.toml").write_text('name = "lam-bare"\n')
+    srv.deploy(bare)
+    with pytest.raises(lam.exceptions.ResourceNotFoundException) as exc:
+        lam.invoke(FunctionName="lam-bare", Payload=b"{}")
+    assert exc.value.response["Error"]["Message"] == (
+        "container 'lam-bare' declares no functions: name one in [functions] of its "
+        "dockyard.toml, then call CONTAINER.FUNCTION"), exc.value.response
     # One that serves is Active, and so is a version of it that never failed.
     for qualifier in ({}, {"Qualifier": deployed["version"]}):
         ok = lam.get_function_configuration(FunctionName="lam.echo", **qualifier)

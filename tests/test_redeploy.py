@@ -131,6 +131,13 @@ def test_broken_version_never_takes_traffic(server, pkg):
     assert dep["status"] == "failed"
     assert "import" in (dep["error"] or "").lower() or "Error" in (dep["error"] or "")
     assert dep["workers"][0]["state"] == "failed"
+    # The whole error in the deployment's record; in the log, its first line and where the
+    # rest is (what the function wrote never reads as lines of the log, escaped or not).
+    assert "import this_module_does_not_exist" in dep["workers"][0]["error"], dep
+    said = [line for line in server.log_path.read_text().splitlines()
+            if "rd-broken@bad: giving up:" in line]
+    assert said and all(line.endswith("more lines: dockyard deployments rd-broken)") and
+                        "\\n" not in line for line in said), said
     ok = server.invoke("rd-broken/echo", "still good")
     assert ok.status_code == 200 and ok.headers["X-Dockyard-Version"] == "good"
     detail = server.api("GET", "/api/containers/rd-broken").json()

@@ -270,7 +270,13 @@ class Pool:
         self.retry_at = max(self.retry_at, time.monotonic() + delay)
 
     def _report_failed(self, reason: str) -> None:
-        log.warning("%s: giving up: %s", self.what, one_line(reason))
+        # Its first line here (the rest is the function's traceback, for its deployment's
+        # record and log, and escaped: what it wrote must not read as lines of this log).
+        first, _, rest = str(reason).strip().partition("\n")
+        log.warning("%s: giving up: %s%s", self.what, one_line(first),
+                    f" (and {rest.count(chr(10)) + 1} more lines: dockyard deployments "
+                    f"{self.what.partition('@')[0]})" if rest else "")
+        log.debug("%s: giving up: %s", self.what, one_line(reason))
         try:
             self.on_failed(reason)
         except Exception:  # noqa: BLE001 - runs in pool threads, nobody else would see it

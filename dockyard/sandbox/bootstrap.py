@@ -530,8 +530,9 @@ def encode_result(function, result):
     except (TypeError, ValueError) as exc:    # UnicodeEncodeError is a ValueError
         if isinstance(exc, UnicodeEncodeError):
             exc = f"a string in it holds a lone surrogate, which is not Unicode text: {exc}"
-        raise ResultNotSerializable(f"{function} returned a {type(result).__name__}, which is "
-                                    f"not JSON-serialisable ({exc})") from None
+        kind = type(result).__name__
+        raise ResultNotSerializable(f"{function} returned {'an' if kind[:1] in 'aeiou' else 'a'} "
+                                    f"{kind}, which is not JSON-serialisable ({exc})") from None
     if len(encoded) > RESULT_MAX_BYTES:
         raise ResultTooLarge(
             f"{function} returned {len(encoded) / (1 << 20):.1f} MB of JSON, over the "
@@ -578,8 +579,9 @@ def describe(exc, function=""):
     frames = traceback.extract_tb(exc.__traceback__)
     # Drop the bootstrap's own frames and the import machinery's: the user cares about theirs.
     frames = [f for f in frames if f.filename != __file__ and not _import_machinery(f.filename)]
-    text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames)) + \
-        "".join(traceback.format_exception_only(type(exc), exc))
+    # No frame of the function's own (its result could not be sent): the error alone.
+    text = ("Traceback (most recent call last):\n" + "".join(traceback.format_list(frames))
+            if frames else "") + "".join(traceback.format_exception_only(type(exc), exc))
     return {"type": type(exc).__name__, "message": message, "traceback": text}
 
 

@@ -36,7 +36,10 @@ def only_function(functions, container: str) -> str:
     names = sorted(functions)
     if len(names) == 1:
         return names[0]
-    shown = ", ".join(f"{container}.{n}" for n in names[:10]) or "none"
+    if not names:
+        raise not_found(f"container '{container}' declares no functions: name one in "
+                        "[functions] of its dockyard.toml, then call CONTAINER.FUNCTION")
+    shown = ", ".join(f"{container}.{n}" for n in names[:10])
     raise not_found(f"container '{container}' declares {len(names)} functions, so its name "
                     f"alone names none of them: call one of {shown}")
 

@@ -81,8 +81,8 @@ def _stored(definition: dict) -> dict:
 def create(db: Database, name: str, definition: dict) -> dict:
     with transaction(db):
         if db["jobs"].count_where("name = ?", [name]):
-            raise Conflict(f"a job named '{name}' exists already; change it with PATCH "
-                           f"/api/jobs/{name} or remove it first")
+            raise Conflict(f"a job named '{name}' exists already; change it with `dockyard "
+                           f"jobs edit {name}` (PATCH /api/jobs/{name}) or remove it first")
         _insert(db, name, SOURCE_API, definition, None, now())
     return get(db, name)
 
