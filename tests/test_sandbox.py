@@ -74,6 +74,8 @@ def test_a_function_killed_by_a_signal_is_said_so_and_shows_nothing_of_the_sandb
     # The function's own words only: nothing of the processes around it.
     assert "Traceback" not in inv["stderr"] and "launch.py" not in inv["stderr"], inv
     assert "dockyard" not in inv["stderr"], inv
+    # No report came from the process: nothing is said of a cold start either way.
+    assert inv["cold"] is None and "cold start: -" in server.cli("logs", inv["id"]).stdout
     assert server.invoke(f"{name}/whoami", {}).status_code == 200
 
 

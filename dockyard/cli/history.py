@@ -275,7 +275,7 @@ def show_invocation(i: dict, worker=lambda worker_id: worker_id or "-",
     duration = f"{i['duration_ms']:.2f} ms" if i["duration_ms"] is not None else "-"
     memory = f"{i['max_rss_kb'] / 1024:.1f} MB" if i["max_rss_kb"] else "-"
     click.echo(f"REPORT duration: {duration}  max memory used: {memory}  "
-               f"cold start: {'yes' if i['cold'] else 'no'}  "
+               f"cold start: {'-' if i['cold'] is None else 'yes' if i['cold'] else 'no'}  "
                f"worker: {worker(i.get('worker_id'))}")
     for stream in ("stdout", "stderr") if streams else ():
         if i.get(stream):
