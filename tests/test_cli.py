@@ -192,7 +192,12 @@ def test_deployments_and_invocations(server, pkg):
     deployment = deployed["deployment"]["id"]
     shown = server.cli("deployments", "cli-hist").stdout
     assert deployment in shown and "cli-hist@1" in shown and "ready" in shown
-    assert "WORKER" in shown and "--- build log of wrk_" in shown
+    # Workers by name, as everywhere else (records keep the id).
+    name = server.api("GET", "/api/workers").json()["workers"][0]["name"]
+    assert "WORKER" in shown and f"--- build log of {name}\n" in shown, shown
+    assert "wrk_" not in shown, shown
+    again = server.cli("deploy", str(pkg("echo", name="cli-hist-named")), "--wait")
+    assert f"[{name}] ready\n" in again.stderr and "[wrk_" not in again.stderr, again.stderr
     by_id = json.loads(server.cli("deployments", deployment, "--json").stdout)
     assert by_id["id"] == deployment and by_id["status"] == "ready"
     assert by_id["workers"][0]["state"] == "ready" and by_id["workers"][0]["log"]

@@ -38,7 +38,8 @@ def test_status(server, pkg):
     detail = server.cli("status", "insp-status").stdout
     assert detail.startswith("insp-status\n") and "serving     1" in detail
     assert "last error  ValueError: boom (invocation inv_" in detail
-    assert "last deployment:" in detail and "--- build log of wrk_" in detail
+    name = server.api("GET", "/api/workers").json()["workers"][0]["name"]
+    assert "last deployment:" in detail and f"--- build log of {name}\n" in detail, detail
     one = json.loads(server.cli("--json", "status", "insp-status").stdout)
     assert one["container"]["name"] == "insp-status"
     assert one["deployment"]["status"] == "ready"

@@ -474,11 +474,12 @@ def _wait_deployment(ctx, client, deployment_id: str, timeout: float, what: str,
         for w in dep["workers"]:
             lines = (w.get("log") or "").splitlines()
             if not ctx.as_json:
+                who = w.get("name") or w["worker"]
                 for line in lines[shown.get(w["worker"], 0):]:
-                    click.echo(f"[{w['worker']}] {line}", err=True)
+                    click.echo(f"[{who}] {line}", err=True)
                 if states.get(w["worker"]) != w["state"]:
                     states[w["worker"]] = w["state"]
-                    click.echo(f"[{w['worker']}] {w['state']}", err=True)
+                    click.echo(f"[{who}] {w['state']}", err=True)
             shown[w["worker"]] = len(lines)
         if dep["status"] in SETTLED_DEPLOYMENT_STATUSES:
             return dep

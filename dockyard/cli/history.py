@@ -76,11 +76,12 @@ def show_deployment(d: dict) -> None:
     if not d["workers"]:
         click.echo("no worker has taken it yet")
         return
-    _table([[w["worker"], w["state"], (w.get("error") or "-").splitlines()[0][:70]]
+    _table([[w.get("name") or w["worker"], w["state"],
+             (w.get("error") or "-").splitlines()[0][:70]]
             for w in d["workers"]], ["WORKER", "STATE", "ERROR"])
     for w in d["workers"]:
         if w.get("log"):
-            click.echo(f"--- build log of {w['worker']}")
+            click.echo(f"--- build log of {w.get('name') or w['worker']}")
             click.echo(w["log"].rstrip("\n"))
 
 

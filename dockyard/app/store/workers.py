@@ -271,8 +271,13 @@ def deployment_detail(db: Database, deployment_id: str) -> dict:
             workers.append({"worker": r["worker_id"], "name": r["name"], "state": r["state"],
                             "error": r["error"],
                             "log": own_log(r["log"], r["log_base"] or "")})
-    for wid in sorted(live - seen if latest else ()):
-        workers.append({"worker": wid, "state": "pending", "error": None, "log": ""})
+    waiting = sorted(live - seen if latest else ())
+    names = {r["id"]: r["name"] for r in db.query(
+        f"SELECT id, name FROM workers WHERE id IN ({', '.join('?' for _ in waiting)})",
+        waiting)} if waiting else {}
+    for wid in waiting:
+        workers.append({"worker": wid, "name": names.get(wid), "state": "pending",
+                        "error": None, "log": ""})
     return {"id": dep["id"], "container": container["name"], "version": version["version"],
             "status": dep["status"], "error": dep["error"], "created_at": dep["created_at"],
             "finished_at": dep["finished_at"], "workers": workers}
