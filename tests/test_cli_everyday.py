@@ -287,3 +287,47 @@ def test_jobs_edit_changes_what_it_is_given(server, pkg):
         server.cli("jobs", "edit", "ev-edit-job", "--schedule", "0 0 30 2 *", check=False))
     assert "no job named 'ev-nope'" in one_line_error(
         server.cli("jobs", "edit", "ev-nope", "--retries", "1", check=False))
+
+
+# -- aliases --------------------------------------------------------------------------------
+
+def test_aliases_are_listed_set_and_removed_from_the_cli(server, pkg):
+    for version in ("1", "2"):
+        server.cli("deploy", str(pkg("echo", name="ev-al", version=version)), "--wait")
+    assert "ev-al has no aliases" in server.cli("aliases", "ev-al").stdout
+    made = server.cli("aliases", "set", "ev-al", "live", "1", "--description", "what ships")
+    assert made.stdout == "ev-al@live -> 1\n"
+    assert server.invoke("ev-al@live/echo", 0).headers["X-Dockyard-Version"] == "1"
+    # All of its calls to 2 through the extra version's share, then the share ended.
+    split = server.cli("aliases", "set", "ev-al", "live", "--extra", "2=100%")
+    assert split.stdout == "ev-al@live -> 1 0% · 2 100%\n"
+    assert server.invoke("ev-al@live/echo", 0).headers["X-Dockyard-Version"] == "2"
+    listed = server.cli("aliases", "ev-al").stdout.splitlines()
+    assert listed[0].split() == ["ALIAS", "VERSIONS", "CHANGED", "DESCRIPTION"]
+    assert listed[1].startswith("live") and "1 0% · 2 100%" in listed[1] and \
+        listed[1].endswith("what ships"), listed
+    assert "  aliases     live -> 1 0% · 2 100%" in server.cli("status", "ev-al").stdout
+    assert server.cli("aliases", "set", "ev-al", "live", "--extra", "").stdout == \
+        "ev-al@live -> 1\n"
+    as_json = json.loads(server.cli("--json", "aliases", "ls", "ev-al").stdout)
+    assert [(a["name"], a["version"], a["extra"]) for a in as_json["aliases"]] == [
+        ("live", "1", {})]
+    # What cannot be: one line each, nothing changed.
+    for args, said in (
+            (["aliases", "set", "ev-al", "beta"], "say what ALIAS names"),
+            (["aliases", "set", "ev-al", "beta", "--extra", "2=5%"],
+             "alias 'beta' of 'ev-al' does not exist yet: say the version it names"),
+            (["aliases", "set", "ev-al", "beta", "9"], "container 'ev-al' has no version '9'"),
+            (["aliases", "set", "ev-al", "1", "2"], "(and not digits only)"),
+            (["aliases", "set", "ev-al", "bad.name", "1"], "alias name 'bad.name' is not"),
+            (["aliases", "set", "ev-nope", "live", "1"], "no container named 'ev-nope'"),
+            (["aliases", "ev-nope"], "no container named 'ev-nope'")):
+        refused = cli_run(server, *args, check=False)
+        assert refused.returncode in (1, 2) and said in refused.stderr, (args, refused.stderr)
+    assert [a["name"] for a in server.api("GET", "/api/containers/ev-al/aliases").json()[
+        "aliases"]] == ["live"]
+    assert server.cli("aliases", "rm", "ev-al", "live").stdout == "ev-al@live removed\n"
+    assert server.invoke("ev-al@live/echo", 0).status_code == 404
+    again = cli_run(server, "aliases", "rm", "ev-al", "live", check=False)
+    assert one_line_error(again) == ("Error: NotFound: container 'ev-al' has no alias 'live'; "
+                                     "`dockyard aliases ev-al` lists them")

@@ -59,10 +59,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_UPLOAD_BYTES"] + 1024 * 1024
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
-    from .api import (containers, deployfolder, health, invocations, invoke, jobs, traffic,
-                      workers)
-    for module in (containers, deployfolder, health, invocations, invoke, jobs, traffic,
-                   workers):
+    from .api import (aliases, containers, deployfolder, health, invocations, invoke, jobs,
+                      traffic, workers)
+    for module in (aliases, containers, deployfolder, health, invocations, invoke, jobs,
+                   traffic, workers):
         app.register_blueprint(module.bp)
     from .api import openapi
     app.register_blueprint(openapi.bp)  # GET /openapi.json: the API's OpenAPI description

@@ -131,6 +131,16 @@ class Group(GlobalOptions, click.Group):
             ctx.exit(1)
 
 
+class ListByDefault(Group):
+    """A first word that is not one of its commands is a container's NAME: `dockyard versions
+    NAME` is `dockyard versions ls NAME` (and `dockyard aliases NAME` likewise)."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            return "ls", self.commands["ls"], args
+        return super().resolve_command(ctx, args)
+
+
 @click.group(cls=Group)
 @click.option("--url", envvar="DOCKYARD_URL", show_envvar=True, metavar="URL",
               help=GLOBAL_OPTIONS[0][3])
@@ -612,6 +622,7 @@ def workers_rm(ctx, name):
     ctx.emit(data, lambda d: click.echo(f"worker {d['name']} ({d['id']}) forgotten"))
 
 
+from .aliases import aliases  # noqa: E402 - needs Context from above
 from .calls import invoke  # noqa: E402 - needs Context from above
 from .cancel import cancel  # noqa: E402 - needs Context from above
 from .history import deployments, invocations, logs  # noqa: E402 - needs Context from above
@@ -620,6 +631,7 @@ from .status import status  # noqa: E402
 from .traffic import traffic  # noqa: E402
 from .versions import versions  # noqa: E402
 
+cli.add_command(aliases)
 cli.add_command(invoke)
 cli.add_command(deployments)
 cli.add_command(invocations)

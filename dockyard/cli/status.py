@@ -8,6 +8,7 @@ import click
 from ..common.http_client import api_path
 from . import Command, pass_ctx, _age, _table
 from .history import show_deployment
+from .aliases import words as alias_words
 from .traffic import split_words
 
 
@@ -29,8 +30,9 @@ def status(ctx, name):
         held = [{"worker": w["id"], "worker_name": w["name"], "worker_state": w["state"],
                  **v}
                 for w in workers for v in w["versions"] if v["container"] == name]
-        ctx.emit({"container": container, "deployment": deployment, "workers": held},
-                 _show_container)
+        named = client.json("GET", api_path("containers", name, "aliases"))["aliases"]
+        ctx.emit({"container": container, "deployment": deployment, "workers": held,
+                  "aliases": named}, _show_container)
         return
     data = {"server": client.json("GET", "/api/server"),
             "cli": ctx.find().as_json(),
@@ -85,6 +87,8 @@ def _show_container(d: dict) -> None:
             ("functions", ", ".join(f"{k} = {v}" for k, v in
                                     (active.get("functions") or {}).items()) or "-"),
             ("limits", _limits(active.get("limits") or {})),
+            ("aliases", ", ".join(f"{a['name']} -> {alias_words(a)}" for a in d["aliases"])
+             or "-"),
             ("updated", _age(c["updated_at"])),
             ("last error", _error(c.get("last_error")))]
     click.echo(c["name"])

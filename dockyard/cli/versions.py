@@ -7,21 +7,10 @@ import click
 
 from ..common.http_client import api_path
 from ..common.protocol import DeploymentStatus
-from . import Group, pass_ctx, _age, _table
+from . import ListByDefault, pass_ctx, _age, _table
 
 
-
-class VersionsGroup(Group):
-    """A first word that is not one of its commands is a container's NAME: `dockyard versions
-    NAME` is `dockyard versions ls NAME`, as it was before `prune` existed."""
-
-    def resolve_command(self, ctx, args):
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            return "ls", self.commands["ls"], args
-        return super().resolve_command(ctx, args)
-
-
-@click.group(cls=VersionsGroup, subcommand_metavar="NAME | ls NAME | prune NAME --keep N",
+@click.group(cls=ListByDefault, subcommand_metavar="NAME | ls NAME | prune NAME --keep N",
              short_help="List the versions of container NAME, or prune old ones.")
 def versions():
     """List the versions of container NAME, or prune old ones."""

@@ -7,7 +7,6 @@ version)."""
 from __future__ import annotations
 
 import json
-import re
 
 from ...common.frames import dumps
 from ...errors import BadRequest
@@ -16,7 +15,6 @@ from .lambda_catalog import function_arn
 from .lambda_errors import LambdaError
 
 JSON = ("Content-Type", "application/json")
-NAME_RE = re.compile(r"(?!^[0-9]+$)[a-zA-Z0-9_-]{1,128}")
 MAX_ITEMS = 50
 
 
@@ -48,10 +46,7 @@ def _invalid(message: str) -> LambdaError:
 
 
 def _name(name) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise _invalid(f"alias name {str(name)[:140]!r} is not 1-128 letters, digits, '-' or "
-                       "'_' (and not digits only)")
-    return name
+    return _parameter_errors(lambda: store.check_name(name))
 
 
 def _extra(body: dict) -> dict | None:

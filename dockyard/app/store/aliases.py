@@ -5,6 +5,7 @@ alias where it names a version (a Qualifier); `pick` draws the version a call ru
 from __future__ import annotations
 
 import random
+import re
 import secrets
 
 from ...errors import BadRequest, Conflict, NotFound
@@ -12,8 +13,25 @@ from .db import now, transaction
 from .engine import Database
 
 LATEST = "$LATEST"
+NAME_RE = re.compile(r"(?!^[0-9]+$)[a-zA-Z0-9_-]{1,128}")
 _COLUMNS = ("container, name, function_version, extra_version, extra_weight, description, "
             "revision, created_at, updated_at")
+
+
+def check_name(name) -> str:
+    """An alias name: 1-128 letters, digits, '-' or '_', not digits only (Lambda's rule)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise BadRequest(f"alias name {str(name)[:140]!r} is not 1-128 letters, digits, '-' "
+                         "or '_' (and not digits only)")
+    return name
+
+
+def public(row: dict) -> dict:
+    """An alias for the JSON API and the CLI."""
+    return {"name": row["name"], "version": row["function_version"],
+            "extra": {row["extra_version"]: row["extra_weight"]} if row["extra_version"]
+            else {}, "description": row["description"], "revision": row["revision"],
+            "created_at": row["created_at"], "updated_at": row["updated_at"]}
 
 
 def get(db: Database, container: str, name: str) -> dict | None:
