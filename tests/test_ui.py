@@ -217,6 +217,21 @@ def test_invoke_queues_a_call_and_shows_its_page(signed_in):
     assert 'data-cancel="' + invocation_id in page.text
 
 
+def test_a_removed_containers_calls_link_to_no_page_of_it(signed_in):
+    ui = signed_in
+    ui.deploy("gone", "1.0")
+    answer = ui.post("/ui/containers/gone/invoke", function="greet", event="1")
+    call_page = answer.headers["Location"]
+    link = 'href="/ui/containers/gone"'
+    assert link in ui.client.get(call_page).text
+    assert link in ui.client.get("/ui/invocations").text
+    assert ui.api.delete("/api/containers/gone").status_code == 200
+    for path in (call_page, "/ui/invocations"):
+        page = ui.client.get(path)
+        assert page.status_code == 200 and link not in page.text, path
+        assert 'gone <span class="dim">(removed)</span>' in page.text, path
+
+
 def test_invoke_refusals_are_said_on_the_page(signed_in):
     ui = signed_in
     ui.deploy("hello", "1.0")
@@ -353,6 +368,8 @@ def test_paging_over_100_000_records(signed_in):
     window = ui.client.get("/ui/invocations?window=15m&trigger=cron&function=echo")
     assert window.status_code == 200 and 0 < len(ids_on(window.text)) <= 50
     assert ui.client.get("/ui/invocations?status=nope").status_code == 400
+    bad_trigger = ui.client.get("/ui/invocations?trigger=zzz")
+    assert bad_trigger.status_code == 400 and "trigger must be one of http" in bad_trigger.text
     assert ui.client.get("/ui/invocations?before=junk").status_code == 400
 
 

@@ -83,3 +83,17 @@ def error_line(error: dict | None) -> str:
 @bp.app_context_processor
 def _globals():
     return {"server_zone": zone_name(), "now": time.time()}
+
+
+@bp.app_template_global("container_exists")
+def container_exists(name: str | None) -> bool:
+    """Whether container `name` exists now (a record outlives its container: a link to a
+    removed one would be a 404). The names are read once per page."""
+    from flask import g
+
+    from ..state import database
+    from ..store.containers import container_names
+
+    if "container_names" not in g:
+        g.container_names = set(container_names(database()))
+    return name in g.container_names

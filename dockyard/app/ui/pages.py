@@ -97,9 +97,12 @@ def _filters() -> dict:
     window = args.get("window") or None
     if window and window not in WINDOWS:
         raise BadRequest(f"window must be one of {', '.join(WINDOWS)}")
+    trigger = args.get("trigger") or None
+    if trigger and trigger not in invocation_store.TRIGGERS:
+        raise BadRequest(f"trigger must be one of {', '.join(invocation_store.TRIGGERS)}")
     return {"container": args.get("container") or None,
             "function": args.get("function") or None, "status": status,
-            "trigger": args.get("trigger") or None, "window": window}
+            "trigger": trigger, "window": window}
 
 
 def _before() -> tuple[float, str] | None:
