@@ -170,7 +170,9 @@ class Builder:
     def _build_in(self, spec: dict, manifest: Manifest, paths: VersionPaths,
                   say: Callable[[str], None]) -> VersionPaths:
         if not (paths.root / ".code-ready").exists():
-            say(f"fetching package {spec['artifact_sha256'][:12]}")
+            # The archive as uploaded (its sha256), of the content the version is named by.
+            say(f"fetching package file {spec['artifact_sha256'][:12]} (content "
+                f"{spec['content_sha256'][:12]})")
             with self._folder_lock_at(self.artifacts / spec["artifact_sha256"]):
                 archive = self.artifact(spec["artifact_sha256"])
                 shutil.rmtree(paths.code, ignore_errors=True)
