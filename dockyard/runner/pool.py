@@ -239,7 +239,8 @@ class Pool:
                 self.cond.notify_all()
         if failure is not None and not (reason and isinstance(failure, LoadError)):
             # (A load error is told once, with the giving up below.)
-            log.warning("%s: a process failed to start: %s", self.what, one_line(failure))
+            log.warning("%s: a process failed to start: %s", self.what,
+                        self._first_line(failure))
         if failure is not None:
             if errors is not None:
                 errors.append(failure)
@@ -269,13 +270,15 @@ class Pool:
         delay = BACKOFF_S[min(self.start_failures, len(BACKOFF_S) - 1)]
         self.retry_at = max(self.retry_at, time.monotonic() + delay)
 
+    def _first_line(self, text) -> str:
+        """A start failure's first line, escaped, and where the rest is: the rest is what the
+        function wrote (its traceback), for its deployment's record, never lines of this log."""
+        first, _, rest = str(text).strip().partition("\n")
+        return one_line(first) + (f" (and {rest.count(chr(10)) + 1} more lines: dockyard "
+                                  f"deployments {self.what.partition('@')[0]})" if rest else "")
+
     def _report_failed(self, reason: str) -> None:
-        # Its first line here (the rest is the function's traceback, for its deployment's
-        # record and log, and escaped: what it wrote must not read as lines of this log).
-        first, _, rest = str(reason).strip().partition("\n")
-        log.warning("%s: giving up: %s%s", self.what, one_line(first),
-                    f" (and {rest.count(chr(10)) + 1} more lines: dockyard deployments "
-                    f"{self.what.partition('@')[0]})" if rest else "")
+        log.warning("%s: giving up: %s", self.what, self._first_line(reason))
         log.debug("%s: giving up: %s", self.what, one_line(reason))
         try:
             self.on_failed(reason)
