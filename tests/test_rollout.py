@@ -336,8 +336,9 @@ def test_a_worker_lost_during_a_deploy_does_not_hold_deploy_wait(cluster, tmp_pa
             waiter.communicate()
     assert waiter.returncode == 0, (out, err)
     assert json.loads(out)["artifact_sha256"] == sha256
-    # Returned within a few seconds of the worker being counted lost.
-    assert returned - max(lost_at, killed) < 5, (killed, lost_at, returned)
+    # Returned once the worker was counted lost, not at its 600 s timeout (the bound is far
+    # from both, for a busy machine).
+    assert returned - max(lost_at, killed) < 60, (killed, lost_at, returned)
     dep = _deployment(server, dep_id)
     assert dep["status"] == "ready"
     assert c.id not in [w["worker"] for w in dep["workers"]]
