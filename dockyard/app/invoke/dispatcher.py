@@ -140,7 +140,10 @@ class Dispatcher:
                         log.info("dispatcher active (fencing %d); recovered %d call(s)",
                                  fencing, recovered)
                     self.fencing = fencing
-                    renew_at = time.monotonic() + LEASE_TTL_S / 3
+                    wait = LEASE_TTL_S / 3
+                    if fencing is None:
+                        wait = leases.retry_in(db, LEASE_NAME, wait)
+                    renew_at = time.monotonic() + wait
                     if fencing is not None:
                         lost = store.abandoned_web_calls(db, time.time())
                         if lost:

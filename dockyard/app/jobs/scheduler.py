@@ -81,7 +81,7 @@ class Scheduler:
         if time.monotonic() >= self.renew_at:
             self._renew(db)
         if self.fencing is None:
-            return LEASE_TTL_S / 3
+            return max(0.005, self.renew_at - time.monotonic())
         t = self.clock()
         if time.monotonic() >= self.next_prune:
             self._start_pruning(t)
@@ -134,7 +134,10 @@ class Scheduler:
             log.info("scheduler active (fencing %d)", fencing)
             self.next_manifest_check = 0.0
         self.fencing = fencing
-        self.renew_at = time.monotonic() + LEASE_TTL_S / 3
+        wait = LEASE_TTL_S / 3
+        if fencing is None:
+            wait = leases.retry_in(db, LEASE_NAME, wait)
+        self.renew_at = time.monotonic() + wait
 
     def _sync_manifest_jobs(self, db) -> None:
         self.next_manifest_check = time.monotonic() + MANIFEST_CHECK_S

@@ -30,6 +30,16 @@ def acquire(db: Database, name: str, holder: str, ttl_s: float) -> int | None:
         return None
 
 
+def retry_in(db: Database, name: str, period_s: float) -> float:
+    """How long one that did not get the lease waits to try again: until just after the
+    holder's lease runs out, and at most `period_s` (a holder that died is succeeded as its
+    lease ends, not up to a whole retry period later)."""
+    row = db.execute("SELECT expires_at FROM leases WHERE name = ?", [name]).fetchone()
+    if row is None:
+        return 0.0
+    return min(period_s, max(0.05, row[0] - now() + 0.05))
+
+
 def release(db: Database, name: str, holder: str) -> None:
     db.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND holder = ?",
                     [name, holder])
