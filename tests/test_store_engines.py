@@ -77,6 +77,22 @@ def test_one_holder_of_a_lease_and_a_new_fencing_number_on_takeover(target):
         db.close()
 
 
+def test_one_refused_a_lease_tries_again_as_it_runs_out(target):
+    db = connect(target)
+    try:
+        assert leases.retry_in(db, "dispatcher", 3.0) == 0.0        # nobody holds it: now
+        assert leases.acquire(db, "dispatcher", "holder", ttl_s=30) == 1
+        assert leases.retry_in(db, "dispatcher", 3.0) == 3.0        # far off: the period
+        db.execute("UPDATE leases SET expires_at = ? WHERE name = 'dispatcher'",
+                   [time.time() + 60])
+        assert 30 < leases.retry_in(db, "dispatcher", 120) <= 60.05  # just after it ends
+        db.execute("UPDATE leases SET expires_at = ? WHERE name = 'dispatcher'",
+                   [time.time() - 5])
+        assert leases.retry_in(db, "dispatcher", 3.0) == 0.05       # over: at once
+    finally:
+        db.close()
+
+
 def test_a_scheduled_time_fires_once_whoever_writes_it(target):
     start = threading.Barrier(6)
 
