@@ -27,8 +27,8 @@ def with_output_so_far(db: Database, connections: WorkerConnections, record: dic
     try:
         reply = connections.request(address, {
             "type": Frame.OUTPUT, "id": record["id"],
-            # A queued call's record names the version it asked for, if any (None: the one
-            # serving when it ran), so any version of its container may have it.
+            # An async call's record names the version it asked for, if any, until it ends
+            # (None: whichever serves when it runs): any version of its container may have it.
             "what": f"{record['container']}@{record['version']}" if record.get("version")
             else str(record.get("container"))},
             timeout=ASK_TIMEOUT_S)
