@@ -175,6 +175,8 @@ def test_versions_prune(server, pkg):
     assert [v["version"] for v in done["deleted"]] == ["3", "2"]
     kept = {v["version"]: v["reasons"] for v in done["kept"]}
     assert "serving" in kept["1"] and "active" in kept["1"]
+    name = server.api("GET", "/api/workers").json()["workers"][0]["name"]
+    assert f"ready on {name}" in kept["1"], kept     # the worker by name, as everywhere
     assert "one of the 1 newest" in kept["4"]
     artifacts = server.data / "artifacts"
     assert sorted(done["artifacts_removed"]) == sorted(r["artifact_sha256"] for r in records[1:3])

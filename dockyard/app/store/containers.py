@@ -362,8 +362,9 @@ def prune_versions(db: Database, name: str, keep: int,
                 reasons[by_name[named]].append(f"alias {alias}")
         states = ", ".join("?" * len(RUNNING_STATES))
         for vid, worker, state in conn.execute(
-                "SELECT wv.version_id, wv.worker_id, wv.state FROM worker_versions wv "
-                "JOIN versions v ON v.id = wv.version_id WHERE v.container_id = ? "
+                "SELECT wv.version_id, coalesce(w.name, wv.worker_id), wv.state "
+                "FROM worker_versions wv JOIN versions v ON v.id = wv.version_id "
+                "LEFT JOIN workers w ON w.id = wv.worker_id WHERE v.container_id = ? "
                 f"AND wv.state IN ({states})", [container["id"], *RUNNING_STATES]).fetchall():
             reasons[vid].append(f"{state} on {worker}")
         for vid, deployment in conn.execute(
