@@ -46,8 +46,13 @@ def test_a_deployment_overtaken_by_a_newer_one_ends_and_its_version_can_be_prune
     _report(db, worker, v2, "building", _deployment(db, v2)["id"])
     v3 = _upload(db, "v3")
     over = _deployment(db, v2)
-    assert over["status"] == "failed" and over["finished_at"]
+    assert over["status"] == "superseded" and over["finished_at"]
     assert over["error"].startswith("superseded: app@v3 was deployed")
+    # Nothing is held against v2: its version is no failed one (for rollback, `versions`
+    # and the Lambda API's State).
+    listed = {v["version"]: v["last_deployment"]["status"]
+              for v in containers.list_versions(db, "app")}
+    assert listed == {"v3": "pending", "v2": "superseded", "v1": "ready"}, listed
     _report(db, worker, v3, "ready", _deployment(db, v3)["id"])
     assert _deployment(db, v3)["status"] == "ready"
     pruned = containers.prune_versions(db, "app", keep=1)

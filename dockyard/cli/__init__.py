@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from ..common.http_client import api_path
-from ..common.protocol import SETTLED_DEPLOYMENT_STATUSES, DeploymentStatus
+from ..common.protocol import SETTLED_DEPLOYMENT_STATUSES, UNDEPLOYED_STATUSES, DeploymentStatus
 from ..errors import DockyardError
 from ..runner.server import UNIX_PATH_MAX, UNIX_PREFIX
 from . import times
@@ -419,7 +419,7 @@ def deploy(ctx, path, wait, no_activate, timeout):
         if isinstance(dep, dict):
             click.echo(f"deployment {dep['id']}: {dep['status']}")
     dep = record.get("deployment")
-    failed = isinstance(dep, dict) and dep["status"] == "failed"
+    failed = isinstance(dep, dict) and dep["status"] in UNDEPLOYED_STATUSES
     if failed:
         active, serving = _container_state(client, record["container"])
         record["active"] = active == record["version"]
@@ -556,11 +556,11 @@ def rollback(ctx, name, version, wait, timeout):
     def human(r):
         if not isinstance(dep, dict) or dep["status"] == "ready":
             click.echo(f"{name} now serves {version}")
-        elif dep["status"] != "failed":
+        elif dep["status"] not in UNDEPLOYED_STATUSES:
             click.echo(f"{what} is active; deployment {dep['id']}: {dep['status']} "
                        f"(it serves once a worker has it ready)")
     ctx.emit(record, human)
-    if isinstance(dep, dict) and dep["status"] == "failed":
+    if isinstance(dep, dict) and dep["status"] in UNDEPLOYED_STATUSES:
         active, serving = _container_state(client, name)
         if active != version:
             left = f"nothing changed: {name}@{active} is still active" + (

@@ -92,12 +92,17 @@ class DeploymentStatus:
     # ones retry (with backoff) and it becomes ready once they manage.
     PARTIAL = "partial"
     FAILED = "failed"            # it failed on every live worker
+    # Ended from outside before it settled (another version was deployed, or the container
+    # undeployed): nothing is known against its version, which stays a rollback target.
+    SUPERSEDED = "superseded"
 
 
 # Statuses a deployment may still leave: `deploy --wait` follows one until it is in neither.
 UNSETTLED_DEPLOYMENT_STATUSES = (DeploymentStatus.PENDING, DeploymentStatus.IN_PROGRESS)
 SETTLED_DEPLOYMENT_STATUSES = (DeploymentStatus.READY, DeploymentStatus.PARTIAL,
-                               DeploymentStatus.FAILED)
+                               DeploymentStatus.FAILED, DeploymentStatus.SUPERSEDED)
+# A deployment that did not make its version serve (`deploy --wait` exits 1 on one).
+UNDEPLOYED_STATUSES = (DeploymentStatus.FAILED, DeploymentStatus.SUPERSEDED)
 
 # The states in which a worker takes calls for a version.
 ROUTABLE_STATES = (VersionState.READY, VersionState.IDLE)

@@ -162,7 +162,8 @@ def deployment(deployment_id: str):
     first: a worker lost since the last heartbeat does not hold it up until the next one."""
     db = database()
     detail = worker_store.deployment_detail(db, deployment_id)
-    if detail["status"] not in (DeploymentStatus.READY, DeploymentStatus.FAILED):
+    if detail["status"] not in (DeploymentStatus.READY, DeploymentStatus.FAILED,
+                                DeploymentStatus.SUPERSEDED):
         with transaction(db):
             deployments.advance_deployments(db)
         detail = worker_store.deployment_detail(db, deployment_id)

@@ -172,6 +172,9 @@ class FolderDeployer:
         elif status == "failed":
             self._fail(entry, f"{what} failed: {failure_reason(deployment)}",
                        failed_version=entry.version)
+        elif status == "superseded":
+            self._fail(entry, f"{what} was not deployed: {failure_reason(deployment)}",
+                       failed_version=entry.version)
         elif status == "gone":
             self._fail(entry, f"{what} is gone: {entry.container} was removed meanwhile",
                        failed_version=entry.version)

@@ -66,22 +66,31 @@ def configuration(row: dict, function: str, latest: bool) -> dict:
                                       time.gmtime(row["created_at"] or 0)),
         "CodeSha256": base64.b64encode(bytes.fromhex(row["content_sha256"])).decode("ascii"),
         "Version": version,
-        **_state(row.get("deployment_status"), row.get("deployment_error")),
+        **_state(bool(row.get("serving")), row.get("deployment_status"),
+                 row.get("deployment_error")),
         "PackageType": "Zip",
         "Architectures": [ARCHITECTURE],
     }
 
 
-def _state(deployment: str | None, error: str | None) -> dict:
-    """State and LastUpdateStatus from the version's last deployment: Failed where it failed
-    on every live worker (with its reason), Pending while it is under way, else Active (a
-    version never deployed starts on demand, as an inactive Lambda function does)."""
+def _state(serving: bool, deployment: str | None, error: str | None) -> dict:
+    """State and LastUpdateStatus from the version's last deployment, as Lambda has them: a
+    version that serves is Active whatever its last deployment did (that is LastUpdateStatus:
+    Failed, or InProgress while a new deployment of it is under way); one that does not is
+    Failed where its last deployment failed on every live worker (with the reason), Pending
+    while it is deployed, else Active (one never deployed, or superseded, starts on
+    demand, as an inactive Lambda function does)."""
     if deployment == DeploymentStatus.FAILED:
         reason = (error or "its deployment failed").strip().splitlines()[0][:1024]
+        update = {"LastUpdateStatus": "Failed", "LastUpdateStatusReason": reason,
+                  "LastUpdateStatusReasonCode": "FunctionError"}
+        if serving:
+            return {"State": "Active", **update}
         return {"State": "Failed", "StateReason": reason, "StateReasonCode": "FunctionError",
-                "LastUpdateStatus": "Failed", "LastUpdateStatusReason": reason,
-                "LastUpdateStatusReasonCode": "FunctionError"}
+                **update}
     if deployment in (DeploymentStatus.PENDING, DeploymentStatus.IN_PROGRESS):
+        if serving:
+            return {"State": "Active", "LastUpdateStatus": "InProgress"}
         return {"State": "Pending", "StateReason": "the version is being deployed",
                 "StateReasonCode": "Creating", "LastUpdateStatus": "InProgress"}
     return {"State": "Active", "LastUpdateStatus": "Successful"}

@@ -100,6 +100,7 @@ def _activate(db: Database, container: dict, version: dict,
         # Deployed again while it failed somewhere: a new deployment, which every worker that
         # failed tries at once (its backoff starts over).
         if latest is None or latest["status"] not in (DeploymentStatus.FAILED,
+                                                      DeploymentStatus.SUPERSEDED,
                                                       DeploymentStatus.PARTIAL):
             return container
         retry = True
@@ -124,7 +125,7 @@ def _activate(db: Database, container: dict, version: dict,
                     (" AND state = 'failed'" if serving else ""), [version["id"]])
     # A deployment of this container still under way is over: superseded by this one.
     db.execute(
-        "UPDATE deployments SET status = 'failed', finished_at = ?, error = ? "
+        "UPDATE deployments SET status = 'superseded', finished_at = ?, error = ? "
         "WHERE container_id = ? AND status IN ('pending', 'in_progress')",
         [t, f"superseded: {container['name']}@{version['version']} was deployed "
             f"({deployment_id}) before this deployment finished", container["id"]])
@@ -297,8 +298,8 @@ def undeploy(db: Database, name: str) -> int:
     with transaction(db) as conn:
         container = get_container(db, name)
         t = now()
-        conn.execute("UPDATE deployments SET status = 'failed', finished_at = ?, error = ? "
-                     "WHERE container_id = ? AND status IN ('pending', 'in_progress')",
+        conn.execute("UPDATE deployments SET status = 'superseded', finished_at = ?, "
+                     "error = ? WHERE container_id = ? AND status IN ('pending', 'in_progress')",
                      [t, f"{name} was undeployed before this deployment finished",
                       container["id"]])
         conn.execute("UPDATE containers SET active_version_id = NULL, "

@@ -8,7 +8,8 @@ from .engine import Database
 _LAST_DEPLOYMENT = ("(SELECT d.{column} FROM deployments d WHERE d.version_id = v.id "
                     "ORDER BY d.created_at DESC, d.id DESC LIMIT 1)")
 _COLUMNS = ("c.name AS container, v.version, v.manifest, v.content_sha256, v.artifact_size, "
-            f"v.created_at, {_LAST_DEPLOYMENT.format(column='status')} AS deployment_status, "
+            "v.created_at, CASE WHEN c.serving_version_id = v.id THEN 1 ELSE 0 END AS serving, "
+            f"{_LAST_DEPLOYMENT.format(column='status')} AS deployment_status, "
             f"{_LAST_DEPLOYMENT.format(column='error')} AS deployment_error")
 
 
