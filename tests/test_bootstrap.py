@@ -188,6 +188,14 @@ def test_an_excerpt_keeps_the_start_and_the_end_in_whole_lines_and_says_what_it_
     long = cut(b"x" * 100_000, 1000)
     assert long.startswith(b"x") and long.endswith(b"x") and len(long) <= 1000
     assert b"\n[... " in long
+    # Where no line ends near a cut, it falls between characters, never inside one.
+    for text in ("a" + "€" * 30000, "😀" * 30000 + "b"):
+        data = text.encode()
+        kept = cut(data, 1000)
+        assert "\ufffd" not in kept.decode("utf-8", "replace"), kept[-20:]
+        first, rest = kept.split(b"[... ", 1)
+        count, last = rest.split(b" bytes not kept ...]\n", 1)
+        assert len(first.rstrip(b"\n")) + int(count) + len(last) == len(data)
     assert b"[... %d bytes not kept ...]" % (100_000 - long.count(b"x")) in long
 
 

@@ -79,6 +79,20 @@ def test_a_function_killed_by_a_signal_is_said_so_and_shows_nothing_of_the_sandb
     assert server.invoke(f"{name}/whoami", {}).status_code == 200
 
 
+@pytest.mark.parametrize("code", [150, 160, 161])
+def test_an_exit_code_the_sandbox_reads_as_a_signal_shows_nothing_of_it(server, pkg, code):
+    """128 + n is how the sandbox's pid 1 passes on a signal n: a function's own exit code
+    of that shape (a stop signal, or one of the C library's reserved ones) is its code."""
+    name = f"sb-exit-{code}"
+    server.deploy(pkg("hostile", name=name))
+    response = server.invoke(f"{name}/exit_with", {"code": code})
+    assert response.status_code == 502, response.text
+    inv = server.api("GET", f"/api/invocations/{response.json()['invocation_id']}").json()
+    assert inv["status"] == "crashed" and inv["stdout"] == "leaving\n", inv
+    assert "Traceback" not in inv["stderr"] and "launch.py" not in inv["stderr"], inv
+    assert server.invoke(f"{name}/whoami", {}).status_code == 200
+
+
 def test_memory_hog_is_reported_out_of_memory(server, pkg, summary):
     server.deploy(pkg("hostile", name="sb-hog", manifest_extra="[limits]\nmemory_mb = 128\n"
                                                                 "timeout_s = 30\n"))

@@ -274,7 +274,7 @@ class Pool:
         """A start failure's first line, escaped, and where the rest is: the rest is what the
         function wrote (its traceback), for its deployment's record, never lines of this log."""
         first, _, rest = str(text).strip().partition("\n")
-        return one_line(first) + (f" (and {rest.count(chr(10)) + 1} more lines: dockyard "
+        return one_line(first)[:500] + (f" (and {rest.count(chr(10)) + 1} more lines: dockyard "
                                   f"deployments {self.what.partition('@')[0]})" if rest else "")
 
     def _report_failed(self, reason: str) -> None:

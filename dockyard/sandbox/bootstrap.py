@@ -97,6 +97,18 @@ LINE_SLACK = 4096
 MARKER_ROOM = 64     # the note that says how much was left out, at most
 
 
+def _whole_characters(data):
+    """`data` without a UTF-8 sequence cut short at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return data
+        if byte >= 0xC0:    # a sequence's first byte: whole if its length fits
+            length = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return data if back >= length else data[:-back]
+    return data
+
+
 def excerpt(fd, size, cap):
     """At most `cap` bytes of the file's `size`: all of it if it fits, else its start and its
     end, cut at line ends where one is near, with a line between that says how many bytes
@@ -112,6 +124,10 @@ def excerpt(fd, size, cap):
     start = last.find(b"\n", 0, LINE_SLACK)
     if start != -1 and start + 1 < len(last):
         last = last[start + 1:]
+    else:   # cut where no line ends near: at a character's start, never inside one
+        last = last.lstrip(bytes(range(0x80, 0xC0)))
+    if end == -1:
+        first = _whole_characters(first)
     gap = b"" if not first or first.endswith(b"\n") else b"\n"
     return (first + gap + f"[... {size - len(first) - len(last)} bytes not kept ...]\n".encode()
             + last)
@@ -531,7 +547,8 @@ def encode_result(function, result):
         if isinstance(exc, UnicodeEncodeError):
             exc = f"a string in it holds a lone surrogate, which is not Unicode text: {exc}"
         kind = type(result).__name__
-        raise ResultNotSerializable(f"{function} returned {'an' if kind[:1] in 'aeiou' else 'a'} "
+        raise ResultNotSerializable(f"{function} returned "
+                                    f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} "
                                     f"{kind}, which is not JSON-serialisable ({exc})") from None
     if len(encoded) > RESULT_MAX_BYTES:
         raise ResultTooLarge(

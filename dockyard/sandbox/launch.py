@@ -372,7 +372,10 @@ def die_by(signum):
     """End this process by `signum`, as the process it waited for ended (SIGKILL has no
     handler to reset: it is sent as it is)."""
     if signum != signal.SIGKILL:
-        signal.signal(signum, signal.SIG_DFL)
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):   # 32, 33: the C library's own; the caller exits
+            return
     os.kill(os.getpid(), signum)
 
 
