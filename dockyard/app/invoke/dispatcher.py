@@ -188,7 +188,7 @@ class Dispatcher:
                 result = execute(db, self.connections, row["id"], row["container"],
                                  row["version"], row["function"], event, row["trigger"],
                                  queue_wait=QUEUE_WAIT_S,
-                                 on_start=lambda _, worker: self._handed(db, row, worker))
+                                 on_handoff=lambda _, worker: self._handed(db, row, worker))
             except NotFound as exc:
                 result = {"status": Status.FAILED, "error": exc.to_dict()}
             except DockyardError as exc:

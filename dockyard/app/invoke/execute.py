@@ -148,12 +148,14 @@ def no_ready_instance(db: Database, target: Target) -> Unavailable:
 def execute(db: Database, connections: WorkerConnections, invocation_id: str,
             container: str, version: str | None, function: str, event, trigger: str,
             queue_wait: float | None = None, direct: DirectCalls | None = None,
-            on_start=None) -> dict:
+            on_start=None, on_handoff=None) -> dict:
     """Run one call to completion and return the worker's outcome as a result dict with
     `status` and everything the invocation record needs. Raises NotFound / Unavailable
     before anything ran. With `direct`, a call to a worker on this host goes straight to a
     free process of the version when it can (see direct_calls.py). `on_start(target,
-    worker)` is called once, as the call is first handed to a worker."""
+    worker)` is called once, as the call is first handed to a worker; `on_handoff(target,
+    worker)` each time it is handed to one (a worker that turned it away, unstarted, is
+    followed by another)."""
     avoid: set[str] = set()
     last_error = None
     liveness = connections.liveness
@@ -186,6 +188,8 @@ def execute(db: Database, connections: WorkerConnections, invocation_id: str,
         if on_start is not None:
             on_start(target, worker)
             on_start = None
+        if on_handoff is not None:
+            on_handoff(target, worker)
         try:
             reply = _run_on(connections, direct, view, target, invocation_id, function, event,
                             trigger, queue_wait)
