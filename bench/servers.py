@@ -90,8 +90,8 @@ class Dockyard:
             dep = self.http.get(f"{self.url}/api/deployments/{deployment}", timeout=60).json()
             if dep["status"] == "ready":
                 return
-            if dep["status"] == "failed":
-                raise RuntimeError(f"deploy failed: {dep['error']}")
+            if dep["status"] in ("failed", "superseded"):
+                raise RuntimeError(f"deploy {dep['status']}: {dep['error']}")
             time.sleep(0.002)
 
     def deploy(self, package: bytes) -> dict:

@@ -207,7 +207,7 @@ class Server:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             dep = self.api("GET", f"/api/deployments/{deployment_id}").json()
-            if dep["status"] in ("ready", "failed"):
+            if dep["status"] in ("ready", "failed", "superseded"):
                 return dep
             time.sleep(0.1)
         raise AssertionError(f"deployment {deployment_id} did not finish: {dep}")
