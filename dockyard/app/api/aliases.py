@@ -40,14 +40,11 @@ def put_alias(name: str, alias: str):
         body.get("description")
     if version is not None and not (isinstance(version, str) and version):
         raise BadRequest("version must name a version of the container or $LATEST")
-    if extra is not None and not _extra_ok(extra):
-        raise BadRequest('extra takes at most one version and its share of the calls, a '
-                         'number from 0 to 1: {"v2": 0.1}; {} ends the split')
+    if extra is not None:
+        extra = store.check_extra(extra)
     if description is not None and not isinstance(description, str):
         raise BadRequest("description must be a string")
     db = database()
-    extra = {v: float(w) for v, w in (extra or {}).items() if w > 0} if extra is not None \
-        else None
     if store.get(db, name, alias) is None:
         if version is None:
             get_container(db, name)
@@ -75,8 +72,3 @@ def delete_alias(name: str, alias: str):
     poke_workers(db)
     return jsonify({"container": name, "deleted": alias})
 
-
-def _extra_ok(extra) -> bool:
-    return isinstance(extra, dict) and len(extra) <= 1 and all(
-        isinstance(v, str) and v and not isinstance(w, bool) and isinstance(w, (int, float))
-        and 0.0 <= w <= 1.0 for v, w in extra.items())

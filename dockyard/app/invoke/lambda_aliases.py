@@ -57,14 +57,8 @@ def _extra(body: dict) -> dict | None:
     weights = routing.get("AdditionalVersionWeights") if isinstance(routing, dict) else None
     if weights is None:
         return {}
-    if not isinstance(weights, dict) or len(weights) > 1:
-        raise _invalid("RoutingConfig.AdditionalVersionWeights takes at most one version")
-    for version, weight in weights.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
-                not 0.0 <= weight <= 1.0:
-            raise _invalid(f"the weight of version '{version[:64]}' must be a number from 0.0 "
-                           "to 1.0")
-    return {v: float(w) for v, w in weights.items() if w > 0} or {}
+    return _parameter_errors(lambda: store.check_extra(
+        weights, "RoutingConfig.AdditionalVersionWeights"))
 
 
 def _version(body: dict, required: bool) -> str | None:

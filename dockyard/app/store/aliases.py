@@ -26,6 +26,19 @@ def check_name(name) -> str:
     return name
 
 
+def check_extra(weights, called: str = "extra") -> dict:
+    """An alias's extra version and its share of the calls: a dict of at most one version
+    with a weight from 0 to 1 (a weight of 0 is no extra version); BadRequest otherwise."""
+    if not isinstance(weights, dict) or len(weights) > 1:
+        raise BadRequest(f"{called} takes at most one version and its share of the calls")
+    for version, weight in weights.items():
+        if not (isinstance(version, str) and version) or isinstance(weight, bool) or \
+                not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+            raise BadRequest(f"the weight of version '{str(version)[:64]}' must be a number "
+                             "from 0.0 to 1.0")
+    return {v: float(w) for v, w in weights.items() if w > 0}
+
+
 def public(row: dict) -> dict:
     """An alias for the JSON API and the CLI."""
     return {"name": row["name"], "version": row["function_version"],

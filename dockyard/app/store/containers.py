@@ -182,8 +182,10 @@ def activate(db: Database, name: str, version: str) -> tuple[dict, dict]:
 
 
 def latest_deployment(db: Database, version_id: int) -> dict | None:
+    # The same order as every other reading of a version's last deployment (list_versions,
+    # store/functions.py): the newest, ties broken by id.
     rows = list(db.query("SELECT * FROM deployments WHERE version_id = ? "
-                         "ORDER BY created_at DESC LIMIT 1", [version_id]))
+                         "ORDER BY created_at DESC, id DESC LIMIT 1", [version_id]))
     return rows[0] if rows else None
 
 
